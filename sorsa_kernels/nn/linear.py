@@ -1,0 +1,272 @@
+"""``SORSALinear``: a drop-in replacement for ``nn.Linear`` with a SORSA adapter."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import reference
+from ..ops.sorsa_linear import sorsa_linear
+
+__all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SVD_MODES = ("full", "randomized")
+
+
+def _where(name: Optional[str]) -> str:
+    return f" for layer {name}" if name else ""
+
+
+def _check_dtype(dtype: Optional[torch.dtype], what: str) -> None:
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"unsupported {what} {dtype}; allowed: "
+            + ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        )
+
+
+def validate_rank(rank: int, in_features: int, out_features: int, name: Optional[str] = None) -> None:
+    """Raise a ValueError naming the layer if ``rank`` is not in ``[1, min(m, n)]``."""
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}{_where(name)}")
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}{_where(name)}")
+    if rank > limit:
+        raise ValueError(
+            f"rank {rank} exceeds min(in_features, out_features) = {limit}{_where(name)}"
+        )
+
+
+class SORSALinear(nn.Module):
+    """A linear layer ``y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b`` with a frozen residual.
+
+    Orientation: ``U`` is ``out_features × rank``, ``S`` is ``rank``, and ``V`` is
+    ``in_features × rank`` (the paper's ``Vp``, so the principal weight is
+    ``U·diag(S)·Vᵀ``).  ``U``, ``S`` and ``V`` are the only trainable parameters;
+    ``residual`` (``out_features × in_features``) and ``bias`` are frozen.  ``weight``
+    is a read-only alias of the residual for code that reads ``.weight.dtype`` or
+    ``.device``.  ``scale`` is ``alpha / rank`` when ``alpha`` is given, else 1; the
+    initial ``S`` is ``σ / scale`` so that initialization preserves the layer's output.
+
+    The initial factors ``U0, S0, V0`` are kept on the CPU (``init_factors``) for
+    :func:`sorsa_kernels.save_adapter` and :func:`sorsa_kernels.export_peft_lora`.
+
+    Example::
+
+        >>> lin = torch.nn.Linear(100, 72)
+        >>> layer = SORSALinear.from_linear(lin, rank=8)
+        >>> y = layer(torch.randn(4, 100))
+        >>> plain = layer.merge()          # an nn.Linear with Wr + U·diag(S)·Vᵀ
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        residual_dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__()
+        validate_rank(rank, in_features, out_features)
+        _check_dtype(residual_dtype, "residual_dtype")
+        _check_dtype(adapter_dtype, "adapter_dtype")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = 1.0 if alpha is None else float(alpha) / rank
+        self.dropout_p = float(dropout)
+        fk = dict(device=device)
+        self.residual = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=residual_dtype, **fk), requires_grad=False
+        )
+        self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, **fk))
+        self.S = nn.Parameter(torch.zeros(rank, dtype=adapter_dtype, **fk))
+        self.V = nn.Parameter(torch.zeros(in_features, rank, dtype=adapter_dtype, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=residual_dtype, **fk), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        *,
+        svd: str = "full",
+        niter: int = 2,
+        oversample: int = 16,
+        svd_dtype: torch.dtype = torch.float32,
+        svd_device: Optional[Union[str, torch.device]] = None,
+        residual_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        name: Optional[str] = None,
+    ) -> "SORSALinear":
+        """Split ``linear.weight`` by SVD into a trainable top-``rank`` part and a frozen residual.
+
+        Args:
+            linear: the layer to adapt (left untouched).
+            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``.
+            svd: ``"full"`` (``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank``
+                with ``rank + oversample`` columns and ``niter`` power iterations).
+            svd_dtype: float32 (default) or float64.
+            svd_device: where the SVD runs (default: the weight's device).
+            residual_dtype: dtype of ``Wr`` (default: the weight's dtype).
+            adapter_dtype: dtype of ``U``, ``S``, ``V`` (default: float32).
+            alpha: if given, ``scale = alpha / rank``.
+            dropout: dropout on the low-rank branch's input.
+            name: the layer's name, used in error messages.
+
+        ``Wr = W0 − U0·diag(σ)·V0ᵀ`` is computed in float32 on the weight's device from the
+        stored (adapter-dtype) factors, then cast to ``residual_dtype``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}"
+            )
+        W = linear.weight
+        m, n = W.shape
+        validate_rank(rank, n, m, name)
+        if svd not in _SVD_MODES:
+            raise ValueError(f"svd must be one of {_SVD_MODES}, got {svd!r}")
+        if svd_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"svd_dtype must be float32 or float64, got {svd_dtype}")
+        _check_dtype(W.dtype, "weight dtype" + _where(name))
+        if W.device.type == "meta":
+            raise ValueError(f"cannot initialize SORSA from a weight on the meta device{_where(name)}")
+        if not bool(torch.isfinite(W).all()):
+            bad = "NaN" if bool(torch.isnan(W).any()) else "Inf"
+            raise ValueError(f"weight contains {bad} values{_where(name)}; SVD needs a finite weight")
+        residual_dtype = residual_dtype or W.dtype
+        adapter_dtype = adapter_dtype or torch.float32
+        with torch.no_grad():
+            w = W.detach().to(svd_device) if svd_device is not None else W.detach()
+            U0, sigma, V0 = reference.principal_split(w, rank, svd=svd, niter=niter, oversample=oversample, dtype=svd_dtype)
+            del w
+            scale = 1.0 if alpha is None else float(alpha) / rank
+            factors = (
+                U0.to(W.device, adapter_dtype),
+                (sigma / scale).to(W.device, adapter_dtype),
+                V0.to(W.device, adapter_dtype),
+            )
+            del U0, sigma, V0
+        return cls.from_factors(
+            linear, *factors, alpha=alpha, dropout=dropout, residual_dtype=residual_dtype, name=name
+        )
+
+    @classmethod
+    def from_factors(
+        cls,
+        linear: nn.Linear,
+        U0: Tensor,
+        S0: Tensor,
+        V0: Tensor,
+        *,
+        trained: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        residual_dtype: Optional[torch.dtype] = None,
+        name: Optional[str] = None,
+    ) -> "SORSALinear":
+        """Build the layer from known initial factors (no SVD), optionally with trained ones.
+
+        This is how :func:`sorsa_kernels.load_adapter` rebuilds the training-time model:
+        the residual is recomputed from ``linear.weight`` and ``(U0, S0, V0)`` by the same
+        float32 computation as at initialization.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}"
+            )
+        W = linear.weight
+        m, n = W.shape
+        r = S0.shape[0]
+        expected = {"U0": (m, r), "S0": (r,), "V0": (n, r)}
+        for label, t in zip(expected, (U0, S0, V0)):
+            if tuple(t.shape) != expected[label]:
+                raise ValueError(
+                    f"{label} has shape {tuple(t.shape)} but the layer needs {expected[label]}{_where(name)}"
+                )
+        if trained is not None:
+            for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
+                if t.shape != ref.shape:
+                    raise ValueError(
+                        f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{_where(name)}"
+                    )
+        residual_dtype = residual_dtype or W.dtype
+        layer = cls(
+            n, m, r, bias=linear.bias is not None, alpha=alpha, dropout=dropout,
+            residual_dtype=residual_dtype, adapter_dtype=U0.dtype, device="meta",
+        )
+        dev = W.device
+        U0, S0, V0 = (t.to(dev) for t in (U0, S0, V0))
+        with torch.no_grad():
+            res = reference.compute_residual(W, U0, S0, V0, layer.scale).to(residual_dtype)
+        layer.residual = nn.Parameter(res, requires_grad=False)
+        src = trained if trained is not None else (U0, S0, V0)
+        layer.U = nn.Parameter(src[0].to(dev, U0.dtype).clone())
+        layer.S = nn.Parameter(src[1].to(dev, U0.dtype).clone())
+        layer.V = nn.Parameter(src[2].to(dev, U0.dtype).clone())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(residual_dtype).clone(), requires_grad=False)
+        layer.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
+        return layer
+
+    # ------------------------------------------------------------------ module API
+    @property
+    def weight(self) -> Tensor:
+        """The frozen residual ``Wr`` (read-only alias, for ``.dtype`` / ``.device`` checks)."""
+        return self.residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}"
+            )
+        return sorsa_linear(
+            x, self.residual, self.U, self.S, self.V, self.bias, self.scale,
+            self.dropout_p, self.training,
+        )
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable factors ``[U, S, V]``."""
+        return [self.U, self.S, self.V]
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``Wr + scale·U·diag(S)·Vᵀ`` (and the bias).
+
+        Computed in float32 and cast to ``dtype`` (default: the residual's dtype).
+        """
+        dtype = dtype or self.residual.dtype
+        with torch.no_grad():
+            w = reference.merged_weight(self.residual, self.U, self.S, self.V, self.scale)
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=w.device, dtype=dtype)
+            lin.weight.copy_(w.to(dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(dtype))
+        return lin
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, scale={self.scale:g}, residual_dtype={self.residual.dtype}, "
+            f"adapter_dtype={self.U.dtype}"
+        )
+

@@ -1,0 +1,56 @@
+"""The orthonormal regularizer over every SORSA adapter of a model."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..ops import regularizer as _ops
+from .linear import SORSALinear
+
+__all__ = ["orthonormal_regularizer", "add_regularizer_grad", "adapter_matrices"]
+
+
+def adapter_matrices(model: nn.Module) -> list[Tensor]:
+    """``[U, V]`` of every :class:`SORSALinear` in ``model`` (both stored k×r), in module order."""
+    mats: list[Tensor] = []
+    for module in model.modules():
+        if isinstance(module, SORSALinear):
+            mats.extend((module.U, module.V))
+    if not mats:
+        raise ValueError("the model has no SORSALinear layers; call sorsa_kernels.apply_sorsa first")
+    return mats
+
+
+def orthonormal_regularizer(model: nn.Module) -> Tensor:
+    """``L_reg = mean over all adapter matrices of ‖UᵀU − I‖_F and ‖VᵀV − I‖_F`` (plain norms).
+
+    Differentiable (autograd), returned as a float32 scalar.
+
+    Example::
+
+        >>> model = apply_sorsa(model, rank=8)
+        >>> float(orthonormal_regularizer(model))   # ~0 right after SVD init
+    """
+    return _ops.ortho_value(adapter_matrices(model))
+
+
+def add_regularizer_grad(model: nn.Module, gamma: float = 4e-4, lr_max: float = 3e-5) -> Tensor:
+    """Add ``gamma / lr_max · ∇L_reg`` to every adapter's ``.grad`` in place; return ``L_reg``.
+
+    Call it once per optimizer step, after gradient clipping and before
+    ``optimizer.step()`` (the update is never clipped).  ``.grad`` is created where it is
+    None.  The gradient of ``‖G‖_F`` at ``G = 0`` is taken as 0.  On CUDA the grouped
+    Triton kernel does the whole model in a constant number of launches; the value is
+    returned as a device scalar (no host synchronization).
+
+    Example::
+
+        >>> loss.backward()
+        >>> torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        >>> add_regularizer_grad(model, gamma=4e-4, lr_max=3e-5)
+        >>> optimizer.step()
+    """
+    if lr_max <= 0:
+        raise ValueError(f"lr_max must be positive, got {lr_max}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be non-negative, got {gamma}")
+    return _ops.ortho_value_and_grad_(adapter_matrices(model), gamma / lr_max)

@@ -1,0 +1,208 @@
+"""The SORSA math in plain PyTorch, once.
+
+Every Triton kernel in :mod:`sorsa_kernels.kernels` is tested against the functions
+in this file, and they are the execution path on machines without a GPU.
+
+Notation (the paper's): a pretrained weight ``W0`` (m×n, ``out_features × in_features``)
+is split by SVD into a trainable principal part ``U·diag(S)·Vᵀ`` (U m×r, S r, V n×r)
+and a frozen residual ``Wr = W0 − scale·U0·diag(S0)·V0ᵀ``.  The layer computes::
+
+    y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b
+
+The dense m×n product ``U·diag(S)·Vᵀ`` is never formed in forward or backward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "principal_split",
+    "compute_residual",
+    "merged_weight",
+    "linear_forward",
+    "linear_backward",
+    "linear_dense",
+    "ortho_gram",
+    "ortho_norms",
+    "ortho_grad",
+    "ortho_value_and_grad_",
+]
+
+
+# --------------------------------------------------------------------------- init
+def principal_split(
+    weight: Tensor,
+    rank: int,
+    *,
+    svd: str = "full",
+    niter: int = 2,
+    oversample: int = 16,
+    dtype: torch.dtype = torch.float32,
+    generator_seed: Optional[int] = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` singular triplets of ``weight`` (m×n) computed in ``dtype``.
+
+    Returns ``(U, sigma, V)`` with U m×r, sigma r (descending), V n×r.
+    ``svd="full"`` uses ``torch.linalg.svd``; ``svd="randomized"`` uses
+    ``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
+    iterations (seeded for reproducibility).
+    """
+    w = weight.detach().to(dtype)
+    if svd == "full":
+        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+        return U[:, :rank].contiguous(), s[:rank].contiguous(), Vh[:rank].T.contiguous()
+    if svd == "randomized":
+        q = min(rank + oversample, min(w.shape))
+        if generator_seed is None:
+            U, s, V = torch.svd_lowrank(w, q=q, niter=niter)
+        else:
+            with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+                torch.manual_seed(generator_seed)
+                U, s, V = torch.svd_lowrank(w, q=q, niter=niter)
+        return U[:, :rank].contiguous(), s[:rank].contiguous(), V[:, :rank].contiguous()
+    raise ValueError(f"svd must be 'full' or 'randomized', got {svd!r}")
+
+
+def compute_residual(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float) -> Tensor:
+    """``Wr = W0 − scale·U0·diag(S0)·V0ᵀ`` computed in float32 (returned as float32).
+
+    The same function serves initialization and :func:`sorsa_kernels.load_adapter`,
+    so a reloaded model holds bit-for-bit the training-time residual.
+    """
+    w = weight.detach().float()
+    lowrank = (U0.float() * (S0.float() * scale)) @ V0.float().T
+    return w - lowrank
+
+
+def merged_weight(residual: Tensor, U: Tensor, S: Tensor, V: Tensor, scale: float) -> Tensor:
+    """``Wr + scale·U·diag(S)·Vᵀ`` in float32 (used only by merge/export, never in training)."""
+    return residual.float() + (U.float() * (S.float() * scale)) @ V.float().T
+
+
+# --------------------------------------------------------------------------- linear
+def linear_forward(
+    x: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Forward on 2-D ``x`` (M×n).  Returns ``(y, u)`` with ``u = x·V`` (M×r), saved for backward.
+
+    Computation runs in ``x.dtype``; adapters and residual are cast to it.  ``residual=None``
+    computes only the low-rank branch (used for the dropout path).
+    """
+    cd = x.dtype
+    u = x @ V.to(cd)
+    t = u * (S.to(cd) * scale)
+    y = t @ U.to(cd).T
+    if residual is not None:
+        y = y + x @ residual.to(cd).T
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y, u
+
+
+def linear_backward(
+    dy: Tensor,
+    x: Tensor,
+    u: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    scale: float,
+    needs_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Gradients of :func:`linear_forward` (Wr and bias are frozen).
+
+    With ``s = dy·U``::
+
+        dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)
+        dV = scale·xᵀ·(s·S)           dx = dy·Wr + scale·(s·S)·Vᵀ
+
+    Returns ``(dx, dU, dS, dV)``; each adapter grad in its parameter's dtype.
+    """
+    cd = dy.dtype
+    Sc = S.to(cd)
+    s = dy @ U.to(cd)
+    dS = (u.float() * s.float()).sum(0) * scale
+    dU = (dy.T @ (u * Sc)) * scale
+    ss = s * (Sc * scale)
+    dV = x.T @ ss
+    dx = None
+    if needs_dx:
+        dx = ss @ V.to(cd).T
+        if residual is not None:
+            dx = dx + dy @ residual.to(cd)
+    return dx, dU.to(U.dtype), dS.to(S.dtype), dV.to(V.dtype)
+
+
+def linear_dense(
+    x: Tensor,
+    residual: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """The formula written the obvious way, for autograd oracles in tests (any dtype)."""
+    y = x @ residual.T + scale * ((x @ V) * S) @ U.T
+    return y if bias is None else y + bias
+
+
+# --------------------------------------------------------------------------- regularizer
+def _as_k_by_r(A: Tensor, transposed: bool) -> Tensor:
+    return A.T if transposed else A
+
+
+def ortho_gram(A: Tensor, transposed: bool = False) -> Tensor:
+    """``G = AᵀA − I`` in float32 for A k×r (or ``A·Aᵀ − I`` for A r×k when ``transposed``)."""
+    a = _as_k_by_r(A, transposed).float()
+    return a.T @ a - torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
+
+
+def ortho_norms(mats: Sequence[Tensor], transposed: Optional[Sequence[bool]] = None) -> Tensor:
+    """Plain Frobenius norms ``‖AᵀA − I‖_F`` of each matrix, as a float32 vector."""
+    tr = transposed or [False] * len(mats)
+    return torch.stack([torch.linalg.matrix_norm(ortho_gram(a, t)) for a, t in zip(mats, tr)])
+
+
+def ortho_grad(A: Tensor, transposed: bool = False) -> Tensor:
+    """Gradient of ``‖AᵀA − I‖_F`` w.r.t. A: ``2·A·G/‖G‖_F`` (zero where ``G = 0``), float32."""
+    a = _as_k_by_r(A, transposed).float()
+    G = a.T @ a - torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
+    n = torch.linalg.matrix_norm(G)
+    inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
+    g = (2.0 * inv) * (a @ G)
+    return _as_k_by_r(g, transposed)
+
+
+def ortho_value_and_grad_(
+    mats: Sequence[Tensor], coeff: float, transposed: Optional[Sequence[bool]] = None
+) -> Tensor:
+    """The regularizer ``L = mean_i ‖A_iᵀA_i − I‖_F`` and, in place, ``A_i.grad += coeff·∂L/∂A_i``.
+
+    ``.grad`` is created (zeros, parameter dtype) where it is None.  Returns L as a
+    float32 device scalar (no host synchronization).  This is the oracle of the
+    fused kernel in :mod:`sorsa_kernels.kernels.ortho_reg`.
+    """
+    if len(mats) == 0:
+        raise ValueError("the regularizer needs at least one adapter matrix")
+    tr = transposed or [False] * len(mats)
+    per = coeff / len(mats)
+    total = torch.zeros((), dtype=torch.float32, device=mats[0].device)
+    with torch.no_grad():
+        for a, t in zip(mats, tr):
+            total = total + torch.linalg.matrix_norm(ortho_gram(a, t))
+            g = ortho_grad(a, t)
+            if a.grad is None:
+                a.grad = torch.zeros_like(a)
+            a.grad.copy_(a.grad.float() + per * g)  # accumulate in fp32, store in grad dtype
+    return total / len(mats)

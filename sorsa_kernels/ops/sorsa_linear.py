@@ -1,0 +1,128 @@
+"""The SORSA linear op: ``y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b``.
+
+Registered as ``torch.library`` custom ops (``sorsa_kernels::linear_fwd`` and
+``sorsa_kernels::linear_bwd``) with fake implementations and an autograd formula,
+so ``torch.compile`` traces through it without a graph break.  Each op picks the
+Triton kernel or the reference through :func:`sorsa_kernels.ops.dispatch.use_triton`.
+
+Only ``x`` and the r-wide ``u = x·V`` are saved for backward (the residual and the
+adapters are module state, not activations).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .dispatch import use_triton
+
+__all__ = ["sorsa_linear", "linear_fwd", "linear_bwd"]
+
+
+def _impls(t: Tensor):
+    if use_triton(t):
+        from ..kernels import sorsa_linear as kernels
+
+        return kernels.fused_forward, kernels.fused_backward
+    return reference.linear_forward, reference.linear_backward
+
+
+@torch.library.custom_op("sorsa_kernels::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u`` 2-D (M×r)."""
+    forward, _ = _impls(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    y, u = forward(x2, residual, U, S, V, bias, scale)
+    return y.reshape(*x.shape[:-1], U.shape[0]), u
+
+
+@linear_fwd.register_fake
+def _(x, residual, U, S, V, bias, scale):
+    m, r = U.shape
+    M = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], m), x.new_empty(M, r)
+
+
+@torch.library.custom_op("sorsa_kernels::linear_bwd", mutates_args=())
+def linear_bwd(
+    dy: Tensor,
+    x: Tensor,
+    u: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    scale: float,
+    needs_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dU, dS, dV)``; ``dx`` is an empty tensor when ``needs_dx`` is False."""
+    _, backward = _impls(dy)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx, dU, dS, dV = backward(dy2, x2, u, residual, U, S, V, scale, needs_dx)
+    dx = dx.reshape(x.shape) if needs_dx else x.new_empty(0)
+    return dx, dU, dS, dV
+
+
+@linear_bwd.register_fake
+def _(dy, x, u, residual, U, S, V, scale, needs_dx):
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    return dx, torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, U, S, V, bias, scale = inputs
+    _, u = output
+    ctx.save_for_backward(x, u, residual, U, S, V)
+    ctx.scale = scale
+
+
+def _backward(ctx, dy, _du):
+    x, u, residual, U, S, V = ctx.saved_tensors
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dU, dS, dV = linear_bwd(dy.contiguous(), x, u, residual, U, S, V, ctx.scale, needs_dx)
+    return (dx if needs_dx else None), None, dU, dS, dV, None, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sorsa_linear(
+    x: Tensor,
+    residual: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """``y = x·Wrᵀ + scale·((drop(x)·V)·S)·Uᵀ + b`` for ``x`` of any leading shape.
+
+    With ``dropout_p == 0`` (the paper's setting) this is one fused op.  With dropout
+    active the low-rank branch sees a dropped copy of ``x`` and runs as its own op
+    beside a plain frozen ``F.linear`` for the residual.
+
+    Example::
+
+        >>> y = sorsa_linear(x, layer.residual, layer.U, layer.S, layer.V, layer.bias)
+    """
+    scale = float(scale)
+    if dropout_p > 0.0 and training:
+        base = F.linear(x, residual.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        low, _ = linear_fwd(F.dropout(x, dropout_p, True), None, U, S, V, None, scale)
+        return base + low
+    y, _ = linear_fwd(x, residual, U, S, V, bias, scale)
+    return y
