@@ -1,6 +1,39 @@
-"""sorsa-kernels: fast SORSA fine-tuning (fused Triton kernels, QSORSA, PEFT export)."""
+"""sorsa-kernels: fast SORSA fine-tuning.
+
+Fused Triton kernels for the SORSA linear layer and its orthonormal regularizer,
+QSORSA (NF4 residual), model surgery for Hugging Face ``transformers`` models,
+adapter files, and export to a standard PEFT LoRA adapter.
+"""
+from ._version import __version__
+from .analysis import SingularDrift, model_singular_drift, singular_drift
+from .integrations.adapter_io import load_adapter, save_adapter
+from .integrations.peft_export import export_peft_lora
+from .integrations.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
 from .nn import SORSALinear, add_regularizer_grad, orthonormal_regularizer
 
-__version__ = "0.1.0"
 
-__all__ = ["SORSALinear", "add_regularizer_grad", "orthonormal_regularizer", "__version__"]
+def __getattr__(name: str):
+    # The Trainer callback imports transformers' Trainer machinery; load it on first use.
+    if name == "SORSACallback":
+        from .integrations.trainer import SORSACallback
+
+        return SORSACallback
+    raise AttributeError(f"module 'sorsa_kernels' has no attribute {name!r}")
+
+
+__all__ = [
+    "__version__",
+    "SORSALinear",
+    "apply_sorsa",
+    "merge_sorsa",
+    "DEFAULT_TARGET_MODULES",
+    "orthonormal_regularizer",
+    "add_regularizer_grad",
+    "SORSACallback",
+    "save_adapter",
+    "load_adapter",
+    "export_peft_lora",
+    "singular_drift",
+    "model_singular_drift",
+    "SingularDrift",
+]

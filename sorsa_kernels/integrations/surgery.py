@@ -1,0 +1,137 @@
+"""Model surgery: replace ``nn.Linear`` layers by SORSA layers, and merge them back."""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn.linear import SORSALinear, validate_rank
+
+__all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets"]
+
+#: The projection names of Llama, Mistral and Qwen decoder layers.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+TargetSpec = Union[None, str, Sequence[str]]
+
+
+def _matches(name: str, targets: TargetSpec) -> bool:
+    if isinstance(targets, str):  # a regex over the full module name
+        return re.fullmatch(targets, name) is not None
+    last = name.rsplit(".", 1)[-1]
+    return any(name == t or last == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[str]:
+    """Names of the modules ``apply_sorsa`` would adapt.
+
+    ``target_modules``: None (the Llama/Mistral/Qwen projections), a list of names
+    (a module matches if its full name, its last component, or a dotted suffix equals one),
+    or a string taken as a regular expression over the full module name.
+    Raises if nothing matches or if a match is not an ``nn.Linear``.
+    """
+    targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
+    if not isinstance(targets, str):
+        targets = list(targets)
+        if not targets:
+            raise ValueError("target_modules is empty")
+    names = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, SORSALinear) or not _matches(name, targets):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target {name} is a {type(module).__name__}, not nn.Linear; SORSA adapts nn.Linear layers only"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError(f"no module of the model matches target_modules={targets!r}")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
+    """Every SORSA layer of ``model`` by module name (quantized ones included)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SORSALinear)}
+
+
+def apply_sorsa(
+    model: nn.Module,
+    rank: int,
+    target_modules: TargetSpec = None,
+    *,
+    svd: str = "full",
+    niter: int = 2,
+    oversample: int = 16,
+    svd_dtype: torch.dtype = torch.float32,
+    svd_device: Optional[Union[str, torch.device]] = None,
+    residual_dtype: Optional[torch.dtype] = None,
+    adapter_dtype: Optional[torch.dtype] = None,
+    alpha: Optional[float] = None,
+    dropout: float = 0.0,
+    quantize: Optional[str] = None,
+    quant_iters: int = 1,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace the target ``nn.Linear`` layers of ``model`` by SORSA layers, in place.
+
+    Every parameter that is not an adapter factor (U, S, V) is frozen, as PEFT does.
+    Layers are converted one at a time (the SVD runs on each weight's device, or on
+    ``svd_device``), so the extra memory at any moment is about one weight's worth.
+    ``quantize="nf4"`` stores each residual in 4-bit NF4 (QSORSA) after ``quant_iters``
+    error-reducing iterations.  Other arguments are those of :meth:`SORSALinear.from_linear`.
+
+    Example::
+
+        >>> model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+        >>> apply_sorsa(model, rank=128)                          # q,k,v,o,gate,up,down
+        >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
+        >>> apply_sorsa(model, rank=8, target_modules=r".*layers\\.0\\..*_proj")
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    names = find_targets(model, target_modules)
+    for name in names:  # validate every layer before touching any
+        w = model.get_submodule(name).weight
+        validate_rank(rank, w.shape[1], w.shape[0], name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kwargs = dict(
+        svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device,
+        residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout,
+    )
+    if quantize == "nf4":
+        from ..nn.qlinear import QSORSALinear
+
+        factory, kwargs = QSORSALinear.from_linear, {**kwargs, "quant_iters": quant_iters}
+    else:
+        factory = SORSALinear.from_linear
+    for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
+        linear = model.get_submodule(name)
+        layer = factory(linear, rank, name=name, **kwargs)
+        _set_submodule(model, name, layer)
+        del linear
+    return model
+
+
+def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every SORSA layer of ``model`` by its merged ``nn.Linear``, in place.
+
+    Example::
+
+        >>> merge_sorsa(model).save_pretrained("merged")
+    """
+    layers = sorsa_layers(model)
+    if not layers:
+        raise ValueError("the model has no SORSA layers to merge")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.merge(dtype))
+    return model
