@@ -1,0 +1,243 @@
+"""Fused GEMM over an NF4 residual plus the SORSA low-rank branch (QSORSA).
+
+One kernel family, two uses (``W`` is the m×n residual stored in NF4, flattened
+row-major in 64-value blocks with double-quantized absmax, the bitsandbytes layout):
+
+* forward:  ``y  = [x | t]·[deq(W) | U]ᵀ + b``   (t = scale·(x·V)·diag(S), M×r)
+* input grad: ``dx = [dy | s]·[deq(W)ᵀ | V]ᵀ``     (s = scale·(dy·U)·diag(S), M×r)
+
+The K loop first walks the residual's reduction dimension, dequantizing each
+BLOCK_K×BLOCK_N tile of ``W`` in registers (unpack the nibble, look up the NF4 code,
+decode the 8-bit absmax of the element's 64-block through the nested code and scale,
+add the offset, multiply), then walks the r columns of the low-rank operands in the same
+accumulator.  No dequantized copy of ``W`` is ever written to memory.
+
+Because bitsandbytes flattens the whole matrix, a 64-block can straddle row ends (any
+n not divisible by 64), so every element computes its own flat index ``row·n + col``
+(int64) and gathers its byte and absmax code; the gathers hit L1/L2 since neighbouring
+elements share bytes and blocks.
+
+The thin r-wide products ``x·V`` and ``dy·U`` are left to cuBLAS by the caller
+(``sorsa_kernels.ops.qsorsa_linear``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx"]
+
+# Block sizes.  No GPU was available when these were written: they are untuned starting
+# points taken from the Triton matmul tutorial's configs (BLOCK_M/N 64-128, BLOCK_K 32-64,
+# GROUP_M 8 for L2 reuse) and Hopper guidance (4-8 warps, 3-4 stages), plus a BLOCK_M=16
+# config for decode-sized M.  They are to be measured with bench/ on an H100 and pruned.
+# BLOCK_R is the step through the rank columns of the low-rank operands; it reuses
+# BLOCK_K (ranks 8..128 fit one to four steps).
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 1}, num_stages=4, num_warps=4),
+]
+# Under TRITON_INTERPRET=1 (CI on CPU) one small config: several tiles per dimension on
+# the test shapes so masking and tile seams are exercised, and no autotuning runs.
+_INTERPRETER_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_stages=1, num_warps=4),
+]
+_CONFIGS = _INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _GPU_CONFIGS
+
+
+@triton.jit
+def _nf4_dequant_tile(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+    flat, mask, QBLOCK: tl.constexpr, NESTED_QBLOCK: tl.constexpr,
+):
+    """float32 values of the NF4 elements at flat (row-major) indices ``flat`` (int64)."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
+    level = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    block = flat // QBLOCK
+    qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+    scale2 = tl.load(nested_absmax_ptr + block // NESTED_QBLOCK, mask=mask, other=0.0)
+    absmax = tl.load(nested_code_ptr + qabs, mask=mask, other=0.0) * scale2 + offset
+    return level * absmax
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "R", "TRANS_W"])
+@triton.jit
+def _fused_nf4_lowrank_gemm_kernel(
+    a_ptr, t_ptr, p_ptr, bias_ptr, c_ptr,
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+    M, N, K, R, W_COLS,
+    stride_am, stride_ak, stride_tm, stride_tr, stride_pn, stride_pr, stride_cm, stride_cn,
+    TRANS_W: tl.constexpr,          # False: B[k, j] = W[j, k] (forward); True: B[k, j] = W[k, j] (dx)
+    HAS_LOWRANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    NESTED_QBLOCK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``C[M, N] = A[M, K]·B[K, N] + T[M, R]·Pᵀ[R, N] (+ bias)`` with ``B`` dequantized from NF4."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering (Triton matmul tutorial): GROUP_M row tiles share B tiles in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offset = tl.load(offset_ptr).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        if TRANS_W:
+            flat = offs_k[:, None] * W_COLS + offs_n[None, :]
+        else:
+            flat = offs_n[None, :] * W_COLS + offs_k[:, None]
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        b = _nf4_dequant_tile(
+            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+            flat, b_mask, QBLOCK, NESTED_QBLOCK,
+        )
+        # cast like bitsandbytes does (float32 value → compute dtype), then an fp32-accumulated dot
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_LOWRANK:
+        for r0 in range(0, R, BLOCK_K):
+            offs_r = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_r = offs_r < R
+            t = tl.load(
+                t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+            )
+            p = tl.load(
+                p_ptr + offs_n[None, :] * stride_pn + offs_r[:, None] * stride_pr,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+            )
+            acc = tl.dot(t, p, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+
+    tl.store(
+        c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+# --------------------------------------------------------------------------- launchers
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 operands follow torch's own matmul setting, so kernel and reference agree:
+    # exact ("ieee") unless the user enabled TF32 for CUDA matmuls.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch(
+    a: torch.Tensor,
+    nf4: tuple[torch.Tensor, ...],
+    w_shape: tuple[int, int],
+    blocksize: int,
+    nested_blocksize: int,
+    trans_w: bool,
+    t: Optional[torch.Tensor],
+    p: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    packed, absmax, nested_absmax, nested_code, offset, code = nf4
+    rows, cols = w_shape
+    M, K = a.shape
+    N = cols if trans_w else rows
+    if K != (rows if trans_w else cols):
+        raise ValueError(f"operand has {K} columns but the NF4 matrix is {rows}×{cols}")
+    has_lowrank = t is not None and p is not None and t.shape[1] > 0
+    R = t.shape[1] if has_lowrank else 0
+    if has_lowrank:
+        if t.shape[0] != M or p.shape != (N, R):
+            raise ValueError(f"low-rank operands have shapes {tuple(t.shape)} and {tuple(p.shape)}; expected ({M}, r) and ({N}, r)")
+        t = t.to(a.dtype)
+        p = p.to(a.dtype)
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if M == 0 or N == 0:
+        return c
+    dummy = c  # never read: the matching constexpr flag is False
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_nf4_lowrank_gemm_kernel[grid](
+        a, t if has_lowrank else dummy, p if has_lowrank else dummy,
+        bias if bias is not None else dummy, c,
+        packed, absmax, nested_absmax, nested_code, offset, code,
+        M, N, K, R, cols,
+        a.stride(0), a.stride(1),
+        t.stride(0) if has_lowrank else 0, t.stride(1) if has_lowrank else 0,
+        p.stride(0) if has_lowrank else 0, p.stride(1) if has_lowrank else 0,
+        c.stride(0), c.stride(1),
+        TRANS_W=trans_w, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
+        QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize,
+        INPUT_PRECISION=_input_precision(a.dtype),
+    )
+    return c
+
+
+def nf4_lowrank_forward(
+    x: torch.Tensor,
+    nf4: tuple[torch.Tensor, ...],
+    w_shape: tuple[int, int],
+    t: Optional[torch.Tensor] = None,
+    U: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    blocksize: int = 64,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """``y = x·deq(W)ᵀ + t·Uᵀ + bias`` for 2-D ``x`` (M×n), W m×n in NF4; y in ``x.dtype``.
+
+    ``nf4`` is ``(packed, absmax, nested_absmax, nested_code, offset, code)`` in the
+    bitsandbytes layout (``NF4Weight.tensors()``).  Without ``t``/``U`` only the
+    residual product is computed.
+
+    Example::
+
+        >>> y = nf4_lowrank_forward(x, q.tensors(), q.shape, t, U, bias)
+    """
+    return _launch(x, nf4, tuple(w_shape), blocksize, nested_blocksize, False, t, U, bias)
+
+
+def nf4_lowrank_dx(
+    dy: torch.Tensor,
+    nf4: tuple[torch.Tensor, ...],
+    w_shape: tuple[int, int],
+    s: Optional[torch.Tensor] = None,
+    V: Optional[torch.Tensor] = None,
+    *,
+    blocksize: int = 64,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """``dx = dy·deq(W) + s·Vᵀ`` for 2-D ``dy`` (M×m), W m×n in NF4; dx in ``dy.dtype``.
+
+    Example::
+
+        >>> dx = nf4_lowrank_dx(dy, q.tensors(), q.shape, s, V)
+    """
+    return _launch(dy, nf4, tuple(w_shape), blocksize, nested_blocksize, True, s, V, None)
