@@ -1,0 +1,641 @@
+"""Fused Triton kernels for the SORSA linear layer ``y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b``.
+
+The math (and the oracle every kernel here is tested against) is
+:func:`sorsa_kernels.ops.reference.linear_forward` / ``linear_backward``.
+
+Forward, two launches::
+
+    _lowrank_down_kernel                 u = x·V,  t = u·σ          (σ = scale·S, fp32)
+    _fused_residual_lowrank_gemm_kernel  y = [x | t]·[Wr | U]ᵀ (+ b)
+
+The GEMM's K loop runs over ``n`` against ``Wr`` and then over ``r`` against ``U``, so every
+output tile is written once and ``x·V`` is computed once per row block, not per output tile.
+
+Backward (``Wr`` and ``b`` frozen), four launches::
+
+    _lowrank_up_grad_kernel              s = dy·U  →  ss = s·σ,  per-row-block Σ u⊙s (for dS)
+    _lowrank_weight_grad_kernel  (×2)    dU = dyᵀ·(u·σ),  dV = xᵀ·ss   (reductions over M)
+    _fused_residual_lowrank_gemm_kernel  dx = [dy | ss]·[Wr ; Vᵀ]
+
+``s``, ``ss`` and the ``dS`` partials come from one read of ``dy``.  Only ``x`` and ``u`` are
+saved by the op.  Reductions over M go through small fp32 partial buffers summed by
+``torch.sum`` (no atomics), so results are deterministic run to run.
+
+Precision: tiles are multiplied in the compute dtype (``x.dtype``; frozen/adapter operands
+of another dtype are cast to it on load, as the reference casts them) with fp32
+accumulators.  For fp32 inputs ``tl.dot`` uses TF32 unless
+``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's own default), in which case
+it uses IEEE fp32 — the same rule ``torch.matmul`` follows for the reference.
+
+Tuning notes
+------------
+No GPU was available when these kernels were written, so **every block size below is an
+untuned starting point** taken from the Triton matmul tutorial (GEMM tiles, ``GROUP_M=8``
+L2 swizzle) and NVIDIA's Hopper/Ampere guidance (128-wide tiles with 64-deep K steps and
+3-4 pipeline stages for H100's 228 KB shared memory; 32/64-deep K steps with 4 stages
+for A100's 164 KB).  Configs that do not fit a GPU's shared memory are discarded by the
+autotuner (``OutOfResources``).  They are to be measured with ``bench/`` on H100 and A100.
+Under ``TRITON_INTERPRET=1`` each kernel gets one small config (16-wide tiles, rank tiles
+of at most 32) so the autotuner never benchmarks and CI tests exercise multi-tile loops,
+several rank tiles and masks on small shapes.
+
+Autotune keys bucket M to the next power of two so that training with varying sequence
+lengths does not re-tune on every new batch shape.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["fused_forward", "fused_backward", "SUPPORTED_DTYPES"]
+
+#: Compute dtypes the kernels accept (``x.dtype``).  float64 goes to the reference (ops/ decides).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Triton reads TRITON_INTERPRET when a kernel is defined; so do we, to pick the config lists.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Largest rank tile of the skinny kernels; r above it is split over a second grid axis.
+# 128 covers the ranks SORSA is used with (the paper uses r ≤ 128) in a single tile.  The
+# interpreter uses 32 so that CI exercises the multi-rank-tile path with a small r.
+_MAX_BLOCK_R = 32 if _INTERPRET else 128
+
+# Row tile of _lowrank_up_grad_kernel.  Fixed (not autotuned) because the dS partial buffer
+# has one row per row tile; 64 rows × r≤128 keeps the fp32 tile in registers at 4 warps.
+_UP_BLOCK_M = 16 if _INTERPRET else 64
+
+
+def _gemm_configs() -> list:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
+    cfg = triton.Config
+    return [
+        # Hopper (H100, 228 KB smem): large tiles, 64-deep K, 3-4 stages.  Untuned starting points.
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        # Ampere (A100, 164 KB smem): 32-deep K with 4 stages (Triton matmul tutorial table).
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # Small M (decode, short batches): narrow row tiles so the grid still fills the SMs.
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # Small-footprint fallback (≈32 KB smem even in fp32) so some config always fits.
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
+    ]
+
+
+def _skinny_configs() -> list:
+    """Row tile × K step for the r-wide products (x·V and dy·U); memory bound, so deep K steps."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+        # Fallback that fits A100 shared memory in fp32 with a 128-wide rank tile.
+        cfg({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ]
+
+
+def _up_grad_configs() -> list:
+    """K step only: the row tile is fixed at _UP_BLOCK_M (see there)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_K": 16})]
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback (see above)
+    ]
+
+
+def _weight_grad_configs() -> list:
+    """Output rows (of dU / dV) × reduction step over M."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_K": 16, "BLOCK_M": 16})]
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_K": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_K": 64, "BLOCK_M": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_K": 128, "BLOCK_M": 128}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_K": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_K": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback
+    ]
+
+
+# =============================================================================== kernels
+@triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"])
+@triton.jit
+def _lowrank_down_kernel(
+    x_ptr, v_ptr, sigma_ptr, u_ptr, t_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk,
+    stride_vk, stride_vr,
+    stride_um, stride_ur,
+    stride_tm, stride_tr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``u = x·V`` (M×R) and ``t = u·σ``; one program per (row tile, rank tile)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm = offs_m.to(tl.int64)
+    rr = offs_r.to(tl.int64)
+    cdt = x_ptr.dtype.element_ty
+
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    v_ptrs = v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + rr[None, :] * stride_vr
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(v_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+        acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        v_ptrs += BLOCK_K * stride_vk
+
+    sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    mask = mask_m[:, None] & mask_r[None, :]
+    tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty), mask=mask)
+    t = acc * sigma[None, :]
+    tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, t.to(t_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K1", "K2"])
+@triton.jit
+def _fused_residual_lowrank_gemm_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
+    M, N, K1, K2, M_BUCKET,
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_cm, stride_cn,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``C = A1·B1 + A2·B2 (+ bias)``: one K loop over K1 (the frozen residual) then K2 (= r).
+
+    Forward: A1 = x, B1 = Wrᵀ, A2 = t, B2 = Uᵀ.  Backward dx: A1 = dy, B1 = Wr, A2 = ss, B2 = Vᵀ.
+    B operands of another dtype are cast to A's dtype on load; fp32 accumulation.
+    """
+    # L2-friendly ordering (Triton matmul tutorial): GROUP_M row tiles share B column tiles.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    rk = offs_k.to(tl.int64)
+    cdt = a2_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_RESIDUAL:
+        a_ptrs = a1_ptr + rm[:, None] * stride_a1m + rk[None, :] * stride_a1k
+        b_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
+        for k in range(0, tl.cdiv(K1, BLOCK_K)):
+            k_left = K1 - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            acc = tl.dot(a.to(cdt), b.to(cdt), acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_a1k
+            b_ptrs += BLOCK_K * stride_b1k
+
+    a_ptrs = a2_ptr + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
+    b_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
+    for k in range(0, tl.cdiv(K2, BLOCK_K)):
+        k_left = K2 - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_a2k
+        b_ptrs += BLOCK_K * stride_b2k
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"])
+@triton.jit
+def _lowrank_up_grad_kernel(
+    dy_ptr, up_ptr, u_ptr, sigma_ptr, ss_ptr, dsp_ptr,
+    M, K, R, M_BUCKET,
+    stride_dym, stride_dyk,
+    stride_upk, stride_upr,
+    stride_um, stride_ur,
+    stride_ssm, stride_ssr,
+    stride_dspm,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One read of dy: ``s = dy·U`` → stores ``ss = s·σ`` and this row tile's ``Σ_rows u⊙s``.
+
+    ``up_ptr`` is U (K×R with K = out_features); the dS partial goes to row ``pid_m`` of
+    ``dsp`` (fp32), summed over row tiles by the launcher.
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm = offs_m.to(tl.int64)
+    rr = offs_r.to(tl.int64)
+    cdt = dy_ptr.dtype.element_ty
+
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_k[None, :] * stride_dyk
+    up_ptrs = up_ptr + offs_k[:, None].to(tl.int64) * stride_upk + rr[None, :] * stride_upr
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(dy_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(up_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+        s = tl.dot(a, b.to(cdt), s, input_precision=INPUT_PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyk
+        up_ptrs += BLOCK_K * stride_upk
+
+    mask = mask_m[:, None] & mask_r[None, :]
+    sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    ss = s * sigma[None, :]
+    tl.store(ss_ptr + rm[:, None] * stride_ssm + rr[None, :] * stride_ssr, ss.to(ss_ptr.dtype.element_ty), mask=mask)
+    u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=mask, other=0.0).to(tl.float32)
+    part = tl.sum(u * s, axis=0)
+    tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
+
+
+@triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R"])
+@triton.jit
+def _lowrank_weight_grad_kernel(
+    a_ptr, b_ptr, sigma_ptr, out_ptr,
+    M, K, R, M_BUCKET,
+    stride_am, stride_ak,
+    stride_bm, stride_br,
+    stride_os, stride_ok, stride_or,
+    HAS_SIGMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``out[split] = Σ_{rows of this split} Aᵀ·(B·σ)`` (K×R, fp32): a reduction over M.
+
+    dU: A = dy, B = u, with σ.  dV: A = x, B = ss (already scaled), no σ.  Grid axis 1
+    splits M into contiguous chunks (so small K×R outputs still fill the GPU); the
+    launcher sums the fp32 partials.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    num_pid_r = tl.cdiv(R, BLOCK_R)
+    pid_k = pid // num_pid_r
+    pid_r = pid % num_pid_r
+    rows_per_split = tl.cdiv(tl.cdiv(M, n_split), BLOCK_M) * BLOCK_M
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    rk = offs_k.to(tl.int64)
+    rr = offs_r.to(tl.int64)
+    cdt = a_ptr.dtype.element_ty
+    if HAS_SIGMA:
+        sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        rm = offs_m.to(tl.int64)
+        # Aᵀ tile read straight from A's strides: [BLOCK_K, BLOCK_M].
+        at = tl.load(a_ptr + rk[:, None] * stride_ak + rm[None, :] * stride_am,
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(b_ptr + rm[:, None] * stride_bm + rr[None, :] * stride_br,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if HAS_SIGMA:
+            b = (b.to(tl.float32) * sigma[None, :]).to(cdt)
+        acc = tl.dot(at, b.to(cdt), acc, input_precision=INPUT_PRECISION)
+
+    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + rk[:, None] * stride_ok + rr[None, :] * stride_or
+    tl.store(out_ptrs, acc, mask=mask_k[:, None] & mask_r[None, :])
+
+
+# =============================================================================== launchers
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_common(
+    x2d: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor, name: str
+) -> None:
+    if x2d.dim() != 2:
+        raise ValueError(f"{name} expects a 2-D input (M × in_features), got {x2d.dim()}-D with shape {tuple(x2d.shape)}")
+    if x2d.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} computes in float16, bfloat16 or float32; got input dtype {_dtype_name(x2d.dtype)}"
+        )
+    if U.dim() != 2 or S.dim() != 1 or V.dim() != 2:
+        raise ValueError(
+            f"{name} expects U (out×r), S (r) and V (in×r); got shapes "
+            f"{tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}"
+        )
+    m, r = U.shape
+    n = x2d.shape[1]
+    if S.shape[0] != r or V.shape[1] != r:
+        raise ValueError(
+            f"rank mismatch: U has rank {r}, S has {S.shape[0]}, V has {V.shape[1]} (they must agree)"
+        )
+    if V.shape[0] != n:
+        raise ValueError(f"V has {V.shape[0]} rows but the input has {n} features (V must be in_features × r)")
+    if residual is not None and tuple(residual.shape) != (m, n):
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)} but U and the input need (out, in) = {(m, n)}"
+        )
+    for label, t in (("residual", residual), ("U", U), ("S", S), ("V", V)):
+        if t is None:
+            continue
+        if t.device != x2d.device:
+            raise ValueError(f"{label} is on {t.device} but the input is on {x2d.device}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{label} dtype {_dtype_name(t.dtype)} is not supported; allowed: float16, bfloat16, float32"
+            )
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands, following ``torch.get_float32_matmul_precision``."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
+
+
+def _block_r(r: int) -> int:
+    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+
+
+def _m_bucket(M: int) -> int:
+    return triton.next_power_of_2(max(M, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
+    """How many chunks of M the dU/dV reduction is split into (partials summed afterwards).
+
+    On a GPU: enough programs for about two waves when the K×r output alone would leave SMs
+    idle, with at least 512 rows per chunk.  In the interpreter: 2 chunks from M > 16, so
+    the split path is what CI tests.
+    """
+    if device.type != "cuda":
+        return max(1, min(2, triton.cdiv(M, 16)))
+    out_tiles = triton.cdiv(K, 128) * triton.cdiv(r, _block_r(r))
+    want = triton.cdiv(2 * _num_sms(device.index or 0), out_tiles)
+    return max(1, min(want, triton.cdiv(M, 512), 64))
+
+
+def _launch_gemm(
+    a1: Optional[Tensor], b1_kn: Optional[tuple[Tensor, int, int]],
+    a2: Tensor, b2_kn: tuple[Tensor, int, int],
+    bias: Optional[Tensor], out: Tensor,
+) -> None:
+    """``out = a1·B1 + a2·B2 (+ bias)``; each B given as (tensor, stride_k, stride_n)."""
+    M, N = out.shape
+    has_res = a1 is not None
+    b2, s2k, s2n = b2_kn
+    if has_res:
+        b1, s1k, s1n = b1_kn
+        K1 = a1.shape[1]
+    else:  # placeholders, never read (HAS_RESIDUAL is a constexpr)
+        a1, b1, s1k, s1n, K1 = a2, b2, 0, 0, 0
+    K2 = a2.shape[1]
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fused_residual_lowrank_gemm_kernel[grid](
+        a1, b1, a2, b2, bias if bias is not None else out, out,
+        M, N, K1, K2, _m_bucket(M),
+        a1.stride(0), a1.stride(1), s1k, s1n,
+        a2.stride(0), a2.stride(1), s2k, s2n,
+        out.stride(0), out.stride(1),
+        HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_input_precision(a2.dtype),
+    )
+
+
+def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """``Σ_rows aᵀ·(b·σ)`` (K×r) in ``dtype``, via fp32 split-M partials."""
+    M, K = a.shape
+    r = b.shape[1]
+    block_r = _block_r(r)
+    splits = _num_m_splits(M, K, r, a.device)
+    part = torch.empty((splits, K, r), dtype=torch.float32, device=a.device)
+
+    def grid(meta):
+        return (triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(r, block_r), splits)
+
+    _lowrank_weight_grad_kernel[grid](
+        a, b, sigma if sigma is not None else part, part,
+        M, K, r, _m_bucket(M),
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        part.stride(0), part.stride(1), part.stride(2),
+        HAS_SIGMA=sigma is not None,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        BLOCK_R=block_r,
+    )
+    out = part[0] if splits == 1 else part.sum(0)
+    return out.to(dtype)
+
+
+def fused_forward(
+    x2d: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Fused SORSA forward on 2-D ``x`` (M×n): returns ``(y, u)`` with ``u = x·V`` (M×r).
+
+    Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_forward`:
+    computes in ``x.dtype`` (fp16, bf16 or fp32) with fp32 accumulation; ``residual``,
+    ``U``, ``S``, ``V`` and ``bias`` may have other dtypes and are cast on load;
+    ``residual=None`` computes only the low-rank branch.  Any strides are accepted
+    (nothing is copied).  Called by :mod:`sorsa_kernels.ops.sorsa_linear`, not by users.
+
+    Example::
+
+        >>> y, u = fused_forward(x.reshape(-1, n), layer.residual, layer.U, layer.S, layer.V,
+        ...                      layer.bias, layer.scale)
+    """
+    _check_common(x2d, residual, U, S, V, "fused_forward")
+    M, n = x2d.shape
+    m, r = U.shape
+    if bias is not None:
+        if tuple(bias.shape) != (m,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but the layer has {m} outputs")
+        if bias.device != x2d.device:
+            raise ValueError(f"bias is on {bias.device} but the input is on {x2d.device}")
+    cd = x2d.dtype
+    dev = x2d.device
+    y = torch.empty((M, m), dtype=cd, device=dev)
+    u = torch.empty((M, r), dtype=cd, device=dev)
+    if M == 0:
+        return y, u
+    sigma = S.detach().to(torch.float32) * float(scale)  # σ = scale·S, fp32 (never fp64)
+    t = torch.empty((M, r), dtype=cd, device=dev)
+    block_r = _block_r(r)
+    prec = _input_precision(cd)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+
+    _lowrank_down_kernel[grid](
+        x2d, V, sigma, u, t,
+        M, n, r, _m_bucket(M),
+        x2d.stride(0), x2d.stride(1),
+        V.stride(0), V.stride(1),
+        u.stride(0), u.stride(1),
+        t.stride(0), t.stride(1),
+        INPUT_PRECISION=prec, BLOCK_R=block_r,
+    )
+    # y = [x | t]·[Wr | U]ᵀ: B1 = Wrᵀ (k = in index, n = out index), B2 = Uᵀ.
+    b1 = (residual, residual.stride(1), residual.stride(0)) if residual is not None else None
+    _launch_gemm(
+        x2d if residual is not None else None, b1,
+        t, (U, U.stride(1), U.stride(0)),
+        bias, y,
+    )
+    return y, u
+
+
+def fused_backward(
+    dy2d: Tensor,
+    x2d: Tensor,
+    u: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    scale: float,
+    needs_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Fused SORSA backward: returns ``(dx, dU, dS, dV)`` (``dx`` None unless ``needs_dx``).
+
+    Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_backward`
+    (``Wr`` and the bias are frozen): with ``s = dy·U``::
+
+        dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)
+        dV = scale·xᵀ·(s·S)           dx = [dy | scale·s·S]·[Wr ; Vᵀ]
+
+    ``dy``, ``x`` and ``u`` share the compute dtype; ``dx`` is returned in it and each
+    adapter gradient in its parameter's dtype.
+
+    Example::
+
+        >>> dx, dU, dS, dV = fused_backward(dy2d, x2d, u, layer.residual, layer.U, layer.S,
+        ...                                 layer.V, layer.scale, needs_dx=True)
+    """
+    _check_common(x2d, residual, U, S, V, "fused_backward")
+    M, n = x2d.shape
+    m, r = U.shape
+    if dy2d.dim() != 2 or tuple(dy2d.shape) != (M, m):
+        raise ValueError(f"dy has shape {tuple(dy2d.shape)} but the output is (M, out) = {(M, m)}")
+    if tuple(u.shape) != (M, r):
+        raise ValueError(f"u has shape {tuple(u.shape)} but x·V is (M, r) = {(M, r)}")
+    for label, t in (("dy", dy2d), ("u", u)):
+        if t.dtype != x2d.dtype:
+            raise TypeError(
+                f"{label} dtype {_dtype_name(t.dtype)} differs from the input dtype "
+                f"{_dtype_name(x2d.dtype)}; they must match"
+            )
+        if t.device != x2d.device:
+            raise ValueError(f"{label} is on {t.device} but the input is on {x2d.device}")
+    cd = x2d.dtype
+    dev = x2d.device
+    if M == 0:  # no rows: every gradient is zero (and the kernels would get an empty grid)
+        dx = torch.empty((0, n), dtype=cd, device=dev) if needs_dx else None
+        return dx, torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
+
+    sigma = S.detach().to(torch.float32) * float(scale)
+    block_r = _block_r(r)
+    prec = _input_precision(cd)
+
+    # 1. one read of dy: ss = scale·(dy·U)·S and the per-row-tile partials of Σ u⊙(dy·U).
+    ss = torch.empty((M, r), dtype=cd, device=dev)
+    n_row_tiles = triton.cdiv(M, _UP_BLOCK_M)
+    ds_part = torch.empty((n_row_tiles, r), dtype=torch.float32, device=dev)
+    _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r))](
+        dy2d, U, u, sigma, ss, ds_part,
+        M, m, r, _m_bucket(M),
+        dy2d.stride(0), dy2d.stride(1),
+        U.stride(0), U.stride(1),
+        u.stride(0), u.stride(1),
+        ss.stride(0), ss.stride(1),
+        ds_part.stride(0),
+        INPUT_PRECISION=prec, BLOCK_R=block_r, BLOCK_M=_UP_BLOCK_M,
+    )
+    dS = (ds_part.sum(0) * float(scale)).to(S.dtype)
+
+    # 2. reductions over M: dU = dyᵀ·(u·σ), dV = xᵀ·ss.
+    dU = _launch_weight_grad(dy2d, u, sigma, U.dtype)
+    dV = _launch_weight_grad(x2d, ss, None, V.dtype)
+
+    # 3. dx = [dy | ss]·[Wr ; Vᵀ]: B1 = Wr (k = out index, n = in index), B2 = Vᵀ.
+    dx = None
+    if needs_dx:
+        dx = torch.empty((M, n), dtype=cd, device=dev)
+        b1 = (residual, residual.stride(0), residual.stride(1)) if residual is not None else None
+        _launch_gemm(
+            dy2d if residual is not None else None, b1,
+            ss, (V, V.stride(1), V.stride(0)),
+            None, dx,
+        )
+    return dx, dU, dS, dV
