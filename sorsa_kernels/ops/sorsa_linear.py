@@ -22,8 +22,12 @@ from .dispatch import use_triton
 __all__ = ["sorsa_linear", "linear_fwd", "linear_bwd"]
 
 
-def _impls(t: Tensor):
-    if use_triton(t):
+# Compute dtypes the Triton kernels cover; anything else (float64) runs the reference.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _impls(t: Tensor, *params: Optional[Tensor]):
+    if use_triton(t) and all(p is None or p.dtype in _KERNEL_DTYPES for p in (t, *params)):
         from ..kernels import sorsa_linear as kernels
 
         return kernels.fused_forward, kernels.fused_backward
@@ -41,7 +45,7 @@ def linear_fwd(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u`` 2-D (M×r)."""
-    forward, _ = _impls(x)
+    forward, _ = _impls(x, residual, U, S, V)
     x2 = x.reshape(-1, x.shape[-1])
     y, u = forward(x2, residual, U, S, V, bias, scale)
     return y.reshape(*x.shape[:-1], U.shape[0]), u
@@ -67,7 +71,7 @@ def linear_bwd(
     needs_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dU, dS, dV)``; ``dx`` is an empty tensor when ``needs_dx`` is False."""
-    _, backward = _impls(dy)
+    _, backward = _impls(dy, residual, U, S, V)
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     dx, dU, dS, dV = backward(dy2, x2, u, residual, U, S, V, scale, needs_dx)
