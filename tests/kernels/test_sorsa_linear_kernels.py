@@ -1,0 +1,308 @@
+"""The fused SORSA linear kernels against ``ops/reference.py`` (float64 expected values).
+
+Without a GPU these run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` before the kernel module is imported), where every kernel uses 16-wide
+tiles: the shapes below are chosen so that no tile size divides them and every loop runs
+more than one tile.  bf16 and the large shapes run only on a CUDA GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from sorsa_kernels.ops import reference
+from tests.conftest import rel_err, requires_cuda
+
+kernels = pytest.importorskip("sorsa_kernels.kernels.sorsa_linear")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+SCALE = 0.7
+
+# (M, n=in, m=out, r): every value of M ∈ {1, 7, 33}, n, m ∈ {24, 72, 100}, r ∈ {1, 5, 16}
+# appears at least once; none is a multiple of the 16-wide interpreter tiles except r=16.
+# r = 37 runs the GEMMs' rank segment over several K steps and, in the interpreter (32-wide
+# rank tiles), the skinny kernels over two rank tiles.
+SHAPES = [(1, 24, 100, 16), (7, 72, 24, 1), (33, 100, 72, 5), (33, 24, 72, 16), (7, 100, 100, 37)]
+SHAPE_IDS = ["M1-n24-m100-r16", "M7-n72-m24-r1", "M33-n100-m72-r5", "M33-n24-m72-r16", "M7-n100-m100-r37"]
+CPU_DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [pytest.param(torch.bfloat16, marks=requires_cuda, id="bfloat16")]
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in CPU_DTYPES] + GPU_DTYPES
+GRADS = ["dx", "dU", "dS", "dV"]
+
+
+def _inputs(M, n, m, r, dtype, *, bias=True, residual=True, seed=0, adapter_dtype=torch.float32):
+    """Random non-zero inputs; x/residual/bias in ``dtype``, adapters in ``adapter_dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, n, generator=g)
+    Wr = torch.randn(m, n, generator=g) / n**0.5
+    U = torch.randn(m, r, generator=g) / m**0.5
+    S = torch.rand(r, generator=g) + 0.5
+    V = torch.randn(n, r, generator=g) / n**0.5
+    b = torch.randn(m, generator=g)
+    dy = torch.randn(M, m, generator=g)
+    to = lambda t, d: t.to(DEVICE, d)  # noqa: E731
+    return dict(
+        x=to(x, dtype),
+        residual=to(Wr, dtype) if residual else None,
+        U=to(U, adapter_dtype),
+        S=to(S, adapter_dtype),
+        V=to(V, adapter_dtype),
+        bias=to(b, dtype) if bias else None,
+        dy=to(dy, dtype),
+    )
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _reference_forward(inp):
+    return reference.linear_forward(
+        _f64(inp["x"]), _f64(inp["residual"]), _f64(inp["U"]), _f64(inp["S"]), _f64(inp["V"]),
+        _f64(inp["bias"]), SCALE,
+    )
+
+
+def _reference_backward(inp, needs_dx=True):
+    _, u = _reference_forward(inp)
+    return reference.linear_backward(
+        _f64(inp["dy"]), _f64(inp["x"]), u, _f64(inp["residual"]), _f64(inp["U"]), _f64(inp["S"]),
+        _f64(inp["V"]), SCALE, needs_dx,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_case(shape, dtype, residual):
+    """Kernel and float64-reference gradients of one case (cached: four tests read each)."""
+    inp = _inputs(*shape, dtype, residual=residual, seed=sum(shape))
+    _, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    got = kernels.fused_backward(
+        inp["dy"], inp["x"], u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, True
+    )
+    return dict(zip(GRADS, got)), dict(zip(GRADS, _reference_backward(inp)))
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_matches_reference_odd_shapes(shape, dtype, bias):
+    inp = _inputs(*shape, dtype, bias=bias, seed=sum(shape))
+    y, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+    y_ref, u_ref = _reference_forward(inp)
+    assert y.dtype == dtype and u.dtype == dtype
+    assert y.shape == y_ref.shape and u.shape == u_ref.shape
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(u, u_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=SHAPE_IDS[1:3])
+def test_forward_without_residual_computes_only_lowrank_branch(shape, dtype):
+    inp = _inputs(*shape, dtype, residual=False, bias=True, seed=1)
+    y, _ = kernels.fused_forward(inp["x"], None, inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+    y_ref, _ = _reference_forward(inp)
+    assert rel_err(y, y_ref) < TOL[dtype]
+
+
+def test_forward_accepts_non_contiguous_operands():
+    M, n, m, r = 33, 72, 100, 5
+    inp = _inputs(M, n, m, r, torch.float32, seed=2)
+    x_t = inp["x"].T.contiguous().T            # column-major x
+    res_t = inp["residual"].T.contiguous().T   # column-major residual
+    U_t = inp["U"].T.contiguous().T
+    V_t = inp["V"].T.contiguous().T
+    assert not x_t.is_contiguous() and not res_t.is_contiguous()
+    y, u = kernels.fused_forward(x_t, res_t, U_t, inp["S"], V_t, inp["bias"], SCALE)
+    y_ref, u_ref = _reference_forward(inp)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(u, u_ref) < 1e-5
+
+
+def test_forward_casts_fp32_adapters_and_residual_to_fp16_input():
+    inp = _inputs(33, 100, 72, 5, torch.float16, seed=3)
+    residual32 = inp["residual"].float()
+    y, u = kernels.fused_forward(inp["x"], residual32, inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+    y_ref, _ = _reference_forward(inp)
+    assert y.dtype == torch.float16 and u.dtype == torch.float16
+    assert rel_err(y, y_ref) < 1e-2
+
+
+def test_forward_empty_batch_returns_empty_outputs():
+    inp = _inputs(1, 24, 72, 5, torch.float32)
+    x = inp["x"][:0]
+    y, u = kernels.fused_forward(x, inp["residual"], inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+    assert y.shape == (0, 72) and u.shape == (0, 5)
+
+
+# ----------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_backward_matches_reference_odd_shapes(shape, dtype, grad):
+    got, ref = _backward_case(shape, dtype, True)
+    assert got[grad].shape == ref[grad].shape
+    assert rel_err(got[grad], ref[grad]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_without_residual_matches_reference(dtype, grad):
+    got, ref = _backward_case((33, 100, 72, 5), dtype, False)
+    assert rel_err(got[grad], ref[grad]) < TOL[dtype]
+
+
+def test_backward_returns_adapter_grads_in_parameter_dtype():
+    inp = _inputs(7, 72, 24, 5, torch.float16, adapter_dtype=torch.float32, seed=4)
+    _, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    dx, dU, dS, dV = kernels.fused_backward(
+        inp["dy"], inp["x"], u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, True
+    )
+    assert (dx.dtype, dU.dtype, dS.dtype, dV.dtype) == (torch.float16,) + (torch.float32,) * 3
+
+
+def test_backward_skips_dx_when_not_needed():
+    inp = _inputs(7, 72, 24, 5, torch.float32, seed=5)
+    _, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    dx, dU, _, _ = kernels.fused_backward(
+        inp["dy"], inp["x"], u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, False
+    )
+    assert dx is None
+    assert rel_err(dU, _reference_backward(inp)[1]) < 1e-5
+
+
+def test_backward_accepts_non_contiguous_operands():
+    inp = _inputs(33, 72, 100, 5, torch.float32, seed=6)
+    nc = lambda t: t.T.contiguous().T  # noqa: E731
+    _, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    got = kernels.fused_backward(
+        nc(inp["dy"]), nc(inp["x"]), nc(u), nc(inp["residual"]), nc(inp["U"]), inp["S"], nc(inp["V"]),
+        SCALE, True,
+    )
+    for g, r in zip(got, _reference_backward(inp)):
+        assert rel_err(g, r) < 1e-5
+
+
+def test_weight_grads_reduce_over_split_row_chunks():
+    # M = 33 is reduced in two chunks in the interpreter (one on a GPU is also fine);
+    # the gradients must equal the one-pass reduction.
+    if DEVICE == "cpu":
+        assert kernels._num_m_splits(33, 100, 5, torch.device("cpu")) == 2
+    got, ref = _backward_case((33, 100, 72, 5), torch.float32, True)
+    assert rel_err(got["dU"], ref["dU"]) < 1e-5
+    assert rel_err(got["dV"], ref["dV"]) < 1e-5
+
+
+def test_backward_empty_batch_returns_zero_adapter_grads():
+    inp = _inputs(1, 24, 72, 5, torch.float32)
+    x, dy = inp["x"][:0], inp["dy"][:0]
+    u = x.new_empty(0, 5)
+    dx, dU, dS, dV = kernels.fused_backward(dy, x, u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, True)
+    assert dx.shape == (0, 24)
+    assert not dU.any() and not dS.any() and not dV.any()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _bad_forward_cases():
+    def base():
+        return _inputs(7, 24, 72, 5, torch.float32)
+
+    def call(**over):
+        def run():
+            inp = base()
+            inp.update(over)
+            return kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+
+        return run
+
+    b = base()
+    return [
+        pytest.param(call(x=b["x"][None]), ValueError, "2-D input", id="x-3d"),
+        pytest.param(call(x=b["x"].double()), TypeError, "input dtype float64", id="x-float64"),
+        pytest.param(call(S=b["S"][:4]), ValueError, "rank mismatch", id="rank-mismatch"),
+        pytest.param(call(V=b["V"][:20]), ValueError, "V has 20 rows", id="V-rows"),
+        pytest.param(call(residual=b["residual"][:, :20]), ValueError, "residual has shape (72, 20)", id="residual-shape"),
+        pytest.param(call(bias=b["bias"][:70]), ValueError, "bias has shape (70,)", id="bias-shape"),
+        pytest.param(call(U=b["U"].to("meta")), ValueError, "U is on meta", id="U-device"),
+        pytest.param(call(V=b["V"].to(torch.int32)), TypeError, "V dtype int32", id="V-dtype"),
+    ]
+
+
+@pytest.mark.parametrize("run, exc, message", _bad_forward_cases())
+def test_forward_rejects_bad_input_with_message_naming_it(run, exc, message):
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run()
+
+
+def _bad_backward_cases():
+    inp = _inputs(7, 24, 72, 5, torch.float32)
+    u = torch.zeros(7, 5, device=DEVICE)
+
+    def call(**over):
+        def run():
+            a = dict(inp, u=u)
+            a.update(over)
+            return kernels.fused_backward(
+                a["dy"], a["x"], a["u"], a["residual"], a["U"], a["S"], a["V"], SCALE, True
+            )
+
+        return run
+
+    return [
+        pytest.param(call(dy=inp["dy"][:, :70]), ValueError, "dy has shape (7, 70)", id="dy-shape"),
+        pytest.param(call(u=u[:, :4]), ValueError, "u has shape (7, 4)", id="u-shape"),
+        pytest.param(call(dy=inp["dy"].half()), TypeError, "dy dtype float16 differs", id="dy-dtype"),
+        pytest.param(call(u=u.half()), TypeError, "u dtype float16 differs", id="u-dtype"),
+    ]
+
+
+@pytest.mark.parametrize("run, exc, message", _bad_backward_cases())
+def test_backward_rejects_bad_input_with_message_naming_it(run, exc, message):
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run()
+
+
+# ----------------------------------------------------------------------------- GPU only
+LARGE = [
+    pytest.param((64, 11008, 256, 16), id="long-K-n11008"),
+    pytest.param((8192, 512, 384, 64), id="large-M-8192"),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", LARGE)
+def test_forward_matches_reference_large_shapes_gpu(shape, dtype):
+    inp = _inputs(*shape, dtype, seed=7)
+    y, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+    y_ref, u_ref = _reference_forward(inp)
+    assert rel_err(y, y_ref) < 1e-2
+    assert rel_err(u, u_ref) < 1e-2
+
+
+@requires_cuda
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", LARGE)
+def test_backward_matches_reference_large_shapes_gpu(shape, dtype, grad):
+    got, ref = _backward_case(shape, dtype, True)
+    assert rel_err(got[grad], ref[grad]) < 1e-2
+
+
+@requires_cuda
+def test_fp32_uses_tf32_only_when_torch_allows_it_gpu():
+    inp = _inputs(256, 1024, 512, 16, torch.float32, bias=False, seed=8)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        y_ieee, _ = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+        torch.set_float32_matmul_precision("high")
+        y_tf32, _ = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    y_ref, _ = _reference_forward(inp)
+    assert rel_err(y_ieee, y_ref) < 1e-5
+    assert rel_err(y_tf32, y_ref) < 3e-3

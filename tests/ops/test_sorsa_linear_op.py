@@ -1,0 +1,197 @@
+"""The ``sorsa_kernels::linear_fwd/linear_bwd`` ops end to end through ``SORSALinear``.
+
+Each case runs autograd with the Triton backend (the interpreter on CPU) and with the
+reference backend, and checks both against the float64 ``reference.linear_dense`` oracle
+differentiated by PyTorch.  ``torch.compile`` must trace the layer without graph breaks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sorsa_kernels import SORSALinear
+from sorsa_kernels.ops import reference
+from tests.conftest import rel_err, requires_cuda
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.float16, id="float16"),
+    pytest.param(torch.bfloat16, id="bfloat16", marks=requires_cuda),
+]
+
+
+def _layer(n=100, m=72, r=5, bias=True, dtype=torch.float32, alpha=16.0, seed=0, **kw):
+    """A SORSALinear with residual/bias in ``dtype`` and fp32 adapters moved off the SVD point."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(n, m, bias=bias)
+    if bias:
+        with torch.no_grad():
+            lin.bias.normal_()  # a bias large enough that dropping it would fail the checks
+    layer = SORSALinear.from_linear(lin, r, alpha=alpha, residual_dtype=dtype, **kw).to(DEVICE)
+    with torch.no_grad():
+        layer.U.add_(0.1 * torch.randn_like(layer.U))
+        layer.S.mul_(1.5)
+        layer.V.add_(0.1 * torch.randn_like(layer.V))
+    return layer
+
+
+def _run(layer, x, dy):
+    """Forward + backward; returns (y, x.grad, U.grad, S.grad, V.grad) and clears the grads."""
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    out = (y.detach(), x.grad, layer.U.grad.clone(), layer.S.grad.clone(), layer.V.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+def _oracle(layer, x, dy):
+    """The same quantities from the float64 dense formula and PyTorch autograd."""
+    x64 = x.detach().double().requires_grad_()
+    U, S, V = (p.detach().double().requires_grad_() for p in (layer.U, layer.S, layer.V))
+    b = None if layer.bias is None else layer.bias.double()
+    y = reference.linear_dense(x64, layer.residual.double(), U, S, V, b, layer.scale)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, U.grad, S.grad, V.grad
+
+
+NAMES = ("y", "dx", "dU", "dS", "dV")
+CASES = [  # (leading shape, n, m, r, bias): 2-D and 3-D inputs, with and without bias
+    pytest.param((7,), 100, 72, 5, True, id="2d-bias"),
+    pytest.param((2, 17), 72, 24, 16, False, id="3d-nobias"),
+    pytest.param((3, 11), 24, 100, 1, True, id="3d-bias"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, n, m, r, bias", CASES)
+def test_triton_backend_autograd_matches_float64_oracle(backend, lead, n, m, r, bias, dtype):
+    backend("triton")
+    layer = _layer(n, m, r, bias=bias, dtype=dtype)
+    g = torch.Generator().manual_seed(n + m + r)
+    x = torch.randn(*lead, n, generator=g).to(DEVICE, dtype)
+    dy = torch.randn(*lead, m, generator=g).to(DEVICE, dtype)
+    got = _run(layer, x, dy)
+    ref = _oracle(layer, x, dy)
+    assert got[0].shape == (*lead, m) and got[1].shape == x.shape
+    assert got[1].dtype == dtype and got[2].dtype == torch.float32  # adapter grads in param dtype
+    errors = {name: rel_err(a, b) for name, a, b in zip(NAMES, got, ref)}
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_and_reference_backends_agree(backend, dtype):
+    layer = _layer(72, 100, 5, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 72, generator=g).to(DEVICE, dtype)
+    dy = torch.randn(2, 9, 100, generator=g).to(DEVICE, dtype)
+    backend("triton")
+    tri = _run(layer, x, dy)
+    backend("reference")
+    ref = _run(layer, x, dy)
+    errors = {name: rel_err(a, b) for name, a, b in zip(NAMES, tri, ref)}
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+def test_triton_backend_calls_the_fused_kernels(backend, monkeypatch):
+    from sorsa_kernels.kernels import sorsa_linear as kernels
+
+    calls = []
+    for name in ("fused_forward", "fused_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+    backend("triton")
+    layer = _layer(24, 24, 5)
+    layer(torch.randn(3, 24, device=DEVICE, requires_grad=True)).sum().backward()
+    assert calls == ["fused_forward", "fused_backward"]
+
+
+def test_float64_runs_the_reference_under_triton_backend(backend, monkeypatch):
+    from sorsa_kernels.kernels import sorsa_linear as kernels
+
+    def fail(*a):
+        raise AssertionError("float64 must not reach the Triton kernels")
+
+    monkeypatch.setattr(kernels, "fused_forward", fail)
+    monkeypatch.setattr(kernels, "fused_backward", fail)
+    backend("triton")
+    layer = _layer(24, 24, 5, dtype=torch.float64).double()
+    x = torch.randn(3, 24, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(3, 24, dtype=torch.float64, device=DEVICE)
+    got = _run(layer, x, dy)
+    ref = _oracle(layer, x, dy)
+    # float64 throughout, except that reference.linear_backward reduces dS in float32
+    assert max(rel_err(a, b) for a, b in zip(got, ref)) < 1e-6
+
+
+def test_dropout_path_matches_reference_backend(backend):
+    # Dropout sends the low-rank branch through the op with residual=None.
+    layer = _layer(72, 24, 5, dropout=0.25).train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 72, generator=g).to(DEVICE)
+    dy = torch.randn(2, 7, 24, generator=g).to(DEVICE)
+    results = {}
+    for name in ("triton", "reference"):
+        backend(name)
+        torch.manual_seed(123)  # same dropout mask for both backends
+        results[name] = _run(layer, x, dy)
+    errors = {n: rel_err(a, b) for n, a, b in zip(NAMES, results["triton"], results["reference"])}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_backward_without_input_grad_returns_adapter_grads_only(backend):
+    backend("triton")
+    layer = _layer(72, 24, 5)
+    x = torch.randn(7, 72, device=DEVICE)  # no requires_grad: dx is skipped
+    dy = torch.randn(7, 24, device=DEVICE)
+    layer(x).backward(dy)
+    _, _, dU, dS, dV = _oracle(layer, x, dy)
+    assert rel_err(layer.U.grad, dU) < 1e-5
+    assert rel_err(layer.S.grad, dS) < 1e-5
+    assert rel_err(layer.V.grad, dV) < 1e-5
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = _layer(24, 40, 4)
+        self.down = _layer(40, 24, 4, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x))) + x
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_compile_has_no_graph_breaks(backend, name):
+    backend(name)
+    torch._dynamo.reset()
+    model = _Block()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_compiled_model_matches_eager_forward_and_grads(backend, name):
+    backend(name)
+    torch._dynamo.reset()
+    model = _Block()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    eager_y = model(x)
+    eager_y.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert rel_err(y, eager_y) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads, eager_grads))
