@@ -1,0 +1,366 @@
+"""``QSORSALinear``: SORSA with the frozen residual stored in 4-bit NF4 (QSORSA).
+
+The residual ``Wr = W0 − scale·U0·diag(S0)·V0ᵀ`` is computed in float32 and stored as
+NF4 with blocksize 64 and double-quantized absmax in the bitsandbytes layout (about
+4.127 bits per weight instead of 16), optionally after error-reducing iterations that
+re-take the SVD of ``W0 − deq(Q)`` (see :mod:`sorsa_kernels.quant.init`).  Forward and
+input gradient run a fused GEMM that dequantizes NF4 tiles inside its K loop.
+
+Note on export: the model trained here computes with ``deq(Q)``, not with ``Wr``.  A
+LoRA exported for the *unquantized* base model (``export_peft_lora``) therefore differs
+from the quantized training model by the quantization error ``Wr − deq(Q)`` — the same
+caveat PEFT states for PiSSA/LoftQ conversions.  Merging (:meth:`QSORSALinear.merge`)
+merges into ``deq(Q)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import reference
+from ..ops.qsorsa_linear import qsorsa_linear
+from ..quant.init import REPORT_MODES, LayerQuantReport, error_reducing_split, layer_quant_report
+from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_bnb, quantize_nf4
+from .linear import SORSALinear, _check_dtype, _where, validate_rank
+
+__all__ = ["QSORSALinear", "NF4_DTYPES"]
+
+#: dtypes deq(Q) can be produced in (bitsandbytes' QuantState.dtype).
+NF4_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SVD_MODES = ("full", "randomized")
+# float32 NF4 state (absmax scales, offset, code tables) is held bit-cast to int32 so
+# that ``model.half()`` / ``model.to(torch.bfloat16)`` — which cast floating buffers —
+# leave it exact; ``nf4()`` views it back as float32.
+_FLOAT_BUFFERS = ("nf4_nested_absmax", "nf4_nested_code", "nf4_offset", "nf4_code")
+
+
+def _check_nf4_dtype(dtype: torch.dtype, name: Optional[str]) -> None:
+    if dtype not in NF4_DTYPES:
+        raise TypeError(
+            f"QSORSA residual_dtype must be float32, float16 or bfloat16 (the dtypes NF4 dequantizes to), "
+            f"got {dtype}{_where(name)}"
+        )
+
+
+def _check_linear(linear: nn.Module, name: Optional[str]) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}")
+
+
+class QSORSALinear(SORSALinear):
+    """SORSA linear layer whose frozen residual is NF4 (4-bit, blocksize 64, double-quantized).
+
+    Same API as :class:`SORSALinear` — trainable ``U`` (out×r), ``S`` (r), ``V`` (in×r),
+    ``scale``, ``init_factors``, ``adapter_parameters()``, ``merge()``, ``from_linear`` /
+    ``from_factors`` — but the residual is held as buffers (so ``.to(device)`` moves it):
+
+    * ``nf4_packed`` uint8 ``[(m·n+1)//2, 1]`` and ``nf4_absmax`` uint8 (the bitsandbytes layout);
+    * ``nf4_nested_absmax``, ``nf4_nested_code``, ``nf4_offset``, ``nf4_code``: float32
+      values stored bit-cast as int32 so dtype casts of the model cannot alter them.
+
+    ``nf4()`` returns them as an :class:`~sorsa_kernels.quant.nf4.NF4Weight`,
+    ``quant_state()`` as bitsandbytes' ``(packed, QuantState)``.  ``residual`` and
+    ``weight`` *materialize* ``deq(Q)`` (m×n in ``compute_dtype``) on every access; they
+    exist for code that reads values or ``.dtype``; the forward never uses them.
+    ``quant_report`` holds the :class:`~sorsa_kernels.quant.init.LayerQuantReport` of
+    ``from_linear`` (None after ``from_factors``).
+
+    Example::
+
+        >>> lin = torch.nn.Linear(100, 72)
+        >>> layer = QSORSALinear.from_linear(lin, rank=8, quant_iters=1)
+        >>> y = layer(torch.randn(4, 100))
+        >>> layer.quant_report.fro_reduction      # error removed vs NF4(W0)
+        >>> plain = layer.merge()                 # nn.Linear with deq(Q) + U·diag(S)·Vᵀ
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        residual_dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        nn.Module.__init__(self)  # SORSALinear.__init__ would allocate a dense residual
+        validate_rank(rank, in_features, out_features)
+        _check_nf4_dtype(residual_dtype, None)
+        _check_dtype(adapter_dtype, "adapter_dtype")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = 1.0 if alpha is None else float(alpha) / rank
+        self.dropout_p = float(dropout)
+        self.compute_dtype = residual_dtype
+        self.blocksize = BLOCKSIZE
+        self.nested_blocksize = NESTED_BLOCKSIZE
+        numel = in_features * out_features
+        nblocks = -(-numel // BLOCKSIZE)
+        fk = dict(device=device)
+        self.register_buffer("nf4_packed", torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, **fk))
+        self.register_buffer("nf4_absmax", torch.zeros(nblocks, dtype=torch.uint8, **fk))
+        self.register_buffer(
+            "nf4_nested_absmax", torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), dtype=torch.int32, **fk)
+        )
+        self.register_buffer("nf4_nested_code", torch.zeros(256, dtype=torch.int32, **fk))
+        self.register_buffer("nf4_offset", torch.zeros(1, dtype=torch.int32, **fk))
+        self.register_buffer("nf4_code", torch.zeros(16, dtype=torch.int32, **fk))
+        self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, **fk))
+        self.S = nn.Parameter(torch.zeros(rank, dtype=adapter_dtype, **fk))
+        self.V = nn.Parameter(torch.zeros(in_features, rank, dtype=adapter_dtype, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=residual_dtype, **fk), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self.quant_report: Optional[LayerQuantReport] = None
+
+    # ------------------------------------------------------------------ NF4 storage
+    def nf4(self) -> NF4Weight:
+        """The residual's NF4 storage (views of this layer's buffers; no copy)."""
+        return NF4Weight(
+            packed=self.nf4_packed,
+            absmax=self.nf4_absmax,
+            nested_absmax=self.nf4_nested_absmax.view(torch.float32),
+            nested_code=self.nf4_nested_code.view(torch.float32),
+            offset=self.nf4_offset.view(torch.float32),
+            code=self.nf4_code.view(torch.float32),
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.compute_dtype,
+            blocksize=self.blocksize,
+            nested_blocksize=self.nested_blocksize,
+        )
+
+    def set_nf4(self, q: NF4Weight) -> None:
+        """Replace the stored residual by ``q`` (same shape; blocksize 64, nested 256).
+
+        Example::
+
+            >>> layer.set_nf4(NF4Weight.from_bnb(packed, quant_state))
+        """
+        shape = (self.out_features, self.in_features)
+        if tuple(q.shape) != shape:
+            raise ValueError(f"NF4 residual has shape {tuple(q.shape)} but the layer needs {shape}")
+        if (q.blocksize, q.nested_blocksize) != (BLOCKSIZE, NESTED_BLOCKSIZE):
+            raise ValueError(
+                f"QSORSA stores blocksize {BLOCKSIZE} with nested blocksize {NESTED_BLOCKSIZE}; "
+                f"got {q.blocksize} and {q.nested_blocksize}"
+            )
+        _check_nf4_dtype(q.dtype, None)
+        with torch.no_grad():
+            self.nf4_packed = q.packed.reshape(-1, 1).contiguous()
+            self.nf4_absmax = q.absmax.reshape(-1).contiguous()
+            self.nf4_nested_absmax = q.nested_absmax.float().reshape(-1).contiguous().view(torch.int32)
+            self.nf4_nested_code = q.nested_code.float().reshape(-1).contiguous().view(torch.int32)
+            self.nf4_offset = q.offset.float().reshape(1).contiguous().view(torch.int32)
+            self.nf4_code = q.code.float().reshape(-1).contiguous().view(torch.int32)
+        self.compute_dtype = q.dtype
+
+    def quant_state(self):
+        """``(packed, bitsandbytes.functional.QuantState)`` of the residual, for bitsandbytes.
+
+        ``bitsandbytes.functional.dequantize_4bit(*layer.quant_state())`` equals ``layer.residual``;
+        ``state.as_dict(packed=True)`` serializes it as ``bnb.nn.Linear4bit`` does.
+        """
+        return self.nf4().to_bnb()
+
+    @property
+    def residual(self) -> Tensor:
+        """``deq(Q)`` as a dense ``out×in`` tensor in ``compute_dtype`` (materialized per access)."""
+        return dequantize_nf4_bnb(self.nf4(), self.compute_dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """Alias of :attr:`residual` (dense, materialized per access) for ``.dtype``/``.device`` checks."""
+        return self.residual
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        *,
+        quant_iters: int = 1,
+        svd: str = "full",
+        niter: int = 2,
+        oversample: int = 16,
+        svd_dtype: torch.dtype = torch.float32,
+        svd_device: Optional[Union[str, torch.device]] = None,
+        residual_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        name: Optional[str] = None,
+        quant_report: Optional[str] = "full",
+    ) -> "QSORSALinear":
+        """SVD-split ``linear.weight``, run ``quant_iters`` error-reducing iterations, store ``Wr`` in NF4.
+
+        Args:
+            linear: the layer to adapt (left untouched).
+            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``.
+            quant_iters: T error-reducing iterations (0 = plain: NF4 of the SVD residual).
+            svd, niter, oversample, svd_dtype, svd_device: as :meth:`SORSALinear.from_linear`;
+                the iterations run on ``svd_device`` too.
+            residual_dtype: the dtype ``deq(Q)`` is produced in (the compute dtype; default
+                the weight's dtype; float32, float16 or bfloat16).
+            adapter_dtype: dtype of ``U``, ``S``, ``V`` (default float32).
+            alpha: if given, ``scale = alpha / rank``.
+            dropout: dropout on the low-rank branch's input.
+            name: the layer's name, used in error messages and the report.
+            quant_report: ``"full"`` (Frobenius and nuclear errors; two extra SVDs of the
+                weight's size), ``"fro"`` (Frobenius only) or None; stored as ``.quant_report``.
+
+        The residual is then rebuilt by :meth:`from_factors` from the kept factors, so
+        ``from_factors(linear, *layer.init_factors)`` reproduces the layer bit for bit.
+        """
+        _check_linear(linear, name)
+        W = linear.weight
+        m, n = W.shape
+        validate_rank(rank, n, m, name)
+        if isinstance(quant_iters, bool) or not isinstance(quant_iters, int) or quant_iters < 0:
+            raise ValueError(f"quant_iters must be a non-negative int (0 = plain QSORSA), got {quant_iters!r}{_where(name)}")
+        if quant_report not in REPORT_MODES:
+            raise ValueError(f"quant_report must be one of {REPORT_MODES}, got {quant_report!r}")
+        if svd not in _SVD_MODES:
+            raise ValueError(f"svd must be one of {_SVD_MODES}, got {svd!r}")
+        if svd_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"svd_dtype must be float32 or float64, got {svd_dtype}")
+        _check_dtype(W.dtype, "weight dtype" + _where(name))
+        residual_dtype = residual_dtype or W.dtype
+        _check_nf4_dtype(residual_dtype, name)
+        adapter_dtype = adapter_dtype or torch.float32
+        _check_dtype(adapter_dtype, "adapter_dtype")
+        if W.device.type == "meta":
+            raise ValueError(f"cannot initialize SORSA from a weight on the meta device{_where(name)}")
+        if not bool(torch.isfinite(W).all()):
+            bad = "NaN" if bool(torch.isnan(W).any()) else "Inf"
+            raise ValueError(f"weight contains {bad} values{_where(name)}; SVD needs a finite weight")
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        with torch.no_grad():
+            w = W.detach().to(svd_device) if svd_device is not None else W.detach()
+            factors, history, best_iter = error_reducing_split(
+                w, rank, iters=quant_iters, scale=scale, svd=svd, niter=niter, oversample=oversample,
+                svd_dtype=svd_dtype, factor_dtype=adapter_dtype,
+            )
+            del w
+            factors = tuple(f.to(W.device) for f in factors)
+        layer = cls.from_factors(
+            linear, *factors, alpha=alpha, dropout=dropout, residual_dtype=residual_dtype, name=name
+        )
+        if quant_report is not None:
+            with torch.no_grad():
+                res = reference.compute_residual(W, *factors, layer.scale)
+                layer.quant_report = layer_quant_report(
+                    W, res, layer.nf4(), rank=rank, iters=quant_iters, best_iter=best_iter,
+                    history=history, nuclear=quant_report == "full", name=name or "",
+                )
+        return layer
+
+    @classmethod
+    def from_factors(
+        cls,
+        linear: nn.Linear,
+        U0: Tensor,
+        S0: Tensor,
+        V0: Tensor,
+        *,
+        trained: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        residual_dtype: Optional[torch.dtype] = None,
+        name: Optional[str] = None,
+    ) -> "QSORSALinear":
+        """Build the layer from known initial factors (no SVD), optionally with trained ones.
+
+        ``Q = NF4(compute_residual(W0, U0, S0, V0, scale))`` is re-derived on the weight's
+        device — deterministic, so an adapter file needs only the factors.  ``residual_dtype``
+        is the compute dtype (default the weight's dtype).
+
+        Example::
+
+            >>> again = QSORSALinear.from_factors(lin, *layer.init_factors,
+            ...                                   trained=(layer.U, layer.S, layer.V))
+        """
+        _check_linear(linear, name)
+        W = linear.weight
+        m, n = W.shape
+        r = S0.shape[0]
+        expected = {"U0": (m, r), "S0": (r,), "V0": (n, r)}
+        for label, t in zip(expected, (U0, S0, V0)):
+            if tuple(t.shape) != expected[label]:
+                raise ValueError(
+                    f"{label} has shape {tuple(t.shape)} but the layer needs {expected[label]}{_where(name)}"
+                )
+        if trained is not None:
+            for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
+                if t.shape != ref.shape:
+                    raise ValueError(
+                        f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{_where(name)}"
+                    )
+        residual_dtype = residual_dtype or W.dtype
+        _check_nf4_dtype(residual_dtype, name)
+        dev = W.device
+        layer = cls(
+            n, m, r, bias=linear.bias is not None, alpha=alpha, dropout=dropout,
+            residual_dtype=residual_dtype, adapter_dtype=U0.dtype, device="meta",
+        )
+        U0, S0, V0 = (t.to(dev) for t in (U0, S0, V0))
+        with torch.no_grad():
+            res = reference.compute_residual(W, U0, S0, V0, layer.scale)
+            q = quantize_nf4(res, dtype=residual_dtype)
+            del res
+        layer.set_nf4(q)
+        src = trained if trained is not None else (U0, S0, V0)
+        layer.U = nn.Parameter(src[0].detach().to(dev, U0.dtype).clone())
+        layer.S = nn.Parameter(src[1].detach().to(dev, U0.dtype).clone())
+        layer.V = nn.Parameter(src[2].detach().to(dev, U0.dtype).clone())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(residual_dtype).clone(), requires_grad=False)
+        layer.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
+        return layer
+
+    # ------------------------------------------------------------------ module API
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}"
+            )
+        return qsorsa_linear(
+            x, self.nf4(), self.U, self.S, self.V, self.bias, self.scale, self.dropout_p, self.training,
+        )
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``deq(Q) + scale·U·diag(S)·Vᵀ`` (and the bias).
+
+        Computed in float32 and cast to ``dtype`` (default ``compute_dtype``, the original
+        weight's dtype — bf16 for a bf16 model).
+        """
+        dtype = dtype or self.compute_dtype
+        with torch.no_grad():
+            res = dequantize_nf4_bnb(self.nf4(), torch.float32)
+            w = reference.merged_weight(res, self.U, self.S, self.V, self.scale)
+            del res
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=w.device, dtype=dtype)
+            lin.weight.copy_(w.to(dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(dtype))
+        return lin
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, scale={self.scale:g}, residual=nf4(blocksize={self.blocksize}, "
+            f"double-quantized), compute_dtype={self.compute_dtype}, adapter_dtype={self.U.dtype}"
+        )
