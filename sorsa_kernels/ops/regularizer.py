@@ -5,7 +5,7 @@ Dispatches between the grouped Triton kernel (:mod:`sorsa_kernels.kernels.ortho_
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -16,19 +16,38 @@ from .dispatch import use_triton
 __all__ = ["ortho_value", "ortho_value_and_grad_"]
 
 
-def ortho_value(mats: Sequence[Tensor]) -> Tensor:
-    """``mean_i ‖A_iᵀA_i − I‖_F`` over k×r matrices, as a float32 scalar (differentiable)."""
+def ortho_value(mats: Sequence[Tensor], transposed: Optional[Sequence[bool]] = None) -> Tensor:
+    """``mean_i ‖A_iᵀA_i − I‖_F`` over k×r matrices, as a float32 scalar (differentiable).
+
+    ``transposed[i]`` marks a matrix stored r×k (its term is ``‖A_i·A_iᵀ − I‖_F``).
+    """
     if len(mats) == 0:
         raise ValueError("the regularizer needs at least one adapter matrix")
-    return torch.stack([torch.linalg.matrix_norm(reference.ortho_gram(a)) for a in mats]).mean()
+    return reference.ortho_norms(mats, transposed).mean()
 
 
-def ortho_value_and_grad_(mats: Sequence[Tensor], coeff: float) -> Tensor:
-    """Add ``coeff·∇(mean_i ‖A_iᵀA_i − I‖_F)`` to each ``A_i.grad``; return the mean (device scalar)."""
+def ortho_value_and_grad_(
+    mats: Sequence[Tensor], coeff: float, transposed: Optional[Sequence[bool]] = None
+) -> Tensor:
+    """Add ``coeff·∇(mean_i ‖A_iᵀA_i − I‖_F)`` to each ``A_i.grad``; return the mean (device scalar).
+
+    ``.grad`` is created where it is None; ``transposed[i]`` marks a matrix stored r×k.
+    Uses the grouped Triton kernel (three launches for the whole set) when
+    :func:`~sorsa_kernels.ops.dispatch.use_triton` says so, else the reference loop.
+
+    Example::
+
+        >>> value = ortho_value_and_grad_([layer.U, layer.V], coeff=4e-4 / 3e-5)
+    """
     if len(mats) == 0:
         raise ValueError("the regularizer needs at least one adapter matrix")
+    if transposed is not None and len(transposed) != len(mats):
+        raise ValueError(
+            f"transposed has {len(transposed)} flags for {len(mats)} matrices; give one per matrix"
+        )
+    tr = None if transposed is None else [bool(t) for t in transposed]
     if use_triton(mats[0]):
         from ..kernels import ortho_reg
 
-        return ortho_reg.grouped_ortho_value_and_grad_(list(mats), float(coeff))
-    return reference.ortho_value_and_grad_(mats, float(coeff))
+        return ortho_reg.grouped_ortho_value_and_grad_(list(mats), float(coeff), tr)
+    return reference.ortho_value_and_grad_(mats, float(coeff), tr)
