@@ -39,6 +39,17 @@ def _weight(packed, absmax, nested_absmax, nested_code, offset, code, shape, dty
     )
 
 
+def _kernel_path(t: Tensor) -> bool:
+    # float64 (tests, oracles) always takes the reference: the kernel targets fp32/fp16/bf16
+    return t.dtype != torch.float64 and use_triton(t)
+
+
+def _dequantize(nf4, shape, cd, blocksize, nested_blocksize) -> Tensor:
+    """deq(Q) in ``cd`` by bitsandbytes (float64 goes through float32, bitsandbytes' widest)."""
+    dq = cd if cd in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    return dequantize_nf4_bnb(_weight(*nf4, shape, dq, blocksize, nested_blocksize), dq).to(cd)
+
+
 def _lowrank_grads(dy: Tensor, xl: Tensor, u: Tensor, U: Tensor, S: Tensor, scale: float):
     """``s·S·scale``, dU, dS, dV of the low-rank branch — the formulas of reference.linear_backward."""
     cd = dy.dtype
@@ -76,7 +87,7 @@ def qlinear_fwd(
     xl2 = x2 if x_lowrank is None else x_lowrank.reshape(-1, n)
     cd = x.dtype
     nf4 = (packed, absmax, nested_absmax, nested_code, offset, code)
-    if use_triton(x):
+    if _kernel_path(x):
         from ..kernels.nf4_gemm import nf4_lowrank_forward
 
         u = xl2 @ V.to(cd)
@@ -86,8 +97,7 @@ def qlinear_fwd(
             blocksize=blocksize, nested_blocksize=nested_blocksize,
         )
     else:
-        q = _weight(*nf4, (out_features, n), cd, blocksize, nested_blocksize)
-        res = dequantize_nf4_bnb(q, cd)
+        res = _dequantize(nf4, (out_features, n), cd, blocksize, nested_blocksize)
         if x_lowrank is None:
             y, u = reference.linear_forward(x2, res, U, S, V, bias, scale)
         else:
@@ -138,7 +148,7 @@ def qlinear_bwd(
     cd = dy.dtype
     nf4 = (packed, absmax, nested_absmax, nested_code, offset, code)
     dx, dxl = x_lowrank.new_empty(0), x_lowrank.new_empty(0)  # distinct: outputs may not alias
-    if use_triton(dy):
+    if _kernel_path(dy):
         from ..kernels.nf4_gemm import nf4_lowrank_dx
 
         ss, dU, dS, dV = _lowrank_grads(dy2, xl2, u, U, S, scale)
@@ -154,7 +164,7 @@ def qlinear_bwd(
     else:
         res = None
         if needs_dx:
-            res = dequantize_nf4_bnb(_weight(*nf4, (m, n), cd, blocksize, nested_blocksize), cd)
+            res = _dequantize(nf4, (m, n), cd, blocksize, nested_blocksize)
         if not split_dx:
             d, dU, dS, dV = reference.linear_backward(dy2, xl2, u, res, U, S, V, scale, needs_dx)
             if needs_dx:

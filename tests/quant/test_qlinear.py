@@ -174,3 +174,13 @@ def test_forward_rejects_wrong_feature_count():
     _, layer = _layer()
     with pytest.raises(ValueError, match="input has 64 features in its last dimension, expected 100"):
         layer(torch.randn(2, 64))
+
+
+def test_torch_compile_traces_layer_without_graph_break(backend):
+    backend("reference")
+    _, layer = _layer(seed=2)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 100, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert rel_err(y, layer(x)) < 1e-6 and x.grad is not None

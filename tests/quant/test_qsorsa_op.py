@@ -109,3 +109,16 @@ def test_rejects_input_with_wrong_feature_count():
     q, U, S, V, b = _case(seed=6)
     with pytest.raises(ValueError, match="input has 99 features in its last dimension, expected 100"):
         qsorsa_linear(torch.randn(2, 99), q, U, S, V, b)
+
+
+@pytest.mark.parametrize("name", ["triton", "reference"])
+def test_float64_input_runs_the_reference_and_matches_oracle(backend, name):
+    backend(name)
+    q, U, S, V, b = _case(seed=7)
+    x = torch.randn(6, 100, dtype=torch.float64, requires_grad=True)
+    y = qsorsa_linear(x, q, U, S, V, b, 1.0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64, dx64, _ = _oracle(x, q, U, S, V, b, 1.0, dy, torch.float64)
+    assert y.dtype == torch.float64
+    assert rel_err(y, y64) < 1e-12 and rel_err(x.grad, dx64) < 1e-12
