@@ -10,6 +10,8 @@ from .integrations.adapter_io import load_adapter, save_adapter
 from .integrations.peft_export import export_peft_lora
 from .integrations.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
 from .nn import SORSALinear, add_regularizer_grad, orthonormal_regularizer
+from .nn.qlinear import QSORSALinear
+from .quant import QuantReport
 
 
 def __getattr__(name: str):
@@ -24,6 +26,8 @@ def __getattr__(name: str):
 __all__ = [
     "__version__",
     "SORSALinear",
+    "QSORSALinear",
+    "QuantReport",
     "apply_sorsa",
     "merge_sorsa",
     "DEFAULT_TARGET_MODULES",

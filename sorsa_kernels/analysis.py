@@ -57,15 +57,10 @@ def model_singular_drift(model: nn.Module) -> dict[str, SingularDrift]:
     for name, layer in sorsa_layers(model).items():
         if layer.init_factors is None:
             raise ValueError(f"layer {name} has no initial factors")
-        res = _dense_residual(layer).to("cpu", torch.float64)
+        res = layer.residual.detach().to("cpu", torch.float64)  # dequantized for QSORSA
         U0, S0, V0 = (t.double() for t in layer.init_factors)
         U, S, V = (t.detach().to("cpu", torch.float64) for t in (layer.U, layer.S, layer.V))
         w0 = res + (U0 * (S0 * layer.scale)) @ V0.T
         wt = res + (U * (S * layer.scale)) @ V.T
         out[name] = singular_drift(wt, w0)
     return out
-
-
-def _dense_residual(layer) -> Tensor:
-    dense = getattr(layer, "dense_residual", None)
-    return dense() if callable(dense) else layer.residual.detach()

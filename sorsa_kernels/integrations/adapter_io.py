@@ -81,8 +81,8 @@ def save_adapter(
             "out_features": layer.out_features,
             "rank": layer.rank,
             "bias": layer.bias is not None,
-            "residual_dtype": _dtype_name(getattr(layer, "residual_dtype", layer.weight.dtype)),
-            "quantize": getattr(layer, "quantize", None),
+            "residual_dtype": _dtype_name(layer.residual_dtype),
+            "quantize": layer.quantize,
         }
     first = next(iter(layers.values()))
     config = {

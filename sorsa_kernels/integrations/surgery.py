@@ -79,6 +79,7 @@ def apply_sorsa(
     dropout: float = 0.0,
     quantize: Optional[str] = None,
     quant_iters: int = 1,
+    quant_report: Optional[str] = "fro",
     progress: bool = True,
 ) -> nn.Module:
     """Replace the target ``nn.Linear`` layers of ``model`` by SORSA layers, in place.
@@ -87,7 +88,10 @@ def apply_sorsa(
     Layers are converted one at a time (the SVD runs on each weight's device, or on
     ``svd_device``), so the extra memory at any moment is about one weight's worth.
     ``quantize="nf4"`` stores each residual in 4-bit NF4 (QSORSA) after ``quant_iters``
-    error-reducing iterations.  Other arguments are those of :meth:`SORSALinear.from_linear`.
+    error-reducing iterations; each layer's ``quant_report`` then holds its quantization
+    error against NF4(W0) (``quant_report="full"`` adds the nuclear norms, two extra SVDs per
+    layer; ``None`` skips the report; ``sorsa_kernels.quant.QuantReport.from_model`` sums them).
+    Other arguments are those of :meth:`SORSALinear.from_linear`.
 
     Example::
 

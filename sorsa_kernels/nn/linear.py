@@ -62,6 +62,9 @@ class SORSALinear(nn.Module):
         >>> plain = layer.merge()          # an nn.Linear with Wr + U·diag(S)·Vᵀ
     """
 
+    #: Storage of the residual: None (dense) here, "nf4" for QSORSALinear.
+    quantize: Optional[str] = None
+
     def __init__(
         self,
         in_features: int,
@@ -117,6 +120,8 @@ class SORSALinear(nn.Module):
         alpha: Optional[float] = None,
         dropout: float = 0.0,
         name: Optional[str] = None,
+        quantize: Optional[str] = None,
+        quant_iters: int = 1,
     ) -> "SORSALinear":
         """Split ``linear.weight`` by SVD into a trainable top-``rank`` part and a frozen residual.
 
@@ -132,10 +137,23 @@ class SORSALinear(nn.Module):
             alpha: if given, ``scale = alpha / rank``.
             dropout: dropout on the low-rank branch's input.
             name: the layer's name, used in error messages.
+            quantize: ``"nf4"`` returns a :class:`~sorsa_kernels.nn.qlinear.QSORSALinear`
+                whose residual is stored in 4-bit NF4 after ``quant_iters`` error-reducing
+                iterations.
 
         ``Wr = W0 − U0·diag(σ)·V0ᵀ`` is computed in float32 on the weight's device from the
         stored (adapter-dtype) factors, then cast to ``residual_dtype``.
         """
+        if quantize is not None:
+            if quantize != "nf4":
+                raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+            from .qlinear import QSORSALinear
+
+            return QSORSALinear.from_linear(
+                linear, rank, quant_iters=quant_iters, svd=svd, niter=niter, oversample=oversample,
+                svd_dtype=svd_dtype, svd_device=svd_device, residual_dtype=residual_dtype,
+                adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout, name=name,
+            )
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}"
@@ -233,6 +251,11 @@ class SORSALinear(nn.Module):
     def weight(self) -> Tensor:
         """The frozen residual ``Wr`` (read-only alias, for ``.dtype`` / ``.device`` checks)."""
         return self.residual
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The dtype the residual is computed in."""
+        return self.residual.dtype
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

@@ -76,6 +76,8 @@ class QSORSALinear(SORSALinear):
         >>> plain = layer.merge()                 # nn.Linear with deq(Q) + U·diag(S)·Vᵀ
     """
 
+    quantize = "nf4"
+
     def __init__(
         self,
         in_features: int,
@@ -178,6 +180,11 @@ class QSORSALinear(SORSALinear):
     def residual(self) -> Tensor:
         """``deq(Q)`` as a dense ``out×in`` tensor in ``compute_dtype`` (materialized per access)."""
         return dequantize_nf4_bnb(self.nf4(), self.compute_dtype)
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The compute dtype of the dequantized residual (no dequantization)."""
+        return self.compute_dtype
 
     @property
     def weight(self) -> Tensor:
