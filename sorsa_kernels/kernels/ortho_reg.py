@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["grouped_ortho_value_and_grad_", "DEFAULT_K_CHUNK"]
+__all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 
 # --------------------------------------------------------------------------- tuning constants
 # No GPU was available when these were written: every number below is an untuned starting
@@ -83,9 +83,11 @@ _MEAN_BLOCK = 1024
 
 # Per-matrix codes: dtype index × 2 + (1 if the k axis is the contiguous one else 0).
 _DTYPE_INDEX = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Matrix-table columns.
-_A_ADDR, _G_ADDR, _K, _R, _A_STRIDE, _G_STRIDE, _A_CODE, _G_CODE, _WS_OFF, _N_CHUNKS, _N_TILES = range(11)
-_TABLE_COLS = 12  # one spare column keeps rows 96 bytes apart
+# Matrix-table columns (int64), read by the kernels at these offsets:
+#   0 address of A   1 address of A.grad   2 k   3 r   4 A's non-unit stride   5 the grad's
+#   6 A's code   7 the grad's code   8 workspace offset (floats)   9 k-chunks   10 r-tiles
+#   11 unused (rows of 12 keep each row 32-byte aligned)
+_TABLE_COLS = 12
 
 
 # --------------------------------------------------------------------------- kernels
@@ -416,8 +418,14 @@ def _build_plan(mats: Sequence[Tensor], tr: Sequence[bool], k_chunk: int, block_
     aligned = k_chunk % 8 == 0
     ws_size = 0
     any_fp32 = False
+    grad_owner: dict[int, int] = {}
     for i, (a, t, (k, r)) in enumerate(zip(mats, tr, dims)):
         g = a.grad
+        if g.numel() and grad_owner.setdefault(g.data_ptr(), i) != i:
+            # Launch 3 updates every grad tile once, in parallel: a shared grad would lose updates.
+            raise ValueError(
+                f"matrices {grad_owner[g.data_ptr()]} and {i} share one .grad tensor; pass each adapter once"
+            )
         a_contig, a_stride = _layout(tuple(a.shape), a.stride(), t, f"matrix {i}")
         g_contig, g_stride = _layout(tuple(g.shape), g.stride(), t, f"the .grad of matrix {i}")
         d = _DTYPE_INDEX[a.dtype]

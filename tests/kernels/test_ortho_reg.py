@@ -311,6 +311,12 @@ def test_grad_without_a_unit_stride_is_rejected():
         ortho_reg.grouped_ortho_value_and_grad_([a], 1.0)
 
 
+def test_the_same_matrix_twice_is_rejected():
+    mats, flags = _matrices(SMALL, torch.float32, seed=20)
+    with pytest.raises(ValueError, match="matrices 1 and 4 share one .grad tensor"):
+        ortho_reg.grouped_ortho_value_and_grad_(mats + mats[1:2], 1.0, flags + flags[1:2])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"k_chunk": 0}, "k_chunk must be positive, got 0"),
     ({"block_r": 24}, "block_r must be a power of two ≥ 16, got 24"),
@@ -329,11 +335,20 @@ LLAMA_SHAPES = [(4096, 128, False), (11008, 128, False), (4096, 128, True), (110
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_shapes_match_reference_on_gpu(dtype):
+    # k up to 32768: G − I cancels most of AᵀA, so any float32 accumulation loses digits.
+    # The bar is the float64 reference with each dtype's tolerance, or twice the error of the
+    # plain-PyTorch float32 reference on the same inputs where that is larger.
     shapes = LLAMA_SHAPES + [(32768, 256, False), (32768, 200, True), (1000, 1, False)]
-    mats, flags = _matrices(shapes, dtype, seed=20, grad=0.01)
-    expected_value, expected_grads = _expected(mats, flags, coeff=float(len(shapes)))
-    value = ortho_reg.grouped_ortho_value_and_grad_(mats, float(len(shapes)), flags)
-    _assert_matches(mats, value, expected_value, expected_grads, TOL[dtype])
+    mats, flags = _matrices(shapes, dtype, seed=20)
+    coeff = float(len(shapes))
+    expected_value, expected_grads = _expected(mats, flags, coeff)
+    fp32 = [a.detach().float().requires_grad_() for a in mats]
+    fp32_value = reference.ortho_value_and_grad_(fp32, coeff, flags)
+    value = ortho_reg.grouped_ortho_value_and_grad_(mats, coeff, flags)
+    assert rel_err(value, expected_value) < max(VALUE_TOL, 2 * rel_err(fp32_value, expected_value))
+    for i, (a, b, g) in enumerate(zip(mats, fp32, expected_grads)):
+        tol = max(TOL[dtype], 2 * rel_err(b.grad, g))
+        assert rel_err(a.grad, g) < tol, f"matrix {i} {tuple(a.shape)}"
 
 
 @requires_cuda
