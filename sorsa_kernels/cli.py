@@ -152,7 +152,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from .integrations.finetune import analyze_job, plot_drift
 
     drift = analyze_job(args.base, args.adapter)
-    for adapter, layers in drift.items():
+    for adapter, layers in drift:
         print(f"adapter {adapter}")
         width = max(len(n) for n in layers)
         print(f"  {'layer':{width}}  {'ΔΣ':>12}  {'ΔD':>12}")

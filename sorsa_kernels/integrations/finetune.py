@@ -198,8 +198,18 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--model {cfg.model} needs --data FILE (.jsonl, .json or .parquet)")
     if "{prompt}" not in cfg.prompt_template:
         raise ValueError(f"prompt template must contain {{prompt}}, got {cfg.prompt_template!r}")
+    if cfg.fsdp and not _distributed():
+        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m sorsa_kernels.cli")
+    if cfg.fsdp and not torch.cuda.is_available():
+        raise ValueError(_FSDP_CPU)
     if cfg.resume_from_checkpoint not in (None, "last") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise ValueError(f"checkpoint folder {cfg.resume_from_checkpoint} does not exist")
+
+
+# accelerate (1.15) builds its FSDP plugin only for GPU-like devices; for a CPU (gloo) launch it
+# drops the plugin silently, and it refuses to wrap an already-sharded (DTensor) model in DDP.
+_FSDP_CPU = ("--fsdp needs GPUs: accelerate does not enable FSDP for CPU (gloo) processes; "
+             "drop --fsdp to train with DDP")
 
 
 def check_output_dir(path: Path, allow_existing: bool = False, hint: str = "") -> None:
@@ -558,10 +568,7 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate (1.15) enables its FSDP plugin only for GPU-like devices; on CPU (gloo) it
         # drops it silently and would run plain DDP.  Say so instead of pretending.
-        raise ValueError(
-            "--fsdp needs GPUs launched with torchrun: accelerate does not enable FSDP on CPU (gloo) "
-            "or in a single process; drop --fsdp to train with DDP"
-        )
+        raise ValueError(_FSDP_CPU)
     SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
 
     em_rows = held_rows[: cfg.eval_samples] if held_rows else []
@@ -715,10 +722,10 @@ def export_lora_job(base: str, adapter: str, output: str, progress: bool = False
     return out
 
 
-def analyze_job(base: str, adapters: Sequence[str], progress: bool = False) -> dict[str, dict[str, Any]]:
+def analyze_job(base: str, adapters: Sequence[str], progress: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """ΔΣ and ΔD (the paper's Eq. 1–4) of every adapted layer, for each adapter in order.
 
-    Returns ``{adapter: {layer name: SingularDrift}}``.
+    Returns ``[(adapter, {layer name: SingularDrift}), …]`` in the order given.
 
     Example::
 
@@ -726,10 +733,10 @@ def analyze_job(base: str, adapters: Sequence[str], progress: bool = False) -> d
     """
     from ..analysis import model_singular_drift
 
-    result = {}
+    result = []
     for adapter in adapters:
         model, _ = _load_with_adapter(base, adapter, progress)
-        result[str(adapter)] = model_singular_drift(model)
+        result.append((str(adapter), model_singular_drift(model)))
         del model
     return result
 
@@ -741,7 +748,7 @@ def _layer_number(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def plot_drift(drift: dict[str, dict[str, Any]], path: str) -> Path:
+def plot_drift(drift: Sequence[tuple[str, dict[str, Any]]], path: str) -> Path:
     """A PNG in the style of the paper's Figure 2: ΔD (x) against ΔΣ (y), one point per layer
     labelled with its layer number and coloured by projection; with several adapters (e.g.
     saved at successive steps) each layer's points are joined in order and a black dot
@@ -756,23 +763,23 @@ def plot_drift(drift: dict[str, dict[str, Any]], path: str) -> Path:
     out = Path(path)
     if out.parent and not out.parent.exists():
         raise ValueError(f"cannot write {out}: folder {out.parent} does not exist")
-    adapters = list(drift)
-    names = list(drift[adapters[0]])
+    steps = [layers for _, layers in drift]
+    names = list(steps[0])
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     for name in names:
         kind = name.rsplit(".", 1)[-1]
-        xs = [drift[a][name].delta_d for a in adapters if name in drift[a]]
-        ys = [drift[a][name].delta_sigma for a in adapters if name in drift[a]]
+        xs = [d[name].delta_d for d in steps if name in d]
+        ys = [d[name].delta_sigma for d in steps if name in d]
         ax.plot(xs, ys, "-" if len(xs) > 1 else "", marker="o", ms=3, lw=0.8, color=colors[kind], alpha=0.8)
         number = _layer_number(name)
         if number is not None:
             ax.annotate(str(number), (xs[-1], ys[-1]), fontsize=7, color=colors[kind],
                         xytext=(2, 2), textcoords="offset points")
-    means_x = [sum(d.delta_d for d in drift[a].values()) / len(drift[a]) for a in adapters]
-    means_y = [sum(d.delta_sigma for d in drift[a].values()) / len(drift[a]) for a in adapters]
-    ax.plot(means_x, means_y, "-" if len(adapters) > 1 else "", color="k", marker="o", ms=6, label="mean")
+    means_x = [sum(v.delta_d for v in d.values()) / len(d) for d in steps]
+    means_y = [sum(v.delta_sigma for v in d.values()) / len(d) for d in steps]
+    ax.plot(means_x, means_y, "-" if len(steps) > 1 else "", color="k", marker="o", ms=6, label="mean")
     for k in kinds:
         ax.plot([], [], marker="o", ls="", color=colors[k], label=k)
     ax.set_xlabel("ΔD (singular vectors)")
