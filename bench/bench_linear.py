@@ -1,0 +1,174 @@
+"""One adapted linear layer: provider × mode × tokens × shape × rank × dtype.
+
+Modes (x requires grad in every mode, as for any layer inside a network):
+
+* ``forward``  — a training forward (autograd records the graph and saves tensors);
+* ``backward`` — ``y.backward(dy)`` alone (the forward runs before each call, untimed);
+* ``fwd_bwd``  — forward and backward;
+* ``step``     — forward, backward, the orthonormal regularizer's gradient for SORSA
+  providers (``add_regularizer_grad``; autograd for the authors' dense formulation) and an
+  AdamW step.  The frozen floor has nothing to update: its step is forward and backward.
+
+``-m issue3`` selects issue 3's benchmark (forward and forward+backward of frozen,
+sorsa_fused, sorsa_reference, lora and dense at the Llama-7B shapes on GPU).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+from . import harness, providers
+
+pytestmark = harness.timer_marks()
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ISSUE3_PROVIDERS = ("frozen", "sorsa_fused", "sorsa_reference", "lora", "dense")
+ISSUE3_MODES = ("forward", "fwd_bwd")
+
+
+def _is_issue3(provider: str, mode: str, shape: tuple[int, int], grid: harness.Grid) -> bool:
+    shapes_ok = shape in harness.LLAMA_7B_SHAPES if grid.name == "gpu" else True
+    return provider in ISSUE3_PROVIDERS and mode in ISSUE3_MODES and shapes_ok
+
+
+def _cases() -> list:
+    # Order: mode varies fastest, so the four modes of one layer reuse one built module.
+    grid = harness.grid()
+    cases = []
+    for dtype in grid.dtypes:
+        dt = harness.dtype_name(dtype)
+        for tokens in grid.tokens:
+            for n, m in grid.shapes:
+                for provider in providers.PROVIDERS:
+                    for rank in (0,) if provider == "frozen" else grid.ranks:
+                        for mode in harness.MODES:
+                            marks = [pytest.mark.issue3] if _is_issue3(provider, mode, (n, m), grid) else []
+                            cases.append(pytest.param(
+                                provider, mode, tokens, n, m, rank, dt, marks=marks,
+                                id=f"{provider}-{mode}-M{tokens}-{n}x{m}-r{rank}-{dt}",
+                            ))
+    return cases
+
+
+# One built layer at a time (the GPU grid's layers are large): consecutive modes share it.
+_cache: dict[str, Any] = {"base_key": None, "base": None, "key": None, "built": None}
+
+
+def _base(n: int, m: int, dtype: torch.dtype) -> torch.nn.Linear:
+    key = (n, m, dtype)
+    if _cache["base_key"] != key:
+        _cache.update(base_key=None, base=None, key=None, built=None)
+        _cache.update(base_key=key, base=providers.base_linear(n, m, dtype, harness.DEVICE))
+    return _cache["base"]
+
+
+def _built(provider: str, n: int, m: int, rank: int, dtype: torch.dtype) -> providers.Built:
+    key = (provider, n, m, rank, dtype)
+    if _cache["key"] != key:
+        _cache.update(key=None, built=None)
+        lin = _base(n, m, dtype)
+        try:
+            built: Any = providers.build(provider, lin, rank)
+        except providers.Unavailable as exc:
+            built = exc
+        _cache.update(key=key, built=built)
+    if isinstance(_cache["built"], providers.Unavailable):
+        raise _cache["built"]
+    return _cache["built"]
+
+
+def _mode_functions(
+    mode: str, built: providers.Built, x: torch.Tensor, dy: torch.Tensor
+) -> tuple[Callable[[], Any], Optional[Callable[[], None]]]:
+    """``(target, setup)`` of one mode."""
+    module = built.module
+    optimizer = torch.optim.AdamW(built.trainable, lr=providers.LR) if mode == "step" and built.trainable else None
+
+    def zero_grads() -> None:  # optimizer.zero_grad(set_to_none=True), for x too
+        x.grad = None
+        for p in built.trainable:
+            p.grad = None
+
+    if mode == "forward":
+        return (lambda: module(x)), None
+    if mode == "backward":
+        state: dict[str, torch.Tensor] = {}
+
+        def setup() -> None:
+            zero_grads()
+            state["y"] = module(x)
+
+        def backward() -> None:
+            state.pop("y").backward(dy)
+
+        return backward, setup
+    if mode == "fwd_bwd":
+        def fwd_bwd() -> torch.Tensor:
+            zero_grads()
+            y = module(x)
+            y.backward(dy)
+            return y.detach()
+
+        return fwd_bwd, None
+    if mode == "step":
+        def step() -> torch.Tensor:
+            zero_grads()
+            y = module(x)
+            y.backward(dy)
+            if built.regularize is not None:
+                built.regularize()
+            if optimizer is not None:
+                optimizer.step()
+            return y.detach()
+
+        return step, None
+    raise ValueError(f"mode must be one of {harness.MODES}, got {mode!r}")
+
+
+def _check(mode: str, result: Any, built: providers.Built, x: torch.Tensor, shape_y: tuple[int, int]) -> None:
+    if mode in ("forward", "fwd_bwd", "step"):
+        harness.assert_sane(result, shape_y, "output")
+    if mode in ("backward", "fwd_bwd", "step"):
+        harness.assert_sane(x.grad, x.shape, "input gradient")
+        for i, p in enumerate(built.trainable):
+            harness.assert_sane(p.grad, p.shape, f"gradient of trainable parameter {i}")
+    if mode == "step":
+        for i, p in enumerate(built.trainable):
+            harness.assert_sane(p.detach(), p.shape, f"trainable parameter {i} after the step")
+
+
+@pytest.mark.parametrize(("provider", "mode", "tokens", "n", "m", "rank", "dtype"), _cases())
+def test_linear_layer(benchmark, request, monkeypatch, provider, mode, tokens, n, m, rank, dtype):
+    """Time one mode of one provider's layer; record throughput and memory in extra_info."""
+    torch_dtype = DTYPES[dtype]
+    try:
+        built = _built(provider, n, m, rank, torch_dtype)
+    except providers.Unavailable as exc:
+        benchmark.skipped = True  # keeps pytest-benchmark from warning that the fixture went unused
+        pytest.skip(str(exc))
+    if built.backend is not None:
+        monkeypatch.setenv("SORSA_KERNELS_BACKEND", built.backend)
+    benchmark.group = f"linear {mode} M={tokens} n={n} m={m} {dtype}"
+
+    gen = torch.Generator(device=harness.DEVICE).manual_seed(1234)
+    x = torch.randn(tokens, n, device=harness.DEVICE, dtype=torch_dtype, generator=gen).requires_grad_(True)
+    dy = torch.randn(tokens, m, device=harness.DEVICE, dtype=torch_dtype, generator=gen)
+    target, setup = _mode_functions(mode, built, x, dy)
+
+    with torch.enable_grad():
+        result, median_s = harness.run_benchmark(benchmark, target, setup=setup, config=request.config)
+        _check(mode, result, built, x, (tokens, m))
+        del result
+        saved, y = harness.saved_tensor_bytes(lambda: built.module(x), exclude=built.state)
+        del y
+        peak, peak_delta = harness.peak_memory(target, setup)
+
+    harness.record(
+        benchmark, kind="linear", provider=provider, mode=mode, tokens=tokens, dtype=torch_dtype,
+        median_s=median_s, flops=harness.linear_flops(mode, tokens, n, m, rank),
+        peak_bytes=peak, peak_delta_bytes=peak_delta, saved_bytes=saved,
+        n=n, m=m, rank=rank or None, adapter_dtype=harness.dtype_name(built.adapter_dtype),
+        backend=built.backend, trainable_params=sum(p.numel() for p in built.trainable),
+    )
