@@ -1,0 +1,375 @@
+"""pytest-benchmark JSON → a markdown table of ratios and a PNG plot.
+
+Usage::
+
+    python -m bench.report bench/results/NVIDIA-H100.json            # or: python bench/report.py …
+    python -m bench.report RESULT.json --out DIR --rank 64
+
+Writes ``DIR/<name>.md`` and ``DIR/<name>.png`` (``DIR`` defaults to ``bench/results/``) and
+prints the markdown.  Ratios are taken between rows of the same file (same process, same
+run): ``time ÷ frozen`` against the frozen ``nn.Linear`` of the same mode, tokens, shape
+and dtype (lower is better, 1.00 is the floor); ``LoRA ÷ time`` and ``QLoRA ÷ time`` are
+speed-ups against PEFT LoRA / QLoRA of the same mode, tokens, shape, rank and dtype
+(higher is better); ``peak ÷ LoRA`` and ``saved ÷ LoRA`` compare memory the same way.
+
+Standalone on purpose: it needs only the standard library and matplotlib (no torch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+MODES = ("forward", "backward", "fwd_bwd", "step")
+PROVIDERS = ("frozen", "sorsa_fused", "sorsa_reference", "lora", "qlora", "dense", "qsorsa")
+E2E_PROVIDERS = ("sorsa", "lora", "qlora", "qsorsa")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+MIB = 1024 * 1024
+
+#: Issue 3's targets, checked on fwd+bwd rows: (what, provider, rank, limit).
+TIME_VS_FLOOR_LIMITS = {64: 1.08, 128: 1.12}
+SPEEDUP_VS_LORA_MIN = (64, 1.4)
+SPEEDUP_QSORSA_VS_QLORA_MIN = (64, 1.3)
+
+
+@dataclass
+class Row:
+    """One benchmark of the file, with what the report needs."""
+
+    name: str
+    kind: str
+    provider: str
+    mode: str
+    tokens: int
+    dtype: str
+    rank: Optional[int]
+    n: Optional[int]
+    m: Optional[int]
+    median_s: float
+    info: dict
+
+    def get(self, key: str) -> Any:
+        return self.info.get(key)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.n, self.m)
+
+
+def load(path: Path) -> tuple[dict, list[Row], list[dict]]:
+    """``(the whole JSON, rows of this suite, other benchmarks)`` of a ``--benchmark-json`` file."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' key)")
+    rows, others = [], []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        stats = bench.get("stats") or {}
+        median = stats.get("median", info.get("median_s"))
+        if info.get("kind") not in ("linear", "e2e") or median is None:
+            others.append(bench)
+            continue
+        rows.append(Row(
+            name=bench.get("name", ""), kind=info["kind"], provider=info["provider"], mode=info["mode"],
+            tokens=int(info["tokens"]), dtype=str(info["dtype"]), rank=info.get("rank"),
+            n=info.get("n"), m=info.get("m"), median_s=float(median), info=info,
+        ))
+    return data, rows, others
+
+
+# --------------------------------------------------------------------------- formatting
+def _ratio(x: Optional[float]) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.2f}"
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _num(x: Optional[float], fmt: str = "{:,.0f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _mib(b: Optional[float]) -> str:
+    return "—" if b is None else f"{b / MIB:,.1f}"
+
+
+def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _table(header: list[str], body: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return lines
+
+
+def _order(value: str, order: tuple[str, ...]) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+# --------------------------------------------------------------------------- tables
+def _linear_key(r: Row) -> tuple:
+    return (r.mode, r.tokens, r.n, r.m, r.dtype)
+
+
+def linear_table(rows: list[Row]) -> list[str]:
+    """The layer benchmark with its ratios; empty when there are no layer rows."""
+    linear = [r for r in rows if r.kind == "linear"]
+    if not linear:
+        return []
+    floor = {_linear_key(r): r for r in linear if r.provider == "frozen"}
+    lora = {(_linear_key(r), r.rank): r for r in linear if r.provider == "lora"}
+    qlora = {(_linear_key(r), r.rank): r for r in linear if r.provider == "qlora"}
+    has_q = bool(qlora)
+    has_peak = any(r.get("peak_bytes") is not None for r in linear)
+    header = ["mode", "dtype", "M", "n×m", "r", "provider", "ms", "tokens/s", "TFLOP/s",
+              "time ÷ frozen", "LoRA ÷ time"]
+    header += ["QLoRA ÷ time"] if has_q else []
+    header += ["peak MiB", "peak ÷ LoRA"] if has_peak else []
+    header += ["saved MiB", "saved ÷ LoRA"]
+    body = []
+    linear.sort(key=lambda r: (_order(r.mode, MODES), r.dtype, r.tokens, r.n or 0, r.m or 0,
+                               r.rank or 0, _order(r.provider, PROVIDERS)))
+    for r in linear:
+        f = floor.get(_linear_key(r))
+        lo = lora.get((_linear_key(r), r.rank))
+        ql = qlora.get((_linear_key(r), r.rank))
+        cells = [r.mode, r.dtype, str(r.tokens), f"{r.n}×{r.m}", "—" if r.rank is None else str(r.rank),
+                 r.provider, _ms(r.median_s), _num(r.tokens / r.median_s), _num(r.get("achieved_tflops"), "{:.2f}"),
+                 _ratio(_div(r.median_s, f.median_s if f else None)),
+                 _ratio(_div(lo.median_s if lo else None, r.median_s))]
+        if has_q:
+            cells.append(_ratio(_div(ql.median_s if ql else None, r.median_s)))
+        if has_peak:
+            cells += [_mib(r.get("peak_bytes")), _ratio(_div(r.get("peak_bytes"), lo.get("peak_bytes") if lo else None))]
+        cells += [_mib(r.get("saved_bytes")), _ratio(_div(r.get("saved_bytes"), lo.get("saved_bytes") if lo else None))]
+        body.append(cells)
+    return ["## Layer benchmark", "",
+            "`time ÷ frozen`: lower is better (1.00 = the frozen nn.Linear). `LoRA ÷ time`, "
+            "`QLoRA ÷ time`: speed-up, higher is better. Memory ratios: lower is better.", "",
+            *_table(header, body), ""]
+
+
+def targets_table(rows: list[Row]) -> list[str]:
+    """Issue 3's targets on the fwd+bwd rows (pass/fail), or why they cannot be checked."""
+    fb = [r for r in rows if r.kind == "linear" and r.mode == "fwd_bwd"]
+    floor = {_linear_key(r): r for r in fb if r.provider == "frozen"}
+    by = {(r.provider, _linear_key(r), r.rank): r for r in fb}
+    body = []
+
+    def case(r: Row) -> str:
+        return f"M={r.tokens} {r.n}×{r.m} r={r.rank} {r.dtype}"
+
+    def add(what: str, r: Row, value: Optional[float], limit: float, at_most: bool) -> None:
+        if value is None:
+            return
+        ok = value <= limit if at_most else value >= limit
+        body.append([what, case(r), f"{value:.2f}", ("≤ " if at_most else "≥ ") + f"{limit:g}", "pass" if ok else "FAIL"])
+
+    for r in sorted((r for r in fb if r.provider == "sorsa_fused"), key=lambda r: (r.tokens, r.n, r.m, r.rank)):
+        f = floor.get(_linear_key(r))
+        lo = by.get(("lora", _linear_key(r), r.rank))
+        if r.rank in TIME_VS_FLOOR_LIMITS and f:
+            add("fwd+bwd time ÷ frozen", r, r.median_s / f.median_s, TIME_VS_FLOOR_LIMITS[r.rank], True)
+        if r.rank == SPEEDUP_VS_LORA_MIN[0] and lo:
+            add("speed-up vs PEFT LoRA", r, lo.median_s / r.median_s, SPEEDUP_VS_LORA_MIN[1], False)
+        if lo and r.get("peak_bytes") is not None and lo.get("peak_bytes"):
+            add("peak memory ÷ PEFT LoRA", r, r.get("peak_bytes") / lo.get("peak_bytes"), 1.0, True)
+    for r in (r for r in fb if r.provider == "qsorsa" and r.rank == SPEEDUP_QSORSA_VS_QLORA_MIN[0]):
+        ql = by.get(("qlora", _linear_key(r), r.rank))
+        if ql:
+            add("QSORSA speed-up vs QLoRA", r, ql.median_s / r.median_s, SPEEDUP_QSORSA_VS_QLORA_MIN[1], False)
+    lines = ["## Targets (issue 3, forward+backward)", ""]
+    if not body:
+        lines += ["No rows to check: the targets need `sorsa_fused` (or `qsorsa` with `qlora`) next to "
+                  "`frozen` and `lora` at r = 64/128, i.e. a run on a CUDA GPU.", ""]
+        return lines
+    return lines + _table(["target", "case", "value", "limit", "result"], body) + [""]
+
+
+def e2e_table(rows: list[Row]) -> list[str]:
+    """The end-to-end Llama step, with speed-up and memory against PEFT LoRA."""
+    e2e = [r for r in rows if r.kind == "e2e"]
+    if not e2e:
+        return []
+    key = lambda r: (r.tokens, r.dtype, r.rank)  # noqa: E731
+    lora = {key(r): r for r in e2e if r.provider == "lora"}
+    qlora = {key(r): r for r in e2e if r.provider == "qlora"}
+    has_q, has_peak = bool(qlora), any(r.get("peak_bytes") is not None for r in e2e)
+    header = ["model", "dtype", "tokens", "r", "provider", "ms/step", "tokens/s", "TFLOP/s", "LoRA ÷ time"]
+    header += ["QLoRA ÷ time"] if has_q else []
+    header += ["peak MiB", "peak ÷ LoRA"] if has_peak else []
+    header += ["saved MiB", "saved ÷ LoRA"]
+    body = []
+    for r in sorted(e2e, key=lambda r: (r.dtype, r.tokens, r.rank or 0, _order(r.provider, E2E_PROVIDERS))):
+        lo, ql = lora.get(key(r)), qlora.get(key(r))
+        model = f"{r.get('layers')}-layer Llama h={r.get('hidden')}"
+        cells = [model, r.dtype, str(r.tokens), str(r.rank), r.provider, _ms(r.median_s), _num(r.tokens / r.median_s),
+                 _num(r.get("achieved_tflops"), "{:.2f}"), _ratio(_div(lo.median_s if lo else None, r.median_s))]
+        if has_q:
+            cells.append(_ratio(_div(ql.median_s if ql else None, r.median_s)))
+        if has_peak:
+            cells += [_mib(r.get("peak_bytes")), _ratio(_div(r.get("peak_bytes"), lo.get("peak_bytes") if lo else None))]
+        cells += [_mib(r.get("saved_bytes")), _ratio(_div(r.get("saved_bytes"), lo.get("saved_bytes") if lo else None))]
+        body.append(cells)
+    return ["## End-to-end training step", "", *_table(header, body), ""]
+
+
+def others_table(others: list[dict]) -> list[str]:
+    """Benchmarks of other modules in the same file (e.g. the regularizer), by median."""
+    if not others:
+        return []
+    body = [[b.get("name", "?"), _ms(b["stats"]["median"]) if b.get("stats") else "—"] for b in others]
+    return ["## Other benchmarks in this file", "", *_table(["benchmark", "median ms"], body), ""]
+
+
+def header_lines(path: Path, data: dict, rows: list[Row]) -> list[str]:
+    info = rows[0].info if rows else {}
+    lines = [f"# sorsa-kernels benchmarks — {info.get('device_name', 'unknown device')}", "",
+             f"- source: `{Path(path).name}` ({data.get('datetime', 'no date')})"]
+    if info:
+        lines.append(f"- device: {info.get('device')} ({info.get('device_name')}), timer: {info.get('timer')}, grid: {info.get('grid')}")
+        versions = info.get("versions") or {}
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+        peaks = {}
+        for r in rows:
+            if r.get("matmul_peak_tflops") is not None:
+                peaks[r.dtype] = r.get("matmul_peak_tflops")
+        if peaks:
+            lines.append("- plain matmul peak measured in the run: "
+                         + ", ".join(f"{dt} {tf:.1f} TFLOP/s" for dt, tf in peaks.items()))
+    commit = data.get("commit_info") or {}
+    if commit.get("id"):
+        lines.append(f"- commit: {commit['id'][:12]}{' (dirty)' if commit.get('dirty') else ''}")
+    lines.append("")
+    return lines
+
+
+def markdown(path: Path, data: dict, rows: list[Row], others: list[dict]) -> str:
+    parts = header_lines(path, data, rows) + linear_table(rows) + targets_table(rows) + e2e_table(rows) + others_table(others)
+    if not rows and not others:
+        parts.append("The file holds no benchmark results (was it run with --benchmark-disable?).")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- plot
+def pick_rank(rows: list[Row], wanted: Optional[int]) -> Optional[int]:
+    ranks = sorted({r.rank for r in rows if r.kind == "linear" and r.rank})
+    if not ranks:
+        return None
+    if wanted is not None:
+        if wanted not in ranks:
+            raise ValueError(f"--rank {wanted} is not in the file; ranks present: {ranks}")
+        return wanted
+    return min(ranks, key=lambda r: (abs(r - 64), r))
+
+
+def plot(rows: list[Row], png: Path, rank: Optional[int], title: str) -> None:
+    """Median time against tokens, one line per provider and shape, a panel per mode (+ the e2e step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    axes = axes.ravel()
+    colors = {p: plt.cm.tab10(i) for i, p in enumerate(PROVIDERS)}
+    shapes = sorted({r.shape for r in rows if r.kind == "linear"}, key=lambda s: (s[0] or 0, s[1] or 0))
+    markers = "osD^v<>px*h"
+    for ax, mode in zip(axes, MODES):
+        sel = [r for r in rows if r.kind == "linear" and r.mode == mode and (r.rank == rank or r.provider == "frozen")]
+        for provider in PROVIDERS:
+            for si, shape in enumerate(shapes):
+                pts = sorted((r.tokens, r.median_s * 1e3) for r in sel if r.provider == provider and r.shape == shape)
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=markers[si % len(markers)], color=colors[provider],
+                        linestyle="-" if si % 2 == 0 else "--",
+                        label=f"{provider} {shape[0]}×{shape[1]}")
+        ax.set_title(f"{mode} (r={rank}; frozen has no adapter)")
+        ax.set_xlabel("tokens M")
+        ax.set_ylabel("median ms")
+        if sel:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(plain)
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[5].legend(handles, labels, loc="center", fontsize=7, ncol=2)
+    axes[5].axis("off")
+    ax = axes[4]
+    e2e = sorted((r for r in rows if r.kind == "e2e"), key=lambda r: (r.rank or 0, _order(r.provider, E2E_PROVIDERS)))
+    if e2e:
+        labels_e2e = [f"{r.provider}\nr={r.rank}" for r in e2e]
+        ax.bar(range(len(e2e)), [r.tokens / r.median_s for r in e2e],
+               color=[plt.cm.tab10(_order(r.provider, E2E_PROVIDERS)) for r in e2e])
+        ax.set_xticks(range(len(e2e)), labels_e2e, fontsize=7)
+        ax.set_ylabel("tokens/s")
+        ax.set_title("end-to-end Llama training step")
+    else:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- entry point
+def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None) -> tuple[Path, Path]:
+    """Write ``out/<stem>.md`` and ``out/<stem>.png`` for the JSON at ``path``; return both paths.
+
+    Example::
+
+        >>> md, png = write_report(Path("bench/results/NVIDIA-H100.json"))
+    """
+    path, out = Path(path), Path(out)
+    data, rows, others = load(path)
+    chosen = pick_rank(rows, rank)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{path.stem}.md"
+    png = out / f"{path.stem}.png"
+    text = markdown(path, data, rows, others)
+    text += f"\n![time vs tokens]({png.name})\n"
+    md.write_text(text)
+    device = rows[0].get("device_name") if rows else "unknown device"
+    plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}")
+    return md, png
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("result", type=Path, help="a pytest-benchmark --benchmark-json file")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: bench/results/)")
+    parser.add_argument("--rank", type=int, default=None, help="rank plotted (default: the one closest to 64)")
+    args = parser.parse_args(argv)
+    if not args.result.is_file():
+        parser.error(f"no such file: {args.result}")
+    try:
+        md, png = write_report(args.result, args.out, args.rank)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.stdout.write(md.read_text())
+    print(f"\nwrote {md} and {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
