@@ -53,26 +53,27 @@ def _cases() -> list:
 
 
 # One built layer at a time (the GPU grid's layers are large): consecutive modes share it.
-_cache: dict[str, Any] = {"base_key": None, "base": None, "key": None, "built": None}
+# The base nn.Linear is not kept beside it, so that GPU memory holds only the provider's
+# own state (SORSA's residual replaces W0, as it does in a model).
+_cache: dict[str, Any] = {"key": None, "built": None}
 
 
-def _base(n: int, m: int, dtype: torch.dtype) -> torch.nn.Linear:
-    key = (n, m, dtype)
-    if _cache["base_key"] != key:
-        _cache.update(base_key=None, base=None, key=None, built=None)
-        _cache.update(base_key=key, base=providers.base_linear(n, m, dtype, harness.DEVICE))
-    return _cache["base"]
+@pytest.fixture(scope="module", autouse=True)
+def _release_cache():
+    yield
+    _cache.update(key=None, built=None)
 
 
 def _built(provider: str, n: int, m: int, rank: int, dtype: torch.dtype) -> providers.Built:
     key = (provider, n, m, rank, dtype)
     if _cache["key"] != key:
         _cache.update(key=None, built=None)
-        lin = _base(n, m, dtype)
+        lin = providers.base_linear(n, m, dtype, harness.DEVICE)
         try:
             built: Any = providers.build(provider, lin, rank)
         except providers.Unavailable as exc:
             built = exc
+        del lin
         _cache.update(key=key, built=built)
     if isinstance(_cache["built"], providers.Unavailable):
         raise _cache["built"]

@@ -363,10 +363,13 @@ def model_state(module: nn.Module) -> list[Tensor]:
 def peak_memory(fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None) -> tuple[Optional[int], Optional[int]]:
     """``(max_memory_allocated, peak − allocated before)`` of one call of ``fn`` on CUDA.
 
-    ``setup`` runs first and is not part of the reset window.  ``(None, None)`` on CPU.
+    ``setup`` runs first; the peak covers ``fn`` and everything live while it runs (the
+    module's weights, inputs, saved activations, gradients, optimizer state), so callers
+    must hold nothing else on the GPU.  ``(None, None)`` on CPU.
     """
     if not ON_CUDA:
         return None, None
+    _l2_buffer.cache_clear()  # the flush buffer is the harness's, not the provider's
     if setup is not None:
         setup()
     torch.cuda.synchronize()
