@@ -45,8 +45,40 @@ def ortho_value_and_grad_(
             f"transposed has {len(transposed)} flags for {len(mats)} matrices; give one per matrix"
         )
     tr = None if transposed is None else [bool(t) for t in transposed]
+    if _is_sharded(mats):
+        return _sharded_value_and_grad_(mats, float(coeff), tr)
     if use_triton(mats[0]):
         from ..kernels import ortho_reg
 
         return ortho_reg.grouped_ortho_value_and_grad_(list(mats), float(coeff), tr)
     return reference.ortho_value_and_grad_(mats, float(coeff), tr)
+
+
+def _is_sharded(mats: Sequence[Tensor]) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, DTensor) for m in mats)
+
+
+def _sharded_value_and_grad_(mats: Sequence[Tensor], coeff: float, tr) -> Tensor:
+    """FSDP2: gather each factor, apply the regularizer to the full copy, add back each shard.
+
+    Every rank must call it (the gathers are collectives).  The full copies are r-wide, so
+    the extra memory is one adapter set at a time.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = [m.full_tensor().detach() if isinstance(m, DTensor) else m.detach() for m in mats]
+    for f in full:
+        f.grad = torch.zeros_like(f)
+    value = ortho_value_and_grad_(full, coeff, tr)
+    for m, f in zip(mats, full):
+        g = distribute_tensor(f.grad, m.device_mesh, m.placements) if isinstance(m, DTensor) else f.grad
+        if m.grad is None:
+            m.grad = g
+        else:
+            m.grad.add_(g)
+    return value

@@ -173,8 +173,6 @@ def test_fsdp2_fully_shard_on_gloo_matches_single_process_losses(fsdp2_single):
     assert sharded[2] != pytest.approx(sharded[0], abs=1e-3)  # the adapters did train
 
 
-@pytest.mark.xfail(strict=True, reason="add_regularizer_grad does not handle FSDP2's DTensor factors yet "
-                                       "(aten.sub mixes torch.Tensor and DTensor); reported to the lead")
 def test_fsdp2_with_add_regularizer_grad_matches_single_process_losses(fsdp2_single):
     d, single = fsdp2_single
     proc = _torchrun([str(d / "run.py"), "sorsa", str(d / "fsdp_sorsa.json")], d)
