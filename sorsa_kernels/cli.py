@@ -201,6 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = " ".join(str(e).split()) or type(e).__name__
             print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        from .integrations.finetune import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

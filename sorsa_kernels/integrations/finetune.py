@@ -790,3 +790,13 @@ def plot_drift(drift: Sequence[tuple[str, dict[str, Any]]], path: str) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group a distributed run created, so gloo workers exit cleanly.
+
+    Without it a worker can abort at interpreter exit ("terminate called without an
+    active exception") after its work is done.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
