@@ -40,6 +40,26 @@ def validate_rank(rank: int, in_features: int, out_features: int, name: Optional
         )
 
 
+def check_factor_shapes(
+    m: int, n: int, U0: Tensor, S0: Tensor, V0: Tensor,
+    trained: Optional[tuple[Tensor, Tensor, Tensor]] = None, name: Optional[str] = None,
+) -> None:
+    """Raise a ValueError naming the factor if (U0, S0, V0) or the trained (U, S, V) do not fit m×n."""
+    r = S0.shape[0]
+    expected = {"U0": (m, r), "S0": (r,), "V0": (n, r)}
+    for label, t in zip(expected, (U0, S0, V0)):
+        if tuple(t.shape) != expected[label]:
+            raise ValueError(
+                f"{label} has shape {tuple(t.shape)} but the layer needs {expected[label]}{_where(name)}"
+            )
+    if trained is not None:
+        for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
+            if t.shape != ref.shape:
+                raise ValueError(
+                    f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{_where(name)}"
+                )
+
+
 class SORSALinear(nn.Module):
     """A linear layer ``y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b`` with a frozen residual.
 
@@ -215,18 +235,7 @@ class SORSALinear(nn.Module):
         W = linear.weight
         m, n = W.shape
         r = S0.shape[0]
-        expected = {"U0": (m, r), "S0": (r,), "V0": (n, r)}
-        for label, t in zip(expected, (U0, S0, V0)):
-            if tuple(t.shape) != expected[label]:
-                raise ValueError(
-                    f"{label} has shape {tuple(t.shape)} but the layer needs {expected[label]}{_where(name)}"
-                )
-        if trained is not None:
-            for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
-                if t.shape != ref.shape:
-                    raise ValueError(
-                        f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{_where(name)}"
-                    )
+        check_factor_shapes(m, n, U0, S0, V0, trained, name)
         residual_dtype = residual_dtype or W.dtype
         layer = cls(
             n, m, r, bias=linear.bias is not None, alpha=alpha, dropout=dropout,
@@ -237,14 +246,21 @@ class SORSALinear(nn.Module):
         with torch.no_grad():
             res = reference.compute_residual(W, U0, S0, V0, layer.scale).to(residual_dtype)
         layer.residual = nn.Parameter(res, requires_grad=False)
-        src = trained if trained is not None else (U0, S0, V0)
-        layer.U = nn.Parameter(src[0].to(dev, U0.dtype).clone())
-        layer.S = nn.Parameter(src[1].to(dev, U0.dtype).clone())
-        layer.V = nn.Parameter(src[2].to(dev, U0.dtype).clone())
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(residual_dtype).clone(), requires_grad=False)
-        layer.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
+        layer._adopt_factors(linear, U0, S0, V0, trained, residual_dtype)
         return layer
+
+    def _adopt_factors(self, linear: nn.Linear, U0: Tensor, S0: Tensor, V0: Tensor,
+                       trained: Optional[tuple[Tensor, Tensor, Tensor]], residual_dtype: torch.dtype) -> None:
+        """Set U, S, V (trained ones if given, else the initial ones), the frozen bias and
+        ``init_factors``; shared by every ``from_factors``."""
+        dev = linear.weight.device
+        src = trained if trained is not None else (U0, S0, V0)
+        self.U = nn.Parameter(src[0].detach().to(dev, U0.dtype).clone())
+        self.S = nn.Parameter(src[1].detach().to(dev, U0.dtype).clone())
+        self.V = nn.Parameter(src[2].detach().to(dev, U0.dtype).clone())
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(residual_dtype).clone(), requires_grad=False)
+        self.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
 
     # ------------------------------------------------------------------ module API
     @property

@@ -23,7 +23,7 @@ from ..ops import reference
 from ..ops.qsorsa_linear import qsorsa_linear
 from ..quant.init import REPORT_MODES, LayerQuantReport, error_reducing_split, layer_quant_report
 from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_bnb, quantize_nf4
-from .linear import SORSALinear, _check_dtype, _where, validate_rank
+from .linear import SORSALinear, _check_dtype, _where, check_factor_shapes, validate_rank
 
 __all__ = ["QSORSALinear", "NF4_DTYPES"]
 
@@ -303,18 +303,7 @@ class QSORSALinear(SORSALinear):
         W = linear.weight
         m, n = W.shape
         r = S0.shape[0]
-        expected = {"U0": (m, r), "S0": (r,), "V0": (n, r)}
-        for label, t in zip(expected, (U0, S0, V0)):
-            if tuple(t.shape) != expected[label]:
-                raise ValueError(
-                    f"{label} has shape {tuple(t.shape)} but the layer needs {expected[label]}{_where(name)}"
-                )
-        if trained is not None:
-            for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
-                if t.shape != ref.shape:
-                    raise ValueError(
-                        f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{_where(name)}"
-                    )
+        check_factor_shapes(m, n, U0, S0, V0, trained, name)
         residual_dtype = residual_dtype or W.dtype
         _check_nf4_dtype(residual_dtype, name)
         dev = W.device
@@ -328,13 +317,7 @@ class QSORSALinear(SORSALinear):
             q = quantize_nf4(res, dtype=residual_dtype)
             del res
         layer.set_nf4(q)
-        src = trained if trained is not None else (U0, S0, V0)
-        layer.U = nn.Parameter(src[0].detach().to(dev, U0.dtype).clone())
-        layer.S = nn.Parameter(src[1].detach().to(dev, U0.dtype).clone())
-        layer.V = nn.Parameter(src[2].detach().to(dev, U0.dtype).clone())
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(residual_dtype).clone(), requires_grad=False)
-        layer.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
+        layer._adopt_factors(linear, U0, S0, V0, trained, residual_dtype)
         return layer
 
     # ------------------------------------------------------------------ module API
