@@ -112,7 +112,7 @@ def _add_model_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sorsa-kernels`` argument parser (one subparser per command)."""
     parser = argparse.ArgumentParser(prog=PROG, description="Fast SORSA fine-tuning.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

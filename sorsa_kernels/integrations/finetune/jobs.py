@@ -67,7 +67,7 @@ def analyze_job(base: str, adapters: Sequence[str], progress: bool = False) -> l
 
         >>> drift = analyze_job("out/base", ["out/adapter"])
     """
-    from ...analysis import model_singular_drift
+    from ..analysis import model_singular_drift
 
     result = []
     for adapter in adapters:
