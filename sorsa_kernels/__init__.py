@@ -5,8 +5,8 @@ QSORSA (NF4 residual), model surgery for Hugging Face ``transformers`` models,
 adapter files, and export to a standard PEFT LoRA adapter.
 """
 from ._version import __version__
-from .analysis import SingularDrift, model_singular_drift, singular_drift
 from .integrations.adapter_io import load_adapter, save_adapter
+from .integrations.analysis import SingularDrift, model_singular_drift, singular_drift
 from .integrations.peft_export import export_peft_lora
 from .integrations.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
 from .nn import SORSALinear, add_regularizer_grad, orthonormal_regularizer

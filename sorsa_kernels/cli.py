@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+if TYPE_CHECKING:
+    from .integrations.finetune import FinetuneConfig
+
+__all__ = ["main", "build_parser", "config_from_args"]
 
 PROG = "sorsa-kernels"
 
@@ -109,7 +112,7 @@ def _add_model_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sorsa-kernels`` argument parser (one subparser per command)."""
     parser = argparse.ArgumentParser(prog=PROG, description="Fast SORSA fine-tuning.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -124,12 +127,27 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    from .integrations.finetune import FinetuneConfig, run_finetune
+def config_from_args(args: argparse.Namespace) -> "FinetuneConfig":
+    """The finetune job's config from parsed ``finetune`` arguments: the one place argparse meets it.
+
+    Every option's ``dest`` is a :class:`~sorsa_kernels.integrations.finetune.FinetuneConfig`
+    field; the parser's own entries (``command``, ``run``) are left out.
+
+    Example::
+
+        >>> config_from_args(build_parser().parse_args(["finetune", "--rank", "8"])).rank
+        8
+    """
+    from .integrations.finetune import FinetuneConfig
 
     fields = set(FinetuneConfig.__dataclass_fields__)
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = run_finetune(cfg)
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .integrations.finetune import run_finetune
+
+    result = run_finetune(config_from_args(args))
     if not _main_process():
         return 0
     print()

@@ -243,3 +243,16 @@ def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["finetune", "--rank", "many"])
     assert e.value.code == 2
+
+
+def test_config_from_args_maps_every_finetune_option_to_a_config_field():
+    from sorsa_kernels.cli import build_parser, config_from_args
+    from sorsa_kernels.integrations.finetune import FinetuneConfig
+
+    parser = build_parser()
+    finetune = parser._subparsers._group_actions[0].choices["finetune"]
+    dests = {a.dest for a in finetune._actions if a.dest != "help"}
+    assert dests <= set(FinetuneConfig.__dataclass_fields__), dests - set(FinetuneConfig.__dataclass_fields__)
+    cfg = config_from_args(parser.parse_args(["finetune", "--rank", "8", "--lr", "1e-3", "--no-eval", "--quiet"]))
+    assert (cfg.rank, cfg.learning_rate, cfg.evaluate, cfg.progress) == (8, 1e-3, False, False)
+    assert cfg == FinetuneConfig(rank=8, learning_rate=1e-3, evaluate=False, progress=False)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn.linear import SORSALinear, validate_rank
+from ..nn.checks import validate_rank
+from ..nn.factory import layer_class, make_sorsa_linear
+from ..nn.linear import SORSALinear
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets"]
 
@@ -100,8 +102,7 @@ def apply_sorsa(
         >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
         >>> apply_sorsa(model, rank=8, target_modules=r".*layers\\.0\\..*_proj")
     """
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    layer_class(quantize)  # a bad `quantize` fails before anything is touched
     names = find_targets(model, target_modules)
     for name in names:  # validate every layer before touching any
         w = model.get_submodule(name).weight
@@ -112,15 +113,10 @@ def apply_sorsa(
         svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device,
         residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout,
     )
-    if quantize == "nf4":
-        from ..nn.qlinear import QSORSALinear
-
-        factory, kwargs = QSORSALinear.from_linear, {**kwargs, "quant_iters": quant_iters}
-    else:
-        factory = SORSALinear.from_linear
+    # NOTE: `quant_report` is not forwarded (QSORSALinear.from_linear's default "full" applies), as before.
     for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
         linear = model.get_submodule(name)
-        layer = factory(linear, rank, name=name, **kwargs)
+        layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
         _set_submodule(model, name, layer)
         del linear
     return model

@@ -1,5 +1,15 @@
-"""The modules users touch."""
+"""The modules users touch.  Importing this package imports both layer modules, so the
+factory (:mod:`.factory`) knows every residual storage before anyone can call it."""
+from .factory import make_sorsa_linear
 from .linear import SORSALinear
+from .qlinear import QSORSALinear
 from .regularizer import add_regularizer_grad, adapter_matrices, orthonormal_regularizer
 
-__all__ = ["SORSALinear", "add_regularizer_grad", "adapter_matrices", "orthonormal_regularizer"]
+__all__ = [
+    "SORSALinear",
+    "QSORSALinear",
+    "make_sorsa_linear",
+    "add_regularizer_grad",
+    "adapter_matrices",
+    "orthonormal_regularizer",
+]

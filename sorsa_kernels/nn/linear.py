@@ -8,58 +8,22 @@ from torch import Tensor, nn
 
 from ..ops import reference
 from ..ops.sorsa_linear import sorsa_linear
+from .checks import (
+    SUPPORTED_DTYPES,
+    check_dtype,
+    check_factor_shapes,
+    check_linear,
+    check_svd_args,
+    check_weight_for_svd,
+    layer_suffix,
+    validate_rank,
+)
+from .factory import make_sorsa_linear, register_layer_class
 
 __all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SVD_MODES = ("full", "randomized")
 
-
-def _where(name: Optional[str]) -> str:
-    return f" for layer {name}" if name else ""
-
-
-def _check_dtype(dtype: Optional[torch.dtype], what: str) -> None:
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"unsupported {what} {dtype}; allowed: "
-            + ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-        )
-
-
-def validate_rank(rank: int, in_features: int, out_features: int, name: Optional[str] = None) -> None:
-    """Raise a ValueError naming the layer if ``rank`` is not in ``[1, min(m, n)]``."""
-    limit = min(in_features, out_features)
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}{_where(name)}")
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}{_where(name)}")
-    if rank > limit:
-        raise ValueError(
-            f"rank {rank} exceeds min(in_features, out_features) = {limit}{_where(name)}"
-        )
-
-
-def check_factor_shapes(
-    m: int, n: int, U0: Tensor, S0: Tensor, V0: Tensor,
-    trained: Optional[tuple[Tensor, Tensor, Tensor]] = None, name: Optional[str] = None,
-) -> None:
-    """Raise a ValueError naming the factor if (U0, S0, V0) or the trained (U, S, V) do not fit m×n."""
-    r = S0.shape[0]
-    expected = {"U0": (m, r), "S0": (r,), "V0": (n, r)}
-    for label, t in zip(expected, (U0, S0, V0)):
-        if tuple(t.shape) != expected[label]:
-            raise ValueError(
-                f"{label} has shape {tuple(t.shape)} but the layer needs {expected[label]}{_where(name)}"
-            )
-    if trained is not None:
-        for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
-            if t.shape != ref.shape:
-                raise ValueError(
-                    f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{_where(name)}"
-                )
-
-
+@register_layer_class
 class SORSALinear(nn.Module):
     """A linear layer ``y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b`` with a frozen residual.
 
@@ -100,8 +64,8 @@ class SORSALinear(nn.Module):
     ) -> None:
         super().__init__()
         validate_rank(rank, in_features, out_features)
-        _check_dtype(residual_dtype, "residual_dtype")
-        _check_dtype(adapter_dtype, "adapter_dtype")
+        check_dtype(residual_dtype, "residual_dtype")
+        check_dtype(adapter_dtype, "adapter_dtype")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_features = in_features
@@ -159,38 +123,25 @@ class SORSALinear(nn.Module):
             name: the layer's name, used in error messages.
             quantize: ``"nf4"`` returns a :class:`~sorsa_kernels.nn.qlinear.QSORSALinear`
                 whose residual is stored in 4-bit NF4 after ``quant_iters`` error-reducing
-                iterations.
+                iterations; built by :func:`sorsa_kernels.nn.factory.make_sorsa_linear`,
+                which maps ``quantize`` to the layer class.
 
         ``Wr = W0 − U0·diag(σ)·V0ᵀ`` is computed in float32 on the weight's device from the
         stored (adapter-dtype) factors, then cast to ``residual_dtype``.
         """
-        if quantize is not None:
-            if quantize != "nf4":
-                raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-            from .qlinear import QSORSALinear
-
-            return QSORSALinear.from_linear(
-                linear, rank, quant_iters=quant_iters, svd=svd, niter=niter, oversample=oversample,
-                svd_dtype=svd_dtype, svd_device=svd_device, residual_dtype=residual_dtype,
+        if quantize is not None:  # the factory picks the quantized layer class (nn/factory.py)
+            return make_sorsa_linear(
+                linear, rank, quantize=quantize, quant_iters=quant_iters, svd=svd, niter=niter,
+                oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device, residual_dtype=residual_dtype,
                 adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout, name=name,
             )
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}"
-            )
+        check_linear(linear, name)
         W = linear.weight
         m, n = W.shape
         validate_rank(rank, n, m, name)
-        if svd not in _SVD_MODES:
-            raise ValueError(f"svd must be one of {_SVD_MODES}, got {svd!r}")
-        if svd_dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"svd_dtype must be float32 or float64, got {svd_dtype}")
-        _check_dtype(W.dtype, "weight dtype" + _where(name))
-        if W.device.type == "meta":
-            raise ValueError(f"cannot initialize SORSA from a weight on the meta device{_where(name)}")
-        if not bool(torch.isfinite(W).all()):
-            bad = "NaN" if bool(torch.isnan(W).any()) else "Inf"
-            raise ValueError(f"weight contains {bad} values{_where(name)}; SVD needs a finite weight")
+        check_svd_args(svd, svd_dtype)
+        check_dtype(W.dtype, "weight dtype" + layer_suffix(name))
+        check_weight_for_svd(W, name)
         residual_dtype = residual_dtype or W.dtype
         adapter_dtype = adapter_dtype or torch.float32
         with torch.no_grad():
@@ -228,10 +179,7 @@ class SORSALinear(nn.Module):
         the residual is recomputed from ``linear.weight`` and ``(U0, S0, V0)`` by the same
         float32 computation as at initialization.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}"
-            )
+        check_linear(linear, name)
         W = linear.weight
         m, n = W.shape
         r = S0.shape[0]
@@ -272,6 +220,10 @@ class SORSALinear(nn.Module):
     def residual_dtype(self) -> torch.dtype:
         """The dtype the residual is computed in."""
         return self.residual.dtype
+
+    def dense_residual(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The residual ``Wr`` as a dense tensor in ``dtype`` (default its own; dequantized for QSORSA)."""
+        return self.residual if dtype is None else self.residual.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

@@ -21,15 +21,26 @@ from torch import Tensor, nn
 
 from ..ops import reference
 from ..ops.qsorsa_linear import qsorsa_linear
-from ..quant.init import REPORT_MODES, LayerQuantReport, error_reducing_split, layer_quant_report
+from ..quant.dense_view import NF4DenseView
+from ..quant.init import REPORT_MODES, LayerQuantReport, layer_quant_report
 from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_bnb, quantize_nf4
-from .linear import SORSALinear, _check_dtype, _where, check_factor_shapes, validate_rank
+from .checks import (
+    check_dtype,
+    check_factor_shapes,
+    check_linear,
+    check_svd_args,
+    check_weight_for_svd,
+    layer_suffix,
+    validate_rank,
+)
+from .factory import register_layer_class
+from .linear import SORSALinear
+from .qinit import error_reducing_split
 
 __all__ = ["QSORSALinear", "NF4_DTYPES"]
 
 #: dtypes deq(Q) can be produced in (bitsandbytes' QuantState.dtype).
 NF4_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SVD_MODES = ("full", "randomized")
 # float32 NF4 state (absmax scales, offset, code tables) is held bit-cast to int32 so
 # that ``model.half()`` / ``model.to(torch.bfloat16)`` — which cast floating buffers —
 # leave it exact; ``nf4()`` views it back as float32.
@@ -40,15 +51,11 @@ def _check_nf4_dtype(dtype: torch.dtype, name: Optional[str]) -> None:
     if dtype not in NF4_DTYPES:
         raise TypeError(
             f"QSORSA residual_dtype must be float32, float16 or bfloat16 (the dtypes NF4 dequantizes to), "
-            f"got {dtype}{_where(name)}"
+            f"got {dtype}{layer_suffix(name)}"
         )
 
 
-def _check_linear(linear: nn.Module, name: Optional[str]) -> None:
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{_where(name)}")
-
-
+@register_layer_class
 class QSORSALinear(SORSALinear):
     """SORSA linear layer whose frozen residual is NF4 (4-bit, blocksize 64, double-quantized).
 
@@ -62,8 +69,9 @@ class QSORSALinear(SORSALinear):
 
     ``nf4()`` returns them as an :class:`~sorsa_kernels.quant.nf4.NF4Weight`,
     ``quant_state()`` as bitsandbytes' ``(packed, QuantState)``.  ``residual`` and
-    ``weight`` *materialize* ``deq(Q)`` (m×n in ``compute_dtype``) on every access; they
-    exist for code that reads values or ``.dtype``; the forward never uses them.
+    ``weight`` are lazy views of ``deq(Q)`` (m×n in ``compute_dtype``): their ``dtype``,
+    ``shape`` and ``device`` are free, and only using their values dequantizes; the
+    forward never uses them.
     ``quant_report`` holds the :class:`~sorsa_kernels.quant.init.LayerQuantReport` of
     ``from_linear`` (None after ``from_factors``).
 
@@ -94,7 +102,7 @@ class QSORSALinear(SORSALinear):
         nn.Module.__init__(self)  # SORSALinear.__init__ would allocate a dense residual
         validate_rank(rank, in_features, out_features)
         _check_nf4_dtype(residual_dtype, None)
-        _check_dtype(adapter_dtype, "adapter_dtype")
+        check_dtype(adapter_dtype, "adapter_dtype")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_features = in_features
@@ -178,8 +186,21 @@ class QSORSALinear(SORSALinear):
 
     @property
     def residual(self) -> Tensor:
-        """``deq(Q)`` as a dense ``out×in`` tensor in ``compute_dtype`` (materialized per access)."""
-        return dequantize_nf4_bnb(self.nf4(), self.compute_dtype)
+        """``deq(Q)`` (``out×in``, ``compute_dtype``) as a lazy :class:`~sorsa_kernels.quant.dense_view.NF4DenseView`.
+
+        ``.dtype``, ``.shape`` and ``.device`` cost nothing; using the values dequantizes
+        (once per access of this property).  :meth:`dense_residual` returns the dense tensor.
+        """
+        return NF4DenseView(self.nf4(), self.compute_dtype)
+
+    def dense_residual(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``deq(Q)`` as a dense ``out×in`` tensor in ``dtype`` (default ``compute_dtype``).
+
+        Example::
+
+            >>> Wr = layer.dense_residual(torch.float32)
+        """
+        return dequantize_nf4_bnb(self.nf4(), dtype or self.compute_dtype)
 
     @property
     def residual_dtype(self) -> torch.dtype:
@@ -188,7 +209,7 @@ class QSORSALinear(SORSALinear):
 
     @property
     def weight(self) -> Tensor:
-        """Alias of :attr:`residual` (dense, materialized per access) for ``.dtype``/``.device`` checks."""
+        """Alias of :attr:`residual` (lazy: ``.dtype``/``.shape``/``.device`` without dequantizing)."""
         return self.residual
 
     # ------------------------------------------------------------------ construction
@@ -231,28 +252,21 @@ class QSORSALinear(SORSALinear):
         The residual is then rebuilt by :meth:`from_factors` from the kept factors, so
         ``from_factors(linear, *layer.init_factors)`` reproduces the layer bit for bit.
         """
-        _check_linear(linear, name)
+        check_linear(linear, name)
         W = linear.weight
         m, n = W.shape
         validate_rank(rank, n, m, name)
         if isinstance(quant_iters, bool) or not isinstance(quant_iters, int) or quant_iters < 0:
-            raise ValueError(f"quant_iters must be a non-negative int (0 = plain QSORSA), got {quant_iters!r}{_where(name)}")
+            raise ValueError(f"quant_iters must be a non-negative int (0 = plain QSORSA), got {quant_iters!r}{layer_suffix(name)}")
         if quant_report not in REPORT_MODES:
             raise ValueError(f"quant_report must be one of {REPORT_MODES}, got {quant_report!r}")
-        if svd not in _SVD_MODES:
-            raise ValueError(f"svd must be one of {_SVD_MODES}, got {svd!r}")
-        if svd_dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"svd_dtype must be float32 or float64, got {svd_dtype}")
-        _check_dtype(W.dtype, "weight dtype" + _where(name))
+        check_svd_args(svd, svd_dtype)
+        check_dtype(W.dtype, "weight dtype" + layer_suffix(name))
         residual_dtype = residual_dtype or W.dtype
         _check_nf4_dtype(residual_dtype, name)
         adapter_dtype = adapter_dtype or torch.float32
-        _check_dtype(adapter_dtype, "adapter_dtype")
-        if W.device.type == "meta":
-            raise ValueError(f"cannot initialize SORSA from a weight on the meta device{_where(name)}")
-        if not bool(torch.isfinite(W).all()):
-            bad = "NaN" if bool(torch.isnan(W).any()) else "Inf"
-            raise ValueError(f"weight contains {bad} values{_where(name)}; SVD needs a finite weight")
+        check_dtype(adapter_dtype, "adapter_dtype")
+        check_weight_for_svd(W, name)
         scale = 1.0 if alpha is None else float(alpha) / rank
         with torch.no_grad():
             w = W.detach().to(svd_device) if svd_device is not None else W.detach()
@@ -299,7 +313,7 @@ class QSORSALinear(SORSALinear):
             >>> again = QSORSALinear.from_factors(lin, *layer.init_factors,
             ...                                   trained=(layer.U, layer.S, layer.V))
         """
-        _check_linear(linear, name)
+        check_linear(linear, name)
         W = linear.weight
         m, n = W.shape
         r = S0.shape[0]
@@ -338,7 +352,7 @@ class QSORSALinear(SORSALinear):
         """
         dtype = dtype or self.compute_dtype
         with torch.no_grad():
-            res = dequantize_nf4_bnb(self.nf4(), torch.float32)
+            res = self.dense_residual(torch.float32)
             w = reference.merged_weight(res, self.U, self.S, self.V, self.scale)
             del res
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

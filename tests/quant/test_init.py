@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from sorsa_kernels.nn.qinit import error_reducing_split
 from sorsa_kernels.ops import reference
 from sorsa_kernels.quant.init import (
     LayerQuantReport,
     QuantReport,
-    error_reducing_split,
     layer_quant_report,
     quantization_error,
 )

@@ -184,3 +184,50 @@ def test_torch_compile_traces_layer_without_graph_break(backend):
     y = compiled(x)
     y.sum().backward()
     assert rel_err(y, layer(x)) < 1e-6 and x.grad is not None
+
+
+def _count_dequantizations(monkeypatch):
+    """Count whole-matrix dequantizations, wherever the layer or its views call them from."""
+    from sorsa_kernels.nn import qlinear
+    from sorsa_kernels.quant import dense_view
+
+    calls = []
+    for module in (dense_view, qlinear):
+        real = module.dequantize_nf4_bnb
+        monkeypatch.setattr(module, "dequantize_nf4_bnb", lambda *a, _f=real, **k: calls.append(1) or _f(*a, **k))
+    return calls
+
+
+def test_weight_and_residual_metadata_do_not_dequantize(monkeypatch):
+    lin = _lin().to(torch.bfloat16)
+    layer = QSORSALinear.from_linear(lin, 8, quant_report=None)
+    calls = _count_dequantizations(monkeypatch)
+    for view in (layer.weight, layer.residual):
+        assert view.dtype == torch.bfloat16
+        assert view.shape == (72, 100) and view.size() == (72, 100) and view.size(1) == 100
+        assert view.device == lin.weight.device
+        assert (view.ndim, view.dim(), view.numel(), view.requires_grad) == (2, 2, 7200, False)
+        assert isinstance(view, torch.Tensor)
+    assert layer.residual_dtype == torch.bfloat16
+    assert "residual=nf4" in repr(layer)
+    assert calls == []
+
+
+def test_using_the_weight_values_dequantizes_once_per_access(monkeypatch):
+    _, layer = _layer()
+    dense = dequantize_nf4(layer.nf4(), torch.float32)
+    calls = _count_dequantizations(monkeypatch)
+    w = layer.weight
+    assert torch.equal(w, dense) and torch.equal(w + 0, dense) and torch.equal(dense, w.clone())
+    assert type(w.float()) is torch.Tensor
+    assert len(calls) == 1
+    assert torch.equal(layer.dense_residual(), dense)
+
+
+def test_forward_does_not_dequantize_the_whole_residual_and_merge_does_once(monkeypatch):
+    _, layer = _layer()
+    calls = _count_dequantizations(monkeypatch)
+    layer(torch.randn(3, 100))
+    assert calls == []
+    layer.merge()
+    assert len(calls) == 1

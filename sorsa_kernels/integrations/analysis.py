@@ -5,6 +5,11 @@ SVDs computed in float64 on the CPU::
 
     ΔΣ = (1/k)·Σ_i |σ_t^i − σ_0^i|                                   (Eq. 1)
     ΔD = 1 − (1/2k)·Σ_i (|⟨u_t^i, u_0^i⟩| + |⟨v_t^i, v_0^i⟩|)         (Eq. 2–4)
+
+:func:`singular_drift` is the math on two matrices; :func:`model_singular_drift` walks a
+model's SORSA layers (found by :func:`~sorsa_kernels.integrations.surgery.sorsa_layers`)
+and rebuilds each one's initial and current weight.  It lives in ``integrations/``
+because the ``analyze`` job and the public API are its users and it reads whole models.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .surgery import sorsa_layers
 
 __all__ = ["SingularDrift", "singular_drift", "model_singular_drift"]
 
@@ -51,13 +58,11 @@ def model_singular_drift(model: nn.Module) -> dict[str, SingularDrift]:
     ``Wr + scale·U0·diag(S0)·V0ᵀ`` (for QSORSA ``Wr`` is the dequantized residual),
     both assembled in float64 on the CPU.
     """
-    from .integrations.surgery import sorsa_layers
-
     out = {}
     for name, layer in sorsa_layers(model).items():
         if layer.init_factors is None:
             raise ValueError(f"layer {name} has no initial factors")
-        res = layer.residual.detach().to("cpu", torch.float64)  # dequantized for QSORSA
+        res = layer.dense_residual().detach().to("cpu", torch.float64)  # dequantized for QSORSA
         U0, S0, V0 = (t.double() for t in layer.init_factors)
         U, S, V = (t.detach().to("cpu", torch.float64) for t in (layer.U, layer.S, layer.V))
         w0 = res + (U0 * (S0 * layer.scale)) @ V0.T

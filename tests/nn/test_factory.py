@@ -1,0 +1,42 @@
+"""nn/factory.py: the one constructor of SORSA layers, dense or quantized."""
+import pytest
+import torch
+from torch import nn
+
+from sorsa_kernels.nn.factory import layer_class, make_sorsa_linear, quantize_modes
+from sorsa_kernels.nn.linear import SORSALinear
+from sorsa_kernels.nn.qlinear import QSORSALinear
+
+
+def _lin():
+    torch.manual_seed(0)
+    return nn.Linear(40, 24)
+
+
+def test_quantize_modes_are_dense_and_nf4():
+    assert quantize_modes() == (None, "nf4")
+    assert layer_class(None) is SORSALinear and layer_class("nf4") is QSORSALinear
+
+
+def test_dense_factory_equals_from_linear():
+    lin = _lin()
+    a, b = make_sorsa_linear(lin, 4), SORSALinear.from_linear(lin, 4)
+    assert type(a) is SORSALinear
+    assert torch.equal(a.residual, b.residual) and torch.equal(a.U, b.U)
+
+
+def test_from_linear_quantize_goes_through_the_factory_to_qsorsa():
+    pytest.importorskip("bitsandbytes")
+    lin = _lin()
+    a = SORSALinear.from_linear(lin, 4, quantize="nf4", quant_iters=0)
+    b = make_sorsa_linear(lin, 4, quantize="nf4", quant_iters=0)
+    assert type(a) is QSORSALinear and type(b) is QSORSALinear
+    assert torch.equal(a.nf4_packed, b.nf4_packed)
+    x = torch.randn(2, 40)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("build", [make_sorsa_linear, SORSALinear.from_linear])
+def test_unknown_quantize_names_the_allowed_values(build):
+    with pytest.raises(ValueError, match=r"quantize must be None or 'nf4', got 'int8'"):
+        build(_lin(), 4, quantize="int8")
