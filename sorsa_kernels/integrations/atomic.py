@@ -19,9 +19,10 @@ and the final path is left untouched.  A process killed by SIGKILL cannot clean 
 temporary stays behind as a hidden sibling, which :func:`recover` (called at the start of
 every :func:`atomic_dir`/:func:`atomic_file`) removes once the process that made it is gone.
 
-Files and folders are created with the usual ``0666``/``0777`` masked by the process
-umask (``0644``/``0755`` under the common umask 022), not the ``0600``/``0700`` of
-:mod:`tempfile`.
+Published files and folders get the modes a plain ``open``/``mkdir`` would give:
+``0666``/``0777`` masked by the process umask (``0644``/``0755`` under the common umask
+022).  Modes are normalized at publication, because writers that go through a temporary
+file of their own (safetensors' ``save_file`` does) leave :mod:`tempfile`'s ``0600``.
 
 Example::
 
@@ -39,6 +40,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -94,6 +96,20 @@ def _fsync_tree(root: Path) -> None:
             if not p.is_symlink():
                 _fsync_path(p)
         _fsync_path(Path(dirpath), directory=True)
+
+
+def _normalize_modes(root: Path) -> None:
+    """Give every file ``0666 & ~umask`` and every folder ``0777 & ~umask`` (execute bits kept)."""
+    file_mode, dir_mode = default_mode(), default_mode(directory=True)
+    if root.is_dir():
+        for dirpath, _, filenames in os.walk(root):
+            os.chmod(dirpath, dir_mode)
+            for name in filenames:
+                p = Path(dirpath, name)
+                if not p.is_symlink():
+                    os.chmod(p, file_mode | (stat.S_IMODE(os.stat(p).st_mode) & 0o111 & dir_mode))
+    else:
+        os.chmod(root, file_mode)
 
 
 def _remove(path: Path) -> None:
@@ -202,15 +218,21 @@ def atomic_dir(final: PathLike, *, replace: bool = True, fsync: bool = True) -> 
         >>> with atomic_dir("out/adapter") as tmp:
         ...     save_file(tensors, tmp / "adapter.safetensors")
     """
-    final = Path(final)
+    final = Path(os.path.abspath(final))  # "." and ".." have no name to put a sibling beside
+    if final.is_symlink():
+        raise NotADirectoryError(f"{final} is a symbolic link; pass the folder it points to")
     if os.path.lexists(final) and not final.is_dir():
         raise NotADirectoryError(f"{final} exists and is not a folder; cannot replace it with a folder")
+    cwd = Path.cwd()
+    if final == cwd or final in cwd.parents:
+        raise ValueError(f"{final} is (or contains) the current working folder; write to a subfolder instead")
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
     tmp = _sibling(final, _TMP)
     os.mkdir(tmp, default_mode(directory=True))
     try:
         yield tmp
+        _normalize_modes(tmp)
         if fsync:
             _fsync_tree(tmp)
         _publish(tmp, final, replace, is_dir=True)
@@ -223,8 +245,8 @@ def atomic_dir(final: PathLike, *, replace: bool = True, fsync: bool = True) -> 
 def atomic_file(final: PathLike, *, replace: bool = True, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path; write the file there and it becomes ``final`` on success.
 
-    The temporary file already exists (empty, mode ``0666 & ~umask``) so writers that
-    open it for writing keep that mode.  On success it is fsynced and moved over
+    The temporary file already exists (empty), so writers may open it for writing or
+    replace it.  On success its mode is set to ``0666 & ~umask``, it is fsynced and moved over
     ``final`` with :func:`os.replace`; on any exception it is removed and ``final`` is
     untouched.
 
@@ -233,7 +255,7 @@ def atomic_file(final: PathLike, *, replace: bool = True, fsync: bool = True) ->
         >>> with atomic_file("out/metrics.json") as tmp:
         ...     tmp.write_text(json.dumps(metrics))
     """
-    final = Path(final)
+    final = Path(os.path.abspath(final))
     if final.is_dir():
         raise IsADirectoryError(f"{final} is a folder; cannot replace it with a file")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +265,7 @@ def atomic_file(final: PathLike, *, replace: bool = True, fsync: bool = True) ->
     os.close(fd)
     try:
         yield tmp
+        _normalize_modes(tmp)
         if fsync:
             _fsync_path(tmp)
         _publish(tmp, final, replace, is_dir=False)

@@ -157,6 +157,36 @@ def test_modes_follow_umask_not_tempfile_0600(tmp_path):
         os.umask(old)
 
 
+def test_modes_are_normalized_for_writers_that_use_their_own_tempfile(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "w.safetensors") as tmp:
+            save_file({"a": torch.zeros(3)}, tmp)  # safetensors replaces the file with a 0600 one
+        with atomic_dir(tmp_path / "d") as tmp:
+            save_file({"a": torch.zeros(3)}, tmp / "w.safetensors")
+        assert _mode(tmp_path / "w.safetensors") == 0o644
+        assert _mode(tmp_path / "d" / "w.safetensors") == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_atomic_dir_refuses_the_working_folder_and_symlinks(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(NotADirectoryError, match="is a symbolic link"):
+        with atomic_dir(tmp_path / "link"):
+            pass
+    monkeypatch.chdir(tmp_path / "real")
+    for target in (".", tmp_path):
+        with pytest.raises(ValueError, match="current working folder"):
+            with atomic_dir(target):
+                pass
+    assert (tmp_path / "real").is_dir() and _siblings(tmp_path) == ["link", "real"]
+
+
 def _dead_pid():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
