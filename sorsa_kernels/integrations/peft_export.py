@@ -6,6 +6,11 @@
 fine-tuned weight (up to the residual dtype's rounding in training).  Any server that loads
 PEFT adapters can then serve a SORSA fine-tune.  For QSORSA, the exported LoRA applies to
 the unquantized base and differs from the quantized training model by the quantization error.
+
+The export is written as a whole folder: both files go to a temporary sibling folder that
+replaces ``directory`` by one rename only when complete (:func:`~.atomic.atomic_dir`), so a
+full disk or a kill leaves the previous export (or nothing), never a folder holding only
+``adapter_config.json``.  As the folder is replaced, it may hold nothing but a previous export.
 """
 from __future__ import annotations
 
@@ -18,10 +23,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_io import _atomic_write
+from .atomic import atomic_dir
 from .surgery import sorsa_layers
 
 __all__ = ["export_peft_lora", "lora_factors"]
+
+#: What a PEFT adapter folder may hold; export refuses to replace a folder holding anything else.
+_PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
 
 
 def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +54,10 @@ def export_peft_lora(
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of a rank-2r PEFT LoRA.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` loads it with no help from this
-    package; ``base`` must be the original (un-adapted) model.
+    package; ``base`` must be the original (un-adapted) model.  ``directory`` is
+    replaced as a whole once both files are complete (a failed export leaves the previous
+    one); it must be new, empty, or hold only a previous PEFT export.  Files are ``0644``
+    under the usual umask.
 
     Example::
 
@@ -57,7 +68,15 @@ def export_peft_lora(
     if not layers:
         raise ValueError("the model has no SORSA layers; nothing to export")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in _PEFT_FILES)
+        if foreign:
+            raise ValueError(
+                f"{directory} holds files that are not part of a PEFT adapter ({', '.join(foreign[:5])}); "
+                f"the export replaces the whole folder, so choose a new or empty one"
+            )
+    elif directory.exists():
+        raise NotADirectoryError(f"{directory} exists and is not a folder")
     tensors = {}
     rank_pattern = {}
     ranks = {name: 2 * layer.rank for name, layer in layers.items()}
@@ -87,8 +106,7 @@ def export_peft_lora(
         "modules_to_save": None,
         "inference_mode": True,
     }
-    tmp_w = _atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    tmp_c = _atomic_write(directory / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    os.replace(tmp_w, directory / "adapter_model.safetensors")
-    os.replace(tmp_c, directory / "adapter_config.json")
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
