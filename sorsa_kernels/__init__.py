@@ -4,7 +4,28 @@ Fused Triton kernels for the SORSA linear layer and its orthonormal regularizer,
 QSORSA (NF4 residual), model surgery for Hugging Face ``transformers`` models,
 adapter files, and export to a standard PEFT LoRA adapter.
 """
+import logging as _logging
+
 from ._version import __version__
+
+
+class _DropBitsandbytesKernelNoise(_logging.Filter):
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    transformers' Trainer imports bitsandbytes whenever it is installed, and on CPUs with
+    AVX512-BF16 bitsandbytes then tries to fetch an optional kernel from the Hub and warns
+    when it cannot — before every command and every error, QSORSA or not.  This package
+    never uses that kernel (QSORSA has its own NF4 GEMM), so the line says nothing to our
+    users.  The filter sits on that one logger and drops only that message; importing
+    :mod:`sorsa_kernels` never imports bitsandbytes itself (only QSORSA's bitsandbytes
+    interop does, lazily).
+    """
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelNoise())
 from .integrations.adapter_io import load_adapter, save_adapter
 from .integrations.analysis import SingularDrift, model_singular_drift, singular_drift
 from .integrations.peft_export import export_peft_lora

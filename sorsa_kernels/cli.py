@@ -10,8 +10,10 @@ Subcommands::
     sorsa-kernels merge --base out/base --adapter out/adapter --output merged
     sorsa-kernels export-lora --base out/base --adapter out/adapter --output lora
 
-Bad input ends with a one-line ``sorsa-kernels: error: …`` and exit status 1 (2 for a
-malformed command line); set ``SORSA_KERNELS_DEBUG=1`` to see the traceback instead.
+Every failure — bad input, a missing or corrupt file, a full disk, a refused resume —
+ends with one line ``sorsa-kernels: error: …`` naming the file and the problem, and exit
+status 1 (2 for a malformed command line, 130 for Ctrl-C); ``--debug`` (anywhere on the
+command line) or ``SORSA_KERNELS_DEBUG=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def _add_finetune(sub) -> None:
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up fraction of the steps (default: 0.03)")
     g.add_argument("--scheduler", dest="lr_scheduler_type", default="cosine", help="learning-rate schedule (default: cosine)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: 1)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns clipping off (default: 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_finetune(sub)
@@ -198,6 +202,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: its message (with the type for unexpected kinds)."""
+    message = " ".join(str(e).split())
+    if isinstance(e, (ValueError, OSError, ImportError)) and message:
+        return message
+    if isinstance(e, KeyError):  # str(KeyError("x")) is "'x'"
+        message = f"missing key {message}"
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sorsa-kernels`` console script; returns the exit status.
 
@@ -206,18 +220,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["merge", "--base", "out/base", "--adapter", "out/adapter", "--output", "merged"])
         0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:  # accepted after the command too (`finetune ... --debug`), so take it out here
+        argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    debug = debug or bool(os.environ.get("SORSA_KERNELS_DEBUG"))
     try:
         return args.run(args)
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError) as e:
-        if os.environ.get("SORSA_KERNELS_DEBUG"):
+    except Exception as e:  # every failure is one line; --debug shows the traceback
+        if debug:
             raise
         if _main_process():
-            message = " ".join(str(e).split()) or type(e).__name__
-            print(f"{PROG}: error: {message}", file=sys.stderr)
+            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
         from .integrations.finetune import shutdown_distributed

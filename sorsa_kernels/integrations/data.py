@@ -13,6 +13,8 @@ import random
 from pathlib import Path
 from typing import Union
 
+from ..nn.knobs import check_knob
+
 __all__ = [
     "DataError",
     "SUPPORTED_EXTENSIONS",
@@ -29,22 +31,46 @@ class DataError(ValueError):
     """A data file that cannot be used: missing, empty, malformed, or lacking a field."""
 
 
+def _not_utf8(path: Path, lineno: int, e: UnicodeDecodeError, offset: int = 0) -> DataError:
+    return DataError(
+        f"{path}: line {lineno} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {offset + e.start}); "
+        "convert the file to UTF-8"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
 def _read_jsonl(path: Path) -> list:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+    offset = 0
+    for lineno, raw in enumerate(_read_bytes(path).splitlines(keepends=True), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, lineno, e, offset) from None
+        offset += len(raw)
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
     return rows
 
 
 def _read_json(path: Path) -> list:
+    raw = _read_bytes(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, raw[: e.start].count(b"\n") + 1, e) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: one list-valued key
@@ -174,8 +200,7 @@ def arithmetic_equations(n: int, seed: int = 0) -> list[str]:
 def split_records(rows: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Shuffle deterministically and split off ``eval_fraction`` of the records (at least one
     on each side when there are two or more; none held out when ``eval_fraction`` is 0)."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    check_knob("eval_fraction", eval_fraction, "eval fraction", required=True)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = 0 if eval_fraction == 0 or len(rows) < 2 else min(len(rows) - 1, max(1, round(eval_fraction * len(rows))))

@@ -10,9 +10,11 @@ from tqdm.auto import tqdm
 
 from ..nn.checks import validate_rank
 from ..nn.factory import layer_class, make_sorsa_linear
+from ..nn.knobs import check_knob
 from ..nn.linear import SORSALinear
 
-__all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets"]
+__all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
+           "compile_target_regex"]
 
 #: The projection names of Llama, Mistral and Qwen decoder layers.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -20,9 +22,24 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 TargetSpec = Union[None, str, Sequence[str]]
 
 
+def compile_target_regex(pattern: str) -> "re.Pattern[str]":
+    """``pattern`` compiled, or a one-line ValueError naming it and what is wrong with it.
+
+    Example::
+
+        >>> compile_target_regex("(")
+        Traceback (most recent call last):
+        ValueError: target_modules '(' is not a valid regular expression: missing ), unterminated subpattern at position 0
+    """
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"target_modules {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def _matches(name: str, targets: TargetSpec) -> bool:
-    if isinstance(targets, str):  # a regex over the full module name
-        return re.fullmatch(targets, name) is not None
+    if isinstance(targets, re.Pattern):  # a regex over the full module name
+        return targets.fullmatch(name) is not None
     last = name.rsplit(".", 1)[-1]
     return any(name == t or last == t or name.endswith("." + t) for t in targets)
 
@@ -33,22 +50,36 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[st
     ``target_modules``: None (the Llama/Mistral/Qwen projections), a list of names
     (a module matches if its full name, its last component, or a dotted suffix equals one),
     or a string taken as a regular expression over the full module name.
-    Raises if nothing matches or if a match is not an ``nn.Linear``.
+    Raises if nothing matches, if a match is not an ``nn.Linear``, if a match is already a
+    SORSA layer ("already adapted"), or if the regular expression does not compile.
     """
     targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
-    if not isinstance(targets, str):
+    if isinstance(targets, str):
+        pattern = compile_target_regex(targets)
+    else:
         targets = list(targets)
         if not targets:
             raise ValueError("target_modules is empty")
+        pattern = targets
     names = []
+    adapted = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, SORSALinear) or not _matches(name, targets):
+        if not name or not _matches(name, pattern):
+            continue
+        if isinstance(module, SORSALinear):
+            adapted.append(name)
             continue
         if not isinstance(module, nn.Linear):
             raise TypeError(
                 f"target {name} is a {type(module).__name__}, not nn.Linear; SORSA adapts nn.Linear layers only"
             )
         names.append(name)
+    if adapted:
+        raise ValueError(
+            f"the model is already adapted: {adapted[0]} is a SORSA layer"
+            + (f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else "")
+            + "; apply_sorsa once per model (merge_sorsa first to adapt the merged weights)"
+        )
     if not names:
         raise ValueError(f"no module of the model matches target_modules={targets!r}")
     return names
@@ -102,7 +133,10 @@ def apply_sorsa(
         >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
         >>> apply_sorsa(model, rank=8, target_modules=r".*layers\\.0\\..*_proj")
     """
-    layer_class(quantize)  # a bad `quantize` fails before anything is touched
+    layer_class(quantize)  # a bad `quantize` or knob fails before anything is touched
+    for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample),
+                        ("quant_iters", quant_iters)):
+        check_knob(knob, value)
     names = find_targets(model, target_modules)
     for name in names:  # validate every layer before touching any
         w = model.get_submodule(name).weight

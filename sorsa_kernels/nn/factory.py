@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .knobs import check_knob
+
 __all__ = ["make_sorsa_linear", "register_layer_class", "layer_class", "quantize_modes"]
 
 _LAYER_CLASSES: dict[Optional[str], type] = {}
@@ -75,6 +77,10 @@ def make_sorsa_linear(
         'QSORSALinear'
     """
     cls = layer_class(quantize)
+    check_knob("quant_iters", quant_iters)
+    for knob in ("alpha", "dropout", "niter", "oversample"):
+        if knob in kwargs:
+            check_knob(knob, kwargs[knob])
     if quantize is None:
         return cls.from_linear(linear, rank, **kwargs)
     return cls.from_linear(linear, rank, quant_iters=quant_iters, **kwargs)

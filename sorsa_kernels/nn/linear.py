@@ -19,6 +19,7 @@ from .checks import (
     validate_rank,
 )
 from .factory import make_sorsa_linear, register_layer_class
+from .knobs import check_knob
 
 __all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
 
@@ -66,8 +67,8 @@ class SORSALinear(nn.Module):
         validate_rank(rank, in_features, out_features)
         check_dtype(residual_dtype, "residual_dtype")
         check_dtype(adapter_dtype, "adapter_dtype")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_knob("alpha", alpha)  # alpha = 0 would make S = σ / 0 = inf
+        check_knob("dropout", dropout)
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
@@ -139,6 +140,8 @@ class SORSALinear(nn.Module):
         W = linear.weight
         m, n = W.shape
         validate_rank(rank, n, m, name)
+        for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample)):
+            check_knob(knob, value)  # before the SVD: alpha = 0 would give S = inf
         check_svd_args(svd, svd_dtype)
         check_dtype(W.dtype, "weight dtype" + layer_suffix(name))
         check_weight_for_svd(W, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..ops import regularizer as _ops
+from .knobs import check_knob
 from .linear import SORSALinear
 
 __all__ = ["orthonormal_regularizer", "add_regularizer_grad", "adapter_matrices"]
@@ -49,8 +50,6 @@ def add_regularizer_grad(model: nn.Module, gamma: float = 4e-4, lr_max: float = 
         >>> add_regularizer_grad(model, gamma=4e-4, lr_max=3e-5)
         >>> optimizer.step()
     """
-    if lr_max <= 0:
-        raise ValueError(f"lr_max must be positive, got {lr_max}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be non-negative, got {gamma}")
+    check_knob("gamma", gamma, required=True)  # NaN/Inf would poison every adapter's gradient
+    check_knob("lr_max", lr_max, required=True)
     return _ops.ortho_value_and_grad_(adapter_matrices(model), gamma / lr_max)

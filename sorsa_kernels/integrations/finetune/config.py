@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ...nn.knobs import check_knob
 from ..embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
 
 #: Prompt layout for models without a chat template (Alpaca-style).
@@ -111,29 +112,83 @@ class FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: How the checks name each numeric knob: its command-line option (without the dashes).
+KNOB_LABELS = {
+    "rank": "rank", "alpha": "alpha", "gamma": "gamma", "learning_rate": "learning-rate",
+    "num_train_epochs": "epochs", "max_steps": "max-steps", "per_device_train_batch_size": "batch-size",
+    "gradient_accumulation_steps": "grad-accum", "max_length": "max-length", "warmup_ratio": "warmup-ratio",
+    "weight_decay": "weight-decay", "max_grad_norm": "max-grad-norm", "seed": "seed",
+    "logging_steps": "logging-steps", "eval_steps": "eval-steps", "save_steps": "save-steps",
+    "save_total_limit": "save-total-limit", "eval_fraction": "eval-fraction", "eval_samples": "eval-samples",
+    "eval_batch_size": "eval-batch-size", "max_new_tokens": "max-new-tokens", "pretrain_steps": "pretrain-steps",
+}
+#: Characters that make a single ``--target-modules`` argument a regular expression.
+REGEX_CHARS = "*()[]|\\^$+?{}"
+
+
+def check_knobs(cfg: FinetuneConfig) -> None:
+    """Every numeric setting against the one rule table (:mod:`sorsa_kernels.nn.knobs`): finite, in range."""
+    for name, label in KNOB_LABELS.items():
+        check_knob(name, getattr(cfg, name), label)
+
+
+def target_spec(cfg: FinetuneConfig):
+    """``--target-modules`` as :func:`sorsa_kernels.apply_sorsa` takes it: None, a list of names,
+    or (one argument holding regex characters) a regular expression, checked to compile."""
+    targets = list(cfg.target_modules) if cfg.target_modules else None
+    if targets is not None and len(targets) == 1 and any(c in targets[0] for c in REGEX_CHARS):
+        from ..surgery import compile_target_regex
+
+        try:
+            compile_target_regex(targets[0])
+        except ValueError as e:
+            raise ValueError("--target-modules" + str(e)[len("target_modules"):]) from None
+        return targets[0]
+    return targets
+
+
+def check_prompt_template(template: str) -> None:
+    """Raise a one-line ValueError unless ``template`` formats with ``prompt`` alone."""
+    if "{prompt}" not in template:
+        raise ValueError(f"prompt template must contain {{prompt}}, got {template!r}")
+    try:
+        template.format(prompt="")
+    except KeyError as e:
+        raise ValueError(
+            f"prompt template {template!r} has the unknown placeholder {{{e.args[0]}}}; only {{prompt}} is "
+            "filled in (write {{ and }} for literal braces)"
+        ) from None
+    except (IndexError, ValueError) as e:
+        raise ValueError(
+            f"prompt template {template!r} is not a valid format string ({e}); write {{{{ and }}}} for literal braces"
+        ) from None
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a ``--model`` value is meant as a local folder rather than a Hub id ("org/name")."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or Path(name).exists())
+
+
+def check_model_path(name: str) -> None:
+    """Raise ``cannot load model: no such model folder: PATH`` for a local path that does not exist."""
+    if name != EMBEDDED_NAME and looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(f"cannot load model: no such model folder: {name}")
+        if not path.is_dir():
+            raise ValueError(f"cannot load model: {name} is a file, not a model folder")
+
+
 def check_config(cfg: FinetuneConfig) -> None:
-    """Raise a one-line ValueError for the first bad setting of a resolved config."""
+    """Raise a one-line ValueError for the first bad setting of a resolved config.
+
+    Runs before any data or model is loaded: numbers (finite, in range), names, dtypes,
+    the prompt template, the target-module regex, the model folder and the checkpoint.
+    """
     from transformers import SchedulerType
 
-    def positive(name, value, kind=int):
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"{name} must be a positive {kind.__name__}, got {value}")
-
-    for name in ("rank", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                 "logging_steps", "eval_steps", "save_steps", "eval_batch_size", "max_new_tokens"):
-        positive(name.replace("_", "-"), getattr(cfg, name))
-    positive("learning-rate", cfg.learning_rate, float)
-    if cfg.max_steps is not None and (cfg.max_steps == 0 or cfg.max_steps < -1):
-        raise ValueError(f"max-steps must be positive (or -1 for epochs), got {cfg.max_steps}")
-    if cfg.pretrain_steps is not None and cfg.pretrain_steps < 0:
-        raise ValueError(f"pretrain-steps must be non-negative, got {cfg.pretrain_steps}")
-    positive("epochs", cfg.num_train_epochs, float)
-    if cfg.gamma < 0:
-        raise ValueError(f"gamma must be non-negative, got {cfg.gamma}")
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ValueError(f"warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.eval_samples < 0:
-        raise ValueError(f"eval-samples must be non-negative, got {cfg.eval_samples}")
+    check_knobs(cfg)
     schedulers = [s.value for s in SchedulerType]
     if cfg.lr_scheduler_type not in schedulers:
         raise ValueError(f"unknown scheduler {cfg.lr_scheduler_type!r}; allowed: {', '.join(schedulers)}")
@@ -149,14 +204,15 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("--eval-data needs --data (the embedded data set brings its own held-out split)")
     if not cfg.embedded and cfg.data is None:
         raise ValueError(f"--model {cfg.model} needs --data FILE (.jsonl, .json or .parquet)")
-    if "{prompt}" not in cfg.prompt_template:
-        raise ValueError(f"prompt template must contain {{prompt}}, got {cfg.prompt_template!r}")
+    check_prompt_template(cfg.prompt_template)
+    target_spec(cfg)
     if cfg.fsdp and not distributed():
         raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m sorsa_kernels.cli")
     if cfg.fsdp and not torch.cuda.is_available():
         raise ValueError(FSDP_CPU_MESSAGE)
     if cfg.resume_from_checkpoint not in (None, "last") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise ValueError(f"checkpoint folder {cfg.resume_from_checkpoint} does not exist")
+    check_model_path(cfg.model)
 
 
 # accelerate (1.15) builds its FSDP plugin only for GPU-like devices; for a CPU (gloo) launch it

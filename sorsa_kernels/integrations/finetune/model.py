@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..embedded import EMBEDDED_NAME, PRETRAIN_STEPS, build_embedded
-from .config import DTYPES, FinetuneConfig, is_main_process
+from .config import DTYPES, FinetuneConfig, check_model_path, is_main_process, target_spec
 
 
 def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0, progress: bool = True,
@@ -26,10 +26,11 @@ def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0,
         return build_embedded(pretrain_steps=steps, seed=0, progress=progress)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # OSError, ValueError, SafetensorError (truncated weights), …
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {name!r}: {first}") from None
     if tokenizer.pad_token_id is None:
@@ -54,7 +55,4 @@ def apply_config_sorsa(model, cfg: FinetuneConfig):
                 f"--quantize {cfg.quantize} needs QSORSA (sorsa_kernels.nn.qlinear), which this installation lacks"
             ) from None
         kwargs["quantize"] = cfg.quantize
-    targets = list(cfg.target_modules) if cfg.target_modules else None
-    if targets is not None and len(targets) == 1 and any(c in targets[0] for c in "*()[]|\\^$"):
-        targets = targets[0]  # one argument with regex characters: a regular expression
-    return apply_sorsa(model, cfg.rank, targets, **kwargs)
+    return apply_sorsa(model, cfg.rank, target_spec(cfg), **kwargs)

@@ -3,10 +3,14 @@
 :class:`FinetuneResult` describes a finished run; :func:`save_outputs` writes
 ``adapter/``, ``base/`` (embedded default) and ``merged/`` — gathering FSDP2 shards
 first, or rebuilding the model from the saved adapter when it is sharded — and
-:func:`write_metrics` the JSON report.  Only the main process writes.
+:func:`write_metrics` the JSON report, last, as the mark of a finished run.  Only the
+main process writes.  Each artifact is written to a hidden temporary sibling and renamed
+into place whole (:mod:`sorsa_kernels.integrations.atomic`); a failed write (a full disk,
+a kill) leaves the earlier artifact, and is reported as one line naming the artifact.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,27 @@ def fsdp_modules(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+class OutputError(OSError):
+    """An artifact could not be written; the message names it and says why, in one line."""
+
+
+@contextlib.contextmanager
+def publishing(final: Path):
+    """``atomic_dir(final)`` (``atomic_file`` for a ``.json``) with any failure turned into one
+    :class:`OutputError` line ``cannot write FINAL: reason``."""
+    from ..atomic import atomic_dir, atomic_file
+
+    writer = atomic_file if final.suffix == ".json" else atomic_dir
+    try:
+        with writer(final) as tmp:
+            yield tmp
+    except OutputError:
+        raise
+    except Exception as e:  # OSError (ENOSPC …), SafetensorError, RuntimeError from a writer
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split()) or type(e).__name__
+        raise OutputError(f"cannot write {final}: {reason}; the previous {final.name} (if any) is unchanged") from e
+
+
 def save_outputs(trainer, tokenizer, cfg: FinetuneConfig, result: FinetuneResult, base_copy, train_out) -> None:
     """Write ``adapter/``, ``base/`` (embedded default) and ``merged/``; only rank 0 writes."""
     from ..adapter_io import save_adapter
@@ -54,10 +79,12 @@ def save_outputs(trainer, tokenizer, cfg: FinetuneConfig, result: FinetuneResult
     try:
         if trainer.is_world_process_zero():
             base_name = None if cfg.embedded else cfg.model
-            save_adapter(model, result.adapter_dir, base_model_name_or_path=base_name)
+            with publishing(result.adapter_dir) as tmp:
+                save_adapter(model, tmp, base_model_name_or_path=base_name)
             if base_copy is not None:
-                base_copy.save_pretrained(result.base_dir)
-                tokenizer.save_pretrained(result.base_dir)
+                with publishing(result.base_dir) as tmp:
+                    base_copy.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
     finally:
         for m in fsdp:
             m.reshard()
@@ -78,8 +105,9 @@ def _save_merged(trainer, tokenizer, result: FinetuneResult, fsdp) -> None:
     else:
         model = trainer.model
     merge_sorsa(model)
-    model.save_pretrained(result.merged_dir)
-    tokenizer.save_pretrained(result.merged_dir)
+    with publishing(result.merged_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _reload_for_merge(trainer, result: FinetuneResult):
@@ -104,5 +132,5 @@ def write_metrics(result: FinetuneResult) -> None:
         "total_runtime_s": result.total_runtime_s,
         "settings": result.settings,
     }
-    result.output_dir.mkdir(parents=True, exist_ok=True)
-    (result.output_dir / "metrics.json").write_text(json.dumps(data, indent=2, default=str))
+    with publishing(result.output_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))

@@ -9,6 +9,7 @@ orthonormal regularizer after clipping), evaluate again and hand over to
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,17 @@ import torch
 
 from ..data import arithmetic_problems, load_records, split_records
 from .config import (
-    EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, check_config, check_output_dir,
-    distributed, is_main_process,
+    EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, check_config, distributed,
+    is_main_process,
 )
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .evaluation import default_max_new_tokens, evaluate, metrics_line
 from .model import apply_config_sorsa, load_base
 from .outputs import FinetuneResult, save_outputs, write_metrics
+from .rundir import (
+    CHECKPOINTS, METRICS_FILE, base_fingerprint, check_resume_matches, check_run_folder, claim_default_output_dir,
+    OutputState, cleanup_failed_run, resolve_resume, run_recorder,
+)
 
 
 def training_arguments(cfg: FinetuneConfig, trainer_dir: Path, has_eval: bool):
@@ -84,7 +89,10 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     ``merged/`` (the merged model and tokenizer, loadable with ``AutoModelForCausalLM``
     and ``AutoTokenizer``), ``base/`` (embedded default only: the pretrained base, so
     ``merge``/``analyze`` can use it), ``checkpoints/`` (when ``save_steps`` is set) and
-    ``metrics.json``.  Every input is checked before anything is written.
+    ``metrics.json``.  Every input is checked before anything is written; each artifact
+    is published whole (a temporary sibling renamed into place), ``metrics.json`` last;
+    what a rerun or ``resume_from_checkpoint`` may do with an existing folder, and how a
+    failed run leaves it, is in :mod:`.rundir`.
 
     Example::
 
@@ -107,13 +115,20 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
 def _run(cfg: FinetuneConfig) -> FinetuneResult:
     t_start = time.perf_counter()
-    if cfg.output_dir is None:
-        if distributed():
-            raise ValueError("pass --output-dir when running under torchrun (every process must agree on it)")
-        cfg.output_dir = time.strftime("sorsa-output-%Y%m%d-%H%M%S")
-    out = Path(cfg.output_dir)
-    check_output_dir(out, allow_existing=cfg.resume_from_checkpoint is not None or distributed(),
-                     hint=" --output-dir (or pass --resume-from-checkpoint to continue the run there)")
+    if cfg.output_dir is None and distributed():
+        raise ValueError("pass --output-dir when running under torchrun (every process must agree on it)")
+    out = Path(cfg.output_dir) if cfg.output_dir is not None else None
+    # Every rank checks before anything is written (rank 0 is the only one that writes).
+    if out is not None:
+        ckpt = check_run_folder(out, cfg.resume_from_checkpoint)
+    elif cfg.resume_from_checkpoint == "last":
+        raise ValueError("--resume-from-checkpoint last needs the run's --output-dir")
+    elif cfg.resume_from_checkpoint is not None:
+        ckpt = resolve_resume(cfg.resume_from_checkpoint, Path("."), OutputState(Path("."), "absent"))
+    else:
+        ckpt = None
+    if ckpt is not None:
+        check_resume_matches(ckpt, cfg)  # settings first: cheap, before any model is loaded
 
     # ---- data (checked before the model is loaded: it is cheaper)
     if cfg.data is not None:
@@ -128,6 +143,9 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
 
     # ---- model, tokenizer, surgery (rank/target errors surface here, before any write)
     model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress and is_main_process())
+    fingerprint = base_fingerprint(model)
+    if ckpt is not None:
+        check_resume_matches(ckpt, cfg, fingerprint)
     base_copy = None
     if cfg.embedded:
         import copy
@@ -140,11 +158,45 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
+    # ---- from here on the run writes: claim the folder, and tidy it if the run fails
+    if out is None:
+        out = claim_default_output_dir()
+        cfg.output_dir, created = str(out), True
+    else:
+        created = not out.exists()
+    try:
+        return _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows,
+                               use_chat, fingerprint, t_start)
+    except BaseException:
+        if is_main_process():
+            cleanup_failed_run(out, created)
+        raise
+
+
+def _check_finite(model, losses, step: int) -> None:
+    """Refuse to publish a diverged adapter (NaN/Inf factors or loss)."""
+    from ..surgery import sorsa_layers
+
+    for name, layer in sorsa_layers(model).items():
+        for label, p in zip("USV", layer.adapter_parameters()):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"training diverged: {name}.{label} holds NaN/Inf after step {step}; nothing was saved "
+                    "(lower --lr, raise --warmup-ratio, or check --alpha/--gamma)"
+                )
+    bad = [(s, v) for s, v in losses if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"training diverged: the loss is {bad[0][1]} at step {bad[0][0]}; nothing was saved "
+                         "(lower --lr, raise --warmup-ratio, or check --alpha/--gamma)")
+
+
+def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows, use_chat,
+                    fingerprint, t_start) -> FinetuneResult:
     from transformers import Trainer
 
     from ..trainer import SORSACallback
 
-    trainer_dir = out / "checkpoints"
+    trainer_dir = out / CHECKPOINTS
     args = training_arguments(cfg, trainer_dir, eval_ex is not None)
     train_ds = ListDataset(train_ex)
     eval_ds = ListDataset(eval_ex) if eval_ex is not None else None
@@ -157,6 +209,7 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
         # drops it silently and would run plain DDP.  Say so instead of pretending.
         raise ValueError(FSDP_CPU_MESSAGE)
     SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
+    trainer.add_callback(run_recorder(cfg, fingerprint))
 
     em_rows = held_rows[: cfg.eval_samples] if held_rows else []
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, em_rows)
@@ -166,22 +219,24 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
         print(metrics_line("before fine-tuning", before), flush=True)
 
     t_train = time.perf_counter()
-    resume = cfg.resume_from_checkpoint
-    if resume == "last":
-        resume = True
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     train_runtime = time.perf_counter() - t_train
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    _check_finite(trainer.model, losses, trainer.state.global_step)
     after = evaluate(trainer, trainer.model, tokenizer, eval_ds, em_rows, cfg, use_chat, max_new)
     if after and trainer.is_world_process_zero():
         print(metrics_line("after fine-tuning", after), flush=True)
 
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     result = FinetuneResult(
         output_dir=out, adapter_dir=out / "adapter", merged_dir=out / "merged",
         base_dir=(out / "base") if cfg.embedded else None, before=before, after=after,
         train_losses=losses, train_runtime_s=train_runtime, total_runtime_s=0.0,
         settings={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra_training_args"},
     )
+    if trainer.is_world_process_zero():
+        # Resuming a finished run replaces its results: drop the finished mark first, so a
+        # failure part-way leaves a resumable run, never old metrics beside new artifacts.
+        (out / METRICS_FILE).unlink(missing_ok=True)
     save_outputs(trainer, tokenizer, cfg, result, base_copy, train_out)
     result.total_runtime_s = time.perf_counter() - t_start
     if trainer.is_world_process_zero():

@@ -1,0 +1,136 @@
+"""One rule table for every numeric knob, shared by the API and the command line.
+
+Each knob (``alpha``, ``gamma``, ``lr_max``, ``learning_rate``, ``dropout``, batch sizes,
+step counts, …) has one :class:`Rule`: integer or real, finite, and a range.
+:func:`check_knob` applies it and raises a one-line error naming the knob, what is allowed
+and the value given.  :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`,
+:func:`sorsa_kernels.apply_sorsa`, :func:`sorsa_kernels.add_regularizer_grad`,
+:class:`sorsa_kernels.SORSACallback` and the finetune job's config check all call it, so
+``--alpha 0`` on the command line and ``alpha=0.0`` in Python fail the same way, before
+any model is loaded or any weight is touched.
+
+Example::
+
+    >>> check_knob("alpha", 0.0)
+    Traceback (most recent call last):
+    ValueError: alpha must be a positive finite number, got 0.0
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = ["Rule", "KNOBS", "check_knob", "check_knobs"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a knob accepts: an ``integer`` or a real number, finite, in ``[low, high]``
+    (``low_open`` / ``high_open`` exclude the end), or one of ``also`` (e.g. ``-1``).
+
+    ``optional`` lets ``None`` through (meaning "the default").  ``text`` is what the error
+    message says is allowed (``"must be <text>"``).
+    """
+
+    text: str
+    integer: bool = False
+    low: Optional[float] = None
+    low_open: bool = False
+    high: Optional[float] = None
+    high_open: bool = False
+    also: tuple = ()
+    optional: bool = True
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is allowed (``None`` only when the knob is optional)."""
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if self.integer and not isinstance(value, numbers.Integral):
+            return False
+        if value in self.also:
+            return True
+        if not math.isfinite(float(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+
+_POSITIVE = Rule("a positive finite number", low=0.0, low_open=True)
+_NON_NEGATIVE = Rule("a non-negative finite number", low=0.0)
+_COUNT = Rule("a positive integer", integer=True, low=1)
+_NON_NEGATIVE_COUNT = Rule("a non-negative integer", integer=True, low=0)
+_FRACTION = Rule("in [0, 1)", low=0.0, high=1.0, high_open=True)
+
+#: Every numeric knob by its Python name (API argument or ``FinetuneConfig`` field).
+KNOBS: dict[str, Rule] = {
+    # the adapter
+    "rank": _COUNT,
+    "alpha": _POSITIVE,
+    "dropout": _FRACTION,
+    "niter": _NON_NEGATIVE_COUNT,
+    "oversample": _NON_NEGATIVE_COUNT,
+    "quant_iters": _NON_NEGATIVE_COUNT,
+    # the regularizer
+    "gamma": _NON_NEGATIVE,
+    "lr_max": _POSITIVE,
+    # the optimizer and schedule
+    "learning_rate": _POSITIVE,
+    "num_train_epochs": _POSITIVE,
+    "max_steps": Rule("positive (or -1 for epochs)", integer=True, low=1, also=(-1,)),
+    "warmup_ratio": _FRACTION,
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": Rule("a non-negative finite number (0: no clipping)", low=0.0),
+    "per_device_train_batch_size": _COUNT,
+    "gradient_accumulation_steps": _COUNT,
+    "eval_batch_size": _COUNT,
+    "max_length": _COUNT,
+    # logging, evaluation, saving
+    "logging_steps": _COUNT,
+    "eval_steps": _COUNT,
+    "save_steps": _COUNT,
+    "save_total_limit": _COUNT,
+    "eval_fraction": _FRACTION,
+    "eval_samples": _NON_NEGATIVE_COUNT,
+    "max_new_tokens": _COUNT,
+    "pretrain_steps": _NON_NEGATIVE_COUNT,
+    "seed": Rule("an integer in [0, 2**32)", integer=True, low=0, high=2**32, high_open=True),
+}
+
+
+def check_knob(name: str, value: Any, label: Optional[str] = None, required: bool = False) -> None:
+    """Raise a ValueError (TypeError for a non-number) unless ``value`` satisfies ``KNOBS[name]``.
+
+    ``label`` is how the message names the knob (default ``name``; the command line
+    passes its option name, e.g. ``"learning-rate"``).  ``None`` passes (it means "the
+    default") unless ``required``.
+
+    Example::
+
+        >>> check_knob("learning_rate", float("nan"), "learning-rate")
+        Traceback (most recent call last):
+        ValueError: learning-rate must be a positive finite number, got nan
+    """
+    rule = KNOBS[name]
+    if rule.accepts(value) and not (required and value is None):
+        return
+    label = label or name
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"{label} must be {rule.text}, got {type(value).__name__} {value!r}")
+    if rule.integer and value is not None and not isinstance(value, numbers.Integral):
+        raise TypeError(f"{label} must be {rule.text}, got {type(value).__name__} {value!r}")
+    if value is None:
+        raise TypeError(f"{label} must be {rule.text}, got None")
+    raise ValueError(f"{label} must be {rule.text}, got {value!r}")
+
+
+def check_knobs(**values: Any) -> None:
+    """:func:`check_knob` for each ``name=value`` (messages use the Python names)."""
+    for name, value in values.items():
+        check_knob(name, value)
