@@ -324,11 +324,13 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor
         if not w_path.is_file():
             if cfg_path.is_file():
                 raise FileNotFoundError(f"adapter weights {w_path} do not exist (only {CONFIG_NAME} is there)")
-            raise FileNotFoundError(f"no adapter in {path}: neither {WEIGHTS_NAME} nor {CONFIG_NAME} exists")
+            raise FileNotFoundError(f"no adapter in {path}: {w_path} does not exist and {cfg_path} does not exist")
     elif path.is_file():
         w_path, cfg_path = path, None
     else:
-        raise FileNotFoundError(f"adapter {path} does not exist")
+        raise FileNotFoundError(
+            f"no adapter at {path}: {path / WEIGHTS_NAME} does not exist and {path / CONFIG_NAME} does not exist"
+        )
     try:
         with safe_open(w_path, "pt") as f:
             metadata = f.metadata() or {}
