@@ -197,7 +197,8 @@ def test_tensor_with_wrong_rank_is_rejected(saved):
         t["b.S0"] = t["b.S0"][:2].contiguous()
 
     _rewrite(saved, tensors_fn=cut)
-    with pytest.raises(AdapterError, match=r"layer b: tensor S0 has shape \(2,\) but the config .*rank=3\) needs \(3,\)"):
+    msg = r"layer b: tensor S0 has shape \(2,\) but the config .*rank=3\) needs \(3,\)"
+    with pytest.raises(AdapterError, match=msg):
         read_adapter(saved)
 
 
@@ -206,7 +207,8 @@ def test_in_features_that_disagree_with_the_base_layer_are_rejected(saved):
 
     other = base()
     other.a = nn.Linear(20, 12)
-    with pytest.raises(AdapterError, match=r"layer a has weight shape \(12, 20\) but the adapter was trained on \(12, 16\)"):
+    msg = r"layer a has weight shape \(12, 20\) but the adapter was trained on \(12, 16\)"
+    with pytest.raises(AdapterError, match=msg):
         load_adapter(other, saved)
     assert not isinstance(other.b, SORSALinear)  # nothing changed before the error
 
@@ -240,7 +242,8 @@ def test_missing_tensor_is_rejected_naming_it(saved):
 def test_non_floating_factors_are_rejected_not_cast(saved, dtype):
     _rewrite(saved, tensors_fn=lambda t: t.update({"a.U": t["a.U"].to(dtype)}))
     name = str(dtype).replace("torch.", "")
-    with pytest.raises(AdapterError, match=rf"layer a: tensor U has dtype {name}; adapter factors must be floating point"):
+    msg = rf"layer a: tensor U has dtype {name}; adapter factors must be floating point"
+    with pytest.raises(AdapterError, match=msg):
         load_adapter(base(), saved)
 
 
@@ -294,7 +297,8 @@ def test_file_that_is_not_safetensors_is_rejected(saved):
 
 
 def test_missing_adapter_names_both_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"adapter.safetensors does not exist and .*adapter_config.json does not exist"):
+    msg = r"adapter.safetensors does not exist and .*adapter_config.json does not exist"
+    with pytest.raises(FileNotFoundError, match=msg):
         read_adapter(tmp_path / "nowhere")
 
 

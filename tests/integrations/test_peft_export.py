@@ -41,3 +41,15 @@ def test_lora_factors_give_the_weight_update(token_ids):
     want = layer.U.detach() @ torch.diag(layer.S.detach()) @ layer.V.detach().T - U0 @ torch.diag(S0) @ V0.T
     assert A.shape == (16, 64) and B.shape == (96, 16)
     assert rel_err(B @ A, want) < 1e-5
+
+
+def test_export_over_a_previous_export_replaces_it_whole(token_ids, tmp_path):
+    model = build_tiny_llama()
+    apply_sorsa(model, 8, progress=False)
+    export_peft_lora(model, tmp_path / "lora")
+    train_steps(model, token_ids, steps=2)
+    expected = model(token_ids).logits
+    export_peft_lora(model, tmp_path / "lora")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no temporary or old folder left
+    lora = peft.PeftModel.from_pretrained(build_tiny_llama(), tmp_path / "lora").eval()
+    assert rel_err(lora(token_ids).logits, expected) < 1e-4
