@@ -49,7 +49,8 @@ def _add_finetune(sub) -> None:
     g.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
     g.add_argument("--response-field", default="response", help="name of the response field (default: response)")
     g.add_argument("--prompt-template", help="layout for tokenizers without a chat template; must contain {prompt}")
-    g.add_argument("--output-dir", help="where to write adapter/, merged/ … (default: ./sorsa-output-<time>)")
+    g.add_argument("--output-dir", help="where to write adapter/, merged/ … (default: a new ./sorsa-output-<time>[-N]); "
+                        "refused if it holds anything but an unfinished run's leftovers")
     g = p.add_argument_group("SORSA")
     g.add_argument("--rank", type=int, help="adapter rank r (default: 128; embedded 16)")
     g.add_argument("--target-modules", nargs="+", metavar="NAME",
@@ -79,7 +80,9 @@ def _add_finetune(sub) -> None:
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     g.add_argument("--resume-from-checkpoint", metavar="DIR",
-                   help="continue from a checkpoint folder (or 'last': the newest under OUTPUT/checkpoints)")
+                   help="continue from a complete checkpoint folder (or 'last': the newest under "
+                        "OUTPUT/checkpoints) with the same model, rank, targets, alpha and dtypes; writes into a "
+                        "new --output-dir or the checkpoint's own run folder, never another run's")
     g = p.add_argument_group("logging, evaluation, saving")
     g.add_argument("--logging-steps", type=int, help="log every N steps (default: 10; embedded 25)")
     g.add_argument("--eval-steps", type=int, help="held-out loss every N steps (default: only before and after)")

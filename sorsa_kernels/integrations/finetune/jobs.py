@@ -2,7 +2,7 @@
 
 :func:`merge_job`, :func:`export_lora_job` and :func:`analyze_job` load a base model and
 an adapter (the adapter checked first, as it is cheaper) and merge it, export it as a
-PEFT LoRA adapter, or measure ΔΣ/ΔD per layer; :func:`plot_drift` draws the paper's
+PEFT LoRA adapter (each output published whole, by one rename), or measure ΔΣ/ΔD per layer; :func:`plot_drift` draws the paper's
 Figure 2 from that; :func:`shutdown_distributed` ends a torchrun process group cleanly.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from .config import check_output_dir
 from .model import load_base
+from .outputs import publishing
 
 
 def _load_with_adapter(base: str, adapter: str, progress: bool = False):
@@ -37,8 +38,9 @@ def merge_job(base: str, adapter: str, output: str, progress: bool = False) -> P
     check_output_dir(out)
     model, tokenizer = _load_with_adapter(base, adapter, progress)
     merge_sorsa(model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with publishing(out) as tmp:  # whole or not at all: never a folder with only config.json
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -54,7 +56,8 @@ def export_lora_job(base: str, adapter: str, output: str, progress: bool = False
     out = Path(output)
     check_output_dir(out)
     model, _ = _load_with_adapter(base, adapter, progress)
-    export_peft_lora(model, out)
+    with publishing(out) as tmp:
+        export_peft_lora(model, tmp)
     return out
 
 
@@ -123,8 +126,11 @@ def plot_drift(drift: Sequence[tuple[str, dict[str, Any]]], path: str) -> Path:
     ax.set_title("SORSA: drift from the pretrained weights")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        with publishing(out, file=True) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 

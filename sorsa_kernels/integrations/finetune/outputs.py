@@ -52,12 +52,13 @@ class OutputError(OSError):
 
 
 @contextlib.contextmanager
-def publishing(final: Path):
-    """``atomic_dir(final)`` (``atomic_file`` for a ``.json``) with any failure turned into one
+def publishing(final: Path, file: bool = False):
+    """``atomic_dir(final)`` (``atomic_file`` when ``file``) with any failure turned into one
     :class:`OutputError` line ``cannot write FINAL: reason``."""
     from ..atomic import atomic_dir, atomic_file
 
-    writer = atomic_file if final.suffix == ".json" else atomic_dir
+    final = Path(final)
+    writer = atomic_file if file else atomic_dir
     try:
         with writer(final) as tmp:
             yield tmp
@@ -132,5 +133,5 @@ def write_metrics(result: FinetuneResult) -> None:
         "total_runtime_s": result.total_runtime_s,
         "settings": result.settings,
     }
-    with publishing(result.output_dir / "metrics.json") as tmp:
+    with publishing(result.output_dir / "metrics.json", file=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))

@@ -240,8 +240,9 @@ def cleanup_failed_run(out: Path, created: bool) -> None:
 
 
 def base_fingerprint(model) -> str:
-    """A short hash of a base model's weights (names, shapes, dtypes and a strided sample of
-    values), cheap even for a 7B model; equal bases give equal fingerprints."""
+    """A short hash of a base model's weights: names, shapes, dtypes, each tensor's float64 sum
+    (one read of every weight, no copy) and a strided sample of its values.  Equal bases give
+    equal fingerprints; a base changed anywhere (another fine-tune, other pretraining) differs."""
     import torch
 
     h = hashlib.sha256()
@@ -250,6 +251,7 @@ def base_fingerprint(model) -> str:
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
             if p.device.type == "meta" or p.numel() == 0:
                 continue
+            h.update(repr(float(torch.sum(p.detach(), dtype=torch.float64))).encode())
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 1024)
             h.update(flat[::step][:1024].to("cpu", torch.float32).numpy().tobytes())
