@@ -20,8 +20,10 @@ Example::
 The job is split by what changes together: :mod:`.config` (the config and its checks),
 :mod:`.encoding` (tokenization and batching), :mod:`.model` (loading the base and
 applying SORSA), :mod:`.evaluation` (held-out loss, exact match), :mod:`.training`
-(the Trainer run), :mod:`.outputs` (adapter, merged model, metrics.json) and
-:mod:`.jobs` (merge, export-lora, analyze).  This module re-exports their public names.
+(the Trainer run), :mod:`.outputs` (adapter, merged model, metrics.json, each published
+whole), :mod:`.rundir` (the output folder's states: what a rerun or a resume may do with
+it, checkpoint records, default names, tidying after a failure) and :mod:`.jobs` (merge,
+export-lora, analyze).  This module re-exports their public names.
 """
 from __future__ import annotations
 

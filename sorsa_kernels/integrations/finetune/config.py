@@ -2,9 +2,10 @@
 
 :class:`FinetuneConfig` is everything ``sorsa-kernels finetune`` accepts, with ``None``
 meaning "the default for this model" (:data:`PAPER_DEFAULTS` for a real model,
-:data:`EMBEDDED_DEFAULTS` for the embedded one).  :func:`check_config` and
-:func:`check_output_dir` reject bad input with one-line ValueErrors before anything is
-loaded or written; :func:`distributed` and :func:`is_main_process` read the torchrun
+:data:`EMBEDDED_DEFAULTS` for the embedded one).  :func:`check_config` (every numeric
+knob against the rule table of :mod:`sorsa_kernels.nn.knobs`, names, dtypes, the prompt
+template, the target regex, the model folder) and :func:`check_output_dir` reject bad
+input with one-line ValueErrors before anything is loaded or written; :func:`distributed` and :func:`is_main_process` read the torchrun
 environment.  A new knob starts here (field, default, check) and in the CLI's parser.
 """
 from __future__ import annotations
