@@ -256,6 +256,9 @@ def test_kill_while_writing_merged_leaves_the_previous_merged_loadable(finished,
     assert (out / "merged" / "model.safetensors").read_bytes() == before
     AutoModelForCausalLM.from_pretrained(out / "merged")  # still loads
     assert any(n.startswith(".merged.tmp-") for n in _hidden(out))  # the killed writer's temporary
+    assert R.inspect_output_dir(out).kind == "resumable"
+    assert main(["finetune", "--output-dir", str(out), "--resume-from-checkpoint", "last", *FAST]) == 0
+    assert _hidden(out) == [] and (out / "metrics.json").is_file()
 
 
 # ---------------------------------------------------------------------- resume refusals
