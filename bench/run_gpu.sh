@@ -79,7 +79,7 @@ case "$mode" in
         [[ "$compiled_loop" == 1 ]] && marker="quick"
         bench_args=(bench/bench_linear.py bench/bench_regularizer.py -m "$marker")
         if [[ "$skip_tests" == 0 ]]; then
-            test_cmd=("$python" -m pytest tests -m gpu -p bench.gpu_marker -q -rs -p no:cacheprovider)
+            test_cmd=("$python" -m pytest tests -m gpu -p bench.gpu_marker -p bench.quick_autotune -q -rs -p no:cacheprovider)
         fi
         ;;
 esac

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from bench import bench_linear, harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +68,19 @@ def test_gpu_marker_plugin_selects_marked_and_cuda_only_tests(tmp_path: Path):
     collected = sorted(line for line in proc.stdout.splitlines() if "::" in line)
     assert collected == ["test_sample.py::test_cuda_only", "test_sample.py::test_marked",
                          "test_sample.py::test_param[bf16]"]
+
+
+def test_quick_autotune_makes_the_benchmarker_short():
+    pytest.importorskip("triton")
+    from bench import quick_autotune
+
+    class FakeDriver:
+        def get_benchmarker(self):
+            raise AssertionError("replaced")
+
+    drv = FakeDriver()
+    assert quick_autotune.install(drv)
+    bench = drv.get_benchmarker()
+    assert bench.keywords == {"warmup": quick_autotune.WARMUP_MS, "rep": quick_autotune.REP_MS}
+    assert bench.func.__name__ == "do_bench"
+    assert not quick_autotune.install(object())  # a Triton without get_benchmarker: left alone
