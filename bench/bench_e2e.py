@@ -56,6 +56,8 @@ def _adapt(provider: str, model: torch.nn.Module, rank: int, dtype: torch.dtype)
         from sorsa_kernels import add_regularizer_grad
 
         apply_sorsa = _import_apply_sorsa()
+        if provider == "qsorsa":
+            providers.check_available("qsorsa")  # bitsandbytes quantizes the residuals
         # Randomized SVD and no quantization report only to build faster; neither changes what is timed.
         kwargs = dict(svd="randomized", progress=False)
         if provider == "qsorsa":
@@ -64,6 +66,8 @@ def _adapt(provider: str, model: torch.nn.Module, rank: int, dtype: torch.dtype)
             apply_sorsa(model, rank, TARGETS, **kwargs)
         except NotImplementedError as exc:
             raise providers.Unavailable(f"{provider}: apply_sorsa raised NotImplementedError ({exc})") from exc
+        except ImportError as exc:  # a library apply_sorsa imports lazily is missing
+            raise providers.Unavailable(f"{provider}: apply_sorsa needs a library missing here ({exc})") from exc
         return model, (lambda: add_regularizer_grad(model, gamma=providers.GAMMA, lr_max=providers.LR))
     providers.check_available(provider)  # lora / qlora: peft, and CUDA + bitsandbytes for qlora
     from peft import get_peft_model

@@ -10,7 +10,8 @@ Modes (x requires grad in every mode, as for any layer inside a network):
   AdamW step.  The frozen floor has nothing to update: its step is forward and backward.
 
 ``-m issue3`` selects issue 3's benchmark (forward and forward+backward of frozen,
-sorsa_fused, sorsa_reference, lora and dense at the Llama-7B shapes on GPU).
+sorsa_fused, sorsa_reference, lora and dense at the Llama-7B shapes on GPU); ``-m quick``
+the fused-layer targets of ``bash bench/run_gpu.sh --quick`` (see :func:`_is_quick`).
 """
 from __future__ import annotations
 
@@ -26,11 +27,33 @@ pytestmark = harness.timer_marks()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ISSUE3_PROVIDERS = ("frozen", "sorsa_fused", "sorsa_reference", "lora", "dense")
 ISSUE3_MODES = ("forward", "fwd_bwd")
+QUICK_PROVIDERS = ("frozen", "sorsa_fused", "lora")
+QUICK_QUANT_PROVIDERS = ("qsorsa", "qlora")
 
 
 def _is_issue3(provider: str, mode: str, shape: tuple[int, int], grid: harness.Grid) -> bool:
     shapes_ok = shape in harness.LLAMA_7B_SHAPES if grid.name == "gpu" else True
     return provider in ISSUE3_PROVIDERS and mode in ISSUE3_MODES and shapes_ok
+
+
+def _quick_rank(grid: harness.Grid) -> int:
+    return min(grid.ranks, key=lambda r: (abs(r - 64), r))
+
+
+def _is_quick(provider: str, mode: str, tokens: int, shape: tuple[int, int], rank: int, grid: harness.Grid) -> bool:
+    """The ``quick`` subset (``bash bench/run_gpu.sh --quick``): the fused-layer targets.
+
+    fwd+bwd at the grid's first M, of ``frozen``/``sorsa_fused``/``lora`` on the first two
+    shapes at the two largest ranks (GPU: M 4096, 4096×4096 and 4096×11008, r 64 and 128),
+    and of ``qsorsa``/``qlora`` on the first shape at the rank closest to 64.
+    """
+    if mode != "fwd_bwd" or tokens != grid.tokens[0]:
+        return False
+    if provider in QUICK_PROVIDERS:
+        return shape in grid.shapes[:2] and (rank == 0 or rank in grid.ranks[-2:])
+    if provider in QUICK_QUANT_PROVIDERS:
+        return shape == grid.shapes[0] and rank == _quick_rank(grid)
+    return False
 
 
 def _cases() -> list:
@@ -45,6 +68,8 @@ def _cases() -> list:
                     for rank in (0,) if provider == "frozen" else grid.ranks:
                         for mode in harness.MODES:
                             marks = [pytest.mark.issue3] if _is_issue3(provider, mode, (n, m), grid) else []
+                            if _is_quick(provider, mode, tokens, (n, m), rank, grid):
+                                marks.append(pytest.mark.quick)
                             cases.append(pytest.param(
                                 provider, mode, tokens, n, m, rank, dt, marks=marks,
                                 id=f"{provider}-{mode}-M{tokens}-{n}x{m}-r{rank}-{dt}",

@@ -13,7 +13,11 @@ Providers, all in the same process and on the same tensors:
 * ``reference_loop``: :func:`sorsa_kernels.ops.reference.ortho_value_and_grad_`, the plain
   per-matrix PyTorch loop;
 * ``compiled_loop``: ``torch.compile`` of that same function (compiled once per dtype; its
-  compile time is not timed).
+  compile time is not timed, but it is minutes of wall time: marked ``compiled_loop``, opt-in
+  in ``bash bench/run_gpu.sh --quick --compiled-loop``).
+
+``-m quick`` selects every case (both dtypes); ``-m "quick and not compiled_loop"`` leaves out
+the compiled baseline.
 
 Timing: CUDA events around each step after warm-up; the median in ms goes to
 ``extra_info["ms_per_step"]`` with device, versions, dtype and shapes.  The same steps, each
@@ -33,6 +37,8 @@ import pytest
 import torch
 
 from sorsa_kernels.ops import reference
+
+from . import harness
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -108,7 +114,12 @@ def _cuda_event_ms(step: Callable[[], object], steps: int) -> list[float]:
     return times
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+def _params() -> list:
+    marks = {"compiled_loop": [pytest.mark.quick, pytest.mark.compiled_loop]}
+    return [pytest.param(p, marks=marks.get(p, [pytest.mark.quick]), id=p) for p in PROVIDERS]
+
+
+@pytest.mark.parametrize("provider", _params())
 def test_regularizer_step(benchmark, adapter_set, provider):
     dtype_name, mats = adapter_set
     fn = _provider(provider, dtype_name)
@@ -131,8 +142,11 @@ def test_regularizer_step(benchmark, adapter_set, provider):
     benchmark.group = f"regularizer step, Llama-7B adapters r={RANK} {dtype_name}"
     benchmark.extra_info.update(
         {
+            "kind": "regularizer",
             "provider": provider,
             "device": torch.cuda.get_device_name(),
+            "driver": harness.driver_version(),
+            "versions": dict(harness.versions()),
             "torch": torch.__version__,
             "triton": _version("triton"),
             "cuda": torch.version.cuda,

@@ -2,7 +2,10 @@
 
 * Collects ``bench/bench_*.py`` (the repository's ``python_files`` only names
   ``test_*.py``), without collecting a file twice if ``python_files`` ever lists them.
-* Registers the ``issue3`` marker (``pytest bench/ -m issue3 --benchmark-only``).
+* Registers the ``issue3`` marker (``pytest bench/ -m issue3 --benchmark-only``), the
+  ``quick`` marker (the subset of ``bash bench/run_gpu.sh --quick``) and the
+  ``compiled_loop`` marker (the torch.compile regularizer baseline, slow to compile).
+* Writes the device, driver and versions into the JSON's ``machine_info["sorsa_bench"]``.
 * Sets ``TRITON_INTERPRET=1`` on machines without CUDA before any kernel module is
   imported, as ``tests/conftest.py`` does, so that benchmark modules may exercise the
   kernels' code paths on CPU (no timing of the interpreter is ever reported as a result).
@@ -27,6 +30,27 @@ def pytest_configure(config: pytest.Config) -> None:
         "issue3: issue 3's benchmark (forward and fwd+bwd of frozen, sorsa fused/reference, "
         "PEFT LoRA and the authors' dense formulation at Llama-7B shapes)",
     )
+    config.addinivalue_line(
+        "markers",
+        "quick: the subset of `bash bench/run_gpu.sh --quick` (fused-layer targets, regularizer "
+        "at the 7B adapter set, QSORSA vs QLoRA at one shape)",
+    )
+    config.addinivalue_line(
+        "markers", "compiled_loop: the torch.compile regularizer baseline (minutes of compilation)"
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record the device, GPU driver and package versions once per JSON file."""
+    from . import harness
+
+    machine_info["sorsa_bench"] = {
+        "device": harness.DEVICE.type,
+        "device_name": harness.device_name(),
+        "driver": harness.driver_version(),
+        "versions": dict(harness.versions()),
+    }
 
 
 def pytest_collect_file(file_path, parent):

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -128,11 +129,13 @@ def grid() -> Grid:
 # --------------------------------------------------------------------------- environment
 @functools.lru_cache(maxsize=None)
 def versions() -> dict[str, Optional[str]]:
-    """Versions of everything a figure depends on (read from package metadata, no imports)."""
+    """Versions of everything a figure depends on: the GPU driver, and packages read from
+    their metadata (no imports; a package missing here is None)."""
     out: dict[str, Optional[str]] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "driver": driver_version(),
     }
     for dist in ("triton", "bitsandbytes", "peft", "transformers", "sorsa-kernels", "pytest-benchmark"):
         try:
@@ -140,6 +143,28 @@ def versions() -> dict[str, Optional[str]]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def driver_version() -> Optional[str]:
+    """The GPU driver's version: ``nvidia-smi``'s (e.g. ``"550.54.15"``), else the CUDA driver
+    API version torch sees (``"CUDA driver API 12.4"``); None without CUDA."""
+    if not ON_CUDA:
+        return None
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip().splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        v = int(torch._C._cuda_getDriverVersion())
+        return f"CUDA driver API {v // 1000}.{v % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - a private API; the version is informative only
+        return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,7 @@ Python work does not count against a single layer.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -132,7 +133,22 @@ def _require_cuda(provider: str, why: str) -> None:
         raise Unavailable(f"{provider} needs a CUDA GPU ({why}); this machine has none")
 
 
+def require_module(provider: str, module: str, why: str) -> None:
+    """Raise :class:`Unavailable` naming ``module`` when it does not import here.
+
+    Any exception of the import counts (bitsandbytes, for one, raises RuntimeError when
+    its native library does not load), so a machine without the library skips the
+    provider with the reason instead of failing the run.
+    """
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any failure to import makes the provider unavailable
+        raise Unavailable(f"{provider} needs {module} ({why}), which does not import here: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
 def _import_qsorsa():
+    require_module("qsorsa", "bitsandbytes", "NF4 quantization of the residual")
     try:
         from sorsa_kernels.nn.qlinear import QSORSALinear
     except ImportError as exc:
@@ -151,16 +167,10 @@ def check_available(provider: str) -> None:
         except ImportError as exc:
             raise Unavailable(f"sorsa_fused: sorsa_kernels.kernels.sorsa_linear does not import ({exc})") from exc
     elif provider in ("lora", "qlora"):
-        try:
-            import peft  # noqa: F401
-        except ImportError as exc:
-            raise Unavailable(f"{provider} needs peft ({exc})") from exc
+        require_module(provider, "peft", "LoRA layers")
         if provider == "qlora":
             _require_cuda(provider, "bitsandbytes 4-bit training runs on the GPU")
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as exc:
-                raise Unavailable(f"qlora needs bitsandbytes ({exc})") from exc
+            require_module(provider, "bitsandbytes", "NF4 Linear4bit")
     elif provider == "qsorsa":
         _import_qsorsa()
 
@@ -220,6 +230,8 @@ def build(provider: str, lin: nn.Linear, rank: int) -> Built:
             layer = QSORSALinear.from_linear(lin, rank, svd="randomized", quant_report=None)
         except NotImplementedError as exc:
             raise Unavailable(f"qsorsa: QSORSALinear.from_linear is not implemented here ({exc})") from exc
+        except ImportError as exc:  # a library it imports lazily is missing
+            raise Unavailable(f"qsorsa: QSORSALinear.from_linear needs a library missing here ({exc})") from exc
         trainable = [p for p in layer.parameters() if p.requires_grad]
         return Built(layer, trainable, _sorsa_regularizer(layer), "auto", harness.model_state(layer))
     raise AssertionError(provider)  # check_available rejected unknown names

@@ -5,14 +5,15 @@ Usage::
     python -m bench.report bench/results/NVIDIA-H100.json            # or: python bench/report.py …
     python -m bench.report RESULT.json --out DIR --rank 64
 
-Writes ``DIR/<name>.md`` and ``DIR/<name>.png`` (``DIR`` defaults to ``bench/results/``) and
-prints the markdown.  Ratios are taken between rows of the same file (same process, same
+Writes ``DIR/<name>.md`` and, when matplotlib is installed, ``DIR/<name>.png`` (``DIR``
+defaults to ``bench/results/``) and prints the markdown.  Without matplotlib the markdown
+says so and how to add the plot later (the PNG is made from the same JSON).  Ratios are taken between rows of the same file (same process, same
 run): ``time ÷ frozen`` against the frozen ``nn.Linear`` of the same mode, tokens, shape
 and dtype (lower is better, 1.00 is the floor); ``LoRA ÷ time`` and ``QLoRA ÷ time`` are
 speed-ups against PEFT LoRA / QLoRA of the same mode, tokens, shape, rank and dtype
 (higher is better); ``peak ÷ LoRA`` and ``saved ÷ LoRA`` compare memory the same way.
 
-Standalone on purpose: it needs only the standard library and matplotlib (no torch).
+Standalone on purpose: it needs only the standard library, and matplotlib for the PNG (no torch).
 """
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ PROVIDERS = ("frozen", "sorsa_fused", "sorsa_reference", "lora", "qlora", "dense
 E2E_PROVIDERS = ("sorsa", "lora", "qlora", "qsorsa")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
+#: What the markdown says when matplotlib is missing.
+NO_PNG_NOTE = (
+    "No plot: matplotlib is not installed here. `python3 -m pip install matplotlib` (or carry its "
+    "wheel, see bench/README.md), then `python3 -m bench.report {json} --out {out}` writes `{png}`."
+)
+#: The regularizer target: grouped kernel vs the per-matrix reference loop, at least this speed-up.
+REGULARIZER_SPEEDUP_MIN = 10.0
 
 #: Issue 3's targets, checked on fwd+bwd rows: (what, provider, rank, limit).
 TIME_VS_FLOOR_LIMITS = {64: 1.08, 128: 1.12}
@@ -223,6 +231,36 @@ def e2e_table(rows: list[Row]) -> list[str]:
     return ["## End-to-end training step", "", *_table(header, body), ""]
 
 
+def _is_regularizer(bench: dict) -> bool:
+    info = bench.get("extra_info") or {}
+    return info.get("kind") == "regularizer" or str(bench.get("name", "")).startswith("test_regularizer_step")
+
+
+def regularizer_table(others: list[dict]) -> list[str]:
+    """The regularizer step per dtype and provider, with the speed-up over the per-matrix loop."""
+    regs = [b for b in others if _is_regularizer(b) and (b.get("extra_info") or {}).get("ms_per_step") is not None]
+    if not regs:
+        return []
+    loop = {b["extra_info"].get("dtype"): b["extra_info"]["ms_per_step"]
+            for b in regs if b["extra_info"].get("provider") == "reference_loop"}
+    body, targets = [], []
+    for b in regs:
+        info = b["extra_info"]
+        dtype, ms = info.get("dtype"), info["ms_per_step"]
+        speedup = _div(loop.get(dtype), ms)
+        body.append([str(dtype), str(info.get("provider")), f"{ms:.3f}", str(info.get("matrices", "—")),
+                     str(info.get("rank", "—")), "—" if info.get("provider") == "reference_loop" else _ratio(speedup)])
+        if info.get("provider") == "grouped_fused" and speedup is not None:
+            ok = speedup >= REGULARIZER_SPEEDUP_MIN
+            targets.append([f"grouped vs per-matrix loop, {dtype}", f"{speedup:.1f}",
+                            f"≥ {REGULARIZER_SPEEDUP_MIN:g}", "pass" if ok else "FAIL"])
+    lines = ["## Regularizer step (Llama-7B adapter set)", "",
+             *_table(["dtype", "provider", "ms/step", "matrices", "r", "loop ÷ time"], body), ""]
+    if targets:
+        lines += _table(["target", "value", "limit", "result"], targets) + [""]
+    return lines
+
+
 def others_table(others: list[dict]) -> list[str]:
     """Benchmarks of other modules in the same file (e.g. the regularizer), by median."""
     if not others:
@@ -233,12 +271,21 @@ def others_table(others: list[dict]) -> list[str]:
 
 def header_lines(path: Path, data: dict, rows: list[Row]) -> list[str]:
     info = rows[0].info if rows else {}
-    lines = [f"# sorsa-kernels benchmarks — {info.get('device_name', 'unknown device')}", "",
+    machine = (data.get("machine_info") or {}).get("sorsa_bench") or {}
+    device_name = info.get("device_name") or machine.get("device_name") or "unknown device"
+    lines = [f"# sorsa-kernels benchmarks — {device_name}", "",
              f"- source: `{Path(path).name}` ({data.get('datetime', 'no date')})"]
     if info:
         lines.append(f"- device: {info.get('device')} ({info.get('device_name')}), timer: {info.get('timer')}, grid: {info.get('grid')}")
-        versions = info.get("versions") or {}
-        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    elif machine:
+        lines.append(f"- device: {machine.get('device')} ({machine.get('device_name')})")
+    versions = info.get("versions") or machine.get("versions") or {}
+    if machine.get("driver") and not versions.get("driver"):
+        versions = {**versions, "driver": machine["driver"]}
+    if versions:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+                     + ("; bitsandbytes not installed" if "bitsandbytes" in versions and not versions["bitsandbytes"] else ""))
+    if info:
         peaks = {}
         for r in rows:
             if r.get("matmul_peak_tflops") is not None:
@@ -254,7 +301,10 @@ def header_lines(path: Path, data: dict, rows: list[Row]) -> list[str]:
 
 
 def markdown(path: Path, data: dict, rows: list[Row], others: list[dict]) -> str:
-    parts = header_lines(path, data, rows) + linear_table(rows) + targets_table(rows) + e2e_table(rows) + others_table(others)
+    regularizer = regularizer_table(others)
+    rest = [b for b in others if not (regularizer and _is_regularizer(b))]
+    parts = (header_lines(path, data, rows) + linear_table(rows) + targets_table(rows) + e2e_table(rows)
+             + regularizer + others_table(rest))
     if not rows and not others:
         parts.append("The file holds no benchmark results (was it run with --benchmark-disable?).")
     return "\n".join(parts).rstrip() + "\n"
@@ -333,8 +383,20 @@ def plot(rows: list[Row], png: Path, rank: Optional[int], title: str) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None) -> tuple[Path, Path]:
+def have_matplotlib() -> bool:
+    """Whether matplotlib imports here (the PNG needs it; the markdown does not)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None) -> tuple[Path, Optional[Path]]:
     """Write ``out/<stem>.md`` and ``out/<stem>.png`` for the JSON at ``path``; return both paths.
+
+    Without matplotlib only the markdown is written (it says how to get the PNG) and the
+    second path is None.
 
     Example::
 
@@ -345,12 +407,17 @@ def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None
     chosen = pick_rank(rows, rank)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{path.stem}.md"
-    png = out / f"{path.stem}.png"
+    png: Optional[Path] = out / f"{path.stem}.png"
     text = markdown(path, data, rows, others)
-    text += f"\n![time vs tokens]({png.name})\n"
+    if have_matplotlib():
+        text += f"\n![time vs tokens]({png.name})\n"
+    else:
+        text += "\n" + NO_PNG_NOTE.format(json=path, out=out, png=png) + "\n"
+        png = None
     md.write_text(text)
-    device = rows[0].get("device_name") if rows else "unknown device"
-    plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}")
+    if png is not None:
+        device = rows[0].get("device_name") if rows else "unknown device"
+        plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}")
     return md, png
 
 
@@ -367,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     sys.stdout.write(md.read_text())
-    print(f"\nwrote {md} and {png}", file=sys.stderr)
+    print(f"\nwrote {md}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"), file=sys.stderr)
     return 0
 
 

@@ -63,6 +63,7 @@ def _row(text: str, *cells: str) -> str:
 
 
 def test_report_writes_markdown_and_png_under_out(result: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
     md, png = report.write_report(result, tmp_path / "out")
     assert md == tmp_path / "out" / "synthetic.md" and md.is_file()
     assert png == tmp_path / "out" / "synthetic.png"
@@ -111,6 +112,7 @@ def test_report_rejects_a_rank_absent_from_the_file(result: Path, tmp_path: Path
 
 
 def test_report_runs_as_a_script_with_out_dir(result: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "script-out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "report.py"), str(result), "--out", str(out)],
@@ -119,3 +121,62 @@ def test_report_runs_as_a_script_with_out_dir(result: Path, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert "## Layer benchmark" in proc.stdout
     assert (out / "synthetic.md").is_file() and (out / "synthetic.png").is_file()
+
+
+def test_report_without_matplotlib_writes_markdown_and_says_how_to_get_the_png(
+    result: Path, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "no-mpl"
+    md, png = report.write_report(result, out)
+    assert png is None and not list(out.glob("*.png"))
+    text = md.read_text()
+    assert "## Layer benchmark" in text and "![time vs tokens]" not in text
+    assert "matplotlib is not installed" in text
+    assert f"python3 -m bench.report {result} --out {out}" in text
+
+
+def test_report_script_without_matplotlib_exits_zero_and_names_only_the_markdown(result: Path, tmp_path: Path):
+    out = tmp_path / "script-no-mpl"
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); "
+        "from bench import report; sys.exit(report.main(sys.argv[2:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(REPO), str(result), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no PNG: matplotlib is not installed" in proc.stderr
+    assert (out / "synthetic.md").is_file() and not (out / "synthetic.png").exists()
+
+
+def _regularizer(provider: str, dtype: str, ms: float) -> dict:
+    info = {"kind": "regularizer", "provider": provider, "dtype": dtype, "ms_per_step": ms, "rank": 128,
+            "matrices": 448, "device": "Test GPU"}
+    return {"name": f"test_regularizer_step[{dtype}-{provider}]", "extra_info": info, "stats": {"median": ms / 1e3}}
+
+
+def test_report_regularizer_table_checks_the_speedup_target(tmp_path: Path):
+    path = _write(tmp_path, [
+        _regularizer("reference_loop", "fp32", 60.0), _regularizer("grouped_fused", "fp32", 2.0),
+        _regularizer("reference_loop", "bf16", 40.0), _regularizer("grouped_fused", "bf16", 5.0),
+    ])
+    text = report.write_report(path, tmp_path)[0].read_text()
+    assert "## Regularizer step" in text
+    assert _row(text, "fp32", "grouped_fused").endswith("| 30.00 |")
+    assert _row(text, "grouped vs per-matrix loop, fp32").endswith("| 30.0 | ≥ 10 | pass |")
+    assert _row(text, "grouped vs per-matrix loop, bf16").endswith("| 8.0 | ≥ 10 | FAIL |")
+    assert "Other benchmarks" not in text  # regularizer rows are not listed twice
+
+
+def test_report_header_names_driver_and_missing_bitsandbytes_from_machine_info(tmp_path: Path):
+    path = tmp_path / "machine.json"
+    path.write_text(json.dumps({
+        "machine_info": {"sorsa_bench": {"device": "cuda", "device_name": "Test GPU", "driver": "550.54.15",
+                                         "versions": {"torch": "2.11.0", "bitsandbytes": None}}},
+        "benchmarks": [_regularizer("grouped_fused", "fp32", 2.0)], "datetime": "2025-01-01T00:00:00",
+    }))
+    head = report.write_report(path, tmp_path)[0].read_text().split("## ")[0]
+    assert "Test GPU" in head.splitlines()[0]
+    assert "driver 550.54.15" in head and "bitsandbytes not installed" in head

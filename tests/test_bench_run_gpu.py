@@ -1,0 +1,147 @@
+"""bench/run_gpu.sh: argument parsing (--dry-run prints the commands) and exit-status propagation.
+
+The script is run for real with a stub interpreter (``PYTHON=stub``) that logs its arguments,
+answers the device query, writes the benchmark JSON and exits with the status asked for, so
+these tests need neither a GPU nor torch in the subprocess.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "run_gpu.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+
+STUB = r"""#!/usr/bin/env bash
+all="$*"
+printf '%s\n' "${all//$'\n'/ }" >> "$STUB_LOG"
+if [[ "$1" == "-c" ]]; then echo "Fake-GPU-80GB"; exit 0; fi
+if [[ "$1 $2" == "-m pytest" ]]; then
+    prev=""
+    for a in "$@"; do
+        if [[ "$prev" == "--benchmark-json" ]]; then echo '{"benchmarks": []}' > "$a"; fi
+        prev="$a"
+    done
+    if [[ " $* " == *" --benchmark-only "* ]]; then exit "${STUB_BENCH_STATUS:-0}"; fi
+    exit "${STUB_TEST_STATUS:-0}"
+fi
+if [[ "$1 $2" == "-m bench.report" ]]; then exit 0; fi
+exit 99
+"""
+
+
+def _dry_run(*args: str) -> dict[str, list[str]]:
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = {}
+    for line in proc.stdout.splitlines():
+        name, _, command = line.partition(":")
+        steps[name] = shlex.split(command)
+    return steps
+
+
+def _option(cmd: list[str], flag: str) -> str:
+    """The value of ``flag`` among pytest's own arguments (after ``python -m pytest``)."""
+    return cmd[cmd.index(flag, 3) + 1]
+
+
+def test_quick_runs_gpu_tests_then_the_quick_benchmarks_without_compiled_loop():
+    steps = _dry_run("--quick")
+    assert list(steps) == ["tests", "bench", "report"]
+    tests, bench = steps["tests"], steps["bench"]
+    assert tests[:3] == ["python3", "-m", "pytest"] and "tests" in tests
+    assert _option(tests, "-m") == "gpu"
+    plugins = [tests[i + 1] for i, a in enumerate(tests) if a == "-p"]
+    assert "bench.gpu_marker" in plugins and "bench.quick_autotune" in plugins
+    assert "--benchmark-only" not in tests  # tests are not benchmarks: --benchmark-only would skip them
+    assert bench[:5] == ["python3", "-m", "pytest", "bench/bench_linear.py", "bench/bench_regularizer.py"]
+    assert _option(bench, "-m") == "quick and not compiled_loop"
+    assert "--benchmark-only" in bench
+    assert _option(bench, "--benchmark-json").startswith("bench/results/DEVICE-")
+    assert _option(bench, "--benchmark-json").endswith("-quick.json")
+    assert steps["report"][:4] == ["python3", "-m", "bench.report", _option(bench, "--benchmark-json")]
+
+
+def test_quick_compiled_loop_opts_in_the_compiled_baseline():
+    assert _option(_dry_run("--quick", "--compiled-loop")["bench"], "-m") == "quick"
+
+
+def test_quick_skip_tests_runs_only_the_benchmarks():
+    assert list(_dry_run("--quick", "--skip-tests")) == ["bench", "report"]
+
+
+def test_default_runs_the_whole_suite_and_passes_other_arguments_to_pytest():
+    steps = _dry_run("-k", "r64 and lora")
+    assert list(steps) == ["bench", "report"]
+    bench = steps["bench"]
+    assert bench[3] == "bench/" and "-m" not in bench[3:]
+    assert _option(bench, "-k") == "r64 and lora"
+    json_name = Path(_option(bench, "--benchmark-json")).name
+    assert json_name.startswith("DEVICE-") and json_name.endswith(".json") and "quick" not in json_name
+
+
+def test_issue3_selects_its_marker():
+    bench = _dry_run("--issue3")["bench"]
+    assert bench[3] == "bench/bench_linear.py" and _option(bench, "-m") == "issue3"
+    assert _option(bench, "--benchmark-json").endswith("-issue3.json")
+
+
+def test_python_override_is_used_for_every_step(monkeypatch):
+    monkeypatch.setenv("PYTHON", "/opt/py/bin/python3.12")
+    steps = _dry_run("--quick")
+    assert {cmd[0] for cmd in steps.values()} == {"/opt/py/bin/python3.12"}
+
+
+@pytest.mark.parametrize("flag", ["--compiled-loop", "--skip-tests"])
+def test_quick_only_flags_are_refused_without_quick(flag):
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", flag], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{flag} applies to --quick" in proc.stderr
+
+
+@pytest.fixture
+def stub_run(tmp_path: Path):
+    """Run a copy of run_gpu.sh (so results land under tmp_path) with the stub interpreter."""
+    (tmp_path / "bench").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "bench" / "run_gpu.sh")
+    stub = tmp_path / "stub-python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "stub.log"
+
+    def run(*args: str, tests: int = 0, bench: int = 0) -> tuple[subprocess.CompletedProcess, list[str]]:
+        env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log),
+               "STUB_TEST_STATUS": str(tests), "STUB_BENCH_STATUS": str(bench)}
+        proc = subprocess.run(["bash", str(tmp_path / "bench" / "run_gpu.sh"), *args],
+                              capture_output=True, text=True, timeout=60, env=env)
+        return proc, log.read_text().splitlines() if log.exists() else []
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("tests", "bench", "expected"),
+    [(0, 0, 0), (0, 1, 1), (1, 0, 1), (3, 2, 3), (5, 0, 0), (5, 4, 4)],
+    ids=["all-pass", "bench-fails", "tests-fail", "first-failure-wins", "no-gpu-tests", "no-gpu-tests-bench-fails"],
+)
+def test_quick_exit_status_is_pytests(stub_run, tests, bench, expected):
+    proc, calls = stub_run("--quick", tests=tests, bench=bench)
+    assert proc.returncode == expected, proc.stderr
+    assert [c.split()[:2] for c in calls] == [["-c", "import"], ["-m", "pytest"], ["-m", "pytest"], ["-m", "bench.report"]]
+    assert f"GPU tests: pytest exit status {tests}" in proc.stderr
+    assert f"benchmarks: pytest exit status {bench}" in proc.stderr
+
+
+def test_full_run_exit_status_is_the_benchmarks_and_the_report_is_still_written(stub_run, tmp_path):
+    proc, calls = stub_run(bench=1)
+    assert proc.returncode == 1
+    assert calls[-1].startswith("-m bench.report bench/results/Fake-GPU-80GB-")  # report despite the failure
+    results = list((tmp_path / "bench" / "results").glob("Fake-GPU-80GB-*.json"))
+    assert len(results) == 1 and "quick" not in results[0].name
