@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
+
 __all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx"]
 
 # Block sizes.  No GPU was available when these were written: they are untuned starting
@@ -69,12 +71,14 @@ def _nf4_dequant_tile(
     return level * absmax
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "R", "TRANS_W"])
+# M is bucketed to the next power of two in the key so that every new sequence length
+# does not re-tune.
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "TRANS_W"])
 @triton.jit
 def _fused_nf4_lowrank_gemm_kernel(
     a_ptr, t_ptr, p_ptr, bias_ptr, c_ptr,
     packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-    M, N, K, R, W_COLS,
+    M, N, K, R, W_COLS, M_BUCKET,
     stride_am, stride_ak, stride_tm, stride_tr, stride_pn, stride_pr, stride_cm, stride_cn,
     TRANS_W: tl.constexpr,          # False: B[k, j] = W[j, k] (forward); True: B[k, j] = W[k, j] (dx)
     HAS_LOWRANK: tl.constexpr,
@@ -179,24 +183,25 @@ def _launch(
             raise ValueError(f"low-rank operands have shapes {tuple(t.shape)} and {tuple(p.shape)}; expected ({M}, r) and ({N}, r)")
         t = t.to(a.dtype)
         p = p.to(a.dtype)
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if M == 0 or N == 0:
-        return c
-    dummy = c  # never read: the matching constexpr flag is False
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _fused_nf4_lowrank_gemm_kernel[grid](
-        a, t if has_lowrank else dummy, p if has_lowrank else dummy,
-        bias if bias is not None else dummy, c,
-        packed, absmax, nested_absmax, nested_code, offset, code,
-        M, N, K, R, cols,
-        a.stride(0), a.stride(1),
-        t.stride(0) if has_lowrank else 0, t.stride(1) if has_lowrank else 0,
-        p.stride(0) if has_lowrank else 0, p.stride(1) if has_lowrank else 0,
-        c.stride(0), c.stride(1),
-        TRANS_W=trans_w, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
-        QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize,
-        INPUT_PRECISION=_input_precision(a.dtype),
-    )
+    with device_guard(a):
+        c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+        if M == 0 or N == 0:
+            return c
+        dummy = c  # never read: the matching constexpr flag is False
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _fused_nf4_lowrank_gemm_kernel[grid](
+            a, t if has_lowrank else dummy, p if has_lowrank else dummy,
+            bias if bias is not None else dummy, c,
+            packed, absmax, nested_absmax, nested_code, offset, code,
+            M, N, K, R, cols, triton.next_power_of_2(max(M, 1)),
+            a.stride(0), a.stride(1),
+            t.stride(0) if has_lowrank else 0, t.stride(1) if has_lowrank else 0,
+            p.stride(0) if has_lowrank else 0, p.stride(1) if has_lowrank else 0,
+            c.stride(0), c.stride(1),
+            TRANS_W=trans_w, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
+            QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize,
+            INPUT_PRECISION=_input_precision(a.dtype),
+        )
     return c
 
 

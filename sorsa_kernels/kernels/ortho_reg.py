@@ -42,7 +42,6 @@ workspace is shared.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -51,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard
 
 __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 
@@ -525,8 +526,7 @@ def grouped_ortho_value_and_grad_(
     n_gram = plan.gram_items.shape[0]
     n_update = plan.update_items.shape[0]
     wide = plan.block_r >= 128
-    on_cuda = mats[0].device.type == "cuda"
-    with torch.cuda.device(mats[0].device) if on_cuda else contextlib.nullcontext():
+    with device_guard(mats[0]):
         if n_gram:
             _ortho_gram_partial_kernel[(n_gram,)](
                 plan.table, plan.gram_items, plan.ws, plan.k_chunk,
