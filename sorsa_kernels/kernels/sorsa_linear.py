@@ -19,11 +19,17 @@ Backward (``Wr`` and ``b`` frozen), four launches::
 
 ``s``, ``ss`` and the ``dS`` partials come from one read of ``dy``.  Only ``x`` and ``u`` are
 saved by the op.  Reductions over M go through small fp32 partial buffers summed by
-``torch.sum`` (no atomics), so results are deterministic run to run.
+``torch.sum`` (no atomics).  Their boundaries (the dS row tile _UP_BLOCK_M, the dU/dV splits
+of _rows_per_split rows and the step _WG_STEP_M inside a split) are fixed by the launcher from
+the shapes and the SM count, never by the autotuned config, so dU, dS and dV are the same
+bits run to run and process to process whatever config the autotuner's timing picked.
 
-Precision: tiles are multiplied in the compute dtype (``x.dtype``; frozen/adapter operands
-of another dtype are cast to it on load, as the reference casts them) with fp32
-accumulators.  For fp32 inputs ``tl.dot`` uses TF32 unless
+Every launch runs under a CUDA device guard on the input's device (models spread over
+several GPUs).
+
+Precision: tiles are multiplied in the compute dtype (``x.dtype``) with fp32 accumulators.
+U and V are cast to it once per call by the launchers; the residual and the bias are cast
+on load, as the reference casts them.  For fp32 inputs ``tl.dot`` uses TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's own default), in which case
 it uses IEEE fp32 — the same rule ``torch.matmul`` follows for the reference.
 
@@ -120,13 +126,14 @@ def _prune_narrow_rows(configs: list, named_args: dict, **kwargs) -> list:
 def _skinny_configs(interpret: bool = _INTERPRET) -> list:
     """Row tile × K step for the r-wide products (x·V and dy·U); memory bound, so deep K steps.
 
-    Larger row tiles (128, 256) read U or V fewer times: every row tile re-reads all of it.
+    128-row tiles read U or V half as often as 64-row ones (every row tile re-reads all of
+    it).  A 256-row tile (BLOCK_K 32, 8 warps) spilled 272 B at r = 128 on sm_90 (compile
+    facts, tests/kernels/compile_facts.py) and was dropped.
     """
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
@@ -146,7 +153,7 @@ def _up_grad_configs(interpret: bool = _INTERPRET) -> list:
     return [
         cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
         cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
+        # (BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128: dropped.)
         cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback (see above)
     ]
 
@@ -486,9 +493,13 @@ def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
 def _launch_gemm(
     a1: Optional[Tensor], b1_kn: Optional[tuple[Tensor, int, int]],
     a2: Tensor, b2_kn: tuple[Tensor, int, int],
-    bias: Optional[Tensor], out: Tensor,
+    bias: Optional[Tensor], out: Tensor, precision: Optional[str] = None,
 ) -> None:
-    """``out = a1·B1 + a2·B2 (+ bias)``; each B given as (tensor, stride_k, stride_n)."""
+    """``out = a1·B1 + a2·B2 (+ bias)``; each B given as (tensor, stride_k, stride_n).
+
+    Also the large-M path of :mod:`sorsa_kernels.kernels.nf4_gemm` (B1 = a dequantized
+    scratch), which passes its own fp32 ``precision`` rule.
+    """
     M, N = out.shape
     has_res = a1 is not None
     b2, s2k, s2n = b2_kn
@@ -509,7 +520,7 @@ def _launch_gemm(
         a2.stride(0), a2.stride(1), s2k, s2n,
         out.stride(0), out.stride(1),
         HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=_input_precision(a2.dtype),
+        INPUT_PRECISION=precision or _input_precision(a2.dtype),
     )
 
 
