@@ -115,11 +115,29 @@ def _gemm_configs(interpret: bool = _INTERPRET) -> list:
     ]
 
 
-def _prune_narrow_rows(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop BLOCK_M < 64 configs when M ≥ _SMALL_TILE_MAX_M (they only help small M)."""
-    if named_args["M"] < _SMALL_TILE_MAX_M:
+def _acc_per_thread(c, block_n: int) -> int:
+    return c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
+
+
+def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop BLOCK_M < 64 configs when M ≥ _SMALL_TILE_MAX_M (they only help small M), and for
+    fp32 operands (mma.sync tf32, no wgmma) those above 64 fp32 accumulators per thread:
+    they spilled 0.8-140 KB per thread on sm_90 (compile facts), the others spill nothing."""
+    kept = configs
+    if named_args["M"] >= _SMALL_TILE_MAX_M:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
+    if named_args["a2_ptr"].element_size() == 4:
+        kept = [c for c in kept if _acc_per_thread(c, c.kwargs["BLOCK_N"]) <= 64] or kept
+    return kept
+
+
+def _prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """fp32 inputs: keep K steps ≤ 64 and ≤ 64 accumulators per thread (the rest spilled on
+    sm_90 at r = 128, compile facts)."""
+    if named_args["x_ptr"].element_size() != 4:
         return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and _acc_per_thread(c, block_r) <= 64]
     return kept or configs
 
 
@@ -173,7 +191,8 @@ def _weight_grad_configs(interpret: bool = _INTERPRET) -> list:
 
 
 # =============================================================================== kernels
-@triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": _prune_skinny_configs})
 @triton.jit
 def _lowrank_down_kernel(
     x_ptr, v_ptr, sigma_ptr, u_ptr, t_ptr,
@@ -223,7 +242,7 @@ def _lowrank_down_kernel(
 @triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_K_CONTIG", "B2_K_CONTIG"],
-    prune_configs_by={"early_config_prune": _prune_narrow_rows},
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
 @triton.jit
 def _fused_residual_lowrank_gemm_kernel(

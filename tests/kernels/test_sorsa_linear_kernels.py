@@ -397,3 +397,27 @@ def test_kernels_compile_to_cubin_for_hopper_and_ampere(tmp_path):
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- config pruning
+def test_gemm_prune_drops_narrow_rows_at_large_M_and_spilling_fp32_tiles():
+    configs = kernels._gemm_configs(interpret=False)
+    bf = torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1, dtype=torch.float32)
+    assert kernels._prune_gemm_configs(configs, dict(M=512, a2_ptr=bf)) == configs
+    large = kernels._prune_gemm_configs(configs, dict(M=4096, a2_ptr=bf))
+    assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
+    assert any(c.kwargs["BLOCK_M"] < 64 for c in configs)
+    fp32 = kernels._prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
+    assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fp32)
+    assert len(fp32) < len(large)
+
+
+def test_skinny_prune_keeps_only_non_spilling_fp32_configs():
+    configs = kernels._skinny_configs(interpret=False)
+    bf = torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1, dtype=torch.float32)
+    assert kernels._prune_skinny_configs(configs, dict(x_ptr=bf), BLOCK_R=128) == configs
+    kept = kernels._prune_skinny_configs(configs, dict(x_ptr=f32), BLOCK_R=128)
+    assert kept and len(kept) < len(configs)
+    assert all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
