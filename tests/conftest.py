@@ -30,3 +30,29 @@ def backend(monkeypatch):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def k_sequential_dot(monkeypatch):
+    """Make the interpreter's ``tl.dot`` add the k products one at a time, in k order.
+
+    The interpreter computes ``tl.dot`` with ``numpy.matmul``, whose per-element summation
+    order depends on the tile's row and column counts (OpenBLAS picks kernels by size).  On
+    a GPU each output element of an MMA chain is accumulated along k in a fixed order,
+    whatever the tile shape.  Bitwise-determinism tests patch the interpreter with this
+    k-sequential dot so that they test the kernels' reduction structure (split boundaries,
+    steps), not OpenBLAS.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        out = d.data.copy()
+        av = a.data.astype(out.dtype)
+        bv = b.data.astype(out.dtype)
+        for k in range(av.shape[-1]):
+            out += av[..., :, k:k + 1] * bv[..., k:k + 1, :]
+        return interpreter.TensorHandle(out, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return np

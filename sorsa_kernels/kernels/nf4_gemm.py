@@ -19,6 +19,17 @@ elements share bytes and blocks.
 
 The thin r-wide products ``x·V`` and ``dy·U`` are left to cuBLAS by the caller
 (``sorsa_kernels.ops.qsorsa_linear``).
+
+Two paths, chosen by M (rows of ``x`` / ``dy``):
+
+* M < _DEQUANT_MIN_M (decode, short batches): the fused kernel above; ``W`` is read once per
+  row tile, so with few row tiles dequantizing in the K loop beats writing a copy.
+* M ≥ _DEQUANT_MIN_M (training): the per-element gathers of the fused kernel (5 loads per
+  weight) cost more than one pass writing ``deq(W)`` to a scratch matrix in the compute dtype
+  (``_nf4_dequant_kernel``: contiguous 16-byte loads of the packed bytes, two values per
+  byte), then the bf16/fp16 fused GEMM of :mod:`sorsa_kernels.kernels.sorsa_linear` (the
+  same code path as dense SORSA, wgmma on Hopper) — what bitsandbytes' dequantize + cuBLAS
+  does, with the low-rank branch and the bias still fused.  The scratch lives for one call.
 """
 from __future__ import annotations
 
@@ -29,7 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx"]
+from ._launch import device_guard
+
+__all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx", "nf4_dequantize"]
+
+# From this many rows on, dequantize once into a scratch matrix and run the dense fused GEMM
+# (see the module docstring).  256 = two 128-row tiles: an untuned starting point (GPU run).
+_DEQUANT_MIN_M = 256
+# Packed bytes per program of _nf4_dequant_kernel (2·_DEQUANT_BLOCK values).
+_DEQUANT_BLOCK = 64 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 1024
 
 # Block sizes.  No GPU was available when these were written: they are untuned starting
 # points taken from the Triton matmul tutorial's configs (BLOCK_M/N 64-128, BLOCK_K 32-64,
@@ -69,12 +88,14 @@ def _nf4_dequant_tile(
     return level * absmax
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "R", "TRANS_W"])
+# M is bucketed to the next power of two in the key so that every new sequence length
+# does not re-tune.
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "TRANS_W"])
 @triton.jit
 def _fused_nf4_lowrank_gemm_kernel(
     a_ptr, t_ptr, p_ptr, bias_ptr, c_ptr,
     packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-    M, N, K, R, W_COLS,
+    M, N, K, R, W_COLS, M_BUCKET,
     stride_am, stride_ak, stride_tm, stride_tr, stride_pn, stride_pr, stride_cm, stride_cn,
     TRANS_W: tl.constexpr,          # False: B[k, j] = W[j, k] (forward); True: B[k, j] = W[k, j] (dx)
     HAS_LOWRANK: tl.constexpr,
@@ -146,6 +167,33 @@ def _fused_nf4_lowrank_gemm_kernel(
     )
 
 
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+    numel, QBLOCK: tl.constexpr, NESTED_QBLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``out[2i], out[2i+1] = deq(high nibble of byte i), deq(low nibble)`` for BLOCK bytes.
+
+    Bytes are read contiguously (vector loads); both values of a byte share one 64-block
+    (QBLOCK is even), so one absmax decode serves both.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte index (int64)
+    n_bytes = (numel + 1) // 2
+    mask = offs < n_bytes
+    byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+    block = (offs * 2) // QBLOCK
+    qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+    scale2 = tl.load(nested_absmax_ptr + block // NESTED_QBLOCK, mask=mask, other=0.0)
+    offset = tl.load(offset_ptr).to(tl.float32)
+    absmax = tl.load(nested_code_ptr + qabs, mask=mask, other=0.0) * scale2 + offset
+    hi = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * absmax
+    lo = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0) * absmax
+    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
+    idx = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + idx, vals.to(out_ptr.dtype.element_ty), mask=idx < numel)
+
+
 # --------------------------------------------------------------------------- launchers
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 operands follow torch's own matmul setting, so kernel and reference agree:
@@ -153,6 +201,62 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def nf4_dequantize(
+    nf4: tuple[torch.Tensor, ...],
+    w_shape: tuple[int, int],
+    dtype: torch.dtype,
+    *,
+    blocksize: int = 64,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """``deq(W)`` as a contiguous ``w_shape`` matrix in ``dtype`` (one pass, vector loads).
+
+    Same values as :func:`sorsa_kernels.quant.nf4.dequantize_nf4` (float32 math, then cast).
+
+    Example::
+
+        >>> W = nf4_dequantize(q.tensors(), q.shape, torch.bfloat16)
+    """
+    packed, absmax, nested_absmax, nested_code, offset, code = nf4
+    rows, cols = w_shape
+    if blocksize % 2:
+        raise ValueError(f"NF4 blocksize must be even (two values per byte), got {blocksize}")
+    with device_guard(packed):
+        out = torch.empty((rows, cols), device=packed.device, dtype=dtype)
+        numel = rows * cols
+        if numel:
+            grid = (triton.cdiv(triton.cdiv(numel, 2), _DEQUANT_BLOCK),)
+            _nf4_dequant_kernel[grid](
+                packed, absmax, nested_absmax, nested_code, offset, code, out, numel,
+                QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize, BLOCK=_DEQUANT_BLOCK,
+                num_warps=4,
+            )
+    return out
+
+
+def _launch_dequant_gemm(
+    a: torch.Tensor, nf4: tuple[torch.Tensor, ...], w_shape: tuple[int, int], blocksize: int,
+    nested_blocksize: int, trans_w: bool, t: Optional[torch.Tensor], p: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Large-M path: ``deq(W)`` into a scratch matrix, then the dense fused SORSA GEMM."""
+    from .sorsa_linear import _launch_gemm
+
+    rows, cols = w_shape
+    M = a.shape[0]
+    N = cols if trans_w else rows
+    with device_guard(a):
+        W = nf4_dequantize(nf4, w_shape, a.dtype, blocksize=blocksize, nested_blocksize=nested_blocksize)
+        c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+        # forward: B1 = Wᵀ (k = column of W); dx: B1 = W (k = row of W).
+        b1 = (W, W.stride(0), W.stride(1)) if trans_w else (W, W.stride(1), W.stride(0))
+        if t is None:  # no low-rank branch: an empty second segment (K2 = 0, never read)
+            t, p = a[:, :0], W
+        _launch_gemm(a, b1, t, (p, p.stride(1), p.stride(0)), bias, c,
+                     precision=_input_precision(a.dtype))
+    return c
 
 
 def _launch(
@@ -179,24 +283,28 @@ def _launch(
             raise ValueError(f"low-rank operands have shapes {tuple(t.shape)} and {tuple(p.shape)}; expected ({M}, r) and ({N}, r)")
         t = t.to(a.dtype)
         p = p.to(a.dtype)
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if M == 0 or N == 0:
-        return c
-    dummy = c  # never read: the matching constexpr flag is False
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _fused_nf4_lowrank_gemm_kernel[grid](
-        a, t if has_lowrank else dummy, p if has_lowrank else dummy,
-        bias if bias is not None else dummy, c,
-        packed, absmax, nested_absmax, nested_code, offset, code,
-        M, N, K, R, cols,
-        a.stride(0), a.stride(1),
-        t.stride(0) if has_lowrank else 0, t.stride(1) if has_lowrank else 0,
-        p.stride(0) if has_lowrank else 0, p.stride(1) if has_lowrank else 0,
-        c.stride(0), c.stride(1),
-        TRANS_W=trans_w, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
-        QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize,
-        INPUT_PRECISION=_input_precision(a.dtype),
-    )
+    if M >= _DEQUANT_MIN_M and N > 0:
+        return _launch_dequant_gemm(a, nf4, (rows, cols), blocksize, nested_blocksize, trans_w,
+                                    t if has_lowrank else None, p if has_lowrank else None, bias)
+    with device_guard(a):
+        c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+        if M == 0 or N == 0:
+            return c
+        dummy = c  # never read: the matching constexpr flag is False
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _fused_nf4_lowrank_gemm_kernel[grid](
+            a, t if has_lowrank else dummy, p if has_lowrank else dummy,
+            bias if bias is not None else dummy, c,
+            packed, absmax, nested_absmax, nested_code, offset, code,
+            M, N, K, R, cols, triton.next_power_of_2(max(M, 1)),
+            a.stride(0), a.stride(1),
+            t.stride(0) if has_lowrank else 0, t.stride(1) if has_lowrank else 0,
+            p.stride(0) if has_lowrank else 0, p.stride(1) if has_lowrank else 0,
+            c.stride(0), c.stride(1),
+            TRANS_W=trans_w, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
+            QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize,
+            INPUT_PRECISION=_input_precision(a.dtype),
+        )
     return c
 
 

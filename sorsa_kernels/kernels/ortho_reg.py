@@ -23,26 +23,34 @@ contiguous, so the compiler can still vectorize them.  Two *work tables* list th
 programs of launches 1 and 3 (ragged shapes make a flat grid the simplest balanced one).
 
 The tables, the Gram workspace and two per-matrix float32 vectors are built once per set of
-matrices and cached; the cache key is everything the tables depend on (addresses, shapes,
-strides, dtypes and ``transposed`` flags of the parameters and of their ``.grad``), so a
-new parameter, a moved one or a replaced ``.grad`` rebuilds them.
+matrices and cached (at most _MAX_PLANS sets, least recently used dropped).  The cache key is
+what the plan's shape depends on: the parameters (addresses, shapes, strides, dtypes,
+``transposed`` flags) and the strides and dtypes of their ``.grad`` — not the ``.grad``
+addresses, which change every step under ``zero_grad(set_to_none=True)``: a hit whose grads
+moved only rewrites the table's grad-address column (one small host-to-device copy from
+pinned memory, no synchronization, no rebuild).
 
 The k-split is a two-phase reduction (partials, then a per-matrix sum) rather than
-atomics: the result is bit-for-bit reproducible and nothing has to be zeroed between steps.
+atomics, and both its chunk size (``k_chunk``) and the step inside a chunk
+(_GRAM_STEP_K) are fixed — the autotuner picks only warps and stages — so the result is
+bit-for-bit reproducible whichever config the autotuner picked, and nothing has to be zeroed
+between steps.
 
-Precision: loads are upcast to float32 and every accumulator is float32.  ``tl.dot`` uses
-``ieee`` when any matrix is float32 (the reference uses full fp32 matmuls and G − I
-cancels almost everything when A is near-orthonormal) and ``tf32`` otherwise: a bf16 or
-fp16 value upcast to fp32 fits in tf32's 10-bit mantissa exactly, so the Gram products are
-exact and only the fp32 accumulation rounds.  (Upcasting before ``tl.dot`` also avoids the
-interpreter's wrong bf16 ``tl.dot``.)
+Precision: every accumulator is float32.  Sets with a float32 matrix use ``tf32x3`` dots
+(three tensor-core tf32 products per dot, about float32 accuracy: the reference uses full
+fp32 matmuls and G − I cancels almost everything when A is near-orthonormal).  Sets of
+16-bit matrices use ``tf32`` dots on upcast values, which is exact for the Gram products (a
+bf16 or fp16 value fits in tf32's 10-bit mantissa), and — on a GPU, when every matrix has
+the same 16-bit dtype — the Gram dot takes the bf16/fp16 tiles directly (also exact
+products, twice the tensor-core rate).  The update ``A·D`` keeps tf32 for 16-bit sets (a
+bf16 dot would round the fp32 ``D = G − I`` to 8 bits).  The interpreter always upcasts
+(its bf16 ``tl.dot`` is wrong).
 
 Not safe to call concurrently on two CUDA streams with the same set of matrices: the cached
 workspace is shared.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -52,6 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import device_guard
+
 __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 
 # --------------------------------------------------------------------------- tuning constants
@@ -59,21 +69,25 @@ __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 # point taken from the Triton matmul tutorial and the Hopper guidance (64-128 wide tiles,
 # 4-8 warps, 2-3 stages), to be measured with bench/bench_regularizer.py.
 #
-# Launch 1 (partial Grams) is idempotent, so the autotuner may re-run it: BLOCK_K (rows of A
-# per tl.dot), warps and stages are tuned.  Launches 2 and 3 update buffers in place
-# (launch 2 overwrites chunk 0 of the workspace with G − I; launch 3 adds into .grad), so
-# the autotuner cannot re-run them; they use the fixed values below.
+# Launch 1 (partial Grams) is idempotent, so the autotuner may re-run it: warps and stages
+# are tuned.  Its step through the rows of A (_GRAM_STEP_K, the K of each tl.dot) is fixed so
+# that the summation order never depends on the tuned config.  Launches 2 and 3 update
+# buffers in place (launch 2 overwrites chunk 0 of the workspace with G − I; launch 3 adds
+# into .grad), so the autotuner cannot re-run them; they use the fixed values below.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_GRAM_CONFIGS = [
-    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bk, w, s in ((32, 4, 2), (64, 4, 3), (64, 8, 3), (32, 8, 3), (128, 8, 2))
-]
-if _INTERPRET:  # the interpreter ignores warps/stages; one config means no benchmarking
-    _GRAM_CONFIGS = _GRAM_CONFIGS[:1]
+_GRAM_STEP_K = 32 if _INTERPRET else 64
+
+
+def _gram_configs(interpret: bool = _INTERPRET) -> list:
+    """Warps × stages of launch 1 (the interpreter ignores both: one config, no benchmarking)."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 3), (4, 2), (8, 4))]
+    return configs[:1] if interpret else configs
+
 
 # Rows of A per program of launch 3.  It shapes the work table, so it is fixed per call.
-_UPDATE_BLOCK_K = 64
+# 128 rows (GPU) read each fp32 tile of D = G − I once per 128 rows of A instead of per 64.
+_UPDATE_BLOCK_K = 64 if _INTERPRET else 128
 # Gram rows summed by one program of launch 1 before its partial is written.  2048 splits
 # the 7B shapes (k = 4096 and 11008) into 2 and 6 chunks: about 1300 programs for 448
 # matrices, ~10 waves on an H100, with a workspace of ~80 MiB at r = 128.
@@ -105,10 +119,12 @@ def _typed_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 def _gram_partial_tile(
     a_ptr, stride, k_lo, k_hi, r, ri, rj,
     BLOCK_K: tl.constexpr, K_CONTIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
 ):
     """Σ over rows k_lo ≤ p < k_hi of a[p, ri]ᵀ·a[p, rj] (a BLOCK_R × BLOCK_R fp32 tile).
 
     a[p, j] lives at ``a_ptr + p + j·stride`` when K_CONTIG, else ``a_ptr + p·stride + j``.
+    NATIVE_DOT multiplies the tiles in their own (16-bit) dtype, else upcast to fp32.
     """
     acc = tl.zeros((ri.shape[0], rj.shape[0]), dtype=tl.float32)
     mi = ri < r
@@ -122,16 +138,20 @@ def _gram_partial_tile(
         else:
             at = tl.load(a_ptr + kk[None, :] * stride + ri[:, None], mask=mi[:, None] & mk[None, :], other=0.0)
             aj = tl.load(a_ptr + kk[:, None] * stride + rj[None, :], mask=mk[:, None] & mj[None, :], other=0.0)
-        acc += tl.dot(at.to(tl.float32), aj.to(tl.float32), input_precision=DOT_PRECISION)
+        if NATIVE_DOT:
+            acc = tl.dot(at, aj, acc)
+        else:
+            acc = tl.dot(at.to(tl.float32), aj.to(tl.float32), acc, input_precision=DOT_PRECISION)
     return acc
 
 
-@triton.autotune(configs=_GRAM_CONFIGS, key=["BLOCK_R", "COMBOS", "DOT_PRECISION", "ALIGNED"])
+@triton.autotune(configs=_gram_configs(), key=["BLOCK_R", "COMBOS", "DOT_PRECISION", "ALIGNED", "NATIVE_DOT"])
 @triton.jit
 def _ortho_gram_partial_kernel(
     table_ptr, items_ptr, ws_ptr, k_chunk,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, COMBOS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr, TABLE_COLS: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
 ):
     """Launch 1: one program = (matrix, Gram tile ti ≤ tj, k-chunk) → one partial tile.
 
@@ -164,27 +184,27 @@ def _ortho_gram_partial_kernel(
     if COMBOS & 1:
         if code == 0:
             acc = _gram_partial_tile(_typed_ptr(addr, tl.float32, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, False, DOT_PRECISION)
+                                     BLOCK_K, False, DOT_PRECISION, NATIVE_DOT)
     if COMBOS & 2:
         if code == 1:
             acc = _gram_partial_tile(_typed_ptr(addr, tl.float32, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, True, DOT_PRECISION)
+                                     BLOCK_K, True, DOT_PRECISION, NATIVE_DOT)
     if COMBOS & 4:
         if code == 2:
             acc = _gram_partial_tile(_typed_ptr(addr, tl.float16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, False, DOT_PRECISION)
+                                     BLOCK_K, False, DOT_PRECISION, NATIVE_DOT)
     if COMBOS & 8:
         if code == 3:
             acc = _gram_partial_tile(_typed_ptr(addr, tl.float16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, True, DOT_PRECISION)
+                                     BLOCK_K, True, DOT_PRECISION, NATIVE_DOT)
     if COMBOS & 16:
         if code == 4:
             acc = _gram_partial_tile(_typed_ptr(addr, tl.bfloat16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, False, DOT_PRECISION)
+                                     BLOCK_K, False, DOT_PRECISION, NATIVE_DOT)
     if COMBOS & 32:
         if code == 5:
             acc = _gram_partial_tile(_typed_ptr(addr, tl.bfloat16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, True, DOT_PRECISION)
+                                     BLOCK_K, True, DOT_PRECISION, NATIVE_DOT)
 
     P = n_tiles * BLOCK_R
     dst = ws_ptr + ws_off + chunk * P * P + ri[:, None] * P + rj[None, :]
@@ -249,7 +269,7 @@ def _a_times_d_tile(
         else:
             a = tl.load(a_ptr + rows[:, None] * stride + ri[None, :], mask=mask, other=0.0)
         d = tl.load(d_ptr + ri[:, None] * P + cols[None, :])  # padded tiles: in bounds
-        acc += tl.dot(a.to(tl.float32), d, input_precision=DOT_PRECISION)
+        acc = tl.dot(a.to(tl.float32), d, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -361,12 +381,13 @@ class _Plan:
 
     __slots__ = (
         "table", "gram_items", "update_items", "ws", "norms", "scales", "block_r",
-        "k_chunk", "combos", "g_combos", "dot_precision", "aligned", "n_mats",
+        "k_chunk", "combos", "g_combos", "dot_precision", "native_dot", "aligned", "n_mats",
+        "grad_ptrs", "grad_ptrs_host",
     )
 
 
 _PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
-_MAX_PLANS = 4  # a training run needs one; a few more cover evaluation or a second model
+_MAX_PLANS = 8  # a training run needs one; a few more cover evaluation or a second model
 _plan_builds = 0  # how many plans were built (tests read it to check the cache)
 
 
@@ -418,14 +439,9 @@ def _build_plan(mats: Sequence[Tensor], tr: Sequence[bool], k_chunk: int, block_
     aligned = k_chunk % 8 == 0
     ws_size = 0
     any_fp32 = False
-    grad_owner: dict[int, int] = {}
+    _check_distinct_grads(mats)
     for i, (a, t, (k, r)) in enumerate(zip(mats, tr, dims)):
         g = a.grad
-        if g.numel() and grad_owner.setdefault(g.data_ptr(), i) != i:
-            # Launch 3 updates every grad tile once, in parallel: a shared grad would lose updates.
-            raise ValueError(
-                f"matrices {grad_owner[g.data_ptr()]} and {i} share one .grad tensor; pass each adapter once"
-            )
         a_contig, a_stride = _layout(tuple(a.shape), a.stride(), t, f"matrix {i}")
         g_contig, g_stride = _layout(tuple(g.shape), g.stride(), t, f"the .grad of matrix {i}")
         d = _DTYPE_INDEX[a.dtype]
@@ -458,28 +474,71 @@ def _build_plan(mats: Sequence[Tensor], tr: Sequence[bool], k_chunk: int, block_
     plan.block_r = block_r
     plan.k_chunk = k_chunk
     plan.combos, plan.g_combos = combos, g_combos
-    plan.dot_precision = "ieee" if any_fp32 else "tf32"
+    plan.dot_precision = "tf32x3" if any_fp32 else "tf32"
+    # One 16-bit dtype in the whole set (codes 2·d and 2·d+1 of one d ≥ 1): the Gram dot can
+    # take the tiles as they are (exact products); not in the interpreter (wrong bf16 dot).
+    plan.native_dot = (not _INTERPRET and not any_fp32
+                       and len({a.dtype for a in mats}) == 1)
+    plan.grad_ptrs = [a.grad.data_ptr() for a in mats]
+    plan.grad_ptrs_host = None
     plan.aligned = bool(aligned)
     plan.n_mats = len(mats)
     _plan_builds += 1
     return plan
 
 
+def _check_distinct_grads(mats: Sequence[Tensor]) -> None:
+    # Launch 3 updates every grad tile once, in parallel: a shared grad would lose updates.
+    owner: dict[int, int] = {}
+    for i, a in enumerate(mats):
+        g = a.grad
+        if g.numel() and owner.setdefault(g.data_ptr(), i) != i:
+            raise ValueError(
+                f"matrices {owner[g.data_ptr()]} and {i} share one .grad tensor; pass each adapter once"
+            )
+
+
+def _refresh_grad_addresses(plan: _Plan, mats: Sequence[Tensor]) -> bool:
+    """Point the cached table at the current ``.grad`` tensors (recreated by set_to_none).
+
+    False when the plan cannot be kept: it assumed 16-byte aligned grads and one is not.
+    """
+    ptrs = [a.grad.data_ptr() for a in mats]
+    if ptrs == plan.grad_ptrs:
+        return True
+    if plan.aligned and any(p % 16 for p in ptrs):
+        return False
+    _check_distinct_grads(mats)
+    host = torch.tensor(ptrs, dtype=torch.int64)
+    if plan.table.is_cuda:
+        # Pinned + non_blocking: no host synchronization.  The caching host allocator keeps
+        # the pinned block alive until the copy has run; holding it on the plan is belt and braces.
+        host = host.pin_memory()
+        plan.table[:, 1].copy_(host, non_blocking=True)
+    else:
+        plan.table[:, 1].copy_(host)
+    plan.grad_ptrs_host = host
+    plan.grad_ptrs = ptrs
+    return True
+
+
 def _plan_for(mats: Sequence[Tensor], tr: Sequence[bool], k_chunk: int, block_r: Optional[int]) -> _Plan:
-    # The key holds everything the tables depend on, so a hit is always a valid plan (two
-    # tensors that agree on all of it are, to the kernels, the same matrix).
+    # The key holds everything the tables depend on except the .grad addresses, which are
+    # refreshed in place on a hit (see the module docstring).  Two tensors that agree on all
+    # of it are, to the kernels, the same matrix.
     key = (mats[0].device, k_chunk, block_r) + tuple(
-        (a.data_ptr(), a.shape, a.stride(), a.dtype, a.grad.data_ptr(), a.grad.stride(), t)
+        (a.data_ptr(), a.shape, a.stride(), a.dtype, a.grad.shape, a.grad.stride(), a.grad.dtype, t)
         for a, t in zip(mats, tr)
     )
     plan = _PLANS.get(key)
-    if plan is None:
-        plan = _build_plan(mats, tr, k_chunk, block_r)
-        _PLANS[key] = plan
-        while len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    else:
+    if plan is not None and _refresh_grad_addresses(plan, mats):
         _PLANS.move_to_end(key)
+        return plan
+    plan = _build_plan(mats, tr, k_chunk, block_r)
+    _PLANS[key] = plan
+    _PLANS.move_to_end(key)
+    while len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
     return plan
 
 
@@ -525,13 +584,13 @@ def grouped_ortho_value_and_grad_(
     n_gram = plan.gram_items.shape[0]
     n_update = plan.update_items.shape[0]
     wide = plan.block_r >= 128
-    on_cuda = mats[0].device.type == "cuda"
-    with torch.cuda.device(mats[0].device) if on_cuda else contextlib.nullcontext():
+    with device_guard(mats[0]):
         if n_gram:
             _ortho_gram_partial_kernel[(n_gram,)](
                 plan.table, plan.gram_items, plan.ws, plan.k_chunk,
-                BLOCK_R=plan.block_r, COMBOS=plan.combos, DOT_PRECISION=plan.dot_precision,
-                ALIGNED=plan.aligned, TABLE_COLS=_TABLE_COLS,
+                BLOCK_R=plan.block_r, BLOCK_K=_GRAM_STEP_K, COMBOS=plan.combos,
+                DOT_PRECISION=plan.dot_precision, ALIGNED=plan.aligned, TABLE_COLS=_TABLE_COLS,
+                NATIVE_DOT=plan.native_dot,
             )
         _ortho_norm_kernel[(plan.n_mats,)](
             plan.table, plan.ws, plan.norms, plan.scales, float(coeff) / plan.n_mats,

@@ -19,11 +19,17 @@ Backward (``Wr`` and ``b`` frozen), four launches::
 
 ``s``, ``ss`` and the ``dS`` partials come from one read of ``dy``.  Only ``x`` and ``u`` are
 saved by the op.  Reductions over M go through small fp32 partial buffers summed by
-``torch.sum`` (no atomics), so results are deterministic run to run.
+``torch.sum`` (no atomics).  Their boundaries (the dS row tile _UP_BLOCK_M, the dU/dV splits
+of _rows_per_split rows and the step _WG_STEP_M inside a split) are fixed by the launcher from
+the shapes and the SM count, never by the autotuned config, so dU, dS and dV are the same
+bits run to run and process to process whatever config the autotuner's timing picked.
 
-Precision: tiles are multiplied in the compute dtype (``x.dtype``; frozen/adapter operands
-of another dtype are cast to it on load, as the reference casts them) with fp32
-accumulators.  For fp32 inputs ``tl.dot`` uses TF32 unless
+Every launch runs under a CUDA device guard on the input's device (models spread over
+several GPUs).
+
+Precision: tiles are multiplied in the compute dtype (``x.dtype``) with fp32 accumulators.
+U and V are cast to it once per call by the launchers; the residual and the bias are cast
+on load, as the reference casts them.  For fp32 inputs ``tl.dot`` uses TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's own default), in which case
 it uses IEEE fp32 — the same rule ``torch.matmul`` follows for the reference.
 
@@ -53,6 +59,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import device_guard
+
 __all__ = ["fused_forward", "fused_backward", "SUPPORTED_DTYPES"]
 
 #: Compute dtypes the kernels accept (``x.dtype``).  float64 goes to the reference (ops/ decides).
@@ -67,12 +75,25 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _MAX_BLOCK_R = 32 if _INTERPRET else 128
 
 # Row tile of _lowrank_up_grad_kernel.  Fixed (not autotuned) because the dS partial buffer
-# has one row per row tile; 64 rows × r≤128 keeps the fp32 tile in registers at 4 warps.
+# has one row per row tile, so the dS reduction boundaries must not depend on a tuned value;
+# 64 rows × r≤128 keeps the fp32 tile in registers at 4 warps.
 _UP_BLOCK_M = 16 if _INTERPRET else 64
 
+# Determinism of the dU / dV reductions over M (see _lowrank_weight_grad_kernel): the rows of
+# one fp32 partial (a "split") are a multiple of _SPLIT_ALIGN chosen by the launcher from
+# (M, K, r, SM count) only, and inside a split the rows are consumed in fixed steps of
+# _WG_STEP_M.  Neither depends on the autotuned config, so the bits of dU / dV do not depend
+# on which config the autotuner picked (a timing-dependent choice).
+_WG_STEP_M = 16 if _INTERPRET else 64
+_SPLIT_ALIGN = 16 if _INTERPRET else 256
 
-def _gemm_configs() -> list:
-    if _INTERPRET:
+# Row counts from which narrow (mma.sync-sized) row tiles are pruned from the GEMM configs:
+# at M ≥ 1024 a 64/128-row tile already fills the GPU and only it can use wgmma on Hopper.
+_SMALL_TILE_MAX_M = 1024
+
+
+def _gemm_configs(interpret: bool = _INTERPRET) -> list:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
     cfg = triton.Config
     return [
@@ -94,15 +115,47 @@ def _gemm_configs() -> list:
     ]
 
 
-def _skinny_configs() -> list:
-    """Row tile × K step for the r-wide products (x·V and dy·U); memory bound, so deep K steps."""
-    if _INTERPRET:
+def _acc_per_thread(c, block_n: int) -> int:
+    return c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
+
+
+def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop BLOCK_M < 64 configs when M ≥ _SMALL_TILE_MAX_M (they only help small M), and for
+    fp32 operands (mma.sync tf32, no wgmma) those above 64 fp32 accumulators per thread:
+    they spilled 0.8-140 KB per thread on sm_90 (compile facts), the others spill nothing."""
+    kept = configs
+    if named_args["M"] >= _SMALL_TILE_MAX_M:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
+    if named_args["a2_ptr"].element_size() == 4:
+        kept = [c for c in kept if _acc_per_thread(c, c.kwargs["BLOCK_N"]) <= 64] or kept
+    return kept
+
+
+def _prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """fp32 inputs: keep K steps ≤ 64 and ≤ 64 accumulators per thread (the rest spilled on
+    sm_90 at r = 128, compile facts)."""
+    if named_args["x_ptr"].element_size() != 4:
+        return configs
+    block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and _acc_per_thread(c, block_r) <= 64]
+    return kept or configs
+
+
+def _skinny_configs(interpret: bool = _INTERPRET) -> list:
+    """Row tile × K step for the r-wide products (x·V and dy·U); memory bound, so deep K steps.
+
+    128-row tiles read U or V half as often as 64-row ones (every row tile re-reads all of
+    it).  A 256-row tile (BLOCK_K 32, 8 warps) spilled 272 B at r = 128 on sm_90 (compile
+    facts, tests/kernels/compile_facts.py) and was dropped.
+    """
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
     cfg = triton.Config
     return [
+        cfg({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
         cfg({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
         # Fallback that fits A100 shared memory in fp32 with a 128-wide rank tile.
@@ -110,35 +163,36 @@ def _skinny_configs() -> list:
     ]
 
 
-def _up_grad_configs() -> list:
+def _up_grad_configs(interpret: bool = _INTERPRET) -> list:
     """K step only: the row tile is fixed at _UP_BLOCK_M (see there)."""
-    if _INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_K": 16})]
     cfg = triton.Config
     return [
         cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
         cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
+        # (BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128: dropped.)
         cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback (see above)
     ]
 
 
-def _weight_grad_configs() -> list:
-    """Output rows (of dU / dV) × reduction step over M."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_K": 16, "BLOCK_M": 16})]
+def _weight_grad_configs(interpret: bool = _INTERPRET) -> list:
+    """Output rows (of dU / dV), warps and stages; the step over M is fixed (_WG_STEP_M)."""
+    if interpret:
+        return [triton.Config({"BLOCK_K": 16})]
     cfg = triton.Config
     return [
-        cfg({"BLOCK_K": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 64, "BLOCK_M": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 128, "BLOCK_M": 128}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_K": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback
+        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=4),
+        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback
     ]
 
 
 # =============================================================================== kernels
-@triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": _prune_skinny_configs})
 @triton.jit
 def _lowrank_down_kernel(
     x_ptr, v_ptr, sigma_ptr, u_ptr, t_ptr,
@@ -182,11 +236,18 @@ def _lowrank_down_kernel(
     tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, t.to(t_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K1", "K2"])
+# The key separates forward from dx (HAS_BIAS / HAS_RESIDUAL and the B operands' layout:
+# forward reads Wrᵀ and Uᵀ with unit k-stride, dx reads Wr and Vᵀ with unit n-stride), which
+# would otherwise share one tuned config on a square layer.
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_K_CONTIG", "B2_K_CONTIG"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)
 @triton.jit
 def _fused_residual_lowrank_gemm_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
-    M, N, K1, K2, M_BUCKET,
+    M, N, K1, K2, M_BUCKET, B1_K_CONTIG, B2_K_CONTIG,
     stride_a1m, stride_a1k, stride_b1k, stride_b1n,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_cm, stride_cn,
@@ -202,6 +263,7 @@ def _fused_residual_lowrank_gemm_kernel(
 
     Forward: A1 = x, B1 = Wrᵀ, A2 = t, B2 = Uᵀ.  Backward dx: A1 = dy, B1 = Wr, A2 = ss, B2 = Vᵀ.
     B operands of another dtype are cast to A's dtype on load; fp32 accumulation.
+    ``B1_K_CONTIG`` / ``B2_K_CONTIG`` (0/1) only feed the autotune key.
     """
     # L2-friendly ordering (Triton matmul tutorial): GROUP_M row tiles share B column tiles.
     pid = tl.program_id(0)
@@ -304,11 +366,11 @@ def _lowrank_up_grad_kernel(
     tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
 
 
-@triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R", "HAS_SIGMA"])
 @triton.jit
 def _lowrank_weight_grad_kernel(
     a_ptr, b_ptr, sigma_ptr, out_ptr,
-    M, K, R, M_BUCKET,
+    M, K, R, M_BUCKET, rows_per_split,
     stride_am, stride_ak,
     stride_bm, stride_br,
     stride_os, stride_ok, stride_or,
@@ -321,16 +383,17 @@ def _lowrank_weight_grad_kernel(
     """``out[split] = Σ_{rows of this split} Aᵀ·(B·σ)`` (K×R, fp32): a reduction over M.
 
     dU: A = dy, B = u, with σ.  dV: A = x, B = ss (already scaled), no σ.  Grid axis 1
-    splits M into contiguous chunks (so small K×R outputs still fill the GPU); the
-    launcher sums the fp32 partials.
+    splits M into contiguous chunks of ``rows_per_split`` rows (so small K×R outputs still
+    fill the GPU); the launcher sums the fp32 partials.  ``rows_per_split`` and the step
+    ``BLOCK_M`` come from the launcher, never from the autotuned config (which only picks
+    the output tile ``BLOCK_K``, warps and stages), so the summation order — and the bits of
+    the result — do not depend on the autotuner's choice.
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
     num_pid_r = tl.cdiv(R, BLOCK_R)
     pid_k = pid // num_pid_r
     pid_r = pid % num_pid_r
-    rows_per_split = tl.cdiv(tl.cdiv(M, n_split), BLOCK_M) * BLOCK_M
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
 
@@ -424,26 +487,38 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
-    """How many chunks of M the dU/dV reduction is split into (partials summed afterwards).
+def _rows_per_split(M: int, K: int, r: int, device: torch.device) -> int:
+    """Rows of M per fp32 partial of the dU/dV reduction (a multiple of _SPLIT_ALIGN).
 
-    On a GPU: enough programs for about two waves when the K×r output alone would leave SMs
-    idle, with at least 512 rows per chunk.  In the interpreter: 2 chunks from M > 16, so
-    the split path is what CI tests.
+    On a GPU: enough splits for about two waves when the K×r output alone would leave SMs
+    idle, with at least 512 rows per split and at most 64 splits.  In the interpreter:
+    16-row splits capped at 2, so the split path is what CI tests.  Depends only on the
+    shapes and the SM count, never on the autotuned config (see _lowrank_weight_grad_kernel).
     """
     if device.type != "cuda":
-        return max(1, min(2, triton.cdiv(M, 16)))
-    out_tiles = triton.cdiv(K, 128) * triton.cdiv(r, _block_r(r))
-    want = triton.cdiv(2 * _num_sms(device.index or 0), out_tiles)
-    return max(1, min(want, triton.cdiv(M, 512), 64))
+        want = max(1, min(2, triton.cdiv(M, 16)))
+    else:
+        out_tiles = triton.cdiv(K, 128) * triton.cdiv(r, _block_r(r))
+        want = triton.cdiv(2 * _num_sms(device.index or 0), out_tiles)
+        want = max(1, min(want, triton.cdiv(M, 512), 64))
+    return triton.cdiv(triton.cdiv(M, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
+
+
+def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
+    """How many fp32 partials the dU/dV reduction over M writes (summed afterwards)."""
+    return triton.cdiv(M, _rows_per_split(M, K, r, device))
 
 
 def _launch_gemm(
     a1: Optional[Tensor], b1_kn: Optional[tuple[Tensor, int, int]],
     a2: Tensor, b2_kn: tuple[Tensor, int, int],
-    bias: Optional[Tensor], out: Tensor,
+    bias: Optional[Tensor], out: Tensor, precision: Optional[str] = None,
 ) -> None:
-    """``out = a1·B1 + a2·B2 (+ bias)``; each B given as (tensor, stride_k, stride_n)."""
+    """``out = a1·B1 + a2·B2 (+ bias)``; each B given as (tensor, stride_k, stride_n).
+
+    Also the large-M path of :mod:`sorsa_kernels.kernels.nf4_gemm` (B1 = a dequantized
+    scratch), which passes its own fp32 ``precision`` rule.
+    """
     M, N = out.shape
     has_res = a1 is not None
     b2, s2k, s2n = b2_kn
@@ -459,12 +534,12 @@ def _launch_gemm(
 
     _fused_residual_lowrank_gemm_kernel[grid](
         a1, b1, a2, b2, bias if bias is not None else out, out,
-        M, N, K1, K2, _m_bucket(M),
+        M, N, K1, K2, _m_bucket(M), int(s1k == 1), int(s2k == 1),
         a1.stride(0), a1.stride(1), s1k, s1n,
         a2.stride(0), a2.stride(1), s2k, s2n,
         out.stride(0), out.stride(1),
         HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=_input_precision(a2.dtype),
+        INPUT_PRECISION=precision or _input_precision(a2.dtype),
     )
 
 
@@ -473,7 +548,8 @@ def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: to
     M, K = a.shape
     r = b.shape[1]
     block_r = _block_r(r)
-    splits = _num_m_splits(M, K, r, a.device)
+    rows = _rows_per_split(M, K, r, a.device)
+    splits = triton.cdiv(M, rows)
     part = torch.empty((splits, K, r), dtype=torch.float32, device=a.device)
 
     def grid(meta):
@@ -481,13 +557,13 @@ def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: to
 
     _lowrank_weight_grad_kernel[grid](
         a, b, sigma if sigma is not None else part, part,
-        M, K, r, _m_bucket(M),
+        M, K, r, _m_bucket(M), rows,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         HAS_SIGMA=sigma is not None,
         INPUT_PRECISION=_input_precision(a.dtype),
-        BLOCK_R=block_r,
+        BLOCK_R=block_r, BLOCK_M=_WG_STEP_M,
     )
     out = part[0] if splits == 1 else part.sum(0)
     return out.to(dtype)
@@ -506,9 +582,11 @@ def fused_forward(
 
     Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_forward`:
     computes in ``x.dtype`` (fp16, bf16 or fp32) with fp32 accumulation; ``residual``,
-    ``U``, ``S``, ``V`` and ``bias`` may have other dtypes and are cast on load;
-    ``residual=None`` computes only the low-rank branch.  Any strides are accepted
-    (nothing is copied).  Called by :mod:`sorsa_kernels.ops.sorsa_linear`, not by users.
+    ``U``, ``S``, ``V`` and ``bias`` may have other dtypes (the residual and the bias are
+    cast on load; U and V are cast once to ``x.dtype`` here, as the reference casts them);
+    ``residual=None`` computes only the low-rank branch.  Any strides are accepted.  The
+    launches run on ``x``'s device (a CUDA device guard).  Called by
+    :mod:`sorsa_kernels.ops.sorsa_linear`, not by users.
 
     Example::
 
@@ -525,34 +603,40 @@ def fused_forward(
             raise ValueError(f"bias is on {bias.device} but the input is on {x2d.device}")
     cd = x2d.dtype
     dev = x2d.device
-    y = torch.empty((M, m), dtype=cd, device=dev)
-    u = torch.empty((M, r), dtype=cd, device=dev)
-    if M == 0:
-        return y, u
-    sigma = S.detach().to(torch.float32) * float(scale)  # σ = scale·S, fp32 (never fp64)
-    t = torch.empty((M, r), dtype=cd, device=dev)
-    block_r = _block_r(r)
-    prec = _input_precision(cd)
+    with device_guard(x2d):
+        y = torch.empty((M, m), dtype=cd, device=dev)
+        u = torch.empty((M, r), dtype=cd, device=dev)
+        if M == 0:
+            return y, u
+        sigma = S.detach().to(torch.float32) * float(scale)  # σ = scale·S, fp32 (never fp64)
+        # One cast of the r-wide adapters per call (a no-op when they are already in ``cd``),
+        # instead of a cast per tile in the kernels: fp32 adapters would otherwise take fp32
+        # tiles of shared memory and registers in the GEMM.
+        Uc = U.detach().to(cd)
+        Vc = V.detach().to(cd)
+        t = torch.empty((M, r), dtype=cd, device=dev)
+        block_r = _block_r(r)
+        prec = _input_precision(cd)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))
 
-    _lowrank_down_kernel[grid](
-        x2d, V, sigma, u, t,
-        M, n, r, _m_bucket(M),
-        x2d.stride(0), x2d.stride(1),
-        V.stride(0), V.stride(1),
-        u.stride(0), u.stride(1),
-        t.stride(0), t.stride(1),
-        INPUT_PRECISION=prec, BLOCK_R=block_r,
-    )
-    # y = [x | t]·[Wr | U]ᵀ: B1 = Wrᵀ (k = in index, n = out index), B2 = Uᵀ.
-    b1 = (residual, residual.stride(1), residual.stride(0)) if residual is not None else None
-    _launch_gemm(
-        x2d if residual is not None else None, b1,
-        t, (U, U.stride(1), U.stride(0)),
-        bias, y,
-    )
+        _lowrank_down_kernel[grid](
+            x2d, Vc, sigma, u, t,
+            M, n, r, _m_bucket(M),
+            x2d.stride(0), x2d.stride(1),
+            Vc.stride(0), Vc.stride(1),
+            u.stride(0), u.stride(1),
+            t.stride(0), t.stride(1),
+            INPUT_PRECISION=prec, BLOCK_R=block_r,
+        )
+        # y = [x | t]·[Wr | U]ᵀ: B1 = Wrᵀ (k = in index, n = out index), B2 = Uᵀ.
+        b1 = (residual, residual.stride(1), residual.stride(0)) if residual is not None else None
+        _launch_gemm(
+            x2d if residual is not None else None, b1,
+            t, (Uc, Uc.stride(1), Uc.stride(0)),
+            bias, y,
+        )
     return y, u
 
 
@@ -570,13 +654,15 @@ def fused_backward(
     """Fused SORSA backward: returns ``(dx, dU, dS, dV)`` (``dx`` None unless ``needs_dx``).
 
     Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_backward`
-    (``Wr`` and the bias are frozen): with ``s = dy·U``::
+    (``Wr`` frozen; the bias gradient, a plain row sum of ``dy``, is the op's): with
+    ``s = dy·U``::
 
         dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)
         dV = scale·xᵀ·(s·S)           dx = [dy | scale·s·S]·[Wr ; Vᵀ]
 
     ``dy``, ``x`` and ``u`` share the compute dtype; ``dx`` is returned in it and each
-    adapter gradient in its parameter's dtype.
+    adapter gradient in its parameter's dtype.  The bits of dU, dS and dV do not depend on
+    the autotuned configs (fixed reduction splits).  Launches run on ``x``'s device.
 
     Example::
 
@@ -600,42 +686,45 @@ def fused_backward(
             raise ValueError(f"{label} is on {t.device} but the input is on {x2d.device}")
     cd = x2d.dtype
     dev = x2d.device
-    if M == 0:  # no rows: every gradient is zero (and the kernels would get an empty grid)
-        dx = torch.empty((0, n), dtype=cd, device=dev) if needs_dx else None
-        return dx, torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
+    with device_guard(x2d):
+        if M == 0:  # no rows: every gradient is zero (and the kernels would get an empty grid)
+            dx = torch.empty((0, n), dtype=cd, device=dev) if needs_dx else None
+            return dx, torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
 
-    sigma = S.detach().to(torch.float32) * float(scale)
-    block_r = _block_r(r)
-    prec = _input_precision(cd)
+        sigma = S.detach().to(torch.float32) * float(scale)
+        Uc = U.detach().to(cd)  # cast once per call, not per tile (see fused_forward)
+        block_r = _block_r(r)
+        prec = _input_precision(cd)
 
-    # 1. one read of dy: ss = scale·(dy·U)·S and the per-row-tile partials of Σ u⊙(dy·U).
-    ss = torch.empty((M, r), dtype=cd, device=dev)
-    n_row_tiles = triton.cdiv(M, _UP_BLOCK_M)
-    ds_part = torch.empty((n_row_tiles, r), dtype=torch.float32, device=dev)
-    _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r))](
-        dy2d, U, u, sigma, ss, ds_part,
-        M, m, r, _m_bucket(M),
-        dy2d.stride(0), dy2d.stride(1),
-        U.stride(0), U.stride(1),
-        u.stride(0), u.stride(1),
-        ss.stride(0), ss.stride(1),
-        ds_part.stride(0),
-        INPUT_PRECISION=prec, BLOCK_R=block_r, BLOCK_M=_UP_BLOCK_M,
-    )
-    dS = (ds_part.sum(0) * float(scale)).to(S.dtype)
-
-    # 2. reductions over M: dU = dyᵀ·(u·σ), dV = xᵀ·ss.
-    dU = _launch_weight_grad(dy2d, u, sigma, U.dtype)
-    dV = _launch_weight_grad(x2d, ss, None, V.dtype)
-
-    # 3. dx = [dy | ss]·[Wr ; Vᵀ]: B1 = Wr (k = out index, n = in index), B2 = Vᵀ.
-    dx = None
-    if needs_dx:
-        dx = torch.empty((M, n), dtype=cd, device=dev)
-        b1 = (residual, residual.stride(0), residual.stride(1)) if residual is not None else None
-        _launch_gemm(
-            dy2d if residual is not None else None, b1,
-            ss, (V, V.stride(1), V.stride(0)),
-            None, dx,
+        # 1. one read of dy: ss = scale·(dy·U)·S and the per-row-tile partials of Σ u⊙(dy·U).
+        ss = torch.empty((M, r), dtype=cd, device=dev)
+        n_row_tiles = triton.cdiv(M, _UP_BLOCK_M)
+        ds_part = torch.empty((n_row_tiles, r), dtype=torch.float32, device=dev)
+        _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r))](
+            dy2d, Uc, u, sigma, ss, ds_part,
+            M, m, r, _m_bucket(M),
+            dy2d.stride(0), dy2d.stride(1),
+            Uc.stride(0), Uc.stride(1),
+            u.stride(0), u.stride(1),
+            ss.stride(0), ss.stride(1),
+            ds_part.stride(0),
+            INPUT_PRECISION=prec, BLOCK_R=block_r, BLOCK_M=_UP_BLOCK_M,
         )
+        dS = (ds_part.sum(0) * float(scale)).to(S.dtype)
+
+        # 2. reductions over M: dU = dyᵀ·(u·σ), dV = xᵀ·ss.
+        dU = _launch_weight_grad(dy2d, u, sigma, U.dtype)
+        dV = _launch_weight_grad(x2d, ss, None, V.dtype)
+
+        # 3. dx = [dy | ss]·[Wr ; Vᵀ]: B1 = Wr (k = out index, n = in index), B2 = Vᵀ.
+        dx = None
+        if needs_dx:
+            Vc = V.detach().to(cd)
+            dx = torch.empty((M, n), dtype=cd, device=dev)
+            b1 = (residual, residual.stride(0), residual.stride(1)) if residual is not None else None
+            _launch_gemm(
+                dy2d if residual is not None else None, b1,
+                ss, (Vc, Vc.stride(1), Vc.stride(0)),
+                None, dx,
+            )
     return dx, dU, dS, dV

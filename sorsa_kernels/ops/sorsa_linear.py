@@ -7,6 +7,11 @@ Triton kernel or the reference through :func:`sorsa_kernels.ops.dispatch.use_tri
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward (the residual and the
 adapters are module state, not activations).
+
+Gradients: ``x``, ``U``, ``S``, ``V`` and — when it requires grad — the bias
+(``db = Σ_rows dy``, accumulated in at least float32 and returned in the bias dtype).  The
+residual is frozen by construction: a residual that requires grad is rejected with an
+error instead of silently getting no gradient.
 """
 from __future__ import annotations
 
@@ -85,18 +90,35 @@ def _(dy, x, u, residual, U, S, V, scale, needs_dx):
     return dx, torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
 
 
+def _check_frozen_residual(residual: Optional[Tensor]) -> None:
+    if residual is not None and residual.requires_grad:
+        raise ValueError(
+            "the SORSA residual is frozen but was given with requires_grad=True; only U, S, V "
+            "(and the bias) are trainable: call residual.requires_grad_(False)"
+        )
+
+
 def _setup_context(ctx, inputs, output):
     x, residual, U, S, V, bias, scale = inputs
+    _check_frozen_residual(residual)
     _, u = output
     ctx.save_for_backward(x, u, residual, U, S, V)
     ctx.scale = scale
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _bias_grad(dy: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_rows dy`` accumulated in at least float32, in the bias dtype."""
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    return dy.reshape(-1, dy.shape[-1]).sum(0, dtype=acc).to(dtype)
 
 
 def _backward(ctx, dy, _du):
     x, u, residual, U, S, V = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     dx, dU, dS, dV = linear_bwd(dy.contiguous(), x, u, residual, U, S, V, ctx.scale, needs_dx)
-    return (dx if needs_dx else None), None, dU, dS, dV, None, None
+    db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
+    return (dx if needs_dx else None), None, dU, dS, dV, db, None
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -117,13 +139,15 @@ def sorsa_linear(
 
     With ``dropout_p == 0`` (the paper's setting) this is one fused op.  With dropout
     active the low-rank branch sees a dropped copy of ``x`` and runs as its own op
-    beside a plain frozen ``F.linear`` for the residual.
+    beside a plain frozen ``F.linear`` for the residual.  A bias that requires grad gets
+    its gradient; a residual that requires grad is rejected (it is frozen).
 
     Example::
 
         >>> y = sorsa_linear(x, layer.residual, layer.U, layer.S, layer.V, layer.bias)
     """
     scale = float(scale)
+    _check_frozen_residual(residual)
     if dropout_p > 0.0 and training:
         base = F.linear(x, residual.to(x.dtype), None if bias is None else bias.to(x.dtype))
         low, _ = linear_fwd(F.dropout(x, dropout_p, True), None, U, S, V, None, scale)

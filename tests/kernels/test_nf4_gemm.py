@@ -119,3 +119,57 @@ def test_forward_matches_reference_fp32_large_gpu():
     y = _kernels().nf4_lowrank_forward(x, q.tensors(), q.shape, t, U)
     ref = x.double() @ dequantize_nf4(q).double().T + t.double() @ U.double().T
     assert rel_err(y, ref) < 1e-5
+
+
+# --------------------------------------------------------------------------- large-M path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(72, 100), (37, 51), (5, 130)], ids=["72x100", "37x51-odd", "5x130"])
+def test_dequantize_kernel_matches_reference_dequantization(dtype, shape):
+    q, _ = _case(*shape, 1, 1, 10, dtype)
+    W = _kernels().nf4_dequantize(q.tensors(), q.shape, dtype)
+    ref = dequantize_nf4(q, dtype)
+    assert W.shape == ref.shape and W.dtype == dtype
+    assert torch.equal(W, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_M_forward_dequantizes_once_and_matches_reference(dtype, bias, monkeypatch):
+    k = _kernels()
+    M = k._DEQUANT_MIN_M + 11
+    q, mk = _case(72, 100, M, 5, 11, dtype)
+    x, t, U = mk(M, 100), mk(M, 5), mk(72, 5)
+    b = mk(72) if bias else None
+    calls = []
+    real = k.nf4_dequantize
+    monkeypatch.setattr(k, "nf4_dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y = k.nf4_lowrank_forward(x, q.tensors(), q.shape, t, U, b)
+    ref = x.double() @ dequantize_nf4(q, dtype).double().T + t.double() @ U.double().T
+    if bias:
+        ref = ref + b.double()
+    assert calls == [1]
+    assert y.dtype == dtype and y.shape == (M, 72)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_large_M_dx_matches_reference(lowrank):
+    M = _kernels()._DEQUANT_MIN_M
+    q, mk = _case(37, 51, M, 3, 12, torch.float32)
+    dy, s, V = mk(M, 37), mk(M, 3), mk(51, 3)
+    args = (s, V) if lowrank else ()
+    dx = _kernels().nf4_lowrank_dx(dy, q.tensors(), q.shape, *args)
+    ref = dy.double() @ dequantize_nf4(q).double()
+    if lowrank:
+        ref = ref + s.double() @ V.double().T
+    assert dx.shape == (M, 51)
+    assert rel_err(dx, ref) < 1e-5
+
+
+def test_small_M_keeps_the_fused_dequant_kernel(monkeypatch):
+    k = _kernels()
+    monkeypatch.setattr(k, "nf4_dequantize", lambda *a, **kw: pytest.fail("small M must not dequantize"))
+    q, mk = _case(72, 100, 9, 4, 13, torch.float32)
+    x = mk(9, 100)
+    y = k.nf4_lowrank_forward(x, q.tensors(), q.shape)
+    assert rel_err(y, x.double() @ dequantize_nf4(q).double().T) < 1e-5

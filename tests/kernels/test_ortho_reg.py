@@ -179,6 +179,24 @@ def test_value_is_a_float32_scalar_on_the_matrices_device():
     assert value.shape == () and value.dtype == torch.float32 and value.device == mats[0].device
 
 
+# --------------------------------------------------------------------------- determinism
+def test_every_gram_config_gives_identical_bits(monkeypatch, k_sequential_dot):
+    # The autotuner picks a Gram config by timing; the k-chunks and the step inside a chunk
+    # are fixed, so every config (the GPU list included) must give the same bits.
+    shapes = SMALL + [(300, 40, False), (130, 20, True)]
+    configs = ortho_reg._gram_configs(interpret=True) + ortho_reg._gram_configs(interpret=False)
+    results = []
+    for cfg in configs:
+        monkeypatch.setattr(ortho_reg._ortho_gram_partial_kernel, "configs", [cfg])
+        monkeypatch.setattr(ortho_reg._ortho_gram_partial_kernel, "cache", {})
+        mats, flags = _matrices(shapes, torch.float32, seed=30, grad=0.1)
+        value = ortho_reg.grouped_ortho_value_and_grad_(mats, 2.0, flags, k_chunk=64)
+        results.append((value, [a.grad for a in mats]))
+    for cfg, (value, grads) in zip(configs[1:], results[1:]):
+        assert torch.equal(value, results[0][0]), cfg
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1])), cfg
+
+
 # --------------------------------------------------------------------------- the plan cache
 def test_same_matrices_reuse_the_cached_plan():
     mats, flags = _matrices(SMALL, torch.float32, seed=12, grad=0.1)
@@ -189,6 +207,31 @@ def test_same_matrices_reuse_the_cached_plan():
     assert ortho_reg._plan_builds == builds
     for a, g in zip(mats, twice):
         assert rel_err(a.grad, g) < 1e-5
+
+
+def test_grads_recreated_by_set_to_none_reuse_the_plan_and_get_the_update():
+    # zero_grad(set_to_none=True) gives every matrix a new .grad each step: the plan is
+    # kept (no rebuild) and its table is pointed at the new grads.
+    mats, flags = _matrices(SMALL, torch.float32, seed=16, grad=0.1)
+    ortho_reg.grouped_ortho_value_and_grad_(mats, 1.0, flags)
+    builds = ortho_reg._plan_builds
+    old = [a.grad for a in mats]  # kept alive: a stale table would still add into them
+    old_copies = [g.clone() for g in old]
+    for a in mats:
+        a.grad = None
+    expected_value, expected_grads = _expected(mats, flags, coeff=1.0)
+    value = ortho_reg.grouped_ortho_value_and_grad_(mats, 1.0, flags)
+    assert ortho_reg._plan_builds == builds
+    _assert_matches(mats, value, expected_value, expected_grads, 1e-5)
+    assert all(torch.equal(g, c) for g, c in zip(old, old_copies))
+
+
+def test_plan_cache_is_capped():
+    ortho_reg.clear_cache()
+    for seed in range(ortho_reg._MAX_PLANS + 3):
+        mats, flags = _matrices(SMALL[:2], torch.float32, seed=40 + seed)
+        ortho_reg.grouped_ortho_value_and_grad_(mats, 1.0, flags)
+    assert len(ortho_reg._PLANS) == ortho_reg._MAX_PLANS
 
 
 def test_cache_notices_replaced_parameter_storage():

@@ -196,6 +196,45 @@ def test_weight_grads_reduce_over_split_row_chunks():
     assert rel_err(got["dV"], ref["dV"]) < 1e-5
 
 
+def _adapter_grads_with_weight_grad_config(monkeypatch, cfg, shape=(100, 72, 40, 37)):
+    """(dU, dV, dS) with the weight-grad kernel forced to the single config ``cfg``."""
+    monkeypatch.setattr(kernels._lowrank_weight_grad_kernel, "configs", [cfg])
+    monkeypatch.setattr(kernels._lowrank_weight_grad_kernel, "cache", {})
+    inp = _inputs(*shape, torch.float32, seed=11)
+    _, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    _, dU, dS, dV = kernels.fused_backward(
+        inp["dy"], inp["x"], u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, False
+    )
+    return dU, dV, dS
+
+
+def test_adapter_grads_are_bitwise_independent_of_the_tuned_weight_grad_config(monkeypatch, k_sequential_dot):
+    # Every GPU config (and the interpreter's) must give the same bits: the split boundaries
+    # and the step over M come from the launcher, the config only picks the output tile.
+    # M = 100 reduces in two splits of several steps; r = 37 spans two interpreter rank tiles.
+    configs = kernels._weight_grad_configs(interpret=True) + kernels._weight_grad_configs(interpret=False)
+    first = _adapter_grads_with_weight_grad_config(monkeypatch, configs[0])
+    ref = _reference_backward(_inputs(100, 72, 40, 37, torch.float32, seed=11), needs_dx=False)
+    assert rel_err(first[0], ref[1]) < 1e-5 and rel_err(first[1], ref[3]) < 1e-5
+    for cfg in configs[1:]:
+        got = _adapter_grads_with_weight_grad_config(monkeypatch, cfg)
+        for name, a, b in zip(("dU", "dV", "dS"), got, first):
+            assert torch.equal(a, b), f"{name} differs under {cfg}"
+
+
+def test_the_bitwise_check_sees_a_change_of_the_split_boundaries(monkeypatch, k_sequential_dot):
+    # The test above can fail: splits that depend on a tuned block (the old kernel rounded
+    # them to the tuned BLOCK_M) change the bits of dU and dV.  Here: 48-row instead of
+    # 64-row splits of M = 100.
+    cfg = kernels._weight_grad_configs(interpret=True)[0]
+    base = _adapter_grads_with_weight_grad_config(monkeypatch, cfg)
+    assert kernels._rows_per_split(100, 40, 37, torch.device("cpu")) == 64
+    monkeypatch.setattr(kernels, "_rows_per_split", lambda M, K, r, device: 48)
+    other = _adapter_grads_with_weight_grad_config(monkeypatch, cfg)
+    assert not torch.equal(base[0], other[0]) or not torch.equal(base[1], other[1])
+    assert rel_err(other[0], base[0]) < 1e-5
+
+
 def test_backward_empty_batch_returns_zero_adapter_grads():
     inp = _inputs(1, 24, 72, 5, torch.float32)
     x, dy = inp["x"][:0], inp["dy"][:0]
@@ -358,3 +397,27 @@ def test_kernels_compile_to_cubin_for_hopper_and_ampere(tmp_path):
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- config pruning
+def test_gemm_prune_drops_narrow_rows_at_large_M_and_spilling_fp32_tiles():
+    configs = kernels._gemm_configs(interpret=False)
+    bf = torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1, dtype=torch.float32)
+    assert kernels._prune_gemm_configs(configs, dict(M=512, a2_ptr=bf)) == configs
+    large = kernels._prune_gemm_configs(configs, dict(M=4096, a2_ptr=bf))
+    assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
+    assert any(c.kwargs["BLOCK_M"] < 64 for c in configs)
+    fp32 = kernels._prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
+    assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fp32)
+    assert len(fp32) < len(large)
+
+
+def test_skinny_prune_keeps_only_non_spilling_fp32_configs():
+    configs = kernels._skinny_configs(interpret=False)
+    bf = torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1, dtype=torch.float32)
+    assert kernels._prune_skinny_configs(configs, dict(x_ptr=bf), BLOCK_R=128) == configs
+    kept = kernels._prune_skinny_configs(configs, dict(x_ptr=f32), BLOCK_R=128)
+    assert kept and len(kept) < len(configs)
+    assert all(c.kwargs["BLOCK_K"] <= 64 for c in kept)

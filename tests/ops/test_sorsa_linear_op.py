@@ -195,3 +195,44 @@ def test_compiled_model_matches_eager_forward_and_grads(backend, name):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert rel_err(y, eager_y) < 1e-6
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads, eager_grads))
+
+
+# ----------------------------------------------------------------------------- trainable bias / frozen residual
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["triton", "reference"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["fused", "dropout"])
+def test_trainable_bias_gets_the_row_sum_gradient(backend, name, dtype, dropout):
+    backend(name)
+    layer = _layer(40, 24, 5, dtype=dtype, dropout=dropout).train()
+    layer.bias.requires_grad_(True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 40, generator=g).to(DEVICE, dtype)
+    dy = torch.randn(2, 9, 24, generator=g).to(DEVICE, dtype)
+    torch.manual_seed(7)
+    layer(x).backward(dy)
+    assert layer.bias.grad is not None and layer.bias.grad.dtype == dtype
+    # float64 oracle: PyTorch autograd through the dense formula with a trainable bias
+    # (dropout does not touch the bias branch, so its gradient is the same formula).
+    b64 = layer.bias.detach().double().requires_grad_()
+    y = reference.linear_dense(x.double(), layer.residual.double(), layer.U.double(), layer.S.double(),
+                               layer.V.double(), b64, layer.scale)
+    y.backward(dy.double())
+    assert rel_err(layer.bias.grad, b64.grad) < TOL[dtype]
+    assert rel_err(layer.bias.grad, dy.double().sum((0, 1))) < TOL[dtype]
+
+
+def test_frozen_bias_still_gets_no_gradient(backend):
+    backend("triton")
+    layer = _layer(40, 24, 5)
+    layer(torch.randn(4, 40, device=DEVICE)).sum().backward()
+    assert layer.bias.grad is None and layer.U.grad is not None
+
+
+@pytest.mark.parametrize("name", ["triton", "reference"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["fused", "dropout"])
+def test_residual_that_requires_grad_is_rejected_with_message(backend, name, dropout):
+    backend(name)
+    layer = _layer(40, 24, 5, dropout=dropout).train()
+    layer.residual.requires_grad_(True)
+    with pytest.raises(ValueError, match="residual is frozen but was given with requires_grad=True"):
+        layer(torch.randn(4, 40, device=DEVICE))
