@@ -21,6 +21,7 @@ from torch import nn
 
 from .._version import __version__
 from ..nn.linear import SORSALinear
+from .fsdp import full_tensor, is_sharded, process_rank
 from .surgery import _set_submodule, sorsa_layers
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "read_adapter"]
@@ -58,6 +59,10 @@ def save_adapter(
     Both files are first written to temporary files in ``directory`` and then renamed
     over the old ones, so a save that fails leaves the previous adapter intact.
 
+    On a model sharded by FSDP2 (``fully_shard``) every rank must call it: the factors are
+    gathered (all-gather, one tensor at a time) and rank 0 writes the files a
+    single-process run writes.
+
     Example::
 
         >>> save_adapter(model, "out/adapter")
@@ -67,15 +72,15 @@ def save_adapter(
     if not layers:
         raise ValueError("the model has no SORSA layers; nothing to save")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layer_cfg: dict[str, Any] = {}
+    sharded = any(is_sharded(layer.U) for layer in layers.values())
     for name, layer in layers.items():
         if layer.init_factors is None:
             raise ValueError(f"layer {name} has no initial factors (it was not built by from_linear/from_factors)")
         U0, S0, V0 = layer.init_factors
         for key, t in zip(_FACTORS, (layer.U, layer.S, layer.V, U0, S0, V0)):
-            tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous()
+            tensors[f"{name}.{key}"] = full_tensor(t).detach().to("cpu").contiguous()
         layer_cfg[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
@@ -84,6 +89,9 @@ def save_adapter(
             "residual_dtype": _dtype_name(layer.residual_dtype),
             "quantize": layer.quantize,
         }
+    if sharded and process_rank() != 0:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     first = next(iter(layers.values()))
     config = {
         "format": FORMAT,

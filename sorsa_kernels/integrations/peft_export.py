@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapter_io import _atomic_write
+from .fsdp import full_tensor, is_sharded, process_rank
 from .surgery import sorsa_layers
 
 __all__ = ["export_peft_lora", "lora_factors"]
@@ -29,7 +30,8 @@ def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     if layer.init_factors is None:
         raise ValueError("the layer has no initial factors; cannot express its update as a LoRA")
     U0, S0, V0 = (t.to(layer.U.device, torch.float32) for t in layer.init_factors)
-    U, S, V = (t.detach().float() for t in (layer.U, layer.S, layer.V))
+    U, S, V = (full_tensor(t).detach().float() for t in (layer.U, layer.S, layer.V))
+    U0, S0, V0 = (t.to(U.device) for t in (U0, S0, V0))
     B = torch.cat([U * (S * layer.scale), -U0 * (S0 * layer.scale)], dim=1)
     A = torch.cat([V.T, V0.T], dim=0)
     return A.contiguous(), B.contiguous()
@@ -46,7 +48,8 @@ def export_peft_lora(
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of a rank-2r PEFT LoRA.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` loads it with no help from this
-    package; ``base`` must be the original (un-adapted) model.
+    package; ``base`` must be the original (un-adapted) model.  On a model sharded by FSDP2
+    every rank must call it (the factors are gathered); rank 0 writes.
 
     Example::
 
@@ -57,7 +60,6 @@ def export_peft_lora(
     if not layers:
         raise ValueError("the model has no SORSA layers; nothing to export")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     rank_pattern = {}
     ranks = {name: 2 * layer.rank for name, layer in layers.items()}
@@ -68,6 +70,9 @@ def export_peft_lora(
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", dtype).contiguous()
         if ranks[name] != r:
             rank_pattern[name] = ranks[name]
+    if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
