@@ -147,6 +147,7 @@ def load_sorsa_streaming(
     device: Optional[Union[str, torch.device]] = None,
     mesh: Any = None,
     reshard_after_forward: bool = True,
+    fsdp_kwargs: Optional[dict[str, Any]] = None,
     quant_report: Optional[str] = None,
     progress: bool = False,
 ) -> nn.Module:
@@ -168,7 +169,9 @@ def load_sorsa_streaming(
         mesh: a 1-D DeviceMesh: ``fully_shard`` each decoder layer as soon as it is built, the
             root at the end; layer ``i`` is built by mesh rank ``i mod world`` and broadcast.
             Every rank must call the loader.  Non-owner ranks get ``quant_report=None``.
-        reshard_after_forward: passed to ``fully_shard``.
+        reshard_after_forward, fsdp_kwargs: passed to ``fully_shard`` (``fsdp_kwargs`` e.g.
+            ``{"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)}``: the NF4 storage
+            is integer-typed, so mixed precision casts only the adapters, bias and the rest).
         progress: a progress bar over the decoder layers (on mesh rank 0).
 
     Every parameter but the adapter factors is frozen, as ``apply_sorsa`` leaves them.
@@ -281,7 +284,7 @@ def load_sorsa_streaming(
             if mesh is not None:
                 from torch.distributed.fsdp import fully_shard
 
-                fully_shard(blocks[i], mesh=mesh, reshard_after_forward=reshard_after_forward)
+                fully_shard(blocks[i], mesh=mesh, reshard_after_forward=reshard_after_forward, **(fsdp_kwargs or {}))
         for key in all_keys:
             if key not in done and not in_target(key):
                 load_tensor(reader, key)
@@ -301,7 +304,7 @@ def load_sorsa_streaming(
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **(fsdp_kwargs or {}))
     return model.eval()
 
 

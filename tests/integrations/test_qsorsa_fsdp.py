@@ -70,11 +70,17 @@ _SCRIPT = textwrap.dedent('''
     result = {}
     if mesh is not None:
         fsdp.shard_model(model, mesh)
-        # the streaming loader, sharding as it loads, must give the same local shards
-        streamed = load_sorsa_streaming(base, 8, quantize="nf4", mesh=mesh)
+        # the streaming loader, sharding as it loads, must give the same local shards; with bf16
+        # mixed precision (which must leave the integer NF4 storage alone) it computes the same loss
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        streamed = load_sorsa_streaming(base, 8, quantize="nf4", mesh=mesh,
+                                        fsdp_kwargs={"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)})
         a, b = model.state_dict(), streamed.state_dict()
         result["stream_same_shards"] = a.keys() == b.keys() and all(
             type(a[k]) is type(b[k]) and torch.equal(fsdp._local(a[k]), fsdp._local(b[k])) for k in a)
+        probe = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            result["probe_losses"] = [float(model(probe, labels=probe).loss), float(streamed(probe, labels=probe).loss)]
         del streamed
         try:
             model.model.layers[0].self_attn.q_proj.nf4()
@@ -166,6 +172,12 @@ def test_nf4_of_a_sharded_layer_outside_the_forward_names_the_fix(runs):
 def test_streaming_loader_under_a_mesh_builds_the_api_paths_shards(runs):
     _, _, two = runs
     assert two["stream_same_shards"] is True
+
+
+def test_bf16_mixed_precision_leaves_the_nf4_storage_exact(runs):
+    _, _, two = runs
+    fp32, bf16 = two["probe_losses"]
+    assert bf16 == pytest.approx(fp32, abs=2e-2)  # a cast NF4 byte would be a random weight
 
 
 def test_sharded_adapter_loads_in_one_process_and_reproduces_the_logits(runs):
