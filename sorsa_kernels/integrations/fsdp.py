@@ -261,7 +261,7 @@ def save_merged(
     files a single-process ``merge_sorsa`` + ``save_pretrained`` writes.  Returns the folder
     on rank 0, None elsewhere.  The trained model is left as it was.
     """
-    from .streaming import empty_model
+    from .meta import empty_model
 
     sd = merged_state_dict(model, dtype)
     if process_rank() != 0:

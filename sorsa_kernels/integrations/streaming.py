@@ -25,55 +25,22 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..nn.linear import SORSALinear, validate_rank
+from ..nn.checks import validate_rank
+from ..nn.factory import layer_class, make_sorsa_linear
+from ..nn.linear import SORSALinear
+from .fsdp import decoder_layers
+from .meta import empty_model
 from .surgery import TargetSpec, _set_submodule, find_targets
 
 __all__ = ["empty_model", "load_sorsa_streaming", "checkpoint_files"]
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside is moved to the meta device; buffers stay real.
-
-    Constructors allocate each weight with ``torch.empty`` (no pages touched) before it is
-    registered, so the transient cost is one uninitialized tensor at a time.
-    """
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def empty_model(config: Any, *, cls: Optional[type] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """A transformers model built from ``config`` with its parameters on the meta device.
-
-    ``cls`` is the model class (default ``AutoModelForCausalLM``); buffers (rotary tables)
-    are real CPU tensors.  Fill it with ``load_state_dict(..., assign=True)``.
-    """
-    with _parameters_on_meta():
-        if cls is None:
-            from transformers import AutoModelForCausalLM
-
-            kw = {} if dtype is None else {"dtype": dtype}
-            return AutoModelForCausalLM.from_config(config, **kw)
-        return cls(config)
 
 
 def checkpoint_files(path: Union[str, os.PathLike]) -> dict[str, Path]:
@@ -178,10 +145,7 @@ def load_sorsa_streaming(
     """
     from transformers import AutoConfig
 
-    from .fsdp import decoder_layers
-
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    cls = layer_class(quantize)  # a bad `quantize` fails before anything is read
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a save_pretrained folder")
@@ -205,15 +169,9 @@ def load_sorsa_streaming(
     device = torch.device(device)
 
     layer_kw = dict(alpha=alpha, dropout=dropout)
-    if quantize == "nf4":
-        from ..nn.qlinear import QSORSALinear
-
-        cls = QSORSALinear
-        build_kw = dict(quant_iters=quant_iters, quant_report=quant_report)
-    else:
-        cls = SORSALinear
-        build_kw = {}
-    svd_kw = dict(svd=svd, niter=niter, oversample=oversample)
+    build_kw = dict(svd=svd, niter=niter, oversample=oversample, quantize=quantize, quant_iters=quant_iters)
+    if quantize is not None:
+        build_kw["quant_report"] = quant_report
 
     try:
         blocks = decoder_layers(model)
@@ -255,8 +213,8 @@ def load_sorsa_streaming(
             if meta.bias is not None:
                 b = reader.read(f"{name}.bias")
                 lin.bias = nn.Parameter(b.to(device, dtype or b.dtype), requires_grad=False)
-            layer = cls.from_linear(lin, rank, name=name, residual_dtype=res_dtype, adapter_dtype=adapter_dtype,
-                                    **layer_kw, **svd_kw, **build_kw)
+            layer = make_sorsa_linear(lin, rank, name=name, residual_dtype=res_dtype, adapter_dtype=adapter_dtype,
+                                      **layer_kw, **build_kw)
             del lin
         else:  # an empty layer of the same shapes; the owner's tensors arrive by broadcast
             fdt = adapter_dtype or torch.float32

@@ -63,6 +63,27 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+_SHARDED = (
+    "the NF4 residual of this layer is sharded by FSDP2 (fully_shard); outside the forward, "
+    "gather it first: `with sorsa_kernels.integrations.fsdp.unsharded(model): ...`"
+)
+
+
+class _ShardedNF4View(NF4DenseView):
+    """``residual`` of an FSDP2-sharded layer: dtype/shape/device as usual; using the values
+    raises (the bytes are spread over the ranks)."""
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> "_ShardedNF4View":
+        view = Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+        view.nf4 = None
+        view._dense = None
+        return view
+
+    def dequantize(self) -> Tensor:
+        raise RuntimeError(_SHARDED)
+
+
 def _check_nf4_dtype(dtype: torch.dtype, name: Optional[str]) -> None:
     if dtype not in NF4_DTYPES:
         raise TypeError(
@@ -156,10 +177,7 @@ class QSORSALinear(SORSALinear):
     def nf4(self) -> NF4Weight:
         """The residual's NF4 storage (views of this layer's tensors; no copy)."""
         if _is_dtensor(self.nf4_packed):
-            raise RuntimeError(
-                "the NF4 residual of this layer is sharded by FSDP2 (fully_shard); outside the forward, "
-                "gather it first: `with sorsa_kernels.integrations.fsdp.unsharded(model): ...`"
-            )
+            raise RuntimeError(_SHARDED)
         return NF4Weight(
             packed=self.nf4_packed,
             absmax=self.nf4_absmax,
@@ -213,6 +231,9 @@ class QSORSALinear(SORSALinear):
         ``.dtype``, ``.shape`` and ``.device`` cost nothing; using the values dequantizes
         (once per access of this property).  :meth:`dense_residual` returns the dense tensor.
         """
+        if _is_dtensor(self.nf4_packed):  # FSDP2-sharded: metadata still free, values need a gather
+            return _ShardedNF4View((self.out_features, self.in_features), self.compute_dtype,
+                                   self.nf4_packed.device)
         return NF4DenseView(self.nf4(), self.compute_dtype)
 
     def dense_residual(self, dtype: Optional[torch.dtype] = None) -> Tensor:

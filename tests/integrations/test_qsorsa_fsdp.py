@@ -82,10 +82,17 @@ _SCRIPT = textwrap.dedent('''
         with torch.no_grad():
             result["probe_losses"] = [float(model(probe, labels=probe).loss), float(streamed(probe, labels=probe).loss)]
         del streamed
+        q = model.model.layers[0].self_attn.q_proj
         try:
-            model.model.layers[0].self_attn.q_proj.nf4()
+            q.nf4()
         except RuntimeError as e:
             result["nf4_error"] = str(e)
+        w = q.weight  # metadata of a sharded residual is still free
+        result["weight_meta"] = [str(w.dtype), list(w.shape), str(w.device)]
+        try:
+            w + 1
+        except RuntimeError as e:
+            result["weight_error"] = str(e)
     nbytes = fsdp.local_nbytes(model)
     g = torch.Generator().manual_seed(123)
     ids = torch.randint(0, 128, (3, 4, 16), generator=g)  # 3 steps, global batch 4
@@ -167,6 +174,12 @@ def test_each_rank_holds_half_of_the_packed_residual_and_of_the_adapters(runs):
 def test_nf4_of_a_sharded_layer_outside_the_forward_names_the_fix(runs):
     _, _, two = runs
     assert "sharded by FSDP2" in two["nf4_error"] and "unsharded(model)" in two["nf4_error"]
+    assert two["weight_error"] == two["nf4_error"]
+
+
+def test_weight_metadata_of_a_sharded_layer_is_the_dense_matrix(runs):
+    _, _, two = runs
+    assert two["weight_meta"] == ["torch.float32", [64, 64], "cpu"]
 
 
 def test_streaming_loader_under_a_mesh_builds_the_api_paths_shards(runs):
