@@ -46,6 +46,7 @@ from .._version import __version__
 from ..nn.checks import SUPPORTED_DTYPES
 from ..nn.linear import SORSALinear
 from .atomic import atomic_file
+from .fsdp import full_tensor, is_sharded, process_rank
 from .surgery import _set_submodule, sorsa_layers
 
 __all__ = [
@@ -215,12 +216,13 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         raise ValueError("the model has no SORSA layers; nothing to save")
     tensors: dict[str, torch.Tensor] = {}
     layer_cfg: dict[str, Any] = {}
+    sharded = any(is_sharded(layer.U) for layer in layers.values())
     for name, layer in layers.items():
         if layer.init_factors is None:
             raise ValueError(f"layer {name} has no initial factors (it was not built by from_linear/from_factors)")
         U0, S0, V0 = layer.init_factors
         for key, t in zip(_FACTORS, (layer.U, layer.S, layer.V, U0, S0, V0)):
-            tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous()
+            tensors[f"{name}.{key}"] = full_tensor(t).detach().to("cpu").contiguous()
         layer_cfg[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
@@ -242,7 +244,7 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         "target_modules": list(layers),
         "layers": layer_cfg,
     }
-    return config, tensors
+    return config, tensors, sharded
 
 
 def save_adapter(
@@ -259,13 +261,19 @@ def save_adapter(
     rather than saved as an adapter that cannot be loaded.  Files are ``0644`` under
     the usual umask.
 
+    On a model sharded by FSDP2 (``fully_shard``) every rank must call it: the factors are
+    gathered (all-gather, one tensor at a time) and rank 0 writes the files a
+    single-process run writes.
+
     Example::
 
         >>> save_adapter(model, "out/adapter")
         >>> model = load_adapter(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
     """
     directory = Path(directory)
-    config, tensors = _adapter_state(model, base_model_name_or_path)
+    config, tensors, sharded = _adapter_state(model, base_model_name_or_path)  # collective when sharded
+    if sharded and process_rank() != 0:
+        return directory
     try:
         validate_adapter(config, tensors, directory / WEIGHTS_NAME)
     except AdapterError as e:

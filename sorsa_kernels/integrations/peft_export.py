@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_dir
+from .fsdp import full_tensor, is_sharded, process_rank
 from .surgery import sorsa_layers
 
 __all__ = ["export_peft_lora", "lora_factors"]
@@ -37,7 +38,8 @@ def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     if layer.init_factors is None:
         raise ValueError("the layer has no initial factors; cannot express its update as a LoRA")
     U0, S0, V0 = (t.to(layer.U.device, torch.float32) for t in layer.init_factors)
-    U, S, V = (t.detach().float() for t in (layer.U, layer.S, layer.V))
+    U, S, V = (full_tensor(t).detach().float() for t in (layer.U, layer.S, layer.V))
+    U0, S0, V0 = (t.to(U.device) for t in (U0, S0, V0))
     B = torch.cat([U * (S * layer.scale), -U0 * (S0 * layer.scale)], dim=1)
     A = torch.cat([V.T, V0.T], dim=0)
     return A.contiguous(), B.contiguous()
@@ -58,6 +60,8 @@ def export_peft_lora(
     replaced as a whole once both files are complete (a failed export leaves the previous
     one); it must be new, empty, or hold only a previous PEFT export.  Files are ``0644``
     under the usual umask.
+    On a model sharded by FSDP2 every rank must call it (the factors are gathered);
+    rank 0 writes.
 
     Example::
 
@@ -87,6 +91,8 @@ def export_peft_lora(
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", dtype).contiguous()
         if ranks[name] != r:
             rank_pattern[name] = ranks[name]
+    if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
+        return directory
     config = {
         "peft_type": "LORA",
         "task_type": task_type,

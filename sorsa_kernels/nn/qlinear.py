@@ -37,14 +37,51 @@ from .factory import register_layer_class
 from .linear import SORSALinear
 from .qinit import error_reducing_split
 
-__all__ = ["QSORSALinear", "NF4_DTYPES"]
+__all__ = ["QSORSALinear", "NF4_DTYPES", "NF4_PARAMETERS"]
 
 #: dtypes deq(Q) can be produced in (bitsandbytes' QuantState.dtype).
 NF4_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float32 NF4 state (absmax scales, offset, code tables) is held bit-cast to int32 so
-# that ``model.half()`` / ``model.to(torch.bfloat16)`` — which cast floating buffers —
+# that ``model.half()`` / ``model.to(torch.bfloat16)`` — which cast floating tensors —
 # leave it exact; ``nf4()`` views it back as float32.
 _FLOAT_BUFFERS = ("nf4_nested_absmax", "nf4_nested_code", "nf4_offset", "nf4_code")
+# The storage whose size scales with the weight is held as frozen parameters (FSDP2 shards
+# parameters, not buffers); the constant tables stay replicated buffers.
+NF4_PARAMETERS = ("nf4_packed", "nf4_absmax", "nf4_nested_absmax")
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    """A frozen parameter: the per-block NF4 storage, so that FSDP2 ``fully_shard`` shards it."""
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+_SHARDED = (
+    "the NF4 residual of this layer is sharded by FSDP2 (fully_shard); outside the forward, "
+    "gather it first: `with sorsa_kernels.integrations.fsdp.unsharded(model): ...`"
+)
+
+
+class _ShardedNF4View(NF4DenseView):
+    """``residual`` of an FSDP2-sharded layer: dtype/shape/device as usual; using the values
+    raises (the bytes are spread over the ranks)."""
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> "_ShardedNF4View":
+        view = Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+        view.nf4 = None
+        view._dense = None
+        return view
+
+    def dequantize(self) -> Tensor:
+        raise RuntimeError(_SHARDED)
 
 
 def _check_nf4_dtype(dtype: torch.dtype, name: Optional[str]) -> None:
@@ -61,11 +98,14 @@ class QSORSALinear(SORSALinear):
 
     Same API as :class:`SORSALinear` — trainable ``U`` (out×r), ``S`` (r), ``V`` (in×r),
     ``scale``, ``init_factors``, ``adapter_parameters()``, ``merge()``, ``from_linear`` /
-    ``from_factors`` — but the residual is held as buffers (so ``.to(device)`` moves it):
+    ``from_factors`` — but the residual is held as module state (so ``.to(device)`` moves it):
 
-    * ``nf4_packed`` uint8 ``[(m·n+1)//2, 1]`` and ``nf4_absmax`` uint8 (the bitsandbytes layout);
-    * ``nf4_nested_absmax``, ``nf4_nested_code``, ``nf4_offset``, ``nf4_code``: float32
-      values stored bit-cast as int32 so dtype casts of the model cannot alter them.
+    * frozen parameters (``requires_grad=False``; FSDP2 ``fully_shard`` shards them on dim 0,
+      see :mod:`sorsa_kernels.integrations.fsdp`): ``nf4_packed`` uint8 ``[(m·n+1)//2, 1]``,
+      ``nf4_absmax`` uint8 (the bitsandbytes layout) and ``nf4_nested_absmax`` (float32
+      stored bit-cast as int32);
+    * buffers (small constants, replicated): ``nf4_nested_code``, ``nf4_offset``, ``nf4_code``,
+      float32 stored bit-cast as int32 — so dtype casts of the model cannot alter any of them.
 
     ``nf4()`` returns them as an :class:`~sorsa_kernels.quant.nf4.NF4Weight`,
     ``quant_state()`` as bitsandbytes' ``(packed, QuantState)``.  ``residual`` and
@@ -117,11 +157,9 @@ class QSORSALinear(SORSALinear):
         numel = in_features * out_features
         nblocks = -(-numel // BLOCKSIZE)
         fk = dict(device=device)
-        self.register_buffer("nf4_packed", torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, **fk))
-        self.register_buffer("nf4_absmax", torch.zeros(nblocks, dtype=torch.uint8, **fk))
-        self.register_buffer(
-            "nf4_nested_absmax", torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), dtype=torch.int32, **fk)
-        )
+        self.nf4_packed = _frozen(torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, **fk))
+        self.nf4_absmax = _frozen(torch.zeros(nblocks, dtype=torch.uint8, **fk))
+        self.nf4_nested_absmax = _frozen(torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), dtype=torch.int32, **fk))
         self.register_buffer("nf4_nested_code", torch.zeros(256, dtype=torch.int32, **fk))
         self.register_buffer("nf4_offset", torch.zeros(1, dtype=torch.int32, **fk))
         self.register_buffer("nf4_code", torch.zeros(16, dtype=torch.int32, **fk))
@@ -137,7 +175,9 @@ class QSORSALinear(SORSALinear):
 
     # ------------------------------------------------------------------ NF4 storage
     def nf4(self) -> NF4Weight:
-        """The residual's NF4 storage (views of this layer's buffers; no copy)."""
+        """The residual's NF4 storage (views of this layer's tensors; no copy)."""
+        if _is_dtensor(self.nf4_packed):
+            raise RuntimeError(_SHARDED)
         return NF4Weight(
             packed=self.nf4_packed,
             absmax=self.nf4_absmax,
@@ -168,9 +208,9 @@ class QSORSALinear(SORSALinear):
             )
         _check_nf4_dtype(q.dtype, None)
         with torch.no_grad():
-            self.nf4_packed = q.packed.reshape(-1, 1).contiguous()
-            self.nf4_absmax = q.absmax.reshape(-1).contiguous()
-            self.nf4_nested_absmax = q.nested_absmax.float().reshape(-1).contiguous().view(torch.int32)
+            self.nf4_packed = _frozen(q.packed.reshape(-1, 1).contiguous())
+            self.nf4_absmax = _frozen(q.absmax.reshape(-1).contiguous())
+            self.nf4_nested_absmax = _frozen(q.nested_absmax.float().reshape(-1).contiguous().view(torch.int32))
             self.nf4_nested_code = q.nested_code.float().reshape(-1).contiguous().view(torch.int32)
             self.nf4_offset = q.offset.float().reshape(1).contiguous().view(torch.int32)
             self.nf4_code = q.code.float().reshape(-1).contiguous().view(torch.int32)
@@ -191,6 +231,9 @@ class QSORSALinear(SORSALinear):
         ``.dtype``, ``.shape`` and ``.device`` cost nothing; using the values dequantizes
         (once per access of this property).  :meth:`dense_residual` returns the dense tensor.
         """
+        if _is_dtensor(self.nf4_packed):  # FSDP2-sharded: metadata still free, values need a gather
+            return _ShardedNF4View((self.out_features, self.in_features), self.compute_dtype,
+                                   self.nf4_packed.device)
         return NF4DenseView(self.nf4(), self.compute_dtype)
 
     def dense_residual(self, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -201,6 +201,11 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
     if cfg.quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4', got {cfg.quantize!r}")
+    if cfg.fsdp and cfg.quantize and not cfg.embedded and not Path(cfg.model).is_dir():
+        raise ValueError(
+            f"--fsdp --quantize {cfg.quantize} streams the checkpoint from a local folder; download "
+            f"{cfg.model} first (huggingface-cli download {cfg.model} --local-dir DIR) and pass --model DIR"
+        )
     if cfg.embedded and cfg.data is None and cfg.eval_data is not None:
         raise ValueError("--eval-data needs --data (the embedded data set brings its own held-out split)")
     if not cfg.embedded and cfg.data is None:

@@ -2,7 +2,8 @@
 
 :class:`FinetuneResult` describes a finished run; :func:`save_outputs` writes
 ``adapter/``, ``base/`` (embedded default) and ``merged/`` — gathering FSDP2 shards
-first, or rebuilding the model from the saved adapter when it is sharded — and
+first, or rebuilding the model from the saved adapter when it is sharded; for sharded
+QSORSA (``--fsdp --quantize nf4``) gathering one layer at a time — and
 :func:`write_metrics` the JSON report, last, as the mark of a finished run.  Only the
 main process writes.  Each artifact is written to a hidden temporary sibling and renamed
 into place whole (:mod:`sorsa_kernels.integrations.atomic`); a failed write (a full disk,
@@ -74,6 +75,9 @@ def save_outputs(trainer, tokenizer, cfg: FinetuneConfig, result: FinetuneResult
     from ..adapter_io import save_adapter
 
     model = trainer.model
+    if sharded_quantized(model):
+        _save_sharded(trainer, tokenizer, cfg, result, base_copy)
+        return
     fsdp = fsdp_modules(model)
     for m in fsdp:  # all ranks gather the full parameters; they stay plain tensors until reshard
         m.unshard()
@@ -96,6 +100,33 @@ def save_outputs(trainer, tokenizer, cfg: FinetuneConfig, result: FinetuneResult
     ckpt = result.output_dir / "checkpoints"
     if trainer.is_world_process_zero() and ckpt.is_dir() and not any(ckpt.iterdir()):
         ckpt.rmdir()  # the Trainer makes it even when nothing is saved
+
+
+def sharded_quantized(model) -> bool:
+    """True if ``model`` has QSORSA layers whose NF4 storage FSDP2 has sharded."""
+    from ..fsdp import is_sharded
+    from ..surgery import sorsa_layers
+
+    return any(layer.quantize is not None and is_sharded(layer.U) for layer in sorsa_layers(model).values())
+
+
+def _save_sharded(trainer, tokenizer, cfg: FinetuneConfig, result: FinetuneResult, base_copy) -> None:
+    """Every rank joins: the factors are gathered for ``adapter/`` and each layer in turn for
+    ``merged/`` (no rank ever holds the whole model unsharded); rank 0 writes."""
+    from ..adapter_io import save_adapter
+    from ..fsdp import save_merged
+
+    main = trainer.is_world_process_zero()
+    save_adapter(trainer.model, result.adapter_dir, base_model_name_or_path=None if cfg.embedded else cfg.model)
+    if main and base_copy is not None:
+        base_copy.save_pretrained(result.base_dir)
+        tokenizer.save_pretrained(result.base_dir)
+    save_merged(trainer.model, result.merged_dir, tokenizer=tokenizer)
+    if distributed() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    ckpt = result.output_dir / "checkpoints"
+    if main and ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
 
 
 def _save_merged(trainer, tokenizer, result: FinetuneResult, fsdp) -> None:

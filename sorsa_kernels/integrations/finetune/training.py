@@ -23,7 +23,7 @@ from .config import (
 )
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .evaluation import default_max_new_tokens, evaluate, metrics_line
-from .model import apply_config_sorsa, load_base
+from .model import apply_config_sorsa, load_base, load_sharded_quantized
 from .outputs import FinetuneResult, save_outputs, write_metrics
 from .rundir import (
     CHECKPOINTS, METRICS_FILE, base_fingerprint, check_resume_matches, check_run_folder, claim_default_output_dir,
@@ -142,19 +142,28 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
         held_rows, train_rows = rows[:EMBEDDED_HELD_OUT], rows[EMBEDDED_HELD_OUT:]
 
     # ---- model, tokenizer, surgery (rank/target errors surface here, before any write)
-    model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress and is_main_process())
-    fingerprint = base_fingerprint(model)
-    if ckpt is not None:
-        check_resume_matches(ckpt, cfg, fingerprint)
-    base_copy = None
-    if cfg.embedded:
-        import copy
+    sharded_qsorsa = cfg.fsdp and cfg.quantize is not None
+    if sharded_qsorsa:  # streamed, quantized and sharded as it loads; the Trainer keeps the FSDP2 model
+        model, tokenizer, base_copy = load_sharded_quantized(cfg)
+        # the dense base never exists on one rank, so there is no base to fingerprint: a resume
+        # checks the run's settings (above) but not the base's weights
+        fingerprint = None
+    else:
+        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps,
+                                     progress=cfg.progress and is_main_process())
+        fingerprint = base_fingerprint(model)
+        if ckpt is not None:
+            check_resume_matches(ckpt, cfg, fingerprint)
+        base_copy = None
+        if cfg.embedded:
+            import copy
 
-        base_copy = copy.deepcopy(model)
+            base_copy = copy.deepcopy(model)
     use_chat = (not cfg.embedded) and getattr(tokenizer, "chat_template", None) is not None
     train_ex = encode_all(tokenizer, train_rows, cfg, use_chat, "training")
     eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out") if held_rows else None
-    apply_config_sorsa(model, cfg)
+    if not sharded_qsorsa:
+        apply_config_sorsa(model, cfg)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
