@@ -36,11 +36,15 @@ from .quant import QuantReport
 
 
 def __getattr__(name: str):
-    # The Trainer callback imports transformers' Trainer machinery; load it on first use.
+    # The Trainer callbacks import transformers' Trainer machinery; load it on first use.
     if name == "SORSACallback":
         from .integrations.trainer import SORSACallback
 
         return SORSACallback
+    if name == "TrajectoryCallback":
+        from .integrations.drift_callback import TrajectoryCallback
+
+        return TrajectoryCallback
     raise AttributeError(f"module 'sorsa_kernels' has no attribute {name!r}")
 
 
@@ -55,6 +59,7 @@ __all__ = [
     "orthonormal_regularizer",
     "add_regularizer_grad",
     "SORSACallback",
+    "TrajectoryCallback",
     "save_adapter",
     "load_adapter",
     "export_peft_lora",

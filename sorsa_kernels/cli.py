@@ -6,6 +6,7 @@ Subcommands::
     sorsa-kernels finetune                      # the embedded default: tiny Llama, arithmetic problems, CPU
     sorsa-kernels finetune --model PATH_OR_ID --data train.jsonl --bf16 --output-dir out
     torchrun --nproc_per_node 8 -m sorsa_kernels.cli finetune --model ... --data ... --output-dir out [--fsdp]
+    sorsa-kernels compare                       # SORSA vs PiSSA vs LoRA on the embedded default (or --model/--data)
     sorsa-kernels analyze --base out/base --adapter out/adapter      # ΔΣ/ΔD table + PNG (paper Fig. 2)
     sorsa-kernels merge --base out/base --adapter out/adapter --output merged
     sorsa-kernels export-lora --base out/base --adapter out/adapter --output lora
@@ -42,6 +43,12 @@ def _add_finetune(sub) -> None:
             "in under two minutes on a CPU; it uses rank 16, lr 3e-3, batch 16 and 250 steps."
         ),
     )
+    _add_job_flags(p)
+    p.set_defaults(run=_finetune)
+
+
+def _add_job_flags(p) -> None:
+    """The finetune job's flags (model, data, SORSA, training, evaluation), shared with ``compare``."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="embedded", help="local path or Hub id of a causal LM (default: embedded)")
     g.add_argument("--data", help="training data: .jsonl, .json or .parquet with prompt/response fields")
@@ -95,7 +102,30 @@ def _add_finetune(sub) -> None:
     g.add_argument("--report-to", default="none", help="Trainer loggers: none, tensorboard, wandb … (default: none)")
     g.add_argument("--pretrain-steps", type=int, help="embedded model only: in-process pretraining steps (default: 300)")
     g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(run=_finetune)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis",
+        description=(
+            "Train SORSA (this package), PiSSA and LoRA (PEFT), and with --full full fine-tuning of the "
+            "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
+            "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
+            "ΔΣ/ΔD every --record-every steps; write compare.json, compare.md and PNGs to --output-dir "
+            "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
+        ),
+    )
+    _add_job_flags(p)
+    g = p.add_argument_group("comparison")
+    g.add_argument("--methods", nargs="+", choices=("sorsa", "pissa", "lora"), default=["sorsa", "pissa", "lora"],
+                   help="adapters to compare (default: all three)")
+    g.add_argument("--full", action="store_true", help="also full fine-tuning of the target matrices (small models)")
+    g.add_argument("--record-every", type=int, metavar="N",
+                   help="record every N steps (default: a tenth of the steps); --eval-steps, a multiple of N, "
+                        "sets how often held-out loss and exact match are measured (default: every record)")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="compare.json and compare.md only")
+    p.set_defaults(run=_compare)
 
 
 def _add_model_commands(sub) -> None:
@@ -125,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_finetune(sub)
+    _add_compare(sub)
     _add_model_commands(sub)
     return parser
 
@@ -170,6 +201,24 @@ def _finetune(args: argparse.Namespace) -> int:
     if result.base_dir is not None:
         print(f"base model: {result.base_dir}")
         print(f"next: {PROG} analyze --base {result.base_dir} --adapter {result.adapter_dir}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .integrations.compare import CompareConfig, run_compare
+    from .integrations.compare_report import ordering_line, summary_table
+
+    result = run_compare(CompareConfig(config_from_args(args), methods=tuple(args.methods), full=args.full,
+                                       record_every=args.record_every, plots=args.plots))
+    report = result.report
+    print()
+    print(summary_table(report))
+    print(ordering_line(report))
+    print(f"setup {report['timing_s']['setup_s']:.1f} s, total {report['timing_s']['total_s']:.1f} s")
+    for path in result.files:
+        print(f"wrote {path}")
+    if result.plot_note:
+        print(result.plot_note)
     return 0
 
 
