@@ -40,7 +40,7 @@ def test_compare_command_prints_the_summary_and_writes_the_report(tmp_path, caps
     (["--logging-steps", "5"], "compare does not take --logging-steps"),
     (["--svd", "randomized"], "compare does not take --svd randomized"),
     (["--no-eval"], "compare does not take --no-eval"),
-    (["--lr", "-1"], "learning-rate must be a positive float"),
+    (["--lr", "-1"], "learning-rate must be a positive finite number, got -1.0"),
 ])
 def test_bad_compare_flags_give_one_line_errors(argv, message, tmp_path, capsys):
     line = _one_line_error(capsys, ["compare", *argv, "--output-dir", str(tmp_path / "o")])
