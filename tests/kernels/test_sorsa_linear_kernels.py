@@ -377,7 +377,7 @@ compile_for(K._lowrank_up_grad_kernel,
             dict(prec, BLOCK_R=32, BLOCK_M=64), K._up_grad_configs()[0], 90)
 for has_sigma in (True, False):
     compile_for(K._lowrank_weight_grad_kernel, dict(a_ptr=bf, b_ptr=bf, sigma_ptr=f32, out_ptr=f32),
-                dict(prec, HAS_SIGMA=has_sigma, BLOCK_R=16), K._weight_grad_configs()[0], 90)
+                dict(prec, HAS_SIGMA=has_sigma, BLOCK_R=16, BLOCK_M=K._WG_STEP_M), K._weight_grad_configs()[0], 90)
 print("compiled")
 '''
 
