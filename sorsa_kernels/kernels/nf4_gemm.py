@@ -52,17 +52,20 @@ _DEQUANT_BLOCK = 64 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") 
 
 # Block sizes.  No GPU was available when these were written: they are untuned starting
 # points taken from the Triton matmul tutorial's configs (BLOCK_M/N 64-128, BLOCK_K 32-64,
-# GROUP_M 8 for L2 reuse) and Hopper guidance (4-8 warps, 3-4 stages), plus a BLOCK_M=16
-# config for decode-sized M.  They are to be measured with bench/ on an H100 and pruned.
+# GROUP_M 8 for L2 reuse) and Hopper guidance (4-8 warps, 3-4 stages), plus narrow-row
+# configs for decode-sized M.  This kernel only serves M < _DEQUANT_MIN_M.  Pruned with the
+# sm_90 compile facts (tests/kernels/compile_facts.py): 128×128×64 (256 KB), 64×128×64
+# (336 KB) and 16×128×64 at 4 stages (310 KB) exceeded 227 KB of shared memory, and
+# 128×128×32 spilled 1 KB in the dx form; the dequantized tile passes through shared memory,
+# so these tiles cost far more than a bf16 GEMM's.
 # BLOCK_R is the step through the rank columns of the low-rank operands; it reuses
 # BLOCK_K (ranks 8..128 fit one to four steps).
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 1}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1}, num_stages=2, num_warps=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1}, num_stages=3, num_warps=4),
 ]
 # Under TRITON_INTERPRET=1 (CI on CPU) one small config: several tiles per dimension on
 # the test shapes so masking and tile seams are exercised, and no autotuning runs.

@@ -88,6 +88,9 @@ def _gram_configs(interpret: bool = _INTERPRET) -> list:
 # Rows of A per program of launch 3.  It shapes the work table, so it is fixed per call.
 # 128 rows (GPU) read each fp32 tile of D = G − I once per 128 rows of A instead of per 64.
 _UPDATE_BLOCK_K = 64 if _INTERPRET else 128
+# Columns of A (rows of D) per tl.dot of launch 3: with 128 rows, 128-wide A and D tiles in
+# fp32 spilled 280 B per thread on sm_90 (compile facts); 64-wide steps do not.
+_UPDATE_R_STEP = 16 if _INTERPRET else 64
 # Gram rows summed by one program of launch 1 before its partial is written.  2048 splits
 # the 7B shapes (k = 4096 and 11008) into 2 and 6 chunks: about 1300 programs for 448
 # matrices, ~10 waves on an H100, with a workspace of ~80 MiB at r = 128.
@@ -145,7 +148,16 @@ def _gram_partial_tile(
     return acc
 
 
-@triton.autotune(configs=_gram_configs(), key=["BLOCK_R", "COMBOS", "DOT_PRECISION", "ALIGNED", "NATIVE_DOT"])
+def _prune_gram_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """tf32x3 (fp32 sets) at 128-wide tiles: 4 warps spilled 5.7 KB per thread and 4 stages
+    needed 256 KB of shared memory on sm_90 (compile facts); keep 8 warps, ≤ 3 stages."""
+    if kwargs.get("DOT_PRECISION") != "tf32x3" or kwargs.get("BLOCK_R", 0) < 128:
+        return configs
+    return [c for c in configs if c.num_warps >= 8 and c.num_stages <= 3] or configs
+
+
+@triton.autotune(configs=_gram_configs(), key=["BLOCK_R", "COMBOS", "DOT_PRECISION", "ALIGNED", "NATIVE_DOT"],
+                 prune_configs_by={"early_config_prune": _prune_gram_configs})
 @triton.jit
 def _ortho_gram_partial_kernel(
     table_ptr, items_ptr, ws_ptr, k_chunk,
@@ -230,7 +242,9 @@ def _ortho_norm_kernel(
     P = n_tiles * BLOCK_R
     base = ws_ptr + ws_off
     offs = tl.arange(0, BLOCK_R)
-    sq = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    # Row sums of the squares (a vector, not a tile: a 128×128 fp32 tile here spilled 836 B
+    # per thread on sm_90 beside the tiles being summed, compile facts).
+    sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for ti in range(0, n_tiles):
         ri = ti * BLOCK_R + offs
         for tj in range(ti, n_tiles):
@@ -242,11 +256,11 @@ def _ortho_norm_kernel(
             eye = (ri[:, None] == rj[None, :]) & (ri[:, None] < r)
             d = g - tl.where(eye, 1.0, 0.0)
             weight = tl.where(ti == tj, 1.0, 2.0)  # an off-diagonal tile stands for two
-            sq += weight * d * d
+            sq += tl.sum(weight * d * d, axis=1)
             tl.store(base + tile, d)
             if ti != tj:  # mirror into the lower triangle for launch 3
                 tl.store(base + rj[None, :] * P + ri[:, None], d)
-    norm = tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0))
+    norm = tl.sqrt(tl.sum(sq, axis=0))
     safe = tl.where(norm > 0.0, norm, 1.0)
     scale = tl.where(norm > 0.0, 2.0 * tl.cast(coeff, tl.float32) / safe, 0.0)
     tl.store(norms_ptr + mat, norm)
@@ -256,13 +270,13 @@ def _ortho_norm_kernel(
 @triton.jit
 def _a_times_d_tile(
     a_ptr, stride, k, r, rows, cols, d_ptr, P, n_tiles,
-    BLOCK_R: tl.constexpr, K_CONTIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_STEP: tl.constexpr, K_CONTIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """a[rows, :]·D[:, cols] in fp32, looping over the r axis one BLOCK_R tile at a time."""
+    """a[rows, :]·D[:, cols] in fp32, looping over the r axis R_STEP columns at a time."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     mrow = rows < k
-    for ti in range(0, n_tiles):
-        ri = ti * BLOCK_R + tl.arange(0, BLOCK_R)
+    for r0 in range(0, n_tiles * BLOCK_R, R_STEP):
+        ri = r0 + tl.arange(0, R_STEP)
         mask = mrow[:, None] & (ri < r)[None, :]
         if K_CONTIG:
             a = tl.load(a_ptr + rows[:, None] + ri[None, :] * stride, mask=mask, other=0.0)
@@ -288,7 +302,8 @@ def _add_to_grad_tile(g_ptr, stride, k, r, rows, cols, update, K_CONTIG: tl.cons
 @triton.jit
 def _ortho_grad_update_kernel(
     table_ptr, items_ptr, ws_ptr, norms_ptr, scales_ptr, value_ptr, n_items, n_mats,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, COMBOS: tl.constexpr, G_COMBOS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_STEP: tl.constexpr,
+    COMBOS: tl.constexpr, G_COMBOS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr, TABLE_COLS: tl.constexpr,
     MEAN_BLOCK: tl.constexpr,
 ):
@@ -332,27 +347,27 @@ def _ortho_grad_update_kernel(
         if COMBOS & 1:
             if a_code == 0:
                 acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float32, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, False, DOT_PRECISION)
+                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, False, DOT_PRECISION)
         if COMBOS & 2:
             if a_code == 1:
                 acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float32, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, True, DOT_PRECISION)
+                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, True, DOT_PRECISION)
         if COMBOS & 4:
             if a_code == 2:
                 acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, False, DOT_PRECISION)
+                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, False, DOT_PRECISION)
         if COMBOS & 8:
             if a_code == 3:
                 acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, True, DOT_PRECISION)
+                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, True, DOT_PRECISION)
         if COMBOS & 16:
             if a_code == 4:
                 acc = _a_times_d_tile(_typed_ptr(a_addr, tl.bfloat16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, False, DOT_PRECISION)
+                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, False, DOT_PRECISION)
         if COMBOS & 32:
             if a_code == 5:
                 acc = _a_times_d_tile(_typed_ptr(a_addr, tl.bfloat16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, True, DOT_PRECISION)
+                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, True, DOT_PRECISION)
 
         update = acc * tl.load(scales_ptr + mat)
         if G_COMBOS & 1:
@@ -598,7 +613,8 @@ def grouped_ortho_value_and_grad_(
         )
         _ortho_grad_update_kernel[(n_update + 1,)](
             plan.table, plan.update_items, plan.ws, plan.norms, plan.scales, value, n_update, plan.n_mats,
-            BLOCK_K=_UPDATE_BLOCK_K, BLOCK_R=plan.block_r, COMBOS=plan.combos, G_COMBOS=plan.g_combos,
+            BLOCK_K=_UPDATE_BLOCK_K, BLOCK_R=plan.block_r, R_STEP=min(plan.block_r, _UPDATE_R_STEP),
+            COMBOS=plan.combos, G_COMBOS=plan.g_combos,
             DOT_PRECISION=plan.dot_precision, ALIGNED=plan.aligned, TABLE_COLS=_TABLE_COLS,
             MEAN_BLOCK=_MEAN_BLOCK, num_warps=8 if wide else 4, num_stages=2,
         )

@@ -179,6 +179,19 @@ def _sorsa_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     return fwd + bwd
 
 
+def _sorsa_tma_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
+    """The persistent TMA GEMM launches (Hopper-only: the device check is forced)."""
+    from sorsa_kernels.kernels import sorsa_linear as K
+
+    old = K._tma_device_ok
+    K._tma_device_ok = lambda device: True
+    try:
+        launches = _sorsa_launches(M, n, m, r, cd)
+    finally:
+        K._tma_device_ok = old
+    return [x for x in launches if _jit_fn(x[0]).__name__ == "_fused_residual_lowrank_gemm_tma_kernel"]
+
+
 def _nf4_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     from sorsa_kernels.kernels import nf4_gemm
     from sorsa_kernels.quant.nf4 import quantize_nf4
@@ -211,6 +224,7 @@ def _label(kernel, args, kwargs) -> str:
             flags.append(f"{key}={kwargs[key]}")
     if "a1_ptr" in args:
         flags.append("fwd" if kwargs.get("HAS_BIAS") else "dx")
+        flags = [f for f in flags if not f.startswith("HAS_")] + [f"res={int(kwargs['HAS_RESIDUAL'])}"]
     return name + ("[" + ",".join(flags) + "]" if flags else "")
 
 
@@ -219,6 +233,7 @@ def collect(quick: bool = False) -> list[dict]:
     bf = torch.bfloat16
     launches = []
     launches += [("bf16 M4096 4096x4096 r128", x) for x in _sorsa_launches(4096, 4096, 4096, 128, bf)]
+    launches += [("bf16 M4096 4096x4096 r128 TMA", x) for x in _sorsa_tma_launches(4096, 4096, 4096, 128, bf)]
     launches += [("nf4 bf16 M64 4096x4096 r64", x) for x in _nf4_launches(64, 4096, 4096, 64, bf)]
     launches += [("nf4 bf16 M4096 4096x4096 r64", x) for x in _nf4_launches(4096, 4096, 4096, 64, bf)[:1]]
     launches += [("ortho bf16 7B shapes r128", x) for x in _ortho_launches(bf)]
