@@ -26,6 +26,7 @@ A loader that never holds the full-precision model is
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -196,14 +197,14 @@ def gathered_layer(layer: SORSALinear, *, all_ranks: bool = False) -> Optional[S
     state = {k: full_tensor(v).detach().to("cpu") for k, v in layer.state_dict().items()}
     if not all_ranks and process_rank() != 0:
         return None
-    copy = type(layer)(layer.in_features, layer.out_features, layer.rank, device="meta", **_layer_kwargs(layer))
-    copy.load_state_dict(state, assign=True)
+    plain = type(layer)(layer.in_features, layer.out_features, layer.rank, device="meta", **_layer_kwargs(layer))
+    plain.load_state_dict(state, assign=True)
     if getattr(layer, "compute_dtype", None) is not None:
-        copy.compute_dtype = layer.compute_dtype
-    copy.init_factors = layer.init_factors
-    copy.quant_report = getattr(layer, "quant_report", None)
-    copy.train(layer.training)
-    return copy
+        plain.compute_dtype = layer.compute_dtype
+    plain.init_factors = layer.init_factors
+    plain.quant_report = getattr(layer, "quant_report", None)
+    plain.train(layer.training)
+    return plain
 
 
 def merged_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
@@ -229,9 +230,9 @@ def merged_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> 
         if main:
             out[key] = full.to("cpu").clone()
     for name, layer in layers.items():
-        copy = gathered_layer(layer)
+        plain = gathered_layer(layer)
         if main:
-            lin = copy.merge(dtype)
+            lin = plain.merge(dtype)
             out[f"{name}.weight"] = lin.weight.detach()
             if lin.bias is not None:
                 out[f"{name}.bias"] = lin.bias.detach()
@@ -267,7 +268,7 @@ def save_merged(
     if process_rank() != 0:
         return None
     cls = _original_class(model)
-    fresh = empty_model(model.config, cls=cls)
+    fresh = empty_model(copy.deepcopy(model.config), cls=cls)  # save_pretrained may edit its config
     fresh.load_state_dict(sd, strict=False, assign=True)
     missing = [n for n, p in fresh.named_parameters() if p.is_meta]
     if missing and getattr(model.config, "tie_word_embeddings", False) and hasattr(fresh, "tie_weights"):
