@@ -236,3 +236,34 @@ def test_residual_that_requires_grad_is_rejected_with_message(backend, name, dro
     layer.residual.requires_grad_(True)
     with pytest.raises(ValueError, match="residual is frozen but was given with requires_grad=True"):
         layer(torch.randn(4, 40, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_eager_reference_function_matches_the_custom_op(dtype, bias, monkeypatch):
+    """The eager reference Function (no custom-op dispatch) gives the op's output and every gradient."""
+    import importlib
+
+    op = importlib.import_module("sorsa_kernels.ops.sorsa_linear")
+    monkeypatch.setenv("SORSA_KERNELS_BACKEND", "reference")
+    torch.manual_seed(3)
+    M, n, m, r = 37, 29, 23, 5
+    x = torch.randn(2, M, n, dtype=dtype, requires_grad=True)
+    res = torch.randn(m, n, dtype=dtype)
+    U, S, V = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((m, r), (r,), (n, r)))
+    b = torch.randn(m, dtype=dtype, requires_grad=True) if bias else None
+    inputs = [t for t in (x, U, S, V, b) if t is not None]
+    dy = torch.randn(2, M, m, dtype=dtype)
+
+    def run(fn):
+        y = fn()
+        return [y, *torch.autograd.grad(y, inputs, dy)]
+
+    calls = []
+    monkeypatch.setattr(op, "linear_fwd", lambda *a: calls.append(1) or op.torch.ops.sorsa_kernels.linear_fwd(*a))
+    eager = run(lambda: op.sorsa_linear(x, res, U, S, V, b, scale=0.7))
+    assert not calls, "the eager reference path went through the custom op's dispatch"
+    custom = run(lambda: op.linear_fwd(x, res, U, S, V, b, 0.7)[0])
+    assert calls
+    for a, e in zip(eager, custom):
+        assert rel_err(a, e) < 1e-12
