@@ -147,7 +147,8 @@ def apply_sorsa(
         svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device,
         residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout,
     )
-    # NOTE: `quant_report` is not forwarded (QSORSALinear.from_linear's default "full" applies), as before.
+    if quantize is not None:
+        kwargs["quant_report"] = quant_report
     for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
         linear = model.get_submodule(name)
         layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)

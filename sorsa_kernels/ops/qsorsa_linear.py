@@ -27,6 +27,7 @@ from torch import Tensor
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
 from .dispatch import use_triton
+from .sorsa_linear import bias_grad
 
 __all__ = ["qsorsa_linear", "qlinear_fwd", "qlinear_bwd"]
 
@@ -197,6 +198,7 @@ def _setup_context(ctx, inputs, output):
     ctx.blocksize = blocksize
     ctx.nested_blocksize = nested_blocksize
     ctx.scale = scale
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, _du):
@@ -210,7 +212,7 @@ def _backward(ctx, dy, _du):
     return (
         dx if needs_dx else None, dxl if needs_dxl else None,
         None, None, None, None, None, None, None, None, None,
-        dU, dS, dV, None, None,
+        dU, dS, dV, bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[14] else None, None,
     )
 
 

@@ -107,7 +107,7 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _bias_grad(dy: Tensor, dtype: torch.dtype) -> Tensor:
+def bias_grad(dy: Tensor, dtype: torch.dtype) -> Tensor:
     """``Σ_rows dy`` accumulated in at least float32, in the bias dtype."""
     acc = torch.promote_types(dy.dtype, torch.float32)
     return dy.reshape(-1, dy.shape[-1]).sum(0, dtype=acc).to(dtype)
@@ -117,7 +117,7 @@ def _backward(ctx, dy, _du):
     x, u, residual, U, S, V = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     dx, dU, dS, dV = linear_bwd(dy.contiguous(), x, u, residual, U, S, V, ctx.scale, needs_dx)
-    db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
+    db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
     return (dx if needs_dx else None), None, dU, dS, dV, db, None
 
 
@@ -148,7 +148,7 @@ class _EagerReference(torch.autograd.Function):
             dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]), u, residual, U, S, V,
             ctx.scale, needs_dx,
         )
-        db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
+        db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
         return (dx.reshape(x.shape) if needs_dx else None), None, dU, dS, dV, db, None
 
 

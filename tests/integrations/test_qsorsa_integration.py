@@ -50,3 +50,14 @@ def test_quantized_export_differs_from_training_model_only_by_quantization_error
     # exported LoRA on the unquantized base ≈ the quantized model, up to the NF4 error
     assert rel_err(got, out) < 0.1
     assert rel_err(got, base_logits) > 1e-3
+
+
+def test_apply_sorsa_forwards_quant_report():
+    """``quant_report`` reaches every layer: "fro" skips the nuclear norms, None skips the report."""
+    model = apply_sorsa(build_tiny_llama(), 8, quantize="nf4", quant_report="fro", progress=False)
+    reports = [m.quant_report for m in model.modules() if isinstance(m, QSORSALinear)]
+    assert reports and all(r is not None and r.nuc is None and r.fro > 0 for r in reports)
+    model = apply_sorsa(build_tiny_llama(), 8, quantize="nf4", quant_report="full", progress=False)
+    assert all(m.quant_report.nuc is not None for m in model.modules() if isinstance(m, QSORSALinear))
+    model = apply_sorsa(build_tiny_llama(), 8, quantize="nf4", quant_report=None, progress=False)
+    assert all(m.quant_report is None for m in model.modules() if isinstance(m, QSORSALinear))

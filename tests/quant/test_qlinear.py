@@ -231,3 +231,17 @@ def test_forward_does_not_dequantize_the_whole_residual_and_merge_does_once(monk
     assert calls == []
     layer.merge()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_trainable_bias_gets_its_gradient(backend_name, monkeypatch):
+    """A QSORSA bias set trainable gets db = Σ_rows dy (it used to get None silently)."""
+    monkeypatch.setenv("SORSA_KERNELS_BACKEND", backend_name)
+    _, layer = _layer(quant_iters=0)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 100)
+    dy = torch.randn(3, 5, 72)
+    layer(x).backward(dy)
+    assert layer.bias.grad is not None
+    assert rel_err(layer.bias.grad, dy.double().sum((0, 1))) < 1e-6
+    assert layer.U.grad is not None
