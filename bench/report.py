@@ -38,8 +38,9 @@ NO_PNG_NOTE = (
 #: The regularizer target: grouped kernel vs the per-matrix reference loop, at least this speed-up.
 REGULARIZER_SPEEDUP_MIN = 10.0
 
-#: Issue 3's targets, checked on fwd+bwd rows: (what, provider, rank, limit).
-TIME_VS_FLOOR_LIMITS = {64: 1.08, 128: 1.12}
+#: Issue 12's targets (which relaxed issue 3's 1.08 / 1.12 to the design's memory-traffic floor
+#: plus margin), checked on fwd+bwd rows.
+TIME_VS_FLOOR_LIMITS = {64: 1.15, 128: 1.20}
 SPEEDUP_VS_LORA_MIN = (64, 1.4)
 SPEEDUP_QSORSA_VS_QLORA_MIN = (64, 1.3)
 

@@ -86,7 +86,7 @@ def test_report_ratios_against_frozen_floor_and_lora(result: Path, tmp_path: Pat
 
 def test_report_checks_issue3_targets(result: Path, tmp_path: Path):
     text = report.write_report(result, tmp_path)[0].read_text()
-    assert _row(text, "fwd+bwd time ÷ frozen").endswith("| ≤ 1.08 | pass |")
+    assert _row(text, "fwd+bwd time ÷ frozen").endswith("| ≤ 1.15 | pass |")
     assert _row(text, "speed-up vs PEFT LoRA").endswith("| 1.52 | ≥ 1.4 | pass |")
     assert _row(text, "peak memory ÷ PEFT LoRA").endswith("| pass |")
     assert _row(text, "QSORSA speed-up vs QLoRA").endswith("| 1.08 | ≥ 1.3 | FAIL |")
