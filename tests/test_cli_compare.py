@@ -78,3 +78,13 @@ def test_compare_takes_the_finetune_flags_and_its_own():
     assert compare - finetune == {"methods", "full", "record_every", "plots"}
     assert finetune <= compare
     assert finetune - {"help"} <= set(FinetuneConfig.__dataclass_fields__)
+
+
+def test_missing_peft_is_one_line_error_before_any_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    line = _one_line_error(capsys, ["compare", *TINY, "--output-dir", str(tmp_path / "o")])
+    assert "pip install 'sorsa-kernels[compare]'" in line
+    assert not (tmp_path / "o").exists()

@@ -38,6 +38,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -117,6 +118,10 @@ class CompareResult:
     plot_note: Optional[str] = None
 
 
+_NEEDS_PEFT = ("compare trains PiSSA and LoRA through PEFT, which is not installed: "
+               "pip install 'sorsa-kernels[compare]' (or pip install peft)")
+
+
 def check_compare_config(config: CompareConfig, cfg: FinetuneConfig) -> None:
     """One-line ValueErrors for what ``compare`` cannot do (``cfg``: the resolved finetune config)."""
     unknown = [m for m in config.methods if m not in METHODS[:3]]
@@ -134,6 +139,8 @@ def check_compare_config(config: CompareConfig, cfg: FinetuneConfig) -> None:
         raise ValueError("compare does not take --no-eval: held-out loss and exact match are what it compares")
     if distributed():
         raise ValueError("compare runs in one process; launch it without torchrun")
+    if {"pissa", "lora"} & set(config.method_list) and importlib.util.find_spec("peft") is None:
+        raise ValueError(_NEEDS_PEFT)
     if config.record_every is not None and (not isinstance(config.record_every, int) or config.record_every <= 0):
         raise ValueError(f"record-every must be a positive number of steps, got {config.record_every}")
     if cfg.eval_steps is not None and config.record_every is not None and cfg.eval_steps % config.record_every:
@@ -234,7 +241,7 @@ def _prepare(method: str, model, cfg: FinetuneConfig, targets: list[str]):
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
-            raise ImportError("compare trains PiSSA and LoRA through PEFT: pip install peft") from None
+            raise ImportError(_NEEDS_PEFT) from None
         lora = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=0.0,
             target_modules=targets, bias="none",
