@@ -236,12 +236,18 @@ def check_output_dir(path: Path, allow_existing: bool = False, hint: str = "") -
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"output folder {path} exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"output folder {path} is not writable")
         if any(path.iterdir()) and not allow_existing:
             raise ValueError(
                 f"output folder {path} already exists and is not empty; choose another{hint}"
             )
+    check_writable(path)
+
+
+def check_writable(path: Path) -> None:
+    """Raise a ValueError unless the folder ``path`` is writable, or could be created if absent."""
+    if path.exists():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"output folder {path} is not writable")
         return
     parent = path.parent
     while not parent.exists():

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import FinetuneConfig
+from .config import FinetuneConfig, check_writable
 
 __all__ = [
     "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "RUN_ENTRIES", "RESUME_KEYS", "OutputState",
@@ -114,20 +114,6 @@ def inspect_output_dir(path: Path) -> OutputState:
     return OutputState(path, kind, checkpoints, foreign)
 
 
-def _writable(path: Path) -> None:
-    if path.exists():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"output folder {path} is not writable")
-        return
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"output folder {path} cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder {path} cannot be created: {parent} is not writable")
-
-
 def resolve_resume(resume: str, out: Path, state: OutputState) -> Path:
     """The checkpoint folder ``--resume-from-checkpoint`` names (``last``: the newest complete one
     under ``out/checkpoints``), checked to be complete."""
@@ -154,7 +140,7 @@ def check_run_folder(out: Path, resume: Optional[str]) -> Optional[Path]:
     """Check that a run may write into ``out`` (see the module doc); returns the checkpoint to resume from."""
     out = Path(out)
     state = inspect_output_dir(out)
-    _writable(out)
+    check_writable(out)
     if state.kind == "foreign":
         shown = ", ".join(state.foreign[:3]) + (" …" if len(state.foreign) > 3 else "")
         raise ValueError(f"output folder {out} already exists and is not empty (it holds {shown}, which a "
