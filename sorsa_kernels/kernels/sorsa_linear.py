@@ -90,9 +90,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _MAX_BLOCK_R = 32 if _INTERPRET else 128
 
 # Row tile of _lowrank_up_grad_kernel.  Fixed (not autotuned) because the dS partial buffer
-# has one row per row tile, so the dS reduction boundaries must not depend on a tuned value;
-# 64 rows × r≤128 keeps the fp32 tile in registers at 4 warps.
-_UP_BLOCK_M = 16 if _INTERPRET else 64
+# has one row per row tile, so the dS reduction boundaries must not depend on a tuned value.
+# 128 rows (was 64) halve the re-reads of U (every row tile reads all of it, or all of its K
+# chunk); the grid it leaves (32 row tiles at M = 4096) is refilled by split-K.  At 8 warps
+# the 128 × r≤128 fp32 tile stays in registers: 96-164 registers, no spills, ≤ 192 KB of
+# shared memory on sm_90 at r = 128 (compile facts).
+_UP_BLOCK_M = 16 if _INTERPRET else 128
 
 # Determinism of the dU / dV reductions over M (see _lowrank_weight_grad_kernel): the rows of
 # one fp32 partial (a "split") are a multiple of _SPLIT_ALIGN chosen by the launcher from
@@ -194,15 +197,16 @@ def _skinny_configs(interpret: bool = _INTERPRET) -> list:
 
 
 def _up_grad_configs(interpret: bool = _INTERPRET) -> list:
-    """K step only: the row tile is fixed at _UP_BLOCK_M (see there)."""
+    """K step only: the row tile is fixed at _UP_BLOCK_M (see there); 8 warps for its
+    128 × r fp32 tile (BLOCK_K 128 needs 192 KB at r = 128: Hopper only, A100 keeps the others)."""
     if interpret:
         return [triton.Config({"BLOCK_K": 16})]
     cfg = triton.Config
     return [
-        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_K": 64}, num_warps=8, num_stages=4),
         # (BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128: dropped.)
-        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback (see above)
+        cfg({"BLOCK_K": 32}, num_warps=8, num_stages=2),  # fp32 / r=128 fallback (see above)
     ]
 
 

@@ -249,10 +249,10 @@ def test_skinny_kernels_split_k_in_the_interpreter():
 
 def test_split_k_rule_on_an_h100_at_the_7b_shapes(monkeypatch):
     # The GPU rule (132 SMs, 256-aligned chunks, one rank tile up to r = 128): at M = 4096,
-    # K = 4096 the down kernel's nominal 128-row grid is 32 CTAs → 8 chunks of 512 (256
-    # CTAs); the up-grad kernel's 64-row grid is 64 CTAs → 4 chunks of 1024 (256 CTAs), at
-    # K = 11008 5 chunks of 2304 (320 CTAs).  A grid that already fills two waves is not
-    # split; the rule never sees the tuned config.
+    # K = 4096 a 128-row grid (the down kernel's nominal tile, the up-grad kernel's fixed
+    # one) is 32 CTAs → 8 chunks of 512 (256 CTAs); at K = 11008 8 chunks of 1536 (256
+    # CTAs); a 64-row grid (64 CTAs) gets 4 chunks of 1024.  A grid that already fills two
+    # waves is not split; the rule never sees the tuned config.
     monkeypatch.setattr(kernels, "_num_sms", lambda index: 132)
     monkeypatch.setattr(kernels, "_K_SPLIT_ALIGN", 256)
     monkeypatch.setattr(kernels, "_MAX_BLOCK_R", 128)
@@ -260,7 +260,7 @@ def test_split_k_rule_on_an_h100_at_the_7b_shapes(monkeypatch):
     for r in (64, 128):
         assert kernels._k_splits(4096, 4096, r, 128, gpu) == (512, 8)
         assert kernels._k_splits(4096, 4096, r, 64, gpu) == (1024, 4)
-        assert kernels._k_splits(4096, 11008, r, 64, gpu) == (2304, 5)
+        assert kernels._k_splits(4096, 11008, r, 128, gpu) == (1536, 8)
     assert kernels._k_splits(65536, 4096, 128, 64, gpu) == (4096, 1)
     assert kernels._k_splits(4096, 256, 64, 128, gpu) == (256, 1)  # K below one chunk
 
