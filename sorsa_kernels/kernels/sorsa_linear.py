@@ -14,15 +14,30 @@ output tile is written once and ``x·V`` is computed once per row block, not per
 Backward (``Wr`` and ``b`` frozen), four launches::
 
     _lowrank_up_grad_kernel              s = dy·U  →  ss = s·σ,  per-row-block Σ u⊙s (for dS)
+                                         (split-K: fp32 partials of s; ss, dS formed by torch)
     _lowrank_weight_grad_kernel  (×2)    dU = dyᵀ·(u·σ),  dV = xᵀ·ss   (reductions over M)
     _fused_residual_lowrank_gemm_kernel  dx = [dy | ss]·[Wr ; Vᵀ]
 
 ``s``, ``ss`` and the ``dS`` partials come from one read of ``dy``.  Only ``x`` and ``u`` are
-saved by the op.  Reductions over M go through small fp32 partial buffers summed by
-``torch.sum`` (no atomics).  Their boundaries (the dS row tile _UP_BLOCK_M, the dU/dV splits
-of _rows_per_split rows and the step _WG_STEP_M inside a split) are fixed by the launcher from
-the shapes and the SM count, never by the autotuned config, so dU, dS and dV are the same
-bits run to run and process to process whatever config the autotuner's timing picked.
+saved by the op.
+
+The two skinny kernels (x·V and dy·U: an M×r output, a K = n or m long reduction) have only
+cdiv(M, row tile) × rank-tile programs — 32-64 at M = 4096, r ≤ 128, under half a wave on
+H100's 132 SMs.  When that grid is below two waves they split K into a fixed number of
+chunks (split-K, see _k_per_split): each program writes an fp32 partial [split, M, r], which
+the launcher sums with ``torch.sum`` before forming u, t (forward) or ss and dS (backward).
+
+dU stays a separate launch that re-reads dy: folding dU = dyᵀ·t into the up-grad kernel's
+read of dy would need an m×r fp32 dU partial per row tile (dy·U reduces over m while dU
+reduces over M, so one of the two accumulators can never stay on chip) — 128 MB at
+M = m = 4096, r = 128 against the 32 MB of dy it would save.
+
+Reductions go through small fp32 partial buffers summed by ``torch.sum`` (no atomics).
+Their boundaries (the dS row tile _UP_BLOCK_M, the dU/dV splits of _rows_per_split rows and
+the step _WG_STEP_M inside a split, the skinny kernels' K chunks of _k_per_split columns) are
+fixed by the launcher from the shapes and the SM count, never by the autotuned config, so
+dU, dS and dV (and the split-K sums in u and s) are the same bits run to run and process to
+process whatever config the autotuner's timing picked.
 
 Every launch runs under a CUDA device guard on the input's device (models spread over
 several GPUs).
@@ -75,9 +90,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _MAX_BLOCK_R = 32 if _INTERPRET else 128
 
 # Row tile of _lowrank_up_grad_kernel.  Fixed (not autotuned) because the dS partial buffer
-# has one row per row tile, so the dS reduction boundaries must not depend on a tuned value;
-# 64 rows × r≤128 keeps the fp32 tile in registers at 4 warps.
-_UP_BLOCK_M = 16 if _INTERPRET else 64
+# has one row per row tile, so the dS reduction boundaries must not depend on a tuned value.
+# 128 rows (was 64) halve the re-reads of U (every row tile reads all of it, or all of its K
+# chunk); the grid it leaves (32 row tiles at M = 4096) is refilled by split-K.  At 8 warps
+# the 128 × r≤128 fp32 tile stays in registers: 96-164 registers, no spills, ≤ 192 KB of
+# shared memory on sm_90 at r = 128 (compile facts).
+_UP_BLOCK_M = 16 if _INTERPRET else 128
 
 # Determinism of the dU / dV reductions over M (see _lowrank_weight_grad_kernel): the rows of
 # one fp32 partial (a "split") are a multiple of _SPLIT_ALIGN chosen by the launcher from
@@ -86,6 +104,21 @@ _UP_BLOCK_M = 16 if _INTERPRET else 64
 # on which config the autotuner picked (a timing-dependent choice).
 _WG_STEP_M = 16 if _INTERPRET else 64
 _SPLIT_ALIGN = 16 if _INTERPRET else 256
+
+# Split-K of the skinny kernels (x·V over K = in_features, dy·U over K = out_features).  At
+# M = 4096 their row-tile grid is 32-64 CTAs on H100's 132 SMs (under half a wave), so when
+# the grid (counted with the nominal row tile _SKINNY_NOMINAL_M, since the tuned BLOCK_M may
+# not decide it) is below two waves, K is cut into chunks of a multiple of _K_SPLIT_ALIGN
+# (256: a multiple of every skinny/up-grad BLOCK_K, so a chunk boundary never falls inside a
+# K step) of at least _K_SPLIT_MIN columns, at most _MAX_K_SPLITS of them (each split costs an
+# M×r fp32 partial write + read, ~6 % of dy's bytes at m = 4096, r = 128).  The chunk size
+# depends on (M, K, r, SM count) only, never on the autotuned config, and the fp32 partials
+# are summed by torch in split order: the bits do not depend on the autotuner's choice.
+# The interpreter (and any non-CUDA device) uses two 16-aligned chunks so CI runs the split path.
+_K_SPLIT_ALIGN = 16 if _INTERPRET else 256
+_K_SPLIT_MIN = 512
+_MAX_K_SPLITS = 8
+_SKINNY_NOMINAL_M = 128
 
 # Row counts from which narrow (mma.sync-sized) row tiles are pruned from the GEMM configs:
 # at M ≥ 1024 a 64/128-row tile already fills the GPU and only it can use wgmma on Hopper.
@@ -164,15 +197,16 @@ def _skinny_configs(interpret: bool = _INTERPRET) -> list:
 
 
 def _up_grad_configs(interpret: bool = _INTERPRET) -> list:
-    """K step only: the row tile is fixed at _UP_BLOCK_M (see there)."""
+    """K step only: the row tile is fixed at _UP_BLOCK_M (see there); 8 warps for its
+    128 × r fp32 tile (BLOCK_K 128 needs 192 KB at r = 128: Hopper only, A100 keeps the others)."""
     if interpret:
         return [triton.Config({"BLOCK_K": 16})]
     cfg = triton.Config
     return [
-        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_K": 64}, num_warps=8, num_stages=4),
         # (BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128: dropped.)
-        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback (see above)
+        cfg({"BLOCK_K": 32}, num_warps=8, num_stages=2),  # fp32 / r=128 fallback (see above)
     ]
 
 
@@ -195,20 +229,28 @@ def _weight_grad_configs(interpret: bool = _INTERPRET) -> list:
                  prune_configs_by={"early_config_prune": _prune_skinny_configs})
 @triton.jit
 def _lowrank_down_kernel(
-    x_ptr, v_ptr, sigma_ptr, u_ptr, t_ptr,
-    M, K, R, M_BUCKET,
+    x_ptr, v_ptr, sigma_ptr, u_ptr, t_ptr, part_ptr,
+    M, K, R, M_BUCKET, k_per_split,
     stride_xm, stride_xk,
     stride_vk, stride_vr,
     stride_um, stride_ur,
     stride_tm, stride_tr,
+    stride_ps, stride_pm,
     INPUT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``u = x·V`` (M×R) and ``t = u·σ``; one program per (row tile, rank tile)."""
+    """``u = x·V`` (M×R) and ``t = u·σ``; one program per (row tile, rank tile, K split).
+
+    ``SPLIT_K``: grid axis 2 splits K into chunks of ``k_per_split`` (from the launcher,
+    never from the config) and each program stores its fp32 partial of ``x·V`` to
+    ``part[split]`` (unit stride along R); the launcher sums them and forms u and t.
+    """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -217,23 +259,31 @@ def _lowrank_down_kernel(
     rm = offs_m.to(tl.int64)
     rr = offs_r.to(tl.int64)
     cdt = x_ptr.dtype.element_ty
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
 
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    v_ptrs = v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + rr[None, :] * stride_vr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(v_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < k_end
+        rk = kk.to(tl.int64)
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(v_ptr + rk[:, None] * stride_vk + rr[None, :] * stride_vr,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        v_ptrs += BLOCK_K * stride_vk
 
-    sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     mask = mask_m[:, None] & mask_r[None, :]
-    tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty), mask=mask)
-    t = acc * sigma[None, :]
-    tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, t.to(t_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K:
+        p_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :]
+        tl.store(p_ptrs, acc, mask=mask)
+    else:
+        sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
+                 acc.to(u_ptr.dtype.element_ty), mask=mask)
+        t = acc * sigma[None, :]
+        tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
+                 t.to(t_ptr.dtype.element_ty), mask=mask)
 
 
 # The key separates forward from dx (HAS_BIAS / HAS_RESIDUAL and the B operands' layout:
@@ -406,14 +456,16 @@ def _fused_residual_lowrank_gemm_tma_kernel(
 @triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"])
 @triton.jit
 def _lowrank_up_grad_kernel(
-    dy_ptr, up_ptr, u_ptr, sigma_ptr, ss_ptr, dsp_ptr,
-    M, K, R, M_BUCKET,
+    dy_ptr, up_ptr, u_ptr, sigma_ptr, ss_ptr, dsp_ptr, part_ptr,
+    M, K, R, M_BUCKET, k_per_split,
     stride_dym, stride_dyk,
     stride_upk, stride_upr,
     stride_um, stride_ur,
     stride_ssm, stride_ssr,
     stride_dspm,
+    stride_ps, stride_pm,
     INPUT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -421,10 +473,14 @@ def _lowrank_up_grad_kernel(
     """One read of dy: ``s = dy·U`` → stores ``ss = s·σ`` and this row tile's ``Σ_rows u⊙s``.
 
     ``up_ptr`` is U (K×R with K = out_features); the dS partial goes to row ``pid_m`` of
-    ``dsp`` (fp32), summed over row tiles by the launcher.
+    ``dsp`` (fp32), summed over row tiles by the launcher.  ``SPLIT_K``: grid axis 2 splits
+    K into chunks of ``k_per_split`` (from the launcher) and each program stores only its
+    fp32 partial of ``s`` to ``part[split]`` (unit stride along R); the launcher sums them
+    and forms ``ss`` and dS.
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -433,25 +489,32 @@ def _lowrank_up_grad_kernel(
     rm = offs_m.to(tl.int64)
     rr = offs_r.to(tl.int64)
     cdt = dy_ptr.dtype.element_ty
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
 
-    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_k[None, :] * stride_dyk
-    up_ptrs = up_ptr + offs_k[:, None].to(tl.int64) * stride_upk + rr[None, :] * stride_upr
     s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(dy_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(up_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < k_end
+        rk = kk.to(tl.int64)
+        a = tl.load(dy_ptr + rm[:, None] * stride_dym + rk[None, :] * stride_dyk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(up_ptr + rk[:, None] * stride_upk + rr[None, :] * stride_upr,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         s = tl.dot(a, b.to(cdt), s, input_precision=INPUT_PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyk
-        up_ptrs += BLOCK_K * stride_upk
 
     mask = mask_m[:, None] & mask_r[None, :]
-    sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-    ss = s * sigma[None, :]
-    tl.store(ss_ptr + rm[:, None] * stride_ssm + rr[None, :] * stride_ssr, ss.to(ss_ptr.dtype.element_ty), mask=mask)
-    u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=mask, other=0.0).to(tl.float32)
-    part = tl.sum(u * s, axis=0)
-    tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
+    if SPLIT_K:
+        p_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :]
+        tl.store(p_ptrs, s, mask=mask)
+    else:
+        sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        ss = s * sigma[None, :]
+        tl.store(ss_ptr + rm[:, None] * stride_ssm + rr[None, :] * stride_ssr,
+                 ss.to(ss_ptr.dtype.element_ty), mask=mask)
+        u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=mask, other=0.0).to(tl.float32)
+        part = tl.sum(u * s, axis=0)
+        tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
 
 
 @triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R", "HAS_SIGMA"])
@@ -590,6 +653,31 @@ def _rows_per_split(M: int, K: int, r: int, device: torch.device) -> int:
         want = triton.cdiv(2 * _num_sms(device.index or 0), out_tiles)
         want = max(1, min(want, triton.cdiv(M, 512), 64))
     return triton.cdiv(triton.cdiv(M, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
+
+
+def _k_per_split(M: int, K: int, r: int, row_tile: int, device: torch.device) -> int:
+    """Columns of K per fp32 partial of the skinny kernels' split-K (≥ K: no split).
+
+    On a GPU: enough chunks to reach about two waves when the (row tile × rank tile) grid,
+    counted with ``row_tile`` (fixed, not the tuned one), would leave SMs idle; at least
+    _K_SPLIT_MIN columns per chunk, at most _MAX_K_SPLITS chunks.  Elsewhere (the
+    interpreter): two chunks whenever K spans more than one _K_SPLIT_ALIGN, so the split path
+    is what CI tests.  A multiple of _K_SPLIT_ALIGN; depends on the shapes and the SM count
+    only, never on the autotuned config.
+    """
+    if device.type != "cuda":
+        want = 2
+    else:
+        tiles = triton.cdiv(M, row_tile) * triton.cdiv(r, _block_r(r))
+        want = triton.cdiv(2 * _num_sms(device.index or 0), tiles)
+        want = max(1, min(want, K // _K_SPLIT_MIN, _MAX_K_SPLITS))
+    return max(1, triton.cdiv(triton.cdiv(K, want), _K_SPLIT_ALIGN)) * _K_SPLIT_ALIGN
+
+
+def _k_splits(M: int, K: int, r: int, row_tile: int, device: torch.device) -> tuple[int, int]:
+    """``(k_per_split, splits)`` of a skinny kernel's K reduction (see _k_per_split)."""
+    kps = _k_per_split(M, K, r, row_tile, device)
+    return kps, max(1, triton.cdiv(K, kps))
 
 
 def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
@@ -801,18 +889,26 @@ def fused_forward(
         block_r = _block_r(r)
         prec = _input_precision(cd)
 
+        kps, splits = _k_splits(M, n, r, _SKINNY_NOMINAL_M, dev)
+        part = torch.empty((splits, M, r) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
+
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r), splits)
 
         _lowrank_down_kernel[grid](
-            x2d, Vc, sigma, u, t,
-            M, n, r, _m_bucket(M),
+            x2d, Vc, sigma, u, t, part,
+            M, n, r, _m_bucket(M), kps,
             x2d.stride(0), x2d.stride(1),
             Vc.stride(0), Vc.stride(1),
             u.stride(0), u.stride(1),
             t.stride(0), t.stride(1),
-            INPUT_PRECISION=prec, BLOCK_R=block_r,
+            part.stride(0), part.stride(1),
+            INPUT_PRECISION=prec, SPLIT_K=splits > 1, BLOCK_R=block_r,
         )
+        if splits > 1:  # fixed-order fp32 sum of the K chunks, then the kernel's epilogue
+            acc = part.sum(0)
+            u.copy_(acc)
+            t.copy_(acc * sigma)
         # y = [x | t]·[Wr | U]ᵀ: B1 = Wrᵀ (k = in index, n = out index), B2 = Uᵀ.
         b1 = (residual, residual.stride(1), residual.stride(0)) if residual is not None else None
         _launch_gemm(
@@ -880,20 +976,31 @@ def fused_backward(
         prec = _input_precision(cd)
 
         # 1. one read of dy: ss = scale·(dy·U)·S and the per-row-tile partials of Σ u⊙(dy·U).
+        #    With split-K (see _k_per_split) the kernel writes fp32 partials of s instead and
+        #    ss and dS are formed here from their fixed-order sum.
         ss = torch.empty((M, r), dtype=cd, device=dev)
         n_row_tiles = triton.cdiv(M, _UP_BLOCK_M)
+        kps, splits = _k_splits(M, m, r, _UP_BLOCK_M, dev)
         ds_part = torch.empty((n_row_tiles, r), dtype=torch.float32, device=dev)
-        _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r))](
-            dy2d, Uc, u, sigma, ss, ds_part,
-            M, m, r, _m_bucket(M),
+        part = torch.empty((splits, M, r) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
+        _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r), splits)](
+            dy2d, Uc, u, sigma, ss, ds_part, part,
+            M, m, r, _m_bucket(M), kps,
             dy2d.stride(0), dy2d.stride(1),
             Uc.stride(0), Uc.stride(1),
             u.stride(0), u.stride(1),
             ss.stride(0), ss.stride(1),
             ds_part.stride(0),
-            INPUT_PRECISION=prec, BLOCK_R=block_r, BLOCK_M=_UP_BLOCK_M,
+            part.stride(0), part.stride(1),
+            INPUT_PRECISION=prec, SPLIT_K=splits > 1, BLOCK_R=block_r, BLOCK_M=_UP_BLOCK_M,
         )
-        dS = (ds_part.sum(0) * float(scale)).to(S.dtype)
+        if splits > 1:
+            s = part.sum(0)
+            ss.copy_(s * sigma)
+            ds_sum = (u.to(torch.float32) * s).sum(0)
+        else:
+            ds_sum = ds_part.sum(0)
+        dS = (ds_sum * float(scale)).to(S.dtype)
 
         # 2. reductions over M: dU = dyᵀ·(u·σ), dV = xᵀ·ss.
         dU = _launch_weight_grad(dy2d, u, sigma, U.dtype)

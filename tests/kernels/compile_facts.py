@@ -192,6 +192,20 @@ def _sorsa_tma_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list
     return [x for x in launches if _jit_fn(x[0]).__name__ == "_fused_residual_lowrank_gemm_tma_kernel"]
 
 
+def _sorsa_unsplit_skinny_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
+    """The skinny kernels without split-K (K in one chunk: what large M runs on a GPU)."""
+    from sorsa_kernels.kernels import sorsa_linear as K
+
+    old = K._k_per_split
+    K._k_per_split = lambda M_, K_, r_, row, device: K_
+    try:
+        launches = _sorsa_launches(M, n, m, r, cd)
+    finally:
+        K._k_per_split = old
+    skinny = ("_lowrank_down_kernel", "_lowrank_up_grad_kernel")
+    return [x for x in launches if _jit_fn(x[0]).__name__ in skinny]
+
+
 def _nf4_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     from sorsa_kernels.kernels import nf4_gemm
     from sorsa_kernels.quant.nf4 import quantize_nf4
@@ -219,7 +233,7 @@ def _ortho_launches(dtype: torch.dtype) -> list:
 def _label(kernel, args, kwargs) -> str:
     name = _jit_fn(kernel).__name__
     flags = []
-    for key in ("HAS_RESIDUAL", "HAS_BIAS", "HAS_SIGMA", "TRANS_W", "NATIVE_DOT", "DOT_PRECISION"):
+    for key in ("HAS_RESIDUAL", "HAS_BIAS", "HAS_SIGMA", "SPLIT_K", "TRANS_W", "NATIVE_DOT", "DOT_PRECISION"):
         if key in kwargs:
             flags.append(f"{key}={kwargs[key]}")
     if "a1_ptr" in args:
@@ -234,6 +248,8 @@ def collect(quick: bool = False) -> list[dict]:
     launches = []
     launches += [("bf16 M4096 4096x4096 r128", x) for x in _sorsa_launches(4096, 4096, 4096, 128, bf)]
     launches += [("bf16 M4096 4096x4096 r128 TMA", x) for x in _sorsa_tma_launches(4096, 4096, 4096, 128, bf)]
+    launches += [("bf16 M4096 4096x4096 r128 no-split", x)
+                 for x in _sorsa_unsplit_skinny_launches(4096, 4096, 4096, 128, bf)]
     launches += [("nf4 bf16 M64 4096x4096 r64", x) for x in _nf4_launches(64, 4096, 4096, 64, bf)]
     launches += [("nf4 bf16 M4096 4096x4096 r64", x) for x in _nf4_launches(4096, 4096, 4096, 64, bf)[:1]]
     launches += [("ortho bf16 7B shapes r128", x) for x in _ortho_launches(bf)]

@@ -235,6 +235,94 @@ def test_the_bitwise_check_sees_a_change_of_the_split_boundaries(monkeypatch, k_
     assert rel_err(other[0], base[0]) < 1e-5
 
 
+# ----------------------------------------------------------------------------- split-K (skinny kernels)
+def test_skinny_kernels_split_k_in_the_interpreter():
+    # Off a GPU, x·V and dy·U always split K in two 16-aligned chunks when K > 16, so the
+    # tests above run the split-K path; K ≤ 16 is one chunk.
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's split rule")
+    cpu = torch.device("cpu")
+    assert kernels._k_splits(7, 100, 37, 128, cpu) == (64, 2)
+    assert kernels._k_splits(33, 24, 5, 16, cpu) == (16, 2)
+    assert kernels._k_splits(33, 16, 5, 16, cpu) == (16, 1)
+
+
+def test_split_k_rule_on_an_h100_at_the_7b_shapes(monkeypatch):
+    # The GPU rule (132 SMs, 256-aligned chunks, one rank tile up to r = 128): at M = 4096,
+    # K = 4096 a 128-row grid (the down kernel's nominal tile, the up-grad kernel's fixed
+    # one) is 32 CTAs → 8 chunks of 512 (256 CTAs); at K = 11008 8 chunks of 1536 (256
+    # CTAs); a 64-row grid (64 CTAs) gets 4 chunks of 1024.  A grid that already fills two
+    # waves is not split; the rule never sees the tuned config.
+    monkeypatch.setattr(kernels, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(kernels, "_K_SPLIT_ALIGN", 256)
+    monkeypatch.setattr(kernels, "_MAX_BLOCK_R", 128)
+    gpu = torch.device("cuda", 0)
+    for r in (64, 128):
+        assert kernels._k_splits(4096, 4096, r, 128, gpu) == (512, 8)
+        assert kernels._k_splits(4096, 4096, r, 64, gpu) == (1024, 4)
+        assert kernels._k_splits(4096, 11008, r, 128, gpu) == (1536, 8)
+    assert kernels._k_splits(65536, 4096, 128, 64, gpu) == (4096, 1)
+    assert kernels._k_splits(4096, 256, 64, 128, gpu) == (256, 1)  # K below one chunk
+
+
+@pytest.mark.parametrize("kps", [None, 16, 32], ids=["one-chunk", "16-col-chunks", "32-col-chunks"])
+def test_forward_and_backward_match_reference_for_any_k_split(monkeypatch, kps):
+    # None: K in one chunk (the in-kernel epilogue); otherwise several fp32 partials.
+    monkeypatch.setattr(kernels, "_k_per_split", lambda M, K, r, row, device: kps or max(K, 1))
+    shape = (33, 100, 72, 37)
+    inp = _inputs(*shape, torch.float32, seed=5)
+    y, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
+    ref_y, ref_u = _reference_forward(inp)
+    assert rel_err(y, ref_y) < 1e-5 and rel_err(u, ref_u) < 1e-5
+    got = kernels.fused_backward(inp["dy"], inp["x"], u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, True)
+    for name, g, r in zip(GRADS, got, _reference_backward(inp)):
+        assert rel_err(g, r) < 1e-5, name
+
+
+def _outputs_with_skinny_configs(monkeypatch, down_cfg, up_cfg, shape=(100, 72, 40, 37)):
+    """(y, u, dx, dU, dS, dV) with the down / up-grad kernels forced to one config each."""
+    for kern, cfg in ((kernels._lowrank_down_kernel, down_cfg), (kernels._lowrank_up_grad_kernel, up_cfg)):
+        monkeypatch.setattr(kern, "configs", [cfg])
+        monkeypatch.setattr(kern, "cache", {})
+    inp = _inputs(*shape, torch.float32, seed=12)
+    y, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], None, SCALE)
+    dx, dU, dS, dV = kernels.fused_backward(
+        inp["dy"], inp["x"], u, inp["residual"], inp["U"], inp["S"], inp["V"], SCALE, True
+    )
+    return dict(y=y, u=u, dx=dx, dU=dU, dS=dS, dV=dV)
+
+
+def test_split_k_outputs_are_bitwise_independent_of_the_tuned_skinny_configs(monkeypatch, k_sequential_dot):
+    # n = 72 and m = 40 are each reduced in two K chunks (asserted); every skinny / up-grad
+    # config (row tile, K step) must give the same bits: the chunks come from the launcher.
+    cpu = torch.device("cpu")
+    assert kernels._k_splits(100, 72, 37, kernels._SKINNY_NOMINAL_M, cpu)[1] == 2
+    assert kernels._k_splits(100, 40, 37, kernels._UP_BLOCK_M, cpu)[1] == 2
+    downs = kernels._skinny_configs(interpret=True) + kernels._skinny_configs(interpret=False)
+    ups = kernels._up_grad_configs(interpret=True) + kernels._up_grad_configs(interpret=False)
+    first = _outputs_with_skinny_configs(monkeypatch, downs[0], ups[0])
+    inp = _inputs(100, 72, 40, 37, torch.float32, seed=12)
+    ref = _reference_backward(inp)
+    assert rel_err(first["dU"], ref[1]) < 1e-5 and rel_err(first["dS"], ref[2]) < 1e-5
+    for i in range(1, max(len(downs), len(ups))):
+        dc, uc = downs[i % len(downs)], ups[i % len(ups)]
+        got = _outputs_with_skinny_configs(monkeypatch, dc, uc)
+        for name in first:
+            assert torch.equal(got[name], first[name]), f"{name} differs under {dc} / {uc}"
+
+
+def test_the_bitwise_check_sees_a_change_of_the_k_split_boundaries(monkeypatch, k_sequential_dot):
+    # The test above can fail: other chunk boundaries (32- instead of 48-column chunks of
+    # n = 72, 16- instead of 32-column chunks of m = 40) change the bits.
+    cfg = (kernels._skinny_configs(interpret=True)[0], kernels._up_grad_configs(interpret=True)[0])
+    base = _outputs_with_skinny_configs(monkeypatch, *cfg)
+    monkeypatch.setattr(kernels, "_k_per_split", lambda M, K, r, row, device: 32 if K == 72 else 16)
+    other = _outputs_with_skinny_configs(monkeypatch, *cfg)
+    assert not torch.equal(base["u"], other["u"])
+    assert not all(torch.equal(base[k], other[k]) for k in ("dU", "dS", "dV"))
+    assert rel_err(other["u"], base["u"]) < 1e-5
+
+
 def test_backward_empty_batch_returns_zero_adapter_grads():
     inp = _inputs(1, 24, 72, 5, torch.float32)
     x, dy = inp["x"][:0], inp["dy"][:0]
@@ -366,15 +454,18 @@ def compile_for(kernel, ptrs, consts, cfg, arch):
 
 bf, f16, f32 = "*bf16", "*fp16", "*fp32"
 prec = dict(INPUT_PRECISION="tf32")
-compile_for(K._lowrank_down_kernel, dict(x_ptr=bf, v_ptr=f32, sigma_ptr=f32, u_ptr=bf, t_ptr=bf),
-            dict(prec, BLOCK_R=128), K._skinny_configs()[0], 90)
+for split in (False, True):
+    compile_for(K._lowrank_down_kernel,
+                dict(x_ptr=bf, v_ptr=f32, sigma_ptr=f32, u_ptr=bf, t_ptr=bf, part_ptr=f32),
+                dict(prec, SPLIT_K=split, BLOCK_R=128), K._skinny_configs()[0], 90)
 for arch, cd, res in ((90, bf, True), (90, bf, False), (80, f16, True)):
     compile_for(K._fused_residual_lowrank_gemm_kernel,
                 dict(a1_ptr=cd, b1_ptr=cd, a2_ptr=cd, b2_ptr=f32, bias_ptr=cd, c_ptr=cd),
                 dict(prec, HAS_RESIDUAL=res, HAS_BIAS=res), K._gemm_configs()[2], arch)
-compile_for(K._lowrank_up_grad_kernel,
-            dict(dy_ptr=bf, up_ptr=f32, u_ptr=bf, sigma_ptr=f32, ss_ptr=bf, dsp_ptr=f32),
-            dict(prec, BLOCK_R=32, BLOCK_M=64), K._up_grad_configs()[0], 90)
+for split in (False, True):
+    compile_for(K._lowrank_up_grad_kernel,
+                dict(dy_ptr=bf, up_ptr=f32, u_ptr=bf, sigma_ptr=f32, ss_ptr=bf, dsp_ptr=f32, part_ptr=f32),
+                dict(prec, SPLIT_K=split, BLOCK_R=32, BLOCK_M=64), K._up_grad_configs()[0], 90)
 for has_sigma in (True, False):
     compile_for(K._lowrank_weight_grad_kernel, dict(a_ptr=bf, b_ptr=bf, sigma_ptr=f32, out_ptr=f32),
                 dict(prec, HAS_SIGMA=has_sigma, BLOCK_R=16, BLOCK_M=K._WG_STEP_M), K._weight_grad_configs()[0], 90)
