@@ -27,20 +27,20 @@ Two paths, chosen by M (rows of ``x`` / ``dy``):
 * M ≥ _DEQUANT_MIN_M (training): the per-element gathers of the fused kernel (5 loads per
   weight) cost more than one pass writing ``deq(W)`` to a scratch matrix in the compute dtype
   (``_nf4_dequant_kernel``: contiguous 16-byte loads of the packed bytes, two values per
-  byte), then the bf16/fp16 fused GEMM of :mod:`sorsa_kernels.kernels.sorsa_linear` (the
+  byte), then the bf16/fp16 fused GEMM of :mod:`sorsa_kernels.kernels.residual_gemm` (the
   same code path as dense SORSA, wgmma on Hopper) — what bitsandbytes' dequantize + cuBLAS
   does, with the low-rank branch and the bias still fused.  The scratch lives for one call.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard
+from ._launch import INTERPRET, device_guard
+from .residual_gemm import launch_gemm
 
 __all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx", "nf4_dequantize"]
 
@@ -48,7 +48,7 @@ __all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx", "nf4_dequantize"]
 # (see the module docstring).  256 = two 128-row tiles: an untuned starting point (GPU run).
 _DEQUANT_MIN_M = 256
 # Packed bytes per program of _nf4_dequant_kernel (2·_DEQUANT_BLOCK values).
-_DEQUANT_BLOCK = 64 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 1024
+_DEQUANT_BLOCK = 64 if INTERPRET else 1024
 
 # Block sizes.  No GPU was available when these were written: they are untuned starting
 # points taken from the Triton matmul tutorial's configs (BLOCK_M/N 64-128, BLOCK_K 32-64,
@@ -72,7 +72,7 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_stages=1, num_warps=4),
 ]
-_CONFIGS = _INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _GPU_CONFIGS
+_CONFIGS = _INTERPRETER_CONFIGS if INTERPRET else _GPU_CONFIGS
 
 
 @triton.jit
@@ -245,8 +245,6 @@ def _launch_dequant_gemm(
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Large-M path: ``deq(W)`` into a scratch matrix, then the dense fused SORSA GEMM."""
-    from .sorsa_linear import _launch_gemm
-
     rows, cols = w_shape
     M = a.shape[0]
     N = cols if trans_w else rows
@@ -257,7 +255,7 @@ def _launch_dequant_gemm(
         b1 = (W, W.stride(0), W.stride(1)) if trans_w else (W, W.stride(1), W.stride(0))
         if t is None:  # no low-rank branch: an empty second segment (K2 = 0, never read)
             t, p = a[:, :0], W
-        _launch_gemm(a, b1, t, (p, p.stride(1), p.stride(0)), bias, c,
+        launch_gemm(a, b1, t, (p, p.stride(1), p.stride(0)), bias, c,
                      precision=_input_precision(a.dtype))
     return c
 

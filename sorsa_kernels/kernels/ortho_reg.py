@@ -51,7 +51,6 @@ workspace is shared.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -60,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import device_guard
+from ._launch import INTERPRET, device_guard
 
 __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 
@@ -74,12 +73,10 @@ __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 # that the summation order never depends on the tuned config.  Launches 2 and 3 update
 # buffers in place (launch 2 overwrites chunk 0 of the workspace with G − I; launch 3 adds
 # into .grad), so the autotuner cannot re-run them; they use the fixed values below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_GRAM_STEP_K = 32 if _INTERPRET else 64
+_GRAM_STEP_K = 32 if INTERPRET else 64
 
 
-def _gram_configs(interpret: bool = _INTERPRET) -> list:
+def _gram_configs(interpret: bool = INTERPRET) -> list:
     """Warps × stages of launch 1 (the interpreter ignores both: one config, no benchmarking)."""
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 3), (4, 2), (8, 4))]
     return configs[:1] if interpret else configs
@@ -87,10 +84,10 @@ def _gram_configs(interpret: bool = _INTERPRET) -> list:
 
 # Rows of A per program of launch 3.  It shapes the work table, so it is fixed per call.
 # 128 rows (GPU) read each fp32 tile of D = G − I once per 128 rows of A instead of per 64.
-_UPDATE_BLOCK_K = 64 if _INTERPRET else 128
+_UPDATE_BLOCK_K = 64 if INTERPRET else 128
 # Columns of A (rows of D) per tl.dot of launch 3: with 128 rows, 128-wide A and D tiles in
 # fp32 spilled 280 B per thread on sm_90 (compile facts); 64-wide steps do not.
-_UPDATE_R_STEP = 16 if _INTERPRET else 64
+_UPDATE_R_STEP = 16 if INTERPRET else 64
 # Gram rows summed by one program of launch 1 before its partial is written.  2048 splits
 # the 7B shapes (k = 4096 and 11008) into 2 and 6 chunks: about 1300 programs for 448
 # matrices, ~10 waves on an H100, with a workspace of ~80 MiB at r = 128.
@@ -492,7 +489,7 @@ def _build_plan(mats: Sequence[Tensor], tr: Sequence[bool], k_chunk: int, block_
     plan.dot_precision = "tf32x3" if any_fp32 else "tf32"
     # One 16-bit dtype in the whole set (codes 2·d and 2·d+1 of one d ≥ 1): the Gram dot can
     # take the tiles as they are (exact products); not in the interpreter (wrong bf16 dot).
-    plan.native_dot = (not _INTERPRET and not any_fp32
+    plan.native_dot = (not INTERPRET and not any_fp32
                        and len({a.dtype for a in mats}) == 1)
     plan.grad_ptrs = [a.grad.data_ptr() for a in mats]
     plan.grad_ptrs_host = None

@@ -1,7 +1,11 @@
 """Fused Triton kernels for the SORSA linear layer ``y = x·Wrᵀ + scale·((x·V)·S)·Uᵀ + b``.
 
 The math (and the oracle every kernel here is tested against) is
-:func:`sorsa_kernels.ops.reference.linear_forward` / ``linear_backward``.
+:func:`sorsa_kernels.ops.reference.linear_forward` / ``linear_backward``.  This file holds
+the skinny low-rank kernels, the weight-gradient reductions and the two entry points
+(:func:`fused_forward`, :func:`fused_backward`); the residual + low-rank GEMM they launch
+(``_fused_residual_lowrank_gemm_kernel`` and its Hopper TMA form) is
+:mod:`sorsa_kernels.kernels.residual_gemm`.
 
 Forward, two launches::
 
@@ -65,8 +69,6 @@ lengths does not re-tune on every new batch shape.
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
@@ -74,20 +76,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import device_guard
+from ._launch import INTERPRET, acc_per_thread, device_guard, input_precision, m_bucket, num_sms
+from .residual_gemm import launch_gemm
 
 __all__ = ["fused_forward", "fused_backward", "SUPPORTED_DTYPES"]
 
 #: Compute dtypes the kernels accept (``x.dtype``).  float64 goes to the reference (ops/ decides).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Triton reads TRITON_INTERPRET when a kernel is defined; so do we, to pick the config lists.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 # Largest rank tile of the skinny kernels; r above it is split over a second grid axis.
 # 128 covers the ranks SORSA is used with (the paper uses r ≤ 128) in a single tile.  The
 # interpreter uses 32 so that CI exercises the multi-rank-tile path with a small r.
-_MAX_BLOCK_R = 32 if _INTERPRET else 128
+_MAX_BLOCK_R = 32 if INTERPRET else 128
 
 # Row tile of _lowrank_up_grad_kernel.  Fixed (not autotuned) because the dS partial buffer
 # has one row per row tile, so the dS reduction boundaries must not depend on a tuned value.
@@ -95,15 +95,15 @@ _MAX_BLOCK_R = 32 if _INTERPRET else 128
 # chunk); the grid it leaves (32 row tiles at M = 4096) is refilled by split-K.  At 8 warps
 # the 128 × r≤128 fp32 tile stays in registers: 96-164 registers, no spills, ≤ 192 KB of
 # shared memory on sm_90 at r = 128 (compile facts).
-_UP_BLOCK_M = 16 if _INTERPRET else 128
+_UP_BLOCK_M = 16 if INTERPRET else 128
 
 # Determinism of the dU / dV reductions over M (see _lowrank_weight_grad_kernel): the rows of
 # one fp32 partial (a "split") are a multiple of _SPLIT_ALIGN chosen by the launcher from
 # (M, K, r, SM count) only, and inside a split the rows are consumed in fixed steps of
 # _WG_STEP_M.  Neither depends on the autotuned config, so the bits of dU / dV do not depend
 # on which config the autotuner picked (a timing-dependent choice).
-_WG_STEP_M = 16 if _INTERPRET else 64
-_SPLIT_ALIGN = 16 if _INTERPRET else 256
+_WG_STEP_M = 16 if INTERPRET else 64
+_SPLIT_ALIGN = 16 if INTERPRET else 256
 
 # Split-K of the skinny kernels (x·V over K = in_features, dy·U over K = out_features).  At
 # M = 4096 their row-tile grid is 32-64 CTAs on H100's 132 SMs (under half a wave), so when
@@ -115,54 +115,10 @@ _SPLIT_ALIGN = 16 if _INTERPRET else 256
 # depends on (M, K, r, SM count) only, never on the autotuned config, and the fp32 partials
 # are summed by torch in split order: the bits do not depend on the autotuner's choice.
 # The interpreter (and any non-CUDA device) uses two 16-aligned chunks so CI runs the split path.
-_K_SPLIT_ALIGN = 16 if _INTERPRET else 256
+_K_SPLIT_ALIGN = 16 if INTERPRET else 256
 _K_SPLIT_MIN = 512
 _MAX_K_SPLITS = 8
 _SKINNY_NOMINAL_M = 128
-
-# Row counts from which narrow (mma.sync-sized) row tiles are pruned from the GEMM configs:
-# at M ≥ 1024 a 64/128-row tile already fills the GPU and only it can use wgmma on Hopper.
-_SMALL_TILE_MAX_M = 1024
-
-
-def _gemm_configs(interpret: bool = _INTERPRET) -> list:
-    if interpret:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    cfg = triton.Config
-    return [
-        # Hopper (H100, 228 KB smem): large tiles, 64-deep K, 3-4 stages.  Untuned starting points.
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        # Ampere (A100, 164 KB smem): 32-deep K with 4 stages (Triton matmul tutorial table).
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        # Small M (decode, short batches): narrow row tiles so the grid still fills the SMs.
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        # Small-footprint fallback (≈32 KB smem even in fp32) so some config always fits.
-        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
-    ]
-
-
-def _acc_per_thread(c, block_n: int) -> int:
-    return c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
-
-
-def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop BLOCK_M < 64 configs when M ≥ _SMALL_TILE_MAX_M (they only help small M), and for
-    fp32 operands (mma.sync tf32, no wgmma) those above 64 fp32 accumulators per thread:
-    they spilled 0.8-140 KB per thread on sm_90 (compile facts), the others spill nothing."""
-    kept = configs
-    if named_args["M"] >= _SMALL_TILE_MAX_M:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
-    if named_args["a2_ptr"].element_size() == 4:
-        kept = [c for c in kept if _acc_per_thread(c, c.kwargs["BLOCK_N"]) <= 64] or kept
-    return kept
-
 
 def _prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
     """fp32 inputs: keep K steps ≤ 64 and ≤ 64 accumulators per thread (the rest spilled on
@@ -170,11 +126,11 @@ def _prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
     if named_args["x_ptr"].element_size() != 4:
         return configs
     block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and _acc_per_thread(c, block_r) <= 64]
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and acc_per_thread(c, block_r) <= 64]
     return kept or configs
 
 
-def _skinny_configs(interpret: bool = _INTERPRET) -> list:
+def _skinny_configs(interpret: bool = INTERPRET) -> list:
     """Row tile × K step for the r-wide products (x·V and dy·U); memory bound, so deep K steps.
 
     128-row tiles read U or V half as often as 64-row ones (every row tile re-reads all of
@@ -196,7 +152,7 @@ def _skinny_configs(interpret: bool = _INTERPRET) -> list:
     ]
 
 
-def _up_grad_configs(interpret: bool = _INTERPRET) -> list:
+def _up_grad_configs(interpret: bool = INTERPRET) -> list:
     """K step only: the row tile is fixed at _UP_BLOCK_M (see there); 8 warps for its
     128 × r fp32 tile (BLOCK_K 128 needs 192 KB at r = 128: Hopper only, A100 keeps the others)."""
     if interpret:
@@ -210,7 +166,7 @@ def _up_grad_configs(interpret: bool = _INTERPRET) -> list:
     ]
 
 
-def _weight_grad_configs(interpret: bool = _INTERPRET) -> list:
+def _weight_grad_configs(interpret: bool = INTERPRET) -> list:
     """Output rows (of dU / dV), warps and stages; the step over M is fixed (_WG_STEP_M)."""
     if interpret:
         return [triton.Config({"BLOCK_K": 16})]
@@ -289,170 +245,6 @@ def _lowrank_down_kernel(
 # The key separates forward from dx (HAS_BIAS / HAS_RESIDUAL and the B operands' layout:
 # forward reads Wrᵀ and Uᵀ with unit k-stride, dx reads Wr and Vᵀ with unit n-stride), which
 # would otherwise share one tuned config on a square layer.
-@triton.autotune(
-    configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_K_CONTIG", "B2_K_CONTIG"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)
-@triton.jit
-def _fused_residual_lowrank_gemm_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
-    M, N, K1, K2, M_BUCKET, B1_K_CONTIG, B2_K_CONTIG,
-    stride_a1m, stride_a1k, stride_b1k, stride_b1n,
-    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_cm, stride_cn,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """``C = A1·B1 + A2·B2 (+ bias)``: one K loop over K1 (the frozen residual) then K2 (= r).
-
-    Forward: A1 = x, B1 = Wrᵀ, A2 = t, B2 = Uᵀ.  Backward dx: A1 = dy, B1 = Wr, A2 = ss, B2 = Vᵀ.
-    B operands of another dtype are cast to A's dtype on load; fp32 accumulation.
-    ``B1_K_CONTIG`` / ``B2_K_CONTIG`` (0/1) only feed the autotune key.
-    """
-    # L2-friendly ordering (Triton matmul tutorial): GROUP_M row tiles share B column tiles.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rm = offs_m.to(tl.int64)
-    rn = offs_n.to(tl.int64)
-    rk = offs_k.to(tl.int64)
-    cdt = a2_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    if HAS_RESIDUAL:
-        a_ptrs = a1_ptr + rm[:, None] * stride_a1m + rk[None, :] * stride_a1k
-        b_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
-        for k in range(0, tl.cdiv(K1, BLOCK_K)):
-            k_left = K1 - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            acc = tl.dot(a.to(cdt), b.to(cdt), acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_a1k
-            b_ptrs += BLOCK_K * stride_b1k
-
-    a_ptrs = a2_ptr + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
-    b_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
-    for k in range(0, tl.cdiv(K2, BLOCK_K)):
-        k_left = K2 - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_a2k
-        b_ptrs += BLOCK_K * stride_b2k
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _tma_gemm_configs(interpret: bool = _INTERPRET) -> list:
-    """Hopper-only persistent TMA GEMM: warpgroup-sized (≥ 64-row) tiles, 16-bit operands."""
-    if interpret:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-
-
-@triton.autotune(
-    configs=_tma_gemm_configs(),
-    key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_TRANS", "NUM_SMS"],
-)
-@triton.jit
-def _fused_residual_lowrank_gemm_tma_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
-    M, N, K1, K2, M_BUCKET,
-    stride_a1m, stride_b1, stride_a2m, stride_b2n,
-    stride_cm, stride_cn,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    B1_TRANS: tl.constexpr,
-    NUM_SMS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """Persistent form of _fused_residual_lowrank_gemm_kernel with tensor-descriptor (TMA) loads.
-
-    ``C = A1·B1 + A2·B2 (+ bias)``.  NUM_SMS programs walk the output tiles (GROUP_M
-    ordering).  Every operand is row-major with a unit last stride and has the compute dtype
-    (checked by the launcher).  A1 (M×K1) and A2 (M×K2) are read as they are; B2 is given as
-    its N×K2 transpose (Uᵀ / Vᵀ are U / V); B1 is given as N×K1 (``B1_TRANS``, forward:
-    Wrᵀ is Wr) or as K1×N (dx: Wr).  Out-of-bounds parts of a tile load as zeros (TMA).
-    """
-    a1_desc = tl.make_tensor_descriptor(a1_ptr, shape=[M, K1], strides=[stride_a1m, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
-    if B1_TRANS:
-        b1_desc = tl.make_tensor_descriptor(b1_ptr, shape=[N, K1], strides=[stride_b1, 1],
-                                            block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b1_desc = tl.make_tensor_descriptor(b1_ptr, shape=[K1, N], strides=[stride_b1, 1],
-                                            block_shape=[BLOCK_K, BLOCK_N])
-    a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[M, K2], strides=[stride_a2m, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
-    b2_desc = tl.make_tensor_descriptor(b2_ptr, shape=[N, K2], strides=[stride_b2n, 1],
-                                        block_shape=[BLOCK_N, BLOCK_K])
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    num_pid_in_group = GROUP_M * num_pid_n
-    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
-        group_id = tile // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-        pid_n = (tile % num_pid_in_group) // group_size_m
-        om = pid_m * BLOCK_M
-        on = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_RESIDUAL:
-            for k in range(0, tl.cdiv(K1, BLOCK_K)):
-                a = a1_desc.load([om, k * BLOCK_K])
-                if B1_TRANS:
-                    b = b1_desc.load([on, k * BLOCK_K]).T
-                else:
-                    b = b1_desc.load([k * BLOCK_K, on])
-                acc = tl.dot(a, b, acc)
-        for k in range(0, tl.cdiv(K2, BLOCK_K)):
-            a = a2_desc.load([om, k * BLOCK_K])
-            b = b2_desc.load([on, k * BLOCK_K]).T
-            acc = tl.dot(a, b, acc)
-        offs_m = om + tl.arange(0, BLOCK_M)
-        offs_n = on + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc += bias[None, :]
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
-
-
 @triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"])
 @triton.jit
 def _lowrank_up_grad_kernel(
@@ -618,24 +410,8 @@ def _check_common(
             )
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for fp32 operands, following ``torch.get_float32_matmul_precision``."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
-
-
 def _block_r(r: int) -> int:
     return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
-
-
-def _m_bucket(M: int) -> int:
-    return triton.next_power_of_2(max(M, 1))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _rows_per_split(M: int, K: int, r: int, device: torch.device) -> int:
@@ -650,7 +426,7 @@ def _rows_per_split(M: int, K: int, r: int, device: torch.device) -> int:
         want = max(1, min(2, triton.cdiv(M, 16)))
     else:
         out_tiles = triton.cdiv(K, 128) * triton.cdiv(r, _block_r(r))
-        want = triton.cdiv(2 * _num_sms(device.index or 0), out_tiles)
+        want = triton.cdiv(2 * num_sms(device.index or 0), out_tiles)
         want = max(1, min(want, triton.cdiv(M, 512), 64))
     return triton.cdiv(triton.cdiv(M, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
 
@@ -669,7 +445,7 @@ def _k_per_split(M: int, K: int, r: int, row_tile: int, device: torch.device) ->
         want = 2
     else:
         tiles = triton.cdiv(M, row_tile) * triton.cdiv(r, _block_r(r))
-        want = triton.cdiv(2 * _num_sms(device.index or 0), tiles)
+        want = triton.cdiv(2 * num_sms(device.index or 0), tiles)
         want = max(1, min(want, K // _K_SPLIT_MIN, _MAX_K_SPLITS))
     return max(1, triton.cdiv(triton.cdiv(K, want), _K_SPLIT_ALIGN)) * _K_SPLIT_ALIGN
 
@@ -683,135 +459,6 @@ def _k_splits(M: int, K: int, r: int, row_tile: int, device: torch.device) -> tu
 def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
     """How many fp32 partials the dU/dV reduction over M writes (summed afterwards)."""
     return triton.cdiv(M, _rows_per_split(M, K, r, device))
-
-
-@functools.lru_cache(maxsize=None)
-def _tma_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
-
-
-def _tma_device_ok(device: torch.device) -> bool:
-    """Whether the persistent TMA GEMM may run on ``device``: a Hopper GPU (sm_90; other
-    generations keep the pointer GEMM until measured) and a Triton with tensor descriptors.
-    Tests patch this to run the TMA kernel in the interpreter."""
-    if device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    return _tma_capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _ensure_tma_allocator() -> None:
-    """Device-side tensor descriptors need Triton scratch memory: allocate it through torch
-    unless the application set an allocator (Triton's is per context, hence every call)."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(
-            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
-        )
-
-
-def _tma_layout(
-    a1: Tensor, b1_kn: tuple[Tensor, int, int], a2: Tensor, b2_kn: tuple[Tensor, int, int], out: Tensor
-) -> Optional[tuple[bool, int]]:
-    """``(B1_TRANS, stride_b1)`` when every operand suits tensor descriptors, else None.
-
-    Needs 16-bit operands of one dtype, a unit stride on the K axis of A1, A2 and B2ᵀ and on
-    one axis of B1, 16-byte aligned bases and 16-byte multiple other strides.
-    """
-    cd = a2.dtype
-    b1, s1k, s1n = b1_kn
-    b2, s2k, s2n = b2_kn
-    if cd not in (torch.float16, torch.bfloat16) or out.dtype != cd:
-        return None
-    if any(t.dtype != cd for t in (a1, b1, b2)):
-        return None
-    if a1.stride(1) != 1 or a2.stride(1) != 1 or s2k != 1:
-        return None
-    if s1k == 1:
-        trans, stride_b1 = True, s1n
-    elif s1n == 1:
-        trans, stride_b1 = False, s1k
-    else:
-        return None
-    esz = a2.element_size()
-    if any(t.data_ptr() % 16 for t in (a1, b1, a2, b2)):
-        return None
-    if any((s * esz) % 16 for s in (a1.stride(0), a2.stride(0), stride_b1, s2n)):
-        return None
-    return trans, stride_b1
-
-
-def _launch_gemm_tma(
-    a1: Optional[Tensor], b1_kn: Optional[tuple[Tensor, int, int]],
-    a2: Tensor, b2_kn: tuple[Tensor, int, int],
-    bias: Optional[Tensor], out: Tensor,
-) -> bool:
-    """The persistent TMA form of :func:`_launch_gemm`; False (nothing launched) if unsuitable."""
-    if not _tma_device_ok(out.device):
-        return False
-    has_res = a1 is not None
-    if not has_res:  # placeholders of the right layout, never loaded (HAS_RESIDUAL is a constexpr)
-        a1, b1_kn = a2, b2_kn
-    layout = _tma_layout(a1, b1_kn, a2, b2_kn, out)
-    if layout is None:
-        return False
-    trans, stride_b1 = layout
-    M, N = out.shape
-    K1, K2 = a1.shape[1], a2.shape[1]
-    b1, b2 = b1_kn[0], b2_kn[0]
-    num_sms = 4 if out.device.type != "cuda" else _num_sms(out.device.index or 0)
-    if out.device.type == "cuda":
-        _ensure_tma_allocator()
-
-    def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(num_sms, tiles),)
-
-    _fused_residual_lowrank_gemm_tma_kernel[grid](
-        a1, b1, a2, b2, bias if bias is not None else out, out,
-        M, N, K1, K2, _m_bucket(M),
-        a1.stride(0), stride_b1, a2.stride(0), b2_kn[2],
-        out.stride(0), out.stride(1),
-        HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None, B1_TRANS=trans, NUM_SMS=num_sms,
-    )
-    return True
-
-
-def _launch_gemm(
-    a1: Optional[Tensor], b1_kn: Optional[tuple[Tensor, int, int]],
-    a2: Tensor, b2_kn: tuple[Tensor, int, int],
-    bias: Optional[Tensor], out: Tensor, precision: Optional[str] = None,
-) -> None:
-    """``out = a1·B1 + a2·B2 (+ bias)``; each B given as (tensor, stride_k, stride_n).
-
-    Also the large-M path of :mod:`sorsa_kernels.kernels.nf4_gemm` (B1 = a dequantized
-    scratch), which passes its own fp32 ``precision`` rule.  On Hopper with 16-bit operands
-    of a suitable layout the persistent TMA kernel runs instead (same result).
-    """
-    if _launch_gemm_tma(a1, b1_kn, a2, b2_kn, bias, out):
-        return
-    M, N = out.shape
-    has_res = a1 is not None
-    b2, s2k, s2n = b2_kn
-    if has_res:
-        b1, s1k, s1n = b1_kn
-        K1 = a1.shape[1]
-    else:  # placeholders, never read (HAS_RESIDUAL is a constexpr)
-        a1, b1, s1k, s1n, K1 = a2, b2, 0, 0, 0
-    K2 = a2.shape[1]
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _fused_residual_lowrank_gemm_kernel[grid](
-        a1, b1, a2, b2, bias if bias is not None else out, out,
-        M, N, K1, K2, _m_bucket(M), int(s1k == 1), int(s2k == 1),
-        a1.stride(0), a1.stride(1), s1k, s1n,
-        a2.stride(0), a2.stride(1), s2k, s2n,
-        out.stride(0), out.stride(1),
-        HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=precision or _input_precision(a2.dtype),
-    )
 
 
 def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -828,12 +475,12 @@ def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: to
 
     _lowrank_weight_grad_kernel[grid](
         a, b, sigma if sigma is not None else part, part,
-        M, K, r, _m_bucket(M), rows,
+        M, K, r, m_bucket(M), rows,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         HAS_SIGMA=sigma is not None,
-        INPUT_PRECISION=_input_precision(a.dtype),
+        INPUT_PRECISION=input_precision(a.dtype),
         BLOCK_R=block_r, BLOCK_M=_WG_STEP_M,
     )
     out = part[0] if splits == 1 else part.sum(0)
@@ -887,7 +534,7 @@ def fused_forward(
         Vc = V.detach().to(cd)
         t = torch.empty((M, r), dtype=cd, device=dev)
         block_r = _block_r(r)
-        prec = _input_precision(cd)
+        prec = input_precision(cd)
 
         kps, splits = _k_splits(M, n, r, _SKINNY_NOMINAL_M, dev)
         part = torch.empty((splits, M, r) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
@@ -897,7 +544,7 @@ def fused_forward(
 
         _lowrank_down_kernel[grid](
             x2d, Vc, sigma, u, t, part,
-            M, n, r, _m_bucket(M), kps,
+            M, n, r, m_bucket(M), kps,
             x2d.stride(0), x2d.stride(1),
             Vc.stride(0), Vc.stride(1),
             u.stride(0), u.stride(1),
@@ -911,7 +558,7 @@ def fused_forward(
             t.copy_(acc * sigma)
         # y = [x | t]·[Wr | U]ᵀ: B1 = Wrᵀ (k = in index, n = out index), B2 = Uᵀ.
         b1 = (residual, residual.stride(1), residual.stride(0)) if residual is not None else None
-        _launch_gemm(
+        launch_gemm(
             x2d if residual is not None else None, b1,
             t, (Uc, Uc.stride(1), Uc.stride(0)),
             bias, y,
@@ -973,7 +620,7 @@ def fused_backward(
         sigma = S.detach().to(torch.float32) * float(scale)
         Uc = U.detach().to(cd)  # cast once per call, not per tile (see fused_forward)
         block_r = _block_r(r)
-        prec = _input_precision(cd)
+        prec = input_precision(cd)
 
         # 1. one read of dy: ss = scale·(dy·U)·S and the per-row-tile partials of Σ u⊙(dy·U).
         #    With split-K (see _k_per_split) the kernel writes fp32 partials of s instead and
@@ -985,7 +632,7 @@ def fused_backward(
         part = torch.empty((splits, M, r) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
         _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r), splits)](
             dy2d, Uc, u, sigma, ss, ds_part, part,
-            M, m, r, _m_bucket(M), kps,
+            M, m, r, m_bucket(M), kps,
             dy2d.stride(0), dy2d.stride(1),
             Uc.stride(0), Uc.stride(1),
             u.stride(0), u.stride(1),
@@ -1012,7 +659,7 @@ def fused_backward(
             Vc = V.detach().to(cd)
             dx = torch.empty((M, n), dtype=cd, device=dev)
             b1 = (residual, residual.stride(0), residual.stride(1)) if residual is not None else None
-            _launch_gemm(
+            launch_gemm(
                 dy2d if residual is not None else None, b1,
                 ss, (Vc, Vc.stride(1), Vc.stride(0)),
                 None, dx,

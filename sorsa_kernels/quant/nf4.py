@@ -26,7 +26,7 @@ bitsandbytes is imported lazily, inside the functions that need it.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

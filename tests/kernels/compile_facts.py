@@ -181,14 +181,14 @@ def _sorsa_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
 
 def _sorsa_tma_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     """The persistent TMA GEMM launches (Hopper-only: the device check is forced)."""
-    from sorsa_kernels.kernels import sorsa_linear as K
+    from sorsa_kernels.kernels import residual_gemm as G
 
-    old = K._tma_device_ok
-    K._tma_device_ok = lambda device: True
+    old = G._tma_device_ok
+    G._tma_device_ok = lambda device: True
     try:
         launches = _sorsa_launches(M, n, m, r, cd)
     finally:
-        K._tma_device_ok = old
+        G._tma_device_ok = old
     return [x for x in launches if _jit_fn(x[0]).__name__ == "_fused_residual_lowrank_gemm_tma_kernel"]
 
 

@@ -14,7 +14,7 @@ import torch
 from sorsa_kernels.quant.nf4 import quantize_nf4
 
 pytest.importorskip("triton")
-from sorsa_kernels.kernels import _launch, nf4_gemm, ortho_reg  # noqa: E402
+from sorsa_kernels.kernels import _launch, nf4_gemm, ortho_reg, residual_gemm  # noqa: E402
 from sorsa_kernels.kernels import sorsa_linear as sl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +62,7 @@ def guard(monkeypatch):
     rec = _Recorder()
     monkeypatch.setattr(_launch, "_on_cuda", lambda device: True)
     monkeypatch.setattr(torch.cuda, "device", rec)
-    for module in (sl, nf4_gemm, ortho_reg):
+    for module in (sl, residual_gemm, nf4_gemm, ortho_reg):
         for name in dir(module):
             if name.endswith("_kernel") and hasattr(getattr(module, name), "__getitem__"):
                 monkeypatch.setattr(module, name, _KernelSpy(getattr(module, name), name, rec))

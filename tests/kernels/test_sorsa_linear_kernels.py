@@ -16,6 +16,7 @@ from sorsa_kernels.ops import reference
 from tests.conftest import rel_err, requires_cuda
 
 kernels = pytest.importorskip("sorsa_kernels.kernels.sorsa_linear")
+gemm = pytest.importorskip("sorsa_kernels.kernels.residual_gemm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -253,7 +254,7 @@ def test_split_k_rule_on_an_h100_at_the_7b_shapes(monkeypatch):
     # one) is 32 CTAs → 8 chunks of 512 (256 CTAs); at K = 11008 8 chunks of 1536 (256
     # CTAs); a 64-row grid (64 CTAs) gets 4 chunks of 1024.  A grid that already fills two
     # waves is not split; the rule never sees the tuned config.
-    monkeypatch.setattr(kernels, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(kernels, "num_sms", lambda index: 132)
     monkeypatch.setattr(kernels, "_K_SPLIT_ALIGN", 256)
     monkeypatch.setattr(kernels, "_MAX_BLOCK_R", 128)
     gpu = torch.device("cuda", 0)
@@ -441,6 +442,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from sorsa_kernels.kernels import residual_gemm as G
 from sorsa_kernels.kernels import sorsa_linear as K
 
 def compile_for(kernel, ptrs, consts, cfg, arch):
@@ -459,9 +461,9 @@ for split in (False, True):
                 dict(x_ptr=bf, v_ptr=f32, sigma_ptr=f32, u_ptr=bf, t_ptr=bf, part_ptr=f32),
                 dict(prec, SPLIT_K=split, BLOCK_R=128), K._skinny_configs()[0], 90)
 for arch, cd, res in ((90, bf, True), (90, bf, False), (80, f16, True)):
-    compile_for(K._fused_residual_lowrank_gemm_kernel,
+    compile_for(G._fused_residual_lowrank_gemm_kernel,
                 dict(a1_ptr=cd, b1_ptr=cd, a2_ptr=cd, b2_ptr=f32, bias_ptr=cd, c_ptr=cd),
-                dict(prec, HAS_RESIDUAL=res, HAS_BIAS=res), K._gemm_configs()[2], arch)
+                dict(prec, HAS_RESIDUAL=res, HAS_BIAS=res), G._gemm_configs()[2], arch)
 for split in (False, True):
     compile_for(K._lowrank_up_grad_kernel,
                 dict(dy_ptr=bf, up_ptr=f32, u_ptr=bf, sigma_ptr=f32, ss_ptr=bf, dsp_ptr=f32, part_ptr=f32),
@@ -492,14 +494,14 @@ def test_kernels_compile_to_cubin_for_hopper_and_ampere(tmp_path):
 
 # ----------------------------------------------------------------------------- config pruning
 def test_gemm_prune_drops_narrow_rows_at_large_M_and_spilling_fp32_tiles():
-    configs = kernels._gemm_configs(interpret=False)
+    configs = gemm._gemm_configs(interpret=False)
     bf = torch.empty(1, dtype=torch.bfloat16)
     f32 = torch.empty(1, dtype=torch.float32)
-    assert kernels._prune_gemm_configs(configs, dict(M=512, a2_ptr=bf)) == configs
-    large = kernels._prune_gemm_configs(configs, dict(M=4096, a2_ptr=bf))
+    assert gemm._prune_gemm_configs(configs, dict(M=512, a2_ptr=bf)) == configs
+    large = gemm._prune_gemm_configs(configs, dict(M=4096, a2_ptr=bf))
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
     assert any(c.kwargs["BLOCK_M"] < 64 for c in configs)
-    fp32 = kernels._prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
+    fp32 = gemm._prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
     assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fp32)
     assert len(fp32) < len(large)
 
@@ -521,10 +523,10 @@ TMA_SHAPES = [(33, 24, 72, 16), (70, 40, 72, 24), (5, 104, 40, 8)]
 @pytest.fixture
 def tma_spy(monkeypatch):
     """Let the TMA GEMM run in the interpreter (it is Hopper-only) and count its launches."""
-    monkeypatch.setattr(kernels, "_tma_device_ok", lambda device: True)
+    monkeypatch.setattr(gemm, "_tma_device_ok", lambda device: True)
     calls = []
-    real = kernels._launch_gemm_tma
-    monkeypatch.setattr(kernels, "_launch_gemm_tma", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = gemm._launch_gemm_tma
+    monkeypatch.setattr(gemm, "_launch_gemm_tma", lambda *a: calls.append(real(*a)) or calls[-1])
     return calls
 
 
