@@ -152,6 +152,24 @@ def _skinny_configs(interpret: bool = INTERPRET) -> list:
     ]
 
 
+def _prune_up_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """fp32 inputs: keep K steps ≤ 64 (BLOCK_K 128 needed 256 KB of shared memory and
+    spilled 12 KB at r = 128 on sm_90, compile facts)."""
+    if named_args["dy_ptr"].element_size() != 4:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= 64] or configs
+
+
+def _prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """fp32 inputs: keep ≤ 64 fp32 accumulators per thread of the BLOCK_K × BLOCK_R output
+    tile (128 spilled about 11 KB at r = 128 on sm_90, compile facts; the others none)."""
+    if named_args["a_ptr"].element_size() != 4:
+        return configs
+    block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] * block_r // (32 * c.num_warps) <= 64]
+    return kept or configs
+
+
 def _up_grad_configs(interpret: bool = INTERPRET) -> list:
     """K step only: the row tile is fixed at _UP_BLOCK_M (see there); 8 warps for its
     128 × r fp32 tile (BLOCK_K 128 needs 192 KB at r = 128: Hopper only, A100 keeps the others)."""
@@ -245,7 +263,8 @@ def _lowrank_down_kernel(
 # The key separates forward from dx (HAS_BIAS / HAS_RESIDUAL and the B operands' layout:
 # forward reads Wrᵀ and Uᵀ with unit k-stride, dx reads Wr and Vᵀ with unit n-stride), which
 # would otherwise share one tuned config on a square layer.
-@triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": _prune_up_grad_configs})
 @triton.jit
 def _lowrank_up_grad_kernel(
     dy_ptr, up_ptr, u_ptr, sigma_ptr, ss_ptr, dsp_ptr, part_ptr,
@@ -309,23 +328,23 @@ def _lowrank_up_grad_kernel(
         tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
 
 
-@triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R", "HAS_SIGMA"])
+@triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": _prune_weight_grad_configs})
 @triton.jit
 def _lowrank_weight_grad_kernel(
-    a_ptr, b_ptr, sigma_ptr, out_ptr,
+    a_ptr, b_ptr, out_ptr,
     M, K, R, M_BUCKET, rows_per_split,
     stride_am, stride_ak,
     stride_bm, stride_br,
     stride_os, stride_ok, stride_or,
-    HAS_SIGMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """``out[split] = Σ_{rows of this split} Aᵀ·(B·σ)`` (K×R, fp32): a reduction over M.
+    """``out[split] = Σ_{rows of this split} Aᵀ·B`` (K×R, fp32): a reduction over M.
 
-    dU: A = dy, B = u, with σ.  dV: A = x, B = ss (already scaled), no σ.  Grid axis 1
+    dU: A = dy, B = t = u·σ (formed by the launcher).  dV: A = x, B = ss.  Grid axis 1
     splits M into contiguous chunks of ``rows_per_split`` rows (so small K×R outputs still
     fill the GPU); the launcher sums the fp32 partials.  ``rows_per_split`` and the step
     ``BLOCK_M`` come from the launcher, never from the autotuned config (which only picks
@@ -347,9 +366,6 @@ def _lowrank_weight_grad_kernel(
     rk = offs_k.to(tl.int64)
     rr = offs_r.to(tl.int64)
     cdt = a_ptr.dtype.element_ty
-    if HAS_SIGMA:
-        sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -360,8 +376,6 @@ def _lowrank_weight_grad_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         b = tl.load(b_ptr + rm[:, None] * stride_bm + rr[None, :] * stride_br,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        if HAS_SIGMA:
-            b = (b.to(tl.float32) * sigma[None, :]).to(cdt)
         acc = tl.dot(at, b.to(cdt), acc, input_precision=INPUT_PRECISION)
 
     out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + rk[:, None] * stride_ok + rr[None, :] * stride_or
@@ -461,8 +475,8 @@ def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
     return triton.cdiv(M, _rows_per_split(M, K, r, device))
 
 
-def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """``Σ_rows aᵀ·(b·σ)`` (K×r) in ``dtype``, via fp32 split-M partials."""
+def _launch_weight_grad(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_rows aᵀ·b`` (K×r) in ``dtype``, via fp32 split-M partials."""
     M, K = a.shape
     r = b.shape[1]
     block_r = _block_r(r)
@@ -474,12 +488,11 @@ def _launch_weight_grad(a: Tensor, b: Tensor, sigma: Optional[Tensor], dtype: to
         return (triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(r, block_r), splits)
 
     _lowrank_weight_grad_kernel[grid](
-        a, b, sigma if sigma is not None else part, part,
+        a, b, part,
         M, K, r, m_bucket(M), rows,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
-        HAS_SIGMA=sigma is not None,
         INPUT_PRECISION=input_precision(a.dtype),
         BLOCK_R=block_r, BLOCK_M=_WG_STEP_M,
     )
@@ -650,8 +663,13 @@ def fused_backward(
         dS = (ds_sum * float(scale)).to(S.dtype)
 
         # 2. reductions over M: dU = dyᵀ·(u·σ), dV = xᵀ·ss.
-        dU = _launch_weight_grad(dy2d, u, sigma, U.dtype)
-        dV = _launch_weight_grad(x2d, ss, None, V.dtype)
+        #    t = u·σ is formed here, the fp32 product of the saved u and σ rounded to the
+        #    compute dtype (the same bits the kernel used to form per tile): scaling inside
+        #    the kernel made its fp32 variant spill 15-85 KB per thread on sm_90 in every
+        #    config (compile facts), for an M×r pass of ~3 % of the dy read beside it.
+        t = (u.to(torch.float32) * sigma).to(cd)
+        dU = _launch_weight_grad(dy2d, t, U.dtype)
+        dV = _launch_weight_grad(x2d, ss, V.dtype)
 
         # 3. dx = [dy | ss]·[Wr ; Vᵀ]: B1 = Wr (k = out index, n = in index), B2 = Vᵀ.
         dx = None

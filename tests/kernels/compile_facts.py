@@ -233,7 +233,7 @@ def _ortho_launches(dtype: torch.dtype) -> list:
 def _label(kernel, args, kwargs) -> str:
     name = _jit_fn(kernel).__name__
     flags = []
-    for key in ("HAS_RESIDUAL", "HAS_BIAS", "HAS_SIGMA", "SPLIT_K", "TRANS_W", "NATIVE_DOT", "DOT_PRECISION"):
+    for key in ("HAS_RESIDUAL", "HAS_BIAS", "SPLIT_K", "TRANS_W", "NATIVE_DOT", "DOT_PRECISION"):
         if key in kwargs:
             flags.append(f"{key}={kwargs[key]}")
     if "a1_ptr" in args:

@@ -468,9 +468,8 @@ for split in (False, True):
     compile_for(K._lowrank_up_grad_kernel,
                 dict(dy_ptr=bf, up_ptr=f32, u_ptr=bf, sigma_ptr=f32, ss_ptr=bf, dsp_ptr=f32, part_ptr=f32),
                 dict(prec, SPLIT_K=split, BLOCK_R=32, BLOCK_M=64), K._up_grad_configs()[0], 90)
-for has_sigma in (True, False):
-    compile_for(K._lowrank_weight_grad_kernel, dict(a_ptr=bf, b_ptr=bf, sigma_ptr=f32, out_ptr=f32),
-                dict(prec, HAS_SIGMA=has_sigma, BLOCK_R=16, BLOCK_M=K._WG_STEP_M), K._weight_grad_configs()[0], 90)
+compile_for(K._lowrank_weight_grad_kernel, dict(a_ptr=bf, b_ptr=bf, out_ptr=f32),
+            dict(prec, BLOCK_R=16, BLOCK_M=K._WG_STEP_M), K._weight_grad_configs()[0], 90)
 print("compiled")
 '''
 
@@ -504,6 +503,20 @@ def test_gemm_prune_drops_narrow_rows_at_large_M_and_spilling_fp32_tiles():
     fp32 = gemm._prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
     assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fp32)
     assert len(fp32) < len(large)
+
+
+def test_up_grad_and_weight_grad_prune_keep_only_fitting_non_spilling_fp32_configs():
+    bf = torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1, dtype=torch.float32)
+    up = kernels._up_grad_configs(interpret=False)
+    assert kernels._prune_up_grad_configs(up, dict(dy_ptr=bf), BLOCK_R=128) == up
+    kept = kernels._prune_up_grad_configs(up, dict(dy_ptr=f32), BLOCK_R=128)
+    assert kept and len(kept) < len(up) and all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
+    wg = kernels._weight_grad_configs(interpret=False)
+    assert kernels._prune_weight_grad_configs(wg, dict(a_ptr=bf), BLOCK_R=128) == wg
+    kept = kernels._prune_weight_grad_configs(wg, dict(a_ptr=f32), BLOCK_R=128)
+    assert kept and len(kept) < len(wg)
+    assert all(c.kwargs["BLOCK_K"] * 128 <= 64 * 32 * c.num_warps for c in kept)
 
 
 def test_skinny_prune_keeps_only_non_spilling_fp32_configs():
