@@ -47,9 +47,11 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
 
 
-def acc_per_thread(config: "triton.Config", block_n: int) -> int:
-    """fp32 accumulator elements per thread of a ``BLOCK_M × block_n`` tile under ``config``."""
-    return config.kwargs["BLOCK_M"] * block_n // (32 * config.num_warps)
+def acc_per_thread(config: "triton.Config", block_n: int, rows: str = "BLOCK_M") -> int:
+    """fp32 accumulator elements per thread of a ``config.kwargs[rows] × block_n`` output
+    tile (``rows`` names the config's tile-row parameter: ``BLOCK_M``, or ``BLOCK_K`` for
+    the weight-gradient kernel whose output rows run over K)."""
+    return config.kwargs[rows] * block_n // (32 * config.num_warps)
 
 
 def _on_cuda(device: torch.device) -> bool:

@@ -76,6 +76,9 @@ def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # =============================================================================== kernels
+# The key separates forward from dx (HAS_BIAS / HAS_RESIDUAL and the B operands' layout:
+# forward reads Wrᵀ and Uᵀ with unit k-stride, dx reads Wr and Vᵀ with unit n-stride), which
+# would otherwise share one tuned config on a square layer.
 @triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_K_CONTIG", "B2_K_CONTIG"],

@@ -166,7 +166,7 @@ def _prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> lis
     if named_args["a_ptr"].element_size() != 4:
         return configs
     block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] * block_r // (32 * c.num_warps) <= 64]
+    kept = [c for c in configs if acc_per_thread(c, block_r, rows="BLOCK_K") <= 64]
     return kept or configs
 
 
@@ -260,9 +260,6 @@ def _lowrank_down_kernel(
                  t.to(t_ptr.dtype.element_ty), mask=mask)
 
 
-# The key separates forward from dx (HAS_BIAS / HAS_RESIDUAL and the B operands' layout:
-# forward reads Wrᵀ and Uᵀ with unit k-stride, dx reads Wr and Vᵀ with unit n-stride), which
-# would otherwise share one tuned config on a square layer.
 @triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_up_grad_configs})
 @triton.jit
