@@ -16,16 +16,82 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import triton
 from torch import Tensor
 
-__all__ = ["device_guard", "INTERPRET", "m_bucket", "num_sms", "input_precision", "acc_per_thread"]
+__all__ = [
+    "device_guard", "INTERPRET", "m_bucket", "num_sms", "input_precision", "acc_per_thread",
+    "SMEM_PER_BLOCK", "Target", "device_target", "compile_target",
+]
 
 #: Triton reads TRITON_INTERPRET when a kernel is defined; the kernel files read it too, to
 #: pick their config lists (one small config each under the interpreter).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: Shared memory per block (bytes: the opt-in maximum one kernel may use) of the GPU families
+#: the kernels are built for — T4 / RTX 20xx (sm_75, 64 KB), A100 (sm_80, 163 KB), RTX 30xx /
+#: A6000 / A10 (sm_86, 99 KB), RTX 40xx / L4 / L40 (sm_89, 99 KB), H100 / H200 (sm_90, 227 KB).
+#: The compile-facts tooling targets these (:func:`compile_target`); at run time the device is
+#: asked (:func:`device_target`).
+SMEM_PER_BLOCK = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What config choices depend on: compute capability (10·major + minor) and shared
+    memory per block in bytes."""
+
+    capability: int
+    smem: int
+
+
+_TARGETS: list[Target] = []  # compile_target's stack
+
+
+@contextlib.contextmanager
+def compile_target(capability: int) -> Iterator[Target]:
+    """Make every prune and per-family choice size configs for ``capability`` (75, 80, 86,
+    89 or 90) whatever the tensors' device: how tests/kernels/compile_facts.py compiles for a
+    GPU it does not have.
+
+    Example::
+
+        >>> with compile_target(86):
+        ...     launches = capture(lambda: fused_forward(x, Wr, U, S, V, b, 1.0))
+    """
+    if capability not in SMEM_PER_BLOCK:
+        raise ValueError(f"capability {capability} has no shared-memory entry; known: {sorted(SMEM_PER_BLOCK)}")
+    _TARGETS.append(Target(capability, SMEM_PER_BLOCK[capability]))
+    try:
+        yield _TARGETS[-1]
+    finally:
+        _TARGETS.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(device_index: int) -> Target:
+    """Queried once per device: the limit Triton itself checks before a launch."""
+    from triton.runtime import driver
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    smem = driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return Target(10 * major + minor, int(smem))
+
+
+def device_target(device: torch.device) -> Optional[Target]:
+    """The :class:`Target` configs for ``device`` are sized for: the :func:`compile_target`
+    in force, else the CUDA device's (cached per device), else None (the interpreter: no
+    limit)."""
+    if _TARGETS:
+        return _TARGETS[-1]
+    if device.type != "cuda":
+        return None
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def m_bucket(M: int) -> int:
