@@ -25,7 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "device_guard", "INTERPRET", "m_bucket", "num_sms", "input_precision", "acc_per_thread",
-    "SMEM_PER_BLOCK", "Target", "device_target", "compile_target",
+    "SMEM_PER_BLOCK", "Target", "device_target", "compile_target", "pipelined_smem", "fit_smem",
 ]
 
 #: Triton reads TRITON_INTERPRET when a kernel is defined; the kernel files read it too, to
@@ -136,3 +136,25 @@ def device_guard(t: Tensor):
     if _on_cuda(t.device):
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def pipelined_smem(config: "triton.Config", step_bytes: int, target: Target) -> int:
+    """Shared memory (bytes) a software-pipelined K loop of ``config`` takes on ``target``:
+    ``step_bytes`` (the operand tiles one iteration loads) per buffer.  Triton keeps
+    ``num_stages − 1`` buffers for mma.sync / FMA dots and up to ``num_stages`` for Hopper's
+    wgmma, which reads its operands from shared memory (compile facts: e.g. the 128×128×64
+    bf16 GEMM at 4 stages takes 96 KB on sm_80/86 and 128 KB on sm_90)."""
+    buffers = config.num_stages if target.capability >= 90 else max(1, config.num_stages - 1)
+    return buffers * step_bytes
+
+
+def fit_smem(configs: list, target: Optional[Target], step_bytes) -> list:
+    """The ``configs`` whose :func:`pipelined_smem` (``step_bytes(config)`` per buffer) fits
+    ``target``'s shared memory per block; all of them when ``target`` is None (the
+    interpreter).  When none fits, the smallest one alone (its launch then fails and ops/
+    falls back to the reference), so a prune never returns an empty list."""
+    if target is None:
+        return configs
+    need = {id(c): pipelined_smem(c, step_bytes(c), target) for c in configs}
+    kept = [c for c in configs if need[id(c)] <= target.smem]
+    return kept or [min(configs, key=lambda c: need[id(c)])]

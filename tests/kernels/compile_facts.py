@@ -213,14 +213,14 @@ def _sorsa_tma_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list
 
 def _sorsa_unsplit_skinny_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     """The skinny kernels without split-K (K in one chunk: what large M runs on a GPU)."""
-    from sorsa_kernels.kernels import sorsa_linear as K
+    from sorsa_kernels.kernels import sorsa_linear_configs as C
 
-    old = K._k_per_split
-    K._k_per_split = lambda M_, K_, r_, row, device: K_
+    old = C.k_per_split
+    C.k_per_split = lambda M_, K_, r_, row, device: K_
     try:
         launches = _sorsa_launches(M, n, m, r, cd)
     finally:
-        K._k_per_split = old
+        C.k_per_split = old
     skinny = ("_lowrank_down_kernel", "_lowrank_up_grad_kernel")
     return [x for x in launches if _jit_fn(x[0]).__name__ in skinny]
 
