@@ -157,7 +157,7 @@ def compile_one(kernel, args: dict, kwargs: dict, cfg, arch: int = 90) -> dict:
     facts.update(
         shared=int(ck.metadata.shared),
         wgmma="wgmma" in ck.asm["ptx"],
-        hgmma=_sass_has_hgmma(ck.asm["cubin"]),
+        hgmma=arch >= 90 and _sass_has_hgmma(ck.asm["cubin"]),  # HGMMA is Hopper SASS
         mma_sync="mma.sync" in ck.asm["ptx"],
     )
     return facts
