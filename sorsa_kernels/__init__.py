@@ -26,10 +26,10 @@ class _DropBitsandbytesKernelNoise(_logging.Filter):
 
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelNoise())
-from .integrations.adapter_io import load_adapter, save_adapter
+from .integrations.adapters.adapter_io import load_adapter, save_adapter
 from .integrations.analysis import SingularDrift, model_singular_drift, singular_drift
-from .integrations.peft_export import export_peft_lora
-from .integrations.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
+from .integrations.adapters.peft_export import export_peft_lora
+from .integrations.adapters.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
 from .nn import SORSALinear, add_regularizer_grad, orthonormal_regularizer
 from .nn.qlinear import QSORSALinear
 from .quant import QuantReport
@@ -38,11 +38,11 @@ from .quant import QuantReport
 def __getattr__(name: str):
     # The Trainer callbacks import transformers' Trainer machinery; load it on first use.
     if name == "SORSACallback":
-        from .integrations.trainer import SORSACallback
+        from .integrations.training.trainer import SORSACallback
 
         return SORSACallback
     if name == "TrajectoryCallback":
-        from .integrations.drift_callback import TrajectoryCallback
+        from .integrations.training.drift_callback import TrajectoryCallback
 
         return TrajectoryCallback
     raise AttributeError(f"module 'sorsa_kernels' has no attribute {name!r}")

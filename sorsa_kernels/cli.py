@@ -1,5 +1,5 @@
 """``sorsa-kernels``: the command line.  Argument parsing and printing only; the work is in
-:mod:`sorsa_kernels.integrations.finetune`.
+:mod:`sorsa_kernels.integrations.training.finetune`.
 
 Subcommands::
 
@@ -24,7 +24,7 @@ import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .integrations.finetune import FinetuneConfig
+    from .integrations.training.finetune import FinetuneConfig
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -168,7 +168,7 @@ def _main_process() -> bool:
 def config_from_args(args: argparse.Namespace) -> "FinetuneConfig":
     """The finetune job's config from parsed ``finetune`` arguments: the one place argparse meets it.
 
-    Every option's ``dest`` is a :class:`~sorsa_kernels.integrations.finetune.FinetuneConfig`
+    Every option's ``dest`` is a :class:`~sorsa_kernels.integrations.training.finetune.FinetuneConfig`
     field; the parser's own entries (``command``, ``run``) are left out.
 
     Example::
@@ -176,14 +176,14 @@ def config_from_args(args: argparse.Namespace) -> "FinetuneConfig":
         >>> config_from_args(build_parser().parse_args(["finetune", "--rank", "8"])).rank
         8
     """
-    from .integrations.finetune import FinetuneConfig
+    from .integrations.training.finetune import FinetuneConfig
 
     fields = set(FinetuneConfig.__dataclass_fields__)
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .integrations.finetune import run_finetune
+    from .integrations.training.finetune import run_finetune
 
     result = run_finetune(config_from_args(args))
     if not _main_process():
@@ -205,8 +205,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .integrations.compare import CompareConfig, run_compare
-    from .integrations.compare_report import ordering_line, summary_table
+    from .integrations.training.compare import CompareConfig, run_compare
+    from .integrations.training.compare_report import ordering_line, summary_table
 
     result = run_compare(CompareConfig(config_from_args(args), methods=tuple(args.methods), full=args.full,
                                        record_every=args.record_every, plots=args.plots))
@@ -223,7 +223,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .integrations.finetune import analyze_job, plot_drift
+    from .integrations.training.finetune import analyze_job, plot_drift
 
     drift = analyze_job(args.base, args.adapter)
     for adapter, layers in drift:
@@ -241,14 +241,14 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .integrations.finetune import merge_job
+    from .integrations.training.finetune import merge_job
 
     print(f"merged model: {merge_job(args.base, args.adapter, args.output)}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .integrations.finetune import export_lora_job
+    from .integrations.training.finetune import export_lora_job
 
     print(f"PEFT LoRA adapter: {export_lora_job(args.base, args.adapter, args.output)}")
     return 0
@@ -292,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        from .integrations.finetune import shutdown_distributed
+        from .integrations.training.finetune import shutdown_distributed
 
         shutdown_distributed()
 

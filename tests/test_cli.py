@@ -247,7 +247,7 @@ def test_usage_error_exits_2(capsys):
 
 def test_config_from_args_maps_every_finetune_option_to_a_config_field():
     from sorsa_kernels.cli import build_parser, config_from_args
-    from sorsa_kernels.integrations.finetune import FinetuneConfig
+    from sorsa_kernels.integrations.training.finetune import FinetuneConfig
 
     parser = build_parser()
     finetune = parser._subparsers._group_actions[0].choices["finetune"]

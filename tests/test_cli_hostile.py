@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from sorsa_kernels.cli import main
-from sorsa_kernels.integrations.finetune import rundir as R
-from sorsa_kernels.integrations.finetune import training as T
-from sorsa_kernels.integrations.trainer import SORSACallback
+from sorsa_kernels.integrations.training.finetune import rundir as R
+from sorsa_kernels.integrations.training.finetune import training as T
+from sorsa_kernels.integrations.training.trainer import SORSACallback
 
 FAST = ("--pretrain-steps", "0", "--max-steps", "2", "--batch-size", "2", "--no-eval", "--quiet",
         "--logging-steps", "1")
@@ -307,7 +307,7 @@ def test_full_disk_in_merge_leaves_no_folder(finished, tmp_path, capsys, monkeyp
 
 
 def test_full_disk_in_export_lora_leaves_no_folder(finished, tmp_path, capsys, monkeypatch):
-    from sorsa_kernels.integrations import peft_export
+    from sorsa_kernels.integrations.adapters import peft_export
 
     def export(model, directory):
         (Path(directory) / "adapter_config.json").write_text("{}")

@@ -7,7 +7,7 @@ SVDs computed in float64 on the CPU::
     ΔD = 1 − (1/2k)·Σ_i (|⟨u_t^i, u_0^i⟩| + |⟨v_t^i, v_0^i⟩|)         (Eq. 2–4)
 
 :func:`singular_drift` is the math on two matrices; :func:`model_singular_drift` walks a
-model's SORSA layers (found by :func:`~sorsa_kernels.integrations.surgery.sorsa_layers`)
+model's SORSA layers (found by :func:`~sorsa_kernels.integrations.adapters.surgery.sorsa_layers`)
 and rebuilds each one's initial and current weight.  It lives in ``integrations/``
 because the ``analyze`` job and the public API are its users and it reads whole models.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .surgery import sorsa_layers
+from .adapters.surgery import sorsa_layers
 
 __all__ = ["SingularDrift", "singular_drift", "model_singular_drift"]
 

@@ -104,7 +104,7 @@ def qlinear_fwd(
         else:
             y, u = reference.linear_forward(xl2, None, U, S, V, bias, scale)
             y = y + x2 @ res.T
-    return y.reshape(*x.shape[:-1], out_features), u
+    return reference.rows_to_shape(y, (*x.shape[:-1], out_features)), u
 
 
 @qlinear_fwd.register_fake

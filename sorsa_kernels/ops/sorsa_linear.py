@@ -53,7 +53,7 @@ def linear_fwd(
     forward, _ = _impls(x, residual, U, S, V)
     x2 = x.reshape(-1, x.shape[-1])
     y, u = forward(x2, residual, U, S, V, bias, scale)
-    return y.reshape(*x.shape[:-1], U.shape[0]), u
+    return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0])), u
 
 
 @linear_fwd.register_fake
@@ -138,7 +138,7 @@ class _EagerReference(torch.autograd.Function):
     def forward(ctx, x, residual, U, S, V, bias, scale):
         y, u = reference.linear_forward(x.reshape(-1, x.shape[-1]), residual, U, S, V, bias, scale)
         _setup_context(ctx, (x, residual, U, S, V, bias, scale), (None, u))
-        return y.reshape(*x.shape[:-1], U.shape[0])
+        return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):

@@ -1,0 +1,118 @@
+"""Export a SORSA fine-tune as a standard PEFT LoRA adapter for the *original* base model.
+
+``ΔW = scale·(U·diag(S)·Vᵀ − U0·diag(S0)·V0ᵀ)`` has rank ≤ 2r and factors exactly as
+``B·A`` with ``B = [scale·U·diag(S) | −scale·U0·diag(S0)]`` (m×2r) and ``A = [Vᵀ ; V0ᵀ]``
+(2r×n).  With ``lora_alpha = r_lora`` PEFT's scaling is 1, so ``W0 + B·A`` is the
+fine-tuned weight (up to the residual dtype's rounding in training).  Any server that loads
+PEFT adapters can then serve a SORSA fine-tune.  For QSORSA, the exported LoRA applies to
+the unquantized base and differs from the quantized training model by the quantization error.
+
+The export is written as a whole folder: both files go to a temporary sibling folder that
+replaces ``directory`` by one rename only when complete (:func:`~.atomic.atomic_dir`), so a
+full disk or a kill leaves the previous export (or nothing), never a folder holding only
+``adapter_config.json``.  As the folder is replaced, it may hold nothing but a previous export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..atomic import atomic_dir
+from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from .surgery import sorsa_layers
+
+__all__ = ["export_peft_lora", "lora_factors"]
+
+#: What a PEFT adapter folder may hold; export refuses to replace a folder holding anything else.
+_PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
+
+
+def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` (2r×n, m×2r) in float32 with ``B·A = scale·(U·diag(S)·Vᵀ − U0·diag(S0)·V0ᵀ)``."""
+    if layer.init_factors is None:
+        raise ValueError("the layer has no initial factors; cannot express its update as a LoRA")
+    U0, S0, V0 = (t.to(layer.U.device, torch.float32) for t in layer.init_factors)
+    U, S, V = (full_tensor(t).detach().float() for t in (layer.U, layer.S, layer.V))
+    U0, S0, V0 = (t.to(U.device) for t in (U0, S0, V0))
+    B = torch.cat([U * (S * layer.scale), -U0 * (S0 * layer.scale)], dim=1)
+    A = torch.cat([V.T, V0.T], dim=0)
+    return A.contiguous(), B.contiguous()
+
+
+def export_peft_lora(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    task_type: Optional[str] = "CAUSAL_LM",
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of a rank-2r PEFT LoRA.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads it with no help from this
+    package; ``base`` must be the original (un-adapted) model.  ``directory`` is
+    replaced as a whole once both files are complete (a failed export leaves the previous
+    one); it must be new, empty, or hold only a previous PEFT export.  Files are ``0644``
+    under the usual umask.
+    On a model sharded by FSDP2 every rank must call it (the factors are gathered);
+    rank 0 writes.
+
+    Example::
+
+        >>> export_peft_lora(model, "out/lora")
+        >>> lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/lora")
+    """
+    layers = sorsa_layers(model)
+    if not layers:
+        raise ValueError("the model has no SORSA layers; nothing to export")
+    directory = Path(directory)
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in _PEFT_FILES)
+        if foreign:
+            raise ValueError(
+                f"{directory} holds files that are not part of a PEFT adapter ({', '.join(foreign[:5])}); "
+                f"the export replaces the whole folder, so choose a new or empty one"
+            )
+    elif directory.exists():
+        raise NotADirectoryError(f"{directory} exists and is not a folder")
+    tensors = {}
+    rank_pattern = {}
+    ranks = {name: 2 * layer.rank for name, layer in layers.items()}
+    r = max(ranks.values())
+    for name, layer in layers.items():
+        A, B = lora_factors(layer)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", dtype).contiguous()
+        if ranks[name] != r:
+            rank_pattern[name] = ranks[name]
+    if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
+        return directory
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted(layers),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {k: v for k, v in rank_pattern.items()},
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory

@@ -1,0 +1,172 @@
+"""Model surgery: replace ``nn.Linear`` layers by SORSA layers, and merge them back."""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...nn.checks import validate_rank
+from ...nn.factory import layer_class, make_sorsa_linear
+from ...nn.knobs import check_knob
+from ...nn.linear import SORSALinear
+
+__all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
+           "compile_target_regex"]
+
+#: The projection names of Llama, Mistral and Qwen decoder layers.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+TargetSpec = Union[None, str, Sequence[str]]
+
+
+def compile_target_regex(pattern: str) -> "re.Pattern[str]":
+    """``pattern`` compiled, or a one-line ValueError naming it and what is wrong with it.
+
+    Example::
+
+        >>> compile_target_regex("(")
+        Traceback (most recent call last):
+        ValueError: target_modules '(' is not a valid regular expression: missing ), unterminated subpattern at position 0
+    """
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"target_modules {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _matches(name: str, targets: TargetSpec) -> bool:
+    if isinstance(targets, re.Pattern):  # a regex over the full module name
+        return targets.fullmatch(name) is not None
+    last = name.rsplit(".", 1)[-1]
+    return any(name == t or last == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[str]:
+    """Names of the modules ``apply_sorsa`` would adapt.
+
+    ``target_modules``: None (the Llama/Mistral/Qwen projections), a list of names
+    (a module matches if its full name, its last component, or a dotted suffix equals one),
+    or a string taken as a regular expression over the full module name.
+    Raises if nothing matches, if a match is not an ``nn.Linear``, if a match is already a
+    SORSA layer ("already adapted"), or if the regular expression does not compile.
+    """
+    targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
+    if isinstance(targets, str):
+        pattern = compile_target_regex(targets)
+    else:
+        targets = list(targets)
+        if not targets:
+            raise ValueError("target_modules is empty")
+        pattern = targets
+    names = []
+    adapted = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, pattern):
+            continue
+        if isinstance(module, SORSALinear):
+            adapted.append(name)
+            continue
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target {name} is a {type(module).__name__}, not nn.Linear; SORSA adapts nn.Linear layers only"
+            )
+        names.append(name)
+    if adapted:
+        raise ValueError(
+            f"the model is already adapted: {adapted[0]} is a SORSA layer"
+            + (f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else "")
+            + "; apply_sorsa once per model (merge_sorsa first to adapt the merged weights)"
+        )
+    if not names:
+        raise ValueError(f"no module of the model matches target_modules={targets!r}")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
+    """Every SORSA layer of ``model`` by module name (quantized ones included)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SORSALinear)}
+
+
+def apply_sorsa(
+    model: nn.Module,
+    rank: int,
+    target_modules: TargetSpec = None,
+    *,
+    svd: str = "full",
+    niter: int = 2,
+    oversample: int = 16,
+    svd_dtype: torch.dtype = torch.float32,
+    svd_device: Optional[Union[str, torch.device]] = None,
+    residual_dtype: Optional[torch.dtype] = None,
+    adapter_dtype: Optional[torch.dtype] = None,
+    alpha: Optional[float] = None,
+    dropout: float = 0.0,
+    quantize: Optional[str] = None,
+    quant_iters: int = 1,
+    quant_report: Optional[str] = "fro",
+    progress: bool = True,
+) -> nn.Module:
+    """Replace the target ``nn.Linear`` layers of ``model`` by SORSA layers, in place.
+
+    Every parameter that is not an adapter factor (U, S, V) is frozen, as PEFT does.
+    Layers are converted one at a time (the SVD runs on each weight's device, or on
+    ``svd_device``), so the extra memory at any moment is about one weight's worth.
+    ``quantize="nf4"`` stores each residual in 4-bit NF4 (QSORSA) after ``quant_iters``
+    error-reducing iterations; each layer's ``quant_report`` then holds its quantization
+    error against NF4(W0) (``quant_report="full"`` adds the nuclear norms, two extra SVDs per
+    layer; ``None`` skips the report; ``sorsa_kernels.quant.QuantReport.from_model`` sums them).
+    Other arguments are those of :meth:`SORSALinear.from_linear`.
+
+    Example::
+
+        >>> model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+        >>> apply_sorsa(model, rank=128)                          # q,k,v,o,gate,up,down
+        >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
+        >>> apply_sorsa(model, rank=8, target_modules=r".*layers\\.0\\..*_proj")
+    """
+    layer_class(quantize)  # a bad `quantize` or knob fails before anything is touched
+    for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample),
+                        ("quant_iters", quant_iters)):
+        check_knob(knob, value)
+    names = find_targets(model, target_modules)
+    for name in names:  # validate every layer before touching any
+        w = model.get_submodule(name).weight
+        validate_rank(rank, w.shape[1], w.shape[0], name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kwargs = dict(
+        svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device,
+        residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout,
+    )
+    if quantize is not None:
+        kwargs["quant_report"] = quant_report
+    for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
+        linear = model.get_submodule(name)
+        layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
+        _set_submodule(model, name, layer)
+        del linear
+    return model
+
+
+def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every SORSA layer of ``model`` by its merged ``nn.Linear``, in place.
+
+    Example::
+
+        >>> merge_sorsa(model).save_pretrained("merged")
+    """
+    layers = sorsa_layers(model)
+    if not layers:
+        raise ValueError("the model has no SORSA layers to merge")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.merge(dtype))
+    return model

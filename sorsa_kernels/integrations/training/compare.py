@@ -1,0 +1,392 @@
+"""The job behind ``sorsa-kernels compare``: SORSA, PiSSA and LoRA (and optionally full
+fine-tuning) trained side by side on the same data, with the paper's analysis recorded.
+
+Every method gets the same budget and the same inputs: one :class:`FinetuneConfig` (the
+``finetune`` flags) gives the steps, batch size, learning rate, schedule and warm-up,
+clipping, seed and data; the Trainer's seeded sampler gives the same data order (checked:
+each method's ``data_fingerprint`` hashes the batches it saw).  The methods:
+
+* ``sorsa``: this package (:func:`~sorsa_kernels.apply_sorsa` + :class:`~sorsa_kernels.SORSACallback`, γ from ``--gamma``);
+* ``pissa``: PEFT ``LoraConfig(init_lora_weights="pissa")`` (full SVD);
+* ``lora``: PEFT ``LoraConfig()`` with its default init (Kaiming A, ``B = 0``);
+* ``full`` (``--full``): every weight of the target matrices trained in full — the
+  paper's "partial fine-tuning" of Section 3; small models only.
+
+Trainable parameters: all three adapters use the same rank ``r`` on the same target
+matrices.  LoRA and PiSSA then train ``r(m+n)`` parameters per m×n matrix and SORSA
+``r(m+n)+r`` (its ``S`` vector); integer ranks cannot match that exactly, and the
+difference is ``1/(m+n)`` (0.4 % on the embedded model).  Scales match too: SORSA's scale
+is ``alpha/r`` (1 without ``--alpha``) and LoRA/PiSSA get ``lora_alpha = alpha`` (``r``
+without ``--alpha``), i.e. the same scaling — the PiSSA paper's ``lora_alpha = r``.
+
+Every ``--record-every`` steps a :class:`~sorsa_kernels.TrajectoryCallback` records the
+training loss, orthonormality, ΔΣ/ΔD against the pretrained weights, and (every
+``--eval-steps``) the held-out loss — the mean token cross-entropy over all held-out
+response tokens — and greedy exact match.  :mod:`.compare_report` writes
+``compare.json``, ``compare.md`` and the PNGs.
+
+Example::
+
+    >>> from sorsa_kernels.integrations.training.compare import CompareConfig, run_compare
+    >>> result = run_compare(CompareConfig(FinetuneConfig(output_dir="cmp")))   # the embedded default
+    >>> result.report["methods"]["sorsa"]["final"]["exact_match"]
+    0.8
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from ...nn.checks import validate_rank
+from .data import arithmetic_problems, load_records, split_records
+from .finetune.config import (
+    EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FinetuneConfig, check_config, check_output_dir, distributed,
+)
+from .finetune.encoding import ListDataset, ResponseOnlyCollator, encode_all
+from .finetune.evaluation import default_max_new_tokens, exact_match
+from .finetune.model import apply_config_sorsa, load_base
+from .finetune.training import training_arguments
+from ..adapters.surgery import find_targets
+
+__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "check_compare_config", "load_splits"]
+
+#: The methods ``compare`` can train, in report order.
+METHODS = ("sorsa", "pissa", "lora", "full")
+DEFAULT_METHODS = ("sorsa", "pissa", "lora")
+#: ``--full`` trains every target weight with AdamW (weights, grads and two moments):
+#: refused above this many parameters in the whole model.
+FULL_MAX_PARAMS = 1_000_000_000
+#: Roughly how many records a run gets when --record-every is not given.
+DEFAULT_RECORDS = 10
+
+# finetune options that do not apply to a comparison, and why (checked in check_compare_config).
+_NOT_FOR_COMPARE = {
+    "quantize": "every method trains on the same full-precision base",
+    "residual_dtype": "it is a SORSA-only storage option",
+    "adapter_dtype": "it is a SORSA-only storage option",
+    "fsdp": "compare runs in one process",
+    "resume_from_checkpoint": "compare saves no checkpoints",
+    "save_steps": "compare saves no checkpoints",
+    "save_total_limit": "compare saves no checkpoints",
+    "gradient_checkpointing": "the PEFT models would need extra set-up for it",
+    "logging_steps": "compare logs at every --record-every step",
+}
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: the finetune job's settings (shared by every method) plus what to compare.
+
+    ``finetune.eval_steps`` sets how often held-out loss and exact match are measured
+    (a multiple of ``record_every``; default: at every record).
+    """
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    full: bool = False
+    record_every: Optional[int] = None
+    plots: bool = True
+
+    @property
+    def method_list(self) -> list[str]:
+        chosen = list(dict.fromkeys(self.methods))
+        if self.full and "full" not in chosen:
+            chosen.append("full")
+        return [m for m in METHODS if m in chosen]
+
+
+@dataclass
+class CompareResult:
+    """A finished comparison: the report (what ``compare.json`` holds) and the files written."""
+
+    output_dir: Path
+    report: dict[str, Any]
+    files: list[Path]
+    plot_note: Optional[str] = None
+
+
+_NEEDS_PEFT = ("compare trains PiSSA and LoRA through PEFT, which is not installed: "
+               "pip install 'sorsa-kernels[compare]' (or pip install peft)")
+
+
+def check_compare_config(config: CompareConfig, cfg: FinetuneConfig) -> None:
+    """One-line ValueErrors for what ``compare`` cannot do (``cfg``: the resolved finetune config)."""
+    unknown = [m for m in config.methods if m not in METHODS[:3]]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; allowed: {', '.join(METHODS[:3])} (and --full)")
+    if not config.method_list:
+        raise ValueError("no method to compare; pass --methods with one or more of sorsa, pissa, lora")
+    for name, why in _NOT_FOR_COMPARE.items():
+        value = getattr(config.finetune, name)  # as given: resolving fills in finetune's defaults
+        if value not in (None, False):
+            raise ValueError(f"compare does not take --{name.replace('_', '-')}: {why}")
+    if cfg.svd != "full":
+        raise ValueError("compare does not take --svd randomized: SORSA and PiSSA both start from the full SVD")
+    if not cfg.evaluate:
+        raise ValueError("compare does not take --no-eval: held-out loss and exact match are what it compares")
+    if distributed():
+        raise ValueError("compare runs in one process; launch it without torchrun")
+    if {"pissa", "lora"} & set(config.method_list) and importlib.util.find_spec("peft") is None:
+        raise ValueError(_NEEDS_PEFT)
+    if config.record_every is not None and (not isinstance(config.record_every, int) or config.record_every <= 0):
+        raise ValueError(f"record-every must be a positive number of steps, got {config.record_every}")
+    if cfg.eval_steps is not None and config.record_every is not None and cfg.eval_steps % config.record_every:
+        raise ValueError(f"eval-steps {cfg.eval_steps} must be a multiple of record-every {config.record_every}")
+    if not cfg.embedded and cfg.data is not None and cfg.eval_data is None and cfg.eval_fraction <= 0:
+        raise ValueError("compare needs held-out data: set --eval-fraction above 0 or pass --eval-data")
+
+
+def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+    """``(training rows, held-out rows)`` exactly as the finetune job splits them."""
+    if cfg.data is None:
+        rows = arithmetic_problems(EMBEDDED_EXAMPLES, seed=0)
+        return rows[EMBEDDED_HELD_OUT:], rows[:EMBEDDED_HELD_OUT]
+    rows = load_records(cfg.data, cfg.prompt_field, cfg.response_field)
+    if cfg.eval_data is not None:
+        return rows, load_records(cfg.eval_data, cfg.prompt_field, cfg.response_field)
+    return split_records(rows, cfg.eval_fraction, seed=cfg.seed)
+
+
+def _target_spec(cfg: FinetuneConfig):
+    targets = list(cfg.target_modules) if cfg.target_modules else None
+    if targets is not None and len(targets) == 1 and any(c in targets[0] for c in "*()[]|\\^$"):
+        return targets[0]  # as the finetune job reads it: one argument with regex characters
+    return targets
+
+
+def _planned_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    if cfg.max_steps is not None and cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = max(1, math.ceil(n_train / cfg.per_device_train_batch_size) // cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+
+
+class _FingerprintCollator:
+    """The finetune collator, also hashing every batch it builds and counting its tokens."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.inner = ResponseOnlyCollator(pad_token_id)
+        self.hash = hashlib.sha256()
+        self.tokens = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.hash.update(batch["input_ids"].numpy().tobytes())
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+class _ProgressBar(TrainerCallback):
+    """One tqdm bar per method, with the latest training loss."""
+
+    def __init__(self, desc: str, enabled: bool) -> None:
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", disable=not self.enabled)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+        return control
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Keep transformers' and PEFT's warnings (e.g. about label names) out of the progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    import warnings
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            # PEFT (0.18) calls transformers' deprecated is_gradient_checkpointing on every model it wraps.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _prepare(method: str, model, cfg: FinetuneConfig, targets: list[str]):
+    """Turn a fresh copy of the base into ``method``'s trainable model; returns the model."""
+    if method == "sorsa":
+        return apply_config_sorsa(model, dataclasses.replace(cfg, progress=False))
+    if method in ("pissa", "lora"):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError(_NEEDS_PEFT) from None
+        lora = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=0.0,
+            target_modules=targets, bias="none",
+            init_lora_weights="pissa" if method == "pissa" else True,
+        )
+        return get_peft_model(model, lora)
+    for p in model.parameters():  # full: the target matrices' weights, nothing else
+        p.requires_grad_(False)
+    for name in targets:
+        model.get_submodule(name).weight.requires_grad_(True)
+    return model
+
+
+def _evaluator(tokenizer, held_ds, em_rows, cfg: FinetuneConfig, use_chat: bool, max_new: int):
+    """``evaluate(model)``: held-out loss (mean over all response tokens) and exact match."""
+    collate = ResponseOnlyCollator(tokenizer.pad_token_id)
+
+    def evaluate(model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(held_ds), cfg.eval_batch_size):
+            batch = collate([held_ds[i] for i in range(start, min(start + cfg.eval_batch_size, len(held_ds)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((labels != -100).sum())
+        out = {"heldout_loss": total / max(count, 1)}
+        if em_rows:
+            out["exact_match"] = exact_match(model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
+                                             cfg.eval_batch_size)
+        return out
+
+    return evaluate
+
+
+def run_compare(config: CompareConfig) -> CompareResult:
+    """Train every method of ``config`` with one budget, record their trajectories, write the report.
+
+    Writes ``compare.json``, ``compare.md`` and (with matplotlib) ``compare_loss.png``,
+    ``compare_drift.png`` and ``compare_drift_layers.png`` under ``finetune.output_dir``
+    (default ``./sorsa-compare-<time>``).  Every input is checked before anything is trained.
+    """
+    cfg = config.finetune.resolved()
+    check_config(cfg)
+    check_compare_config(config, cfg)
+    out = Path(cfg.output_dir or time.strftime("sorsa-compare-%Y%m%d-%H%M%S"))
+    check_output_dir(out, hint=" --output-dir")
+    if not cfg.embedded:
+        return _run(config, cfg, out)
+    # As in the finetune job: one thread for the tiny model (faster, and bit-reproducible).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(config, cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult:
+    from .drift_callback import TrajectoryCallback
+    from .compare_report import build_report, write_report
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    train_rows, held_rows = load_splits(cfg)
+    base, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress)
+    if config.full and sum(p.numel() for p in base.parameters()) > FULL_MAX_PARAMS:
+        raise ValueError(f"--full is for small models (up to {FULL_MAX_PARAMS:,} parameters); {cfg.model} has "
+                         f"{sum(p.numel() for p in base.parameters()):,}")
+    targets = find_targets(base, _target_spec(cfg))
+    for name in targets:  # PEFT does not check the rank; fail as apply_sorsa would, for every method
+        w = base.get_submodule(name).weight
+        validate_rank(cfg.rank, w.shape[1], w.shape[0], name)
+    pretrained = {n: base.get_submodule(n).weight.detach().to("cpu", copy=True) for n in targets}
+    use_chat = (not cfg.embedded) and getattr(tokenizer, "chat_template", None) is not None
+    train_ex = encode_all(tokenizer, train_rows, cfg, use_chat, "training")
+    held_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out")
+    em_rows = held_rows[: cfg.eval_samples]
+    max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, em_rows)
+    steps = _planned_steps(cfg, len(train_ex))
+    record_every = config.record_every or max(1, steps // DEFAULT_RECORDS)
+    if cfg.eval_steps is not None and cfg.eval_steps % record_every:
+        raise ValueError(f"eval-steps {cfg.eval_steps} must be a multiple of record-every {record_every}")
+    evaluate_every = (cfg.eval_steps or record_every) // record_every
+    evaluate = _evaluator(tokenizer, ListDataset(held_ex), em_rows, cfg, use_chat, max_new)
+    setup_s = time.perf_counter() - t_start
+
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, _quiet_transformers():
+        for method in config.method_list:
+            t0 = time.perf_counter()
+            if cfg.embedded:
+                model = copy.deepcopy(base)
+            else:
+                model, _ = load_base(cfg.model, progress=False)
+            torch.manual_seed(cfg.seed)  # LoRA's A init; the data order has its own seeded sampler
+            model = _prepare(method, model, cfg, targets)
+            runs[method] = _train(method, model, tokenizer, cfg, train_ex, Path(scratch) / method,
+                                  TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
+                                                     evaluate=evaluate, evaluate_every=evaluate_every),
+                                  t0)
+            del model
+    if not cfg.embedded:
+        del base
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report = build_report(config, cfg, runs, record_every=record_every, evaluate_every=evaluate_every,
+                          timing={"setup_s": setup_s, "total_s": time.perf_counter() - t_start},
+                          machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                   "load_avg_start": load_start, "load_avg_end": load_end})
+    files, note = write_report(report, out, plots=config.plots)
+    return CompareResult(output_dir=out, report=report, files=files, plot_note=note)
+
+
+def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0: float) -> dict[str, Any]:
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .trainer import SORSACallback
+
+    args = training_arguments(
+        dataclasses.replace(cfg, progress=False, logging_steps=recorder.every, eval_steps=None, save_steps=None),
+        scratch, has_eval=False,
+    )
+    collator = _FingerprintCollator(tokenizer.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_ex), data_collator=collator)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    if method == "sorsa":
+        SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
+    trainer.add_callback(recorder)
+    trainer.add_callback(_ProgressBar(f"{method:>5}", cfg.progress))
+    t_train = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t_train
+    return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "records": recorder.records,
+        "steps": trainer.state.global_step,
+        "tokens": collator.tokens,
+        "data_fingerprint": collator.hash.hexdigest()[:16],
+        "train_s": train_s,
+        "record_s": recorder.record_seconds,
+        "wall_s": time.perf_counter() - t0,
+    }
