@@ -79,13 +79,12 @@ def _capability(device: torch.device) -> Optional[int]:
     return 10 * major + minor
 
 
-def kernel_path(op: str, key: tuple, t: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """The dispatch decision of one call of ``op``: True for the Triton kernels.
+def kernel_path(t: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """The dispatch decision of one call: True for the Triton kernels.
 
-    The kernels when :func:`use_triton` says so, every tensor has a kernel dtype and this
-    ``(op, key)`` never failed to compile or launch (:func:`run_with_fallback`).  bfloat16
-    on a GPU without it (compute capability below 8.0: T4, RTX 20xx) is an error naming
-    float16.
+    The kernels when :func:`use_triton` says so and every tensor has a kernel dtype (callers
+    then skip shapes that failed before: :func:`fallen_back`).  bfloat16 on a GPU without
+    it (compute capability below 8.0: T4, RTX 20xx) is an error naming float16.
     """
     if not use_triton(t) or any(p is not None and p.dtype not in KERNEL_DTYPES for p in (t, *params)):
         return False
@@ -97,7 +96,7 @@ def kernel_path(op: str, key: tuple, t: torch.Tensor, *params: Optional[torch.Te
                 f"{torch.cuda.get_device_name(t.device)} is sm_{cap}: train in float16 instead "
                 "(load the model with torch_dtype=torch.float16)"
             )
-    return (op, key) not in _FALLEN_BACK
+    return True
 
 
 def fallen_back(op: str, key: tuple) -> bool:
@@ -109,7 +108,7 @@ def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
                       kernel_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
     """``kernel_call()``; if a kernel fails to compile or launch there (OutOfResources, a
     ptxas error), warn once naming the kernel, the device and the shape, remember ``(op,
-    key)`` so that :func:`kernel_path` sends it to the reference from now on, and return
+    key)`` so that :func:`fallen_back` sends it to the reference from now on, and return
     ``reference_call()`` — training does not stop for it.  Other errors propagate.
     """
     try:

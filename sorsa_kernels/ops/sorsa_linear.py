@@ -46,6 +46,12 @@ def _key(x: Tensor, residual: Optional[Tensor], U: Tensor, bias: Optional[Tensor
             residual is not None, bias is not None)
 
 
+def _decide(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+            bias: Optional[Tensor]) -> bool:
+    """The call's dispatch decision: the kernels, unless this shape's forward failed before."""
+    return kernel_path(x, residual, U, S, V) and not fallen_back("sorsa_linear forward", _key(x, residual, U, bias))
+
+
 def _shape(x: Tensor, U: Tensor) -> str:
     return f"x {tuple(x.shape)} {str(x.dtype)[6:]}, (out, r) = {tuple(U.shape)}"
 
@@ -101,7 +107,7 @@ def linear_fwd(
     ``kernel``: the caller's dispatch decision (:func:`~.dispatch.kernel_path`), made here
     when None."""
     if kernel is None:
-        kernel = kernel_path("sorsa_linear forward", _key(x, residual, U, bias), x, residual, U, S, V)
+        kernel = _decide(x, residual, U, S, V, bias)
     return _forward(x, residual, U, S, V, bias, scale, kernel)
 
 
@@ -148,7 +154,7 @@ def _setup_context(ctx, inputs, output):
     x, residual, U, S, V, bias, scale, kernel = inputs
     _check_frozen_residual(residual)
     if kernel is None:  # a direct call of the op: its own decision, the same one
-        kernel = kernel_path("sorsa_linear forward", _key(x, residual, U, bias), x, residual, U, S, V)
+        kernel = _decide(x, residual, U, S, V, bias)
     _, u = output
     ctx.save_for_backward(x, u, residual, U, S, V)
     ctx.scale = scale
@@ -204,7 +210,7 @@ def _linear(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tens
             bias: Optional[Tensor], scale: float) -> Tensor:
     """``linear_fwd``'s output ``y``: one dispatch decision, passed down; eager reference
     calls skip the custom-op dispatch."""
-    kernel = kernel_path("sorsa_linear forward", _key(x, residual, U, bias), x, residual, U, S, V)
+    kernel = _decide(x, residual, U, S, V, bias)
     if not kernel and not torch.compiler.is_compiling():
         return _EagerReference.apply(x, residual, U, S, V, bias, scale)
     return linear_fwd(x, residual, U, S, V, bias, scale, kernel)[0]
