@@ -25,7 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "device_guard", "INTERPRET", "m_bucket", "num_sms", "input_precision", "acc_per_thread",
-    "SMEM_PER_BLOCK", "Target", "device_target", "compile_target", "pipelined_smem", "fit_smem",
+    "SMEM_PER_BLOCK", "Target", "device_target", "compile_target", "pipelined_smem", "wgmma_rows", "fit_smem",
 ]
 
 #: Triton reads TRITON_INTERPRET when a kernel is defined; the kernel files read it too, to
@@ -138,23 +138,30 @@ def device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
-def pipelined_smem(config: "triton.Config", step_bytes: int, target: Target) -> int:
+def pipelined_smem(config: "triton.Config", step_bytes: int, target: Target, wgmma: bool = True) -> int:
     """Shared memory (bytes) a software-pipelined K loop of ``config`` takes on ``target``:
     ``step_bytes`` (the operand tiles one iteration loads) per buffer.  Triton keeps
-    ``num_stages − 1`` buffers for mma.sync / FMA dots and up to ``num_stages`` for Hopper's
-    wgmma, which reads its operands from shared memory (compile facts: e.g. the 128×128×64
-    bf16 GEMM at 4 stages takes 96 KB on sm_80/86 and 128 KB on sm_90)."""
-    buffers = config.num_stages if target.capability >= 90 else max(1, config.num_stages - 1)
-    return buffers * step_bytes
+    ``num_stages`` buffers for a Hopper wgmma dot (operands copied asynchronously into shared
+    memory; ``wgmma``: the dot can be one — 16-bit or tf32 operands, ≥ 64 rows, warps a
+    multiple of 4) and ``num_stages − 1`` otherwise (mma.sync, FMA, gathered operands).
+    Compile facts: the 128×128×64 bf16 GEMM at 4 stages takes 96 KB on sm_80/86 and 128 KB
+    on sm_90; the fp32 (IEEE) one 192 KB on sm_90."""
+    hopper = target.capability >= 90 and wgmma
+    return (config.num_stages if hopper else max(1, config.num_stages - 1)) * step_bytes
 
 
-def fit_smem(configs: list, target: Optional[Target], step_bytes) -> list:
-    """The ``configs`` whose :func:`pipelined_smem` (``step_bytes(config)`` per buffer) fits
-    ``target``'s shared memory per block; all of them when ``target`` is None (the
-    interpreter).  When none fits, the smallest one alone (its launch then fails and ops/
-    falls back to the reference), so a prune never returns an empty list."""
+def wgmma_rows(config: "triton.Config", rows: int, precision: str) -> bool:
+    """Whether a dot of ``rows`` output rows under ``config`` can be a Hopper wgmma."""
+    return precision != "ieee" and rows >= 64 and config.num_warps % 4 == 0
+
+
+def fit_smem(configs: list, target: Optional[Target], step_bytes, wgmma=lambda c: True) -> list:
+    """The ``configs`` whose :func:`pipelined_smem` (``step_bytes(config)`` per buffer,
+    ``wgmma(config)`` as there) fits ``target``'s shared memory per block; all of them when
+    ``target`` is None (the interpreter).  When none fits, the smallest one alone (its launch
+    then fails and ops/ falls back to the reference), so a prune never returns an empty list."""
     if target is None:
         return configs
-    need = {id(c): pipelined_smem(c, step_bytes(c), target) for c in configs}
+    need = {id(c): pipelined_smem(c, step_bytes(c), target, wgmma(c)) for c in configs}
     kept = [c for c in configs if need[id(c)] <= target.smem]
     return kept or [min(configs, key=lambda c: need[id(c)])]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import triton
 
-from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem
+from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, wgmma_rows
 
 __all__ = ["SMALL_TILE_MAX_M", "gemm_configs", "prune_gemm_configs", "tma_gemm_configs",
            "prune_tma_gemm_configs"]
@@ -55,7 +55,9 @@ def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
     if named_args["a2_ptr"].element_size() == 4:
         kept = [c for c in kept if acc_per_thread(c, c.kwargs["BLOCK_N"]) <= 64] or kept
-    return fit_smem(kept, device_target(named_args["a2_ptr"].device), _step_bytes(named_args))
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
+    return fit_smem(kept, device_target(named_args["a2_ptr"].device), _step_bytes(named_args),
+                    lambda c: wgmma_rows(c, c.kwargs["BLOCK_M"], prec))
 
 
 def _step_bytes(named_args: dict):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, num_sms
+from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, num_sms, wgmma_rows
 
 __all__ = [
     "MAX_BLOCK_R", "UP_BLOCK_M", "WG_STEP_M", "SPLIT_ALIGN", "K_SPLIT_ALIGN", "K_SPLIT_MIN",
@@ -73,8 +73,10 @@ def prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
     if x.element_size() == 4:
         kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and acc_per_thread(c, block_r) <= 64] or configs
     esz = x.element_size()
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
     return fit_smem(kept, device_target(x.device),
-                    lambda c: esz * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r))
+                    lambda c: esz * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r),
+                    lambda c: wgmma_rows(c, c.kwargs["BLOCK_M"], prec))
 
 
 def skinny_configs(interpret: bool = INTERPRET) -> list:
@@ -110,7 +112,9 @@ def prune_up_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
     esz = dy.element_size()
     rows = kwargs.get("BLOCK_M", UP_BLOCK_M)
     block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
-    return fit_smem(kept, device_target(dy.device), lambda c: esz * c.kwargs["BLOCK_K"] * (rows + block_r))
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
+    return fit_smem(kept, device_target(dy.device), lambda c: esz * c.kwargs["BLOCK_K"] * (rows + block_r),
+                    lambda c: wgmma_rows(c, rows, prec))
 
 
 def prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -124,7 +128,9 @@ def prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list
         kept = [c for c in configs if acc_per_thread(c, block_r, rows="BLOCK_K") <= 64] or configs
     esz = a.element_size()
     step = kwargs.get("BLOCK_M", WG_STEP_M)
-    return fit_smem(kept, device_target(a.device), lambda c: esz * step * (c.kwargs["BLOCK_K"] + block_r))
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
+    return fit_smem(kept, device_target(a.device), lambda c: esz * step * (c.kwargs["BLOCK_K"] + block_r),
+                    lambda c: wgmma_rows(c, c.kwargs["BLOCK_K"], prec))
 
 
 def up_grad_configs(interpret: bool = INTERPRET) -> list:
