@@ -33,19 +33,17 @@ import subprocess
 import sys
 import tempfile
 
-assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+import torch
+import triton
+from triton import knobs
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton import knobs  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
-from sorsa_kernels.kernels._launch import SMEM_PER_BLOCK, compile_target  # noqa: E402
+from sorsa_kernels.kernels._launch import SMEM_PER_BLOCK, compile_target
 
 #: Spill bytes per thread a surviving config may have (issue 20: "non-spilling" is ≤ 256 B).
 SPILL_LIMIT = 256
@@ -308,11 +306,15 @@ def launch_classes(arch: int, quick: bool = False) -> list:
     return out
 
 
-def collect(arch: int = 90, quick: bool = False, compile_kept: bool = True) -> list[dict]:
+def collect(arch: int = 90, quick: bool = False, compile_kept: bool = True, cases: str = "") -> list[dict]:
     """One row per (launch, config): the configs the prune kept (compiled, unless
-    ``compile_kept`` is False) and the ones it dropped (``pruned``, not compiled)."""
+    ``compile_kept`` is False) and the ones it dropped (``pruned``, not compiled).
+    ``cases``: only the launch classes whose name contains it."""
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
     rows, seen = [], set()
     for case, thunk in launch_classes(arch, quick):
+        if cases not in case:
+            continue
         with compile_target(arch):
             launches = thunk()
             pruned = [(kernel, args, kwargs, _configs_for(kernel, args, kwargs)) for kernel, args, kwargs in launches]
@@ -429,8 +431,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the 16-bit cases the CI test compiles")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--md", help="write the committed markdown table here")
+    ap.add_argument("--cases", default="", help="only the launch classes whose name contains this")
     a = ap.parse_args()
-    rows = collect(a.arch, a.quick)
+    rows = collect(a.arch, a.quick, cases=a.cases)
     print(HEADER)
     for row in rows:
         print(_row_md(row))
