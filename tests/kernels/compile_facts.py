@@ -399,19 +399,24 @@ def summary(rows: list[dict], arch: int) -> dict:
     )
 
 
-def to_markdown(rows: list[dict], arch: int) -> str:
+def to_markdown(rows: list[dict], arch: int, quick: bool = False) -> str:
     s = summary(rows, arch)
+    scope = ("the 16-bit training subset (`--quick`: the M = 4096 layer with and without split-K"
+             + (", the TMA GEMM" if arch == 90 else "") + ", NF4 at M = 64 and 4096, the regularizer)"
+             if quick else "Llama-7B layers at M = 4096 tokens, r = 128 (4096→11008 at r = 64; M = 64; "
+             "fp16, bf16, fp32 under `high` and `highest`, no bias, dropout), the NF4 paths (16-bit and "
+             "fp32) and the regularizer over the 7B adapter set (16-bit and fp32 k×r adapters at r = 128 "
+             "and 256)")
     lines = [
         f"# sm_{arch} compile facts of every kernel and autotune config",
         "",
         f"Made with `PYTHONPATH=. python tests/kernels/compile_facts.py --arch {arch} --md "
-        f"docs/compile-facts-sm{arch}.md` (no GPU: Triton {triton.__version__}, torch {torch.__version__}, "
+        f"docs/compile-facts-sm{arch}.md{' --quick' if quick else ''}` (no GPU: Triton {triton.__version__}, torch {torch.__version__}, "
         f"`triton.compile` for `GPUTarget(\"cuda\", {arch}, 32)` with the runtime's specialisation, after each "
         f"autotuner's `early_config_prune` under `compile_target({arch})`, i.e. against "
         f"{SMEM_PER_BLOCK[arch] // 1024} KB of shared memory per block; ptxas `-v` for registers and spills). "
-        "Shapes: Llama-7B layers at M = 4096 tokens, r = 128 (4096→11008 at r = 64; M = 64), the NF4 paths "
-        "and the regularizer over the 7B adapter set. `pruned` rows are configs the prune dropped for this "
-        "GPU family (not compiled). tests/kernels/test_compile_facts.py checks these tables.",
+        f"Launch classes: {scope}. `pruned` rows are configs the prune dropped for this GPU family (not "
+        "compiled). tests/kernels/test_compile_facts.py checks these tables.",
         "",
         "These are compiler facts, not timings.",
         "",
@@ -443,7 +448,7 @@ def main() -> None:
             json.dump(rows, f, indent=1)
     if a.md:
         with open(a.md, "w") as f:
-            f.write(to_markdown(rows, a.arch))
+            f.write(to_markdown(rows, a.arch, a.quick))
 
 
 if __name__ == "__main__":
