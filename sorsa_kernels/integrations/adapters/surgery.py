@@ -12,6 +12,7 @@ from ...nn.checks import validate_rank
 from ...nn.factory import layer_class, make_sorsa_linear
 from ...nn.knobs import check_knob
 from ...nn.linear import SORSALinear
+from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
            "compile_target_regex"]
@@ -44,7 +45,7 @@ def _matches(name: str, targets: TargetSpec) -> bool:
     return any(name == t or last == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[str]:
+def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, allow_empty: bool = False) -> list[str]:
     """Names of the modules ``apply_sorsa`` would adapt.
 
     ``target_modules``: None (the Llama/Mistral/Qwen projections), a list of names
@@ -66,6 +67,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[st
     for name, module in model.named_modules():
         if not name or not _matches(name, pattern):
             continue
+        if is_expert_module(module):  # fused MoE experts: integrations/adapters/experts.py
+            continue
         if isinstance(module, SORSALinear):
             adapted.append(name)
             continue
@@ -80,7 +83,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[st
             + (f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else "")
             + "; apply_sorsa once per model (merge_sorsa first to adapt the merged weights)"
         )
-    if not names:
+    if not names and not allow_empty:
         raise ValueError(f"no module of the model matches target_modules={targets!r}")
     return names
 
@@ -126,6 +129,11 @@ def apply_sorsa(
     layer; ``None`` skips the report; ``sorsa_kernels.quant.QuantReport.from_model`` sums them).
     Other arguments are those of :meth:`SORSALinear.from_linear`.
 
+    Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the routed experts,
+    fused 3-D weights, are adapted too with the default targets (``"experts"`` names them in
+    ``target_modules``): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
+    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`), the routing is untouched.
+
     Example::
 
         >>> model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
@@ -137,7 +145,8 @@ def apply_sorsa(
     for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample),
                         ("quant_iters", quant_iters)):
         check_knob(knob, value)
-    names = find_targets(model, target_modules)
+    experts = plan_experts(model, rank, target_modules, quantize=quantize, dropout=dropout)
+    names = find_targets(model, target_modules, allow_empty=bool(experts))
     for name in names:  # validate every layer before touching any
         w = model.get_submodule(name).weight
         validate_rank(rank, w.shape[1], w.shape[0], name)
@@ -154,6 +163,8 @@ def apply_sorsa(
         layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
         _set_submodule(model, name, layer)
         del linear
+    apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
+                  residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha)
     return model
 
 
@@ -165,7 +176,8 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Mod
         >>> merge_sorsa(model).save_pretrained("merged")
     """
     layers = sorsa_layers(model)
-    if not layers:
+    merged_experts = merge_all_experts(model, dtype)
+    if not layers and not merged_experts:
         raise ValueError("the model has no SORSA layers to merge")
     for name, layer in layers.items():
         _set_submodule(model, name, layer.merge(dtype))
