@@ -17,6 +17,7 @@ from sorsa_kernels.integrations.training import data as D
 from sorsa_kernels.integrations.training.finetune import FinetuneConfig
 from sorsa_kernels.integrations.training.finetune import config as C
 from sorsa_kernels.integrations.training.finetune import rundir as R
+from sorsa_kernels.nn import make_sorsa_linear
 from sorsa_kernels.nn.knobs import KNOBS, check_knob
 
 NAN, INF = float("nan"), float("inf")
@@ -74,9 +75,9 @@ def test_from_linear_rejects_nan_dropout():
         SORSALinear.from_linear(nn.Linear(64, 48), 4, dropout=NAN)
 
 
-def test_nf4_from_linear_checks_alpha_before_the_svd():
+def test_nf4_factory_checks_alpha_before_the_svd():
     with pytest.raises(ValueError, match="alpha must be a positive finite number, got 0.0"):
-        SORSALinear.from_linear(nn.Linear(128, 64), 4, alpha=0.0, quantize="nf4")
+        make_sorsa_linear(nn.Linear(128, 64), 4, alpha=0.0, quantize="nf4")
 
 
 @pytest.mark.parametrize("kwargs, message", [
