@@ -115,7 +115,7 @@ def test_unknown_dtype_is_refused_by_the_parser_listing_the_names(capsys):
     with pytest.raises(SystemExit) as e:
         main(["finetune", "--residual-dtype", "int8"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "invalid choice: 'int8' (choose from float32, fp32, bfloat16, bf16" in err
+    assert e.value.code == 2 and "invalid choice: 'int8' (choose from 'float32', 'fp32', 'bfloat16', 'bf16'" in err
 
 
 def test_non_utf8_data_names_file_and_line(tmp_path, capsys, no_model_load):
