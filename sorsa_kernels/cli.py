@@ -15,6 +15,11 @@ Every failure — bad input, a missing or corrupt file, a full disk, a refused r
 ends with one line ``sorsa-kernels: error: …`` naming the file and the problem, and exit
 status 1 (2 for a malformed command line, 130 for Ctrl-C); ``--debug`` (anywhere on the
 command line) or ``SORSA_KERNELS_DEBUG=1`` shows the traceback instead.
+
+The ``finetune`` and ``compare`` flags, their help and the defaults shown are generated from
+the fields of their config dataclasses (:mod:`sorsa_kernels.integrations.training.options`;
+an option is added there, not here).  The configs name fields in their errors;
+:func:`_cli_name` is the one place those names become flags.
 """
 from __future__ import annotations
 
@@ -100,7 +105,8 @@ def _shown(value: Any) -> str:
 
 
 def _help(f: dataclasses.Field) -> str:
-    """A field's ``--help`` line: its help, then the default (the value, the paper's and the embedded one's, or ``shown``)."""
+    """A field's ``--help`` line: its help, then its default (the value; the paper's and the
+    embedded model's; or ``shown``)."""
     from .integrations.training.options import field_default, is_switch
 
     meta = f.metadata

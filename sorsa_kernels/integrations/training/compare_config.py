@@ -91,7 +91,7 @@ class CompareConfig:
 
 
 def check_eval_every(eval_steps: Optional[int], record_every: int) -> None:
-    """Raise a ConfigError unless held-out evaluation falls on records (``eval_steps`` a multiple of ``record_every``)."""
+    """Raise a ConfigError unless held-out evaluation falls on records: ``eval_steps`` a multiple of ``record_every``."""
     if eval_steps is not None and eval_steps % record_every:
         raise ConfigError("{eval_steps} {e} must be a multiple of {record_every} {r}", e=eval_steps, r=record_every)
 
