@@ -114,7 +114,7 @@ def _help(f: dataclasses.Field) -> str:
     if shown is None and "paper" in meta:
         shown = "{paper}" if meta["paper"] == meta["embedded"] else "{paper}; embedded {embedded}"
     elif shown is None and field_default(f) is not None and not is_switch(f):
-        shown = _shown(field_default(f))
+        shown = _shown(field_default(f)).replace("{", "{{").replace("}", "}}")  # a value, not a template
     text = meta["help"] + (f" (default: {shown})" if shown else "")
     values = {k: _shown(meta[k]) for k in ("paper", "embedded") if k in meta}
     return _cli_text(text, **values).replace("%", "%%")
@@ -130,7 +130,8 @@ def _add_options(p: argparse.ArgumentParser, config_class: type) -> None:
         meta = f.metadata
         if meta.get("internal"):
             continue
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
         kwargs: dict[str, Any] = dict(dest=f.name, default=field_default(f), help=_help(f))
         if is_switch(f):
             kwargs["action"] = "store_false" if field_default(f) else "store_true"
@@ -143,7 +144,7 @@ def _add_options(p: argparse.ArgumentParser, config_class: type) -> None:
             for key in ("nargs", "metavar"):
                 if key in meta:
                     kwargs[key] = meta[key]
-        group.add_argument(*option_flags(f), **kwargs)
+        groups[meta["group"]].add_argument(*option_flags(f), **kwargs)
 
 
 def _add_job_flags(p) -> None:
