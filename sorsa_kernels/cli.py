@@ -61,7 +61,10 @@ def _add_job_flags(p) -> None:
     g = p.add_argument_group("SORSA")
     g.add_argument("--rank", type=int, help="adapter rank r (default: 128; embedded 16)")
     g.add_argument("--target-modules", nargs="+", metavar="NAME",
-                   help="module names to adapt, or one regular expression (default: q,k,v,o,gate,up,down_proj)")
+                   help="module names to adapt, one regular expression, or all-linear (every linear layer but "
+                        "the output head) (default: every attention and MLP projection of the model's architecture: "
+                        "Llama, Mistral, Mixtral, Qwen2/3 (+MoE), Gemma 1-3, Phi, Phi-3, GPT-2, GPT-NeoX, GPT-J, "
+                        "Falcon, OPT, Bloom, OLMo, OLMoE, StarCoder2; others need NAMEs or all-linear)")
     g.add_argument("--alpha", type=float, help="scale = alpha / rank (default: scale 1)")
     g.add_argument("--gamma", type=float, default=4e-4, help="orthonormal regularizer strength (default: 4e-4)")
     g.add_argument("--svd", choices=("full", "randomized"), default="full", help="SVD used at initialization")
@@ -102,6 +105,9 @@ def _add_job_flags(p) -> None:
     g.add_argument("--report-to", default="none", help="Trainer loggers: none, tensorboard, wandb … (default: none)")
     g.add_argument("--pretrain-steps", type=int, help="embedded model only: in-process pretraining steps (default: 300)")
     g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--verbose", action="store_true",
+                   help="after the one-line adaptation summary, list every linear layer and fused expert weight "
+                        "left unadapted")
 
 
 def _add_compare(sub) -> None:

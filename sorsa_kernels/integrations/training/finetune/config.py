@@ -95,6 +95,7 @@ class FinetuneConfig:
     fsdp: bool = False
     pretrain_steps: Optional[int] = None
     progress: bool = True
+    verbose: bool = False
     report_to: str = "none"
     extra_training_args: dict = field(default_factory=dict)
 
