@@ -215,3 +215,32 @@ def test_summary_reports_fused_experts_as_not_adapted():
     s = adaptation_summary(apply_sorsa(transformers.MixtralForCausalLM(cfg), 4, progress=False))
     assert s.fused_experts == ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
     assert "2 fused expert parameters" in s.line()
+
+
+# ------------------------------------------------------------------ adapter file fields
+def _edit_config(directory, edit):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter.safetensors"
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["sorsa_config"])
+    edit(cfg)
+    save_file(load_file(path), path, metadata={**meta, "sorsa_config": json.dumps(cfg)})
+    (directory / "adapter_config.json").unlink()
+
+
+def test_adapter_with_non_boolean_fan_in_fan_out_is_refused(tmp_path):
+    save_adapter(apply_sorsa(_gpt2(), 4, progress=False), tmp_path)
+    name = "transformer.h.0.attn.c_attn"
+    _edit_config(tmp_path, lambda c: c["layers"][name].update(fan_in_fan_out="yes"))
+    with pytest.raises(AdapterError, match=f"layer {name}: fan_in_fan_out must be true or false, got 'yes'"):
+        load_adapter(_gpt2(), tmp_path)
+
+
+def test_adapter_with_malformed_modules_to_save_is_refused(tmp_path):
+    save_adapter(apply_sorsa(_bert_cls(), 4, progress=False), tmp_path)
+    _edit_config(tmp_path, lambda c: c.update(modules_to_save=["classifier"]))
+    with pytest.raises(AdapterError, match="modules_to_save must be an object of module name"):
+        load_adapter(_bert_cls(), tmp_path)
