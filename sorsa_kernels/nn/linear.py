@@ -266,7 +266,7 @@ class SORSALinear(nn.Module):
             return self._merged_module(w, dtype)
 
     def _merged_module(self, w: Tensor, dtype: torch.dtype) -> nn.Module:
-        """An ``nn.Linear`` (or a ``Conv1D`` when ``fan_in_fan_out``) holding ``w`` (out×in) and the bias, in ``dtype``."""
+        """An ``nn.Linear`` (a ``Conv1D`` when ``fan_in_fan_out``) holding ``w`` (out×in) and the bias, in ``dtype``."""
         if self.fan_in_fan_out:
             from transformers.pytorch_utils import Conv1D  # only a Conv1D-built layer gets here
 

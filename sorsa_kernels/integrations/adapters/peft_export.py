@@ -31,7 +31,7 @@ from ..atomic import atomic_dir
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
 from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
-from .targets import default_modules_to_save, infer_task_type
+from .targets import HEAD_NAMES, infer_task_type
 
 __all__ = ["export_peft_lora", "lora_factors"]
 
@@ -141,7 +141,7 @@ def _saved_module_tensors(model: nn.Module, task_type: Optional[str]) -> dict[st
     SEQ_CLS/TOKEN_CLS the classification head even when it was not kept (PEFT loads it regardless)."""
     out = {name: m.trained.state_dict() for name, m in saved_modules(model).items()}
     if task_type in ("SEQ_CLS", "TOKEN_CLS"):
-        for name in default_modules_to_save(model) or [n for n, _ in model.named_children() if n in ("classifier", "score")]:
+        for name in [n for n, _ in model.named_children() if n in HEAD_NAMES]:
             module = model.get_submodule(name)
             if name not in out and not isinstance(module, SavedModule):
                 out[name] = module.state_dict()
