@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from ...nn.checks import validate_rank
 from ...nn.experts import SORSAExperts
+from .targets import default_target_modules, is_all_linear
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EXPERTS_NAME",
     "is_expert_module",
     "find_expert_targets",
     "adapted_experts",
@@ -77,11 +77,6 @@ def find_fused_experts(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and (is_fused_experts(m) or is_adapted_experts(m))]
 
 
-#: The name that targets a model's routed experts in ``target_modules`` (the experts module's
-#: name in every ``transformers`` MoE block): both fused projections of each are adapted.
-EXPERTS_NAME = "experts"
-
-
 def is_expert_module(module: nn.Module) -> bool:
     """Whether ``module`` is an experts module (adapted or not) or one of its SORSA projections:
     the modules the ``nn.Linear`` target search passes over."""
@@ -93,17 +88,19 @@ def adapted_experts(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n and is_adapted_experts(m)}
 
 
-def find_expert_targets(model: nn.Module, target_modules: Any = None) -> list[str]:
+def find_expert_targets(model: nn.Module, target_modules: Any = None, exclude: tuple[str, ...] = ()) -> list[str]:
     """Names of the experts modules ``apply_sorsa`` adapts for ``target_modules``.
 
-    None (the defaults): every fused experts module.  A list of names: the experts modules
-    whose full name, last component or dotted suffix is one of them (``"experts"`` names them
-    all).  A string: a regular expression over the full module name.  Raises a ValueError
-    when a matching experts module is already adapted.
+    None: every fused experts module.  A list of names: the experts modules whose full name,
+    last component or dotted suffix is one of them (``"experts"``,
+    :data:`~sorsa_kernels.integrations.adapters.targets.EXPERTS`, names them all).  A string: a
+    regular expression over the full module name.  Modules inside ``exclude`` (kept as
+    trainable copies) are never targets.  Raises a ValueError when a matching experts module
+    is already adapted.
     """
     found, adapted = [], []
     for name, module in model.named_modules():
-        if not name:
+        if not name or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         fused, done = is_fused_experts(module), is_adapted_experts(module)
         if not (fused or done):
@@ -220,14 +217,21 @@ def sorsa_experts_forward(
 
 
 def plan_experts(model: nn.Module, rank: int, target_modules: Any = None, *,
-                 quantize: Optional[str] = None, dropout: float = 0.0) -> list[str]:
+                 quantize: Optional[str] = None, dropout: float = 0.0, exclude: tuple[str, ...] = ()) -> list[str]:
     """The experts modules :func:`sorsa_kernels.apply_sorsa` adapts, validated before any change.
 
-    With the default targets, experts are adapted unless the run asks for what SORSA experts
-    do not support yet (``quantize`` or ``dropout``): they then stay frozen, with a warning.
-    Named explicitly, such a request is a ValueError.  Every expert's rank is checked.
+    ``target_modules`` None: the architecture's default targets (its row of
+    :data:`~sorsa_kernels.integrations.adapters.targets.TARGETS_BY_MODEL_TYPE` names
+    ``"experts"`` for the MoE models); ``"all-linear"``: none (as PEFT's option, linear
+    modules only).  With the default targets, experts are adapted unless the run asks for
+    what SORSA experts do not support yet (``quantize`` or ``dropout``): they then stay
+    frozen, with a warning.  Named explicitly, such a request is a ValueError.  Every
+    expert's rank is checked.
     """
-    names = find_expert_targets(model, target_modules)
+    if is_all_linear(target_modules):
+        return []
+    targets = list(default_target_modules(model)) if target_modules is None else target_modules
+    names = find_expert_targets(model, targets, tuple(exclude))
     if names and (quantize is not None or dropout):
         what = f"quantize={quantize!r}" if quantize is not None else f"dropout={dropout}"
         if target_modules is None:

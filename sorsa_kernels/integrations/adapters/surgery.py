@@ -16,7 +16,8 @@ from ...nn.linear import SORSALinear
 from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
 from .modules_to_save import resolve_modules_to_save, unwrap_saved_modules, wrap_modules_to_save
 from .summary import adaptation_summary
-from .targets import ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_linear_like
+from .targets import (ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_all_linear,
+                      is_linear_like)
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
            "compile_target_regex"]
@@ -52,11 +53,6 @@ def _matches(name: str, targets: TargetSpec) -> bool:
     return any(name == t or last == t or name.endswith("." + t) for t in targets)
 
 
-def _is_all_linear(targets: TargetSpec) -> bool:
-    return targets == ALL_LINEAR or (not isinstance(targets, str) and targets is not None
-                                     and list(targets) == [ALL_LINEAR])
-
-
 def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude: Sequence[str] = (),
                  allow_empty: bool = False) -> list[str]:
     """Names of the modules ``apply_sorsa`` would adapt.
@@ -73,7 +69,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
     and the model's linear layers).
     """
     exclude = tuple(exclude)
-    if _is_all_linear(target_modules):
+    if is_all_linear(target_modules):
         targets, pattern = ALL_LINEAR, None
     elif target_modules is None:
         targets = pattern = list(default_target_modules(model))
@@ -195,7 +191,7 @@ def apply_sorsa(
                         ("quant_iters", quant_iters)):
         check_knob(knob, value)
     saved = resolve_modules_to_save(model, modules_to_save)
-    experts = plan_experts(model, rank, target_modules, quantize=quantize, dropout=dropout)
+    experts = plan_experts(model, rank, target_modules, quantize=quantize, dropout=dropout, exclude=saved)
     names = find_targets(model, target_modules, exclude=saved, allow_empty=bool(experts))
     for name in names:  # validate every layer before touching any
         w = linear_weight(model.get_submodule(name))
