@@ -174,8 +174,9 @@ def apply_sorsa(
     Other arguments are those of :meth:`SORSALinear.from_linear`.
 
     Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the routed experts,
-    fused 3-D weights, are adapted too with the default targets (``"experts"`` names them in
-    ``target_modules``): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
+    fused 3-D weights, are adapted too with the default targets (their rows of the table name
+    ``"experts"``; ``"experts"`` in ``target_modules`` names them; ``"all-linear"`` leaves them
+    frozen, as PEFT's option does): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
     SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`), the routing is untouched.
 
     Example::
