@@ -24,6 +24,11 @@ published; a kill at any point leaves either the old or the new adapter, with th
 copy matching it or absent.  Adapters saved before the config was embedded (JSON +
 safetensors without ``sorsa_config``) still load from their JSON, with the same checks.
 
+A layer built from a GPT-2 ``Conv1D`` records ``"fan_in_fan_out": true`` and loads only onto
+a ``Conv1D``.  Modules kept as trainable copies (``modules_to_save``, e.g. a classification
+head) are listed in the config as ``"modules_to_save": {name: [state keys]}`` and stored as
+tensors ``modules_to_save/<name>.<key>``; loading puts the copies back.
+
 Every field is validated on load against the tensors (rank and shapes, floating dtypes
 equal to ``adapter_dtype``, finiteness) and, in :func:`load_adapter`, against the base
 layers; every problem raises :class:`AdapterError` (a ``ValueError``) naming the file,
@@ -43,10 +48,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..._version import __version__
-from ...nn.checks import SUPPORTED_DTYPES
+from ...nn.checks import SUPPORTED_DTYPES, is_conv1d, linear_weight
 from ...nn.linear import SORSALinear
 from ..atomic import atomic_file
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from .experts import adapt_experts, adapted_experts, expert_weight_names, is_adapted_experts, is_fused_experts
+from .modules_to_save import check_saved_state, restore_saved_modules, saved_state
 from .surgery import _set_submodule, sorsa_layers
 
 __all__ = [
@@ -120,7 +127,7 @@ def _check_config(config: Any, source: Path) -> None:
     if not (_is_real(dropout) and 0.0 <= dropout < 1.0):
         raise AdapterError(f"{source}: dropout must be a number in [0, 1), got {dropout!r}")
     layers = config.get("layers")
-    if not isinstance(layers, dict) or not layers:
+    if not isinstance(layers, dict) or not (layers or config.get("experts")):
         raise AdapterError(f"{source}: the config has no 'layers' (a non-empty object of layer name → settings)")
     targets = config.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or sorted(map(str, targets)) != sorted(layers)):
@@ -147,6 +154,21 @@ def _check_config(config: Any, source: Path) -> None:
             )
         if lc.get("quantize") not in _QUANTIZE:
             raise AdapterError(f"{where}: quantize {lc.get('quantize')!r} is unknown; allowed: null, 'nf4'")
+        if not isinstance(lc.get("fan_in_fan_out", False), bool):
+            raise AdapterError(f"{where}: fan_in_fan_out must be true or false, got {lc.get('fan_in_fan_out')!r}")
+    _check_experts_config(config, source)
+    _check_saved_config(config, source)
+
+
+def _check_saved_config(config: dict[str, Any], source: Path) -> None:
+    """``modules_to_save``, when present, is ``{module name: [state keys]}``."""
+    saved = config.get("modules_to_save", {})
+    if not isinstance(saved, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and v and all(isinstance(x, str) for x in v) for k, v in saved.items()
+    ):
+        raise AdapterError(
+            f"{source}: modules_to_save must be an object of module name → non-empty list of state keys, got {saved!r}"
+        )
 
 
 def _check_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -182,6 +204,15 @@ def _check_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], sou
             bad = (~torch.isfinite(t)).sum().item()
             if bad:
                 raise AdapterError(f"{where} has {bad} non-finite (NaN or inf) values")
+    expected_names |= _check_experts_tensors(config, tensors, source)
+    for name, keys in config.get("modules_to_save", {}).items():
+        for key in keys:
+            tname = _saved_tensor_name(name, key)
+            expected_names.add(tname)
+            if tname not in tensors:
+                raise AdapterError(f"adapter weights {source} lack tensor {tname}")
+            if tensors[tname].is_floating_point() and not bool(torch.isfinite(tensors[tname]).all()):
+                raise AdapterError(f"{source}: saved module tensor {tname} has non-finite (NaN or inf) values")
     extra = sorted(set(tensors) - expected_names)
     if extra:
         raise AdapterError(
@@ -212,7 +243,8 @@ def validate_adapter(config: Any, tensors: dict[str, torch.Tensor], source: Path
 # ---------------------------------------------------------------------------------- save
 def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
     layers = sorsa_layers(model)
-    if not layers:
+    experts = adapted_experts(model)
+    if not layers and not experts:
         raise ValueError("the model has no SORSA layers; nothing to save")
     tensors: dict[str, torch.Tensor] = {}
     layer_cfg: dict[str, Any] = {}
@@ -231,7 +263,10 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
             "residual_dtype": _dtype_name(layer.residual_dtype),
             "quantize": layer.quantize,
         }
-    first = next(iter(layers.values()))
+        if layer.fan_in_fan_out:  # written only when set: adapters of nn.Linear layers are unchanged
+            layer_cfg[name]["fan_in_fan_out"] = True
+    sharded = sharded or any(is_sharded(getattr(m, a).U) for m in experts.values() for a in expert_weight_names(m))
+    first = next(iter(layers.values())) if layers else getattr(next(iter(experts.values())), "down_proj")
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -239,12 +274,48 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         "base_model_name_or_path": base_model_name_or_path
         or getattr(getattr(model, "config", None), "_name_or_path", None),
         "alpha": first.alpha,
-        "dropout": first.dropout_p,
+        "dropout": getattr(first, "dropout_p", 0.0),
         "adapter_dtype": _dtype_name(first.U.dtype),
         "target_modules": list(layers),
         "layers": layer_cfg,
     }
+    _add_experts(experts, config, tensors)
+    _add_saved_modules(model, config, tensors)
     return config, tensors, sharded
+
+
+def _saved_tensor_name(module: str, key: str) -> str:
+    """The tensor name of a saved module's state entry (``/`` never occurs in a module name)."""
+    return f"modules_to_save/{module}.{key}"
+
+
+def _add_saved_modules(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Put each trainable copy's state into ``tensors`` and its keys into ``config["modules_to_save"]``."""
+    state = saved_state(model)
+    if not state:
+        return
+    config["modules_to_save"] = {name: sorted(sd) for name, sd in state.items()}
+    for name, sd in state.items():
+        for key, t in sd.items():
+            tensors[_saved_tensor_name(name, key)] = full_tensor(t).detach().to("cpu").contiguous()
+
+
+def _saved_state_of(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {state key: tensor}}`` of the adapter's saved modules (empty when it has none)."""
+    return {name: {k: tensors[_saved_tensor_name(name, k)] for k in keys}
+            for name, keys in config.get("modules_to_save", {}).items()}
+
+
+def _check_base_layer(module: nn.Module, name: str, lc: dict[str, Any]) -> None:
+    """Raise unless ``module`` is an ``nn.Linear`` or a ``Conv1D`` as the adapter's layer ``name`` was."""
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        raise TypeError(f"the adapter targets {name}, which is a {type(module).__name__}, not nn.Linear or Conv1D")
+    if is_conv1d(module) != lc.get("fan_in_fan_out", False):
+        raise AdapterError(
+            f"layer {name} is {'a Conv1D' if is_conv1d(module) else 'an nn.Linear'} but the adapter was trained on "
+            f"{'a Conv1D' if lc.get('fan_in_fan_out', False) else 'an nn.Linear'} (fan_in_fan_out="
+            f"{str(lc.get('fan_in_fan_out', False)).lower()}); it was trained on a different base model"
+        )
 
 
 def save_adapter(
@@ -376,9 +447,10 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor
 def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
     """Rebuild, in place on the untouched ``base_model``, exactly the model that was saved.
 
-    No SVD runs: each target ``nn.Linear`` becomes a SORSA layer whose residual is
+    No SVD runs: each target ``nn.Linear`` (or ``Conv1D``) becomes a SORSA layer whose residual is
     recomputed from its weight and the saved initial factors, and whose U, S, V are the
-    saved trained factors (in the stored ``adapter_dtype``).  ``directory`` is the adapter
+    saved trained factors (in the stored ``adapter_dtype``); each saved module
+    (``modules_to_save``) gets its trained copy back.  ``directory`` is the adapter
     folder or its ``adapter.safetensors``.  Everything is checked before the model is
     changed; a problem raises a ``ValueError`` naming the file, layer and field.
 
@@ -388,6 +460,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
     """
     config, tensors = read_adapter(directory)
     layers = config["layers"]
+    _check_experts_base(base_model, config)
     for name, lc in layers.items():  # validate everything before changing the model
         try:
             linear = base_model.get_submodule(name)
@@ -395,19 +468,23 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
             raise AdapterError(f"the adapter targets {name}, which the base model does not have") from None
         if isinstance(linear, SORSALinear):
             raise AdapterError(f"layer {name} is already a SORSA layer; load the adapter on an untouched base model")
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"the adapter targets {name}, which is a {type(linear).__name__}, not nn.Linear")
+        _check_base_layer(linear, name, lc)
         expected = (lc["out_features"], lc["in_features"])
-        if tuple(linear.weight.shape) != expected:
+        if tuple(linear_weight(linear).shape) != expected:
             raise AdapterError(
-                f"layer {name} has weight shape {tuple(linear.weight.shape)} but the adapter was trained on {expected} "
-                f"(out_features, in_features)"
+                f"layer {name} has weight shape {tuple(linear_weight(linear).shape)} but the adapter was trained on "
+                f"{expected} (out_features, in_features)"
             )
         if (linear.bias is not None) != lc["bias"]:
             raise AdapterError(
                 f"layer {name} {'has' if linear.bias is not None else 'has no'} bias but the adapter says "
                 f"bias={lc['bias']}; it was trained on a different base model"
             )
+    saved = _saved_state_of(config, tensors)
+    try:
+        check_saved_state(base_model, saved, str(directory))
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
     for p in base_model.parameters():
         p.requires_grad_(False)
     for name, lc in layers.items():
@@ -424,4 +501,111 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
             dropout=config.get("dropout", 0.0), residual_dtype=_DTYPE_NAMES[lc["residual_dtype"]], name=name,
         )
         _set_submodule(base_model, name, layer)
+    _load_experts(base_model, config, tensors)
+    restore_saved_modules(base_model, saved)
     return base_model
+
+
+# ---------------------------------------------------------------------------------- experts
+# A mixture-of-experts model's adapted experts modules are listed under the config key
+# "experts": {module name: {"num_experts", "rank", "residual_dtype", "projections":
+# {"gate_up_proj": {"in_features", "out_features", "bias"}, "down_proj": {...}}}}, and their
+# factor stacks stored as tensors "<module>.<projection>.<U|S|V|U0|S0|V0>" (E×out×r, E×r,
+# E×in×r).  Loading rebuilds each SORSAExperts from the saved initial factors: no SVD.
+def _add_experts(experts: dict[str, nn.Module], config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    if not experts:
+        return
+    cfg: dict[str, Any] = {}
+    for name, module in experts.items():
+        projections = {}
+        for attr in expert_weight_names(module):
+            layer = getattr(module, attr)
+            for key, t in zip(_FACTORS, (layer.U, layer.S, layer.V, *layer.init_factors)):
+                tensors[f"{name}.{attr}.{key}"] = full_tensor(t).detach().to("cpu").contiguous()
+            projections[attr] = {"in_features": layer.in_features, "out_features": layer.out_features,
+                                 "bias": layer.bias is not None}
+        cfg[name] = {"num_experts": layer.num_experts, "rank": layer.rank,
+                     "residual_dtype": _dtype_name(layer.residual.dtype), "projections": projections}
+    config["experts"] = cfg
+
+
+def _check_experts_config(config: dict[str, Any], source: Path) -> None:
+    experts = config.get("experts", {})
+    if not isinstance(experts, dict):
+        raise AdapterError(f"{source}: experts must be an object of experts module name → settings, got {experts!r}")
+    for name, ec in experts.items():
+        where = f"{source}: experts {name}"
+        if not isinstance(ec, dict) or not isinstance(ec.get("projections"), dict) or not ec["projections"]:
+            raise AdapterError(f"{where}: settings must be an object with a non-empty 'projections', got {ec!r}")
+        for field in ("num_experts", "rank"):
+            if not _is_int(ec.get(field)) or ec[field] <= 0:
+                raise AdapterError(f"{where}: {field} must be a positive integer, got {ec.get(field)!r}")
+        if ec.get("residual_dtype") not in _DTYPE_NAMES:
+            raise AdapterError(f"{where}: residual_dtype {ec.get('residual_dtype')!r} is not a known dtype; "
+                               f"allowed: {', '.join(_DTYPE_NAMES)}")
+        for attr, pc in ec["projections"].items():
+            if not isinstance(pc, dict) or not all(_is_int(pc.get(f)) and pc[f] > 0
+                                                   for f in ("in_features", "out_features")):
+                raise AdapterError(f"{where}.{attr}: in_features and out_features must be positive integers, got {pc!r}")
+            if ec["rank"] > min(pc["in_features"], pc["out_features"]):
+                raise AdapterError(f"{where}.{attr}: rank {ec['rank']} exceeds min(in_features, out_features) = "
+                                   f"{min(pc['in_features'], pc['out_features'])}")
+
+
+def _check_experts_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> set[str]:
+    """Check each expert factor stack's presence, dtype, shape and finiteness; return their names."""
+    dtype = _DTYPE_NAMES[config["adapter_dtype"]]
+    names: set[str] = set()
+    for name, ec in config.get("experts", {}).items():
+        E, r = ec["num_experts"], ec["rank"]
+        for attr, pc in ec["projections"].items():
+            m, n = pc["out_features"], pc["in_features"]
+            shapes = {"U": (E, m, r), "S": (E, r), "V": (E, n, r)}
+            for key in _FACTORS:
+                tname = f"{name}.{attr}.{key}"
+                names.add(tname)
+                t = tensors.get(tname)
+                if t is None:
+                    raise AdapterError(f"adapter weights {source} lack tensor {tname}")
+                where = f"{source}: experts {name}.{attr}: tensor {key}"
+                if t.dtype != dtype:
+                    raise AdapterError(f"{where} has dtype {_dtype_name(t.dtype)} but the config says adapter_dtype "
+                                       f"{config['adapter_dtype']}")
+                if tuple(t.shape) != shapes[key.rstrip("0")]:
+                    raise AdapterError(f"{where} has shape {tuple(t.shape)} but the config needs {shapes[key.rstrip('0')]}")
+                if not bool(torch.isfinite(t).all()):
+                    raise AdapterError(f"{where} has non-finite (NaN or inf) values")
+    return names
+
+
+def _check_experts_base(base_model: nn.Module, config: dict[str, Any]) -> None:
+    for name, ec in config.get("experts", {}).items():
+        try:
+            module = base_model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"the adapter targets experts {name}, which the base model does not have") from None
+        if is_adapted_experts(module):
+            raise AdapterError(f"experts {name} already hold SORSA experts; load the adapter on an untouched base model")
+        if not is_fused_experts(module):
+            raise AdapterError(f"the adapter targets experts {name}, which is a {type(module).__name__}, "
+                               "not a transformers experts module with fused 3-D weights")
+        if sorted(expert_weight_names(module)) != sorted(ec["projections"]):
+            raise AdapterError(f"experts {name} have projections {list(expert_weight_names(module))} but the adapter "
+                               f"holds {list(ec['projections'])}")
+        for attr, pc in ec["projections"].items():
+            w = getattr(module, attr)
+            w = w.mT if getattr(module, "is_transposed", False) else w
+            want = (ec["num_experts"], pc["out_features"], pc["in_features"])
+            if tuple(w.shape) != want:
+                raise AdapterError(f"experts {name}.{attr} have weight shape {tuple(w.shape)} but the adapter was "
+                                   f"trained on {want} (experts, out_features, in_features)")
+
+
+def _load_experts(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    for name, ec in config.get("experts", {}).items():
+        factors = {}
+        for attr in ec["projections"]:
+            U, S, V, U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in _FACTORS)
+            factors[attr] = {"U0": U0, "S0": S0, "V0": V0, "trained": (U, S, V)}
+        adapt_experts(base_model.get_submodule(name), ec["rank"], name=name, factors=factors,
+                      alpha=config.get("alpha"), residual_dtype=_DTYPE_NAMES[ec["residual_dtype"]])
