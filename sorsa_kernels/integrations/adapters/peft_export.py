@@ -25,6 +25,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from ...nn.checks import check_finite
 from .surgery import sorsa_layers
 
 __all__ = ["export_peft_lora", "lora_factors"]
@@ -91,6 +92,7 @@ def export_peft_lora(
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", dtype).contiguous()
         if ranks[name] != r:
             rank_pattern[name] = ranks[name]
+    _check_export_finite(tensors)
     if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
         return directory
     config = {
@@ -116,3 +118,10 @@ def export_peft_lora(
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _check_export_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write an export holding NaN/Inf (a diverged adapter, or an overflow in ``dtype``)."""
+    for key, t in tensors.items():
+        check_finite(t, f"tensor {key}", "export a PEFT LoRA adapter",
+                     " (the adapter diverged, or the export dtype overflows)")

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...nn.checks import validate_rank
+from ...nn.checks import check_finite, check_weight_for_svd, validate_rank
 from ...nn.factory import layer_class, make_sorsa_linear
-from ...nn.knobs import check_knob
+from ...nn.knobs import check_knob, check_scale
 from ...nn.linear import SORSALinear
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
-           "compile_target_regex"]
+           "compile_target_regex", "module_aliases", "replace_everywhere"]
 
 #: The projection names of Llama, Mistral and Qwen decoder layers.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,12 +60,15 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[st
         targets = list(targets)
         if not targets:
             raise ValueError("target_modules is empty")
+        _check_target_names(targets)
         pattern = targets
     names = []
     adapted = []
-    for name, module in model.named_modules():
-        if not name or not _matches(name, pattern):
+    seen: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or id(module) in seen or not _matches(name, pattern):
             continue
+        seen.add(id(module))  # a module shared by several parents is adapted once (see module_aliases)
         if isinstance(module, SORSALinear):
             adapted.append(name)
             continue
@@ -82,6 +85,33 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[st
         )
     if not names:
         raise ValueError(f"no module of the model matches target_modules={targets!r}")
+    return names
+
+
+def _check_target_names(targets: list) -> None:
+    """A list of target names must hold strings (``[None]`` would fail deep in a string join)."""
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise TypeError(f"target_modules must be module names (non-empty strings) or one regular expression; "
+                        f"got {bad[0]!r} in {targets!r}")
+
+
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it has}``: a module shared by two parents
+    (``layers[1].q_proj = layers[0].q_proj``) has two names, and surgery must replace it under both."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            out.setdefault(id(module), []).append(name)
+    return out
+
+
+def replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module,
+                       aliases: Optional[dict[int, list[str]]] = None) -> list[str]:
+    """Put ``new`` at every name where ``old`` appears in ``model``; returns those names."""
+    names = (aliases if aliases is not None else module_aliases(model)).get(id(old), [])
+    for name in names:
+        _set_submodule(model, name, new)
     return names
 
 
@@ -141,6 +171,10 @@ def apply_sorsa(
     for name in names:  # validate every layer before touching any
         w = model.get_submodule(name).weight
         validate_rank(rank, w.shape[1], w.shape[0], name)
+    check_scale(alpha, rank, adapter_dtype)
+    for name in names:  # NaN/Inf or meta weights fail here, before any layer is converted
+        check_weight_for_svd(model.get_submodule(name).weight, name)
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     kwargs = dict(
@@ -149,16 +183,38 @@ def apply_sorsa(
     )
     if quantize is not None:
         kwargs["quant_report"] = quant_report
-    for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
-        linear = model.get_submodule(name)
-        layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
-        _set_submodule(model, name, layer)
-        del linear
+    aliases = module_aliases(model)
+    done: list[tuple[nn.Module, nn.Module]] = []
+    try:
+        for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
+            linear = model.get_submodule(name)
+            layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
+            replace_everywhere(model, linear, layer, aliases)
+            done.append((linear, layer))
+            del linear
+    except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
+        _undo(model, done, aliases)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        raise
     return model
 
 
-def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def _undo(model: nn.Module, done: list[tuple[nn.Module, nn.Module]], aliases: dict[int, list[str]]) -> None:
+    """Undo ``(old, new)`` replacements made by :func:`replace_everywhere`, newest first."""
+    for old, _new in reversed(done):
+        for name in aliases.get(id(old), []):
+            _set_submodule(model, name, old)
+
+
+def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
+                allow_non_finite: bool = False) -> nn.Module:
     """Replace every SORSA layer of ``model`` by its merged ``nn.Linear``, in place.
+
+    All or nothing: a merged weight holding NaN/Inf (a diverged adapter, or an overflow in
+    ``dtype``) is refused with a one-line ValueError naming the layer and the model is left
+    as it was, unless ``allow_non_finite=True`` (PEFT's ``safe_merge`` the other way round).
+    A layer shared by several parents is merged once and replaced everywhere.
 
     Example::
 
@@ -167,6 +223,17 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Mod
     layers = sorsa_layers(model)
     if not layers:
         raise ValueError("the model has no SORSA layers to merge")
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer.merge(dtype))
+    aliases = module_aliases(model)
+    done: list[tuple[nn.Module, nn.Module]] = []
+    try:
+        for name, layer in layers.items():
+            merged = layer.merge(dtype)
+            if not allow_non_finite:
+                check_finite(merged.weight, f"the merged weight of layer {name}", "merge",
+                             " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
+            replace_everywhere(model, layer, merged, aliases)
+            done.append((layer, merged))
+    except BaseException:
+        _undo(model, done, aliases)
+        raise
     return model

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ....nn.knobs import check_knob
+from ....nn.knobs import check_gamma_rate, check_knob, check_scale
 from ..embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
 
 #: Prompt layout for models without a chat template (Alpaca-style).
@@ -131,6 +131,12 @@ def check_knobs(cfg: FinetuneConfig) -> None:
     """Every numeric setting against the one rule table (:mod:`sorsa_kernels.nn.knobs`): finite, in range."""
     for name, label in KNOB_LABELS.items():
         check_knob(name, getattr(cfg, name), label)
+    # knobs whose finite values can still break the arithmetic, bounded by the adapter dtype
+    adapter_dtype = DTYPES.get(cfg.adapter_dtype or "float32", torch.float32)
+    if cfg.rank is not None:
+        check_scale(cfg.alpha, cfg.rank, adapter_dtype)
+    if cfg.learning_rate is not None:
+        check_gamma_rate(cfg.gamma, cfg.learning_rate, adapter_dtype)
 
 
 def target_spec(cfg: FinetuneConfig):
