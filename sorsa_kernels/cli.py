@@ -226,6 +226,11 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if result.plot_note:
         print(result.plot_note)
+    if result.failed:  # the finished methods' results are written; say which method failed, once
+        m, why = next(iter(result.failed.items()))
+        more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
+        raise ValueError(f"compare: method {m} {why}{more}; the other methods' results are in "
+                         f"{result.output_dir / 'compare.json'}")
     return 0
 
 
