@@ -183,6 +183,7 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
     eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out", data_counts["held-out"]) if held_rows else None
     if not sharded_qsorsa:
         apply_config_sorsa(model, cfg)
+    print_adaptation_summary(model, cfg)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
@@ -203,6 +204,19 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
     if own_default:
         lock.release(finished=True)
     return result
+
+
+def print_adaptation_summary(model, cfg: FinetuneConfig) -> None:
+    """Print what SORSA adapted as one line (main process), and with ``--verbose`` every layer left alone."""
+    from ...adapters.summary import adaptation_summary
+
+    if not is_main_process():
+        return
+    summary = adaptation_summary(model)
+    print(summary.line(), flush=True)
+    if cfg.verbose:
+        for line in summary.details():
+            print(f"  {line}", flush=True)
 
 
 def _check_finite(model, losses, step: int) -> None:
