@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -17,6 +18,8 @@ __all__ = ["ortho_value", "ortho_value_and_grad_"]
 
 def ortho_value(mats: Sequence[Tensor], transposed: Optional[Sequence[bool]] = None) -> Tensor:
     """``mean_i ‖A_iᵀA_i − I‖_F`` over k×r matrices, as a float32 scalar (differentiable).
+
+    A stack E×k×r (a MoE layer's experts) counts as its E matrices.
 
     ``transposed[i]`` marks a matrix stored r×k (its term is ``‖A_i·A_iᵀ − I‖_F``).
     """
@@ -30,7 +33,8 @@ def ortho_value_and_grad_(
 ) -> Tensor:
     """Add ``coeff·∇(mean_i ‖A_iᵀA_i − I‖_F)`` to each ``A_i.grad``; return the mean (device scalar).
 
-    ``.grad`` is created where it is None; ``transposed[i]`` marks a matrix stored r×k.
+    ``.grad`` is created where it is None; ``transposed[i]`` marks a matrix stored r×k.  A
+    stack E×k×r (a MoE layer's experts) counts as its E matrices in the mean.
     Uses the grouped Triton kernel (three launches for the whole set) when
     :func:`~sorsa_kernels.ops.dispatch.use_triton` says so, else the reference loop.
 
@@ -50,8 +54,35 @@ def ortho_value_and_grad_(
     if use_triton(mats[0]):
         from ..kernels import ortho_reg
 
-        return ortho_reg.grouped_ortho_value_and_grad_(list(mats), float(coeff), tr)
+        mats, tr = _per_expert(mats, tr)
+        return ortho_reg.grouped_ortho_value_and_grad_(mats, float(coeff), tr)
     return reference.ortho_value_and_grad_(mats, float(coeff), tr)
+
+
+def _per_expert(mats: Sequence[Tensor], tr: Optional[list[bool]]) -> tuple[list[Tensor], Optional[list[bool]]]:
+    """The grouped kernel's 2-D matrices: each stack E×k×r (a MoE layer's experts) becomes its
+    E views, whose ``.grad`` are the matching views of the stack's ``.grad`` (created as zeros
+    where it is None), so the kernel's in-place update lands in the stack's gradient.  The
+    kernel then covers every expert of every layer in its three launches; the only per-expert
+    Python work is the ``.grad`` assignment of each view."""
+    if all(a.dim() == 2 for a in mats):
+        return list(mats), tr
+    out: list[Tensor] = []
+    flags: list[bool] = []
+    for i, a in enumerate(mats):
+        t = False if tr is None else tr[i]
+        if a.dim() != 3:
+            out.append(a)
+            flags.append(t)
+            continue
+        if a.grad is None:
+            a.grad = torch.zeros_like(a)
+        views = a.detach().unbind(0)
+        for v, g in zip(views, a.grad.unbind(0)):
+            v.grad = g
+        out.extend(views)
+        flags.extend([t] * len(views))
+    return out, flags
 
 
 def _is_sharded(mats: Sequence[Tensor]) -> bool:
@@ -68,7 +99,6 @@ def _sharded_value_and_grad_(mats: Sequence[Tensor], coeff: float, tr) -> Tensor
     Every rank must call it (the gathers are collectives).  The full copies are r-wide, so
     the extra memory is one adapter set at a time.
     """
-    import torch
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     full = [m.full_tensor().detach() if isinstance(m, DTensor) else m.detach() for m in mats]

@@ -30,6 +30,7 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
 from ...nn.checks import check_finite
+from .experts import adapted_experts
 from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
 from .targets import HEAD_NAMES, infer_task_type
@@ -82,6 +83,7 @@ def export_peft_lora(
         >>> export_peft_lora(model, "out/lora")
         >>> lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/lora")
     """
+    _refuse_experts(model)
     layers = sorsa_layers(model)
     if not layers:
         raise ValueError("the model has no SORSA layers; nothing to export")
@@ -136,6 +138,18 @@ def export_peft_lora(
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _refuse_experts(model) -> None:
+    """SORSA experts have no PEFT LoRA export yet: a one-line error naming merge as the way out."""
+    experts = adapted_experts(model)
+    if experts:
+        raise ValueError(
+            f"the model holds SORSA experts ({next(iter(experts))}"
+            + (f" and {len(experts) - 1} more" if len(experts) > 1 else "")
+            + "), which export_peft_lora cannot write as a PEFT LoRA; merge them with "
+            "sorsa_kernels.merge_sorsa(model) and save the merged model instead"
+        )
 
 
 def _saved_module_tensors(model: nn.Module, task_type: Optional[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -13,9 +13,11 @@ from ...nn.checks import check_finite, check_weight_for_svd, linear_weight, vali
 from ...nn.factory import layer_class, make_sorsa_linear
 from ...nn.knobs import check_knob, check_scale
 from ...nn.linear import SORSALinear
+from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
 from .modules_to_save import resolve_modules_to_save, unwrap_saved_modules, wrap_modules_to_save
 from .summary import adaptation_summary
-from .targets import ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_linear_like
+from .targets import (ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_all_linear,
+                      is_linear_like)
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
            "compile_target_regex", "module_aliases", "replace_everywhere"]
@@ -51,12 +53,8 @@ def _matches(name: str, targets: TargetSpec) -> bool:
     return any(name == t or last == t or name.endswith("." + t) for t in targets)
 
 
-def _is_all_linear(targets: TargetSpec) -> bool:
-    return targets == ALL_LINEAR or (not isinstance(targets, str) and targets is not None
-                                     and list(targets) == [ALL_LINEAR])
-
-
-def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude: Sequence[str] = ()) -> list[str]:
+def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude: Sequence[str] = (),
+                 allow_empty: bool = False) -> list[str]:
     """Names of the modules ``apply_sorsa`` would adapt.
 
     ``target_modules``: None (the projections of the model's architecture, by
@@ -71,7 +69,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
     and the model's linear layers).
     """
     exclude = tuple(exclude)
-    if _is_all_linear(target_modules):
+    if is_all_linear(target_modules):
         targets, pattern = ALL_LINEAR, None
     elif target_modules is None:
         targets = pattern = list(default_target_modules(model))
@@ -89,6 +87,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
     chosen = set(all_linear_names(model, exclude)) if pattern is None else None
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or id(module) in seen or any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        if is_expert_module(module):  # fused MoE experts: integrations/adapters/experts.py
             continue
         if isinstance(module, SORSALinear):
             if chosen is not None or _matches(name, pattern):
@@ -117,7 +117,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
             + (f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else "")
             + "; apply_sorsa once per model (merge_sorsa first to adapt the merged weights)"
         )
-    if not names:
+    if not names and not allow_empty:
         raise ValueError(f"no module of the model matches target_modules={targets!r}")
     return names
 
@@ -205,6 +205,12 @@ def apply_sorsa(
     layer; ``None`` skips the report; ``sorsa_kernels.quant.QuantReport.from_model`` sums them).
     Other arguments are those of :meth:`SORSALinear.from_linear`.
 
+    Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the routed experts,
+    fused 3-D weights, are adapted too with the default targets (their rows of the table name
+    ``"experts"``; ``"experts"`` in ``target_modules`` names them; ``"all-linear"`` leaves them
+    frozen, as PEFT's option does): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
+    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`), the routing is untouched.
+
     Example::
 
         >>> model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
@@ -218,7 +224,8 @@ def apply_sorsa(
                         ("quant_iters", quant_iters)):
         check_knob(knob, value)
     saved = resolve_modules_to_save(model, modules_to_save)
-    names = find_targets(model, target_modules, exclude=saved)
+    experts = plan_experts(model, rank, target_modules, quantize=quantize, dropout=dropout, exclude=saved)
+    names = find_targets(model, target_modules, exclude=saved, allow_empty=bool(experts))
     for name in names:  # validate every layer before touching any
         w = linear_weight(model.get_submodule(name))
         validate_rank(rank, w.shape[1], w.shape[0], name)
@@ -243,6 +250,8 @@ def apply_sorsa(
             replace_everywhere(model, linear, layer, aliases)
             done.append((linear, layer))
             del linear
+        apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
+                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha)
         wrap_modules_to_save(model, saved)
     except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
         _undo(model, done, aliases)
@@ -275,8 +284,6 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
         >>> merge_sorsa(model).save_pretrained("merged")
     """
     layers = sorsa_layers(model)
-    if not layers:
-        raise ValueError("the model has no SORSA layers to merge")
     aliases = module_aliases(model)
     done: list[tuple[nn.Module, nn.Module]] = []
     try:
@@ -287,8 +294,11 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
                              " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
             replace_everywhere(model, layer, merged, aliases)
             done.append((layer, merged))
+        merged_experts = merge_all_experts(model, dtype)
     except BaseException:
         _undo(model, done, aliases)
         raise
+    if not layers and not merged_experts:
+        raise ValueError("the model has no SORSA layers to merge")
     unwrap_saved_modules(model)
     return model
