@@ -5,51 +5,84 @@ expert ``y_e = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ + b_e``.  Neither
 backward forms an expert's dense ``ΔW`` (let alone the E×m×n stack): the math is
 :func:`sorsa_kernels.ops.reference.experts_forward` / ``experts_backward``, and on the Triton
 path the grouped kernels of :mod:`sorsa_kernels.kernels.grouped_sorsa` (one launch over all
-experts per GEMM).  :func:`~sorsa_kernels.ops.dispatch.use_triton` picks the path.
+experts per GEMM).  The kernel-or-reference decision is made once per call
+(:func:`sorsa_kernels.ops.dispatch.kernel_path`) and used by the forward and the backward; a
+kernel that cannot compile or launch on the GPU falls back to the reference for that shape
+(:func:`~sorsa_kernels.ops.dispatch.run_with_fallback`).
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward.  The residual and the bias
 are frozen (a residual that requires grad is rejected).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import use_triton
+from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
 
 __all__ = ["sorsa_experts"]
 
-# Compute dtypes the Triton kernels cover; anything else (float64) runs the reference.
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FORWARD = "sorsa_experts forward"
+_BACKWARD = "sorsa_experts backward"
 
 
-def _impls(t: Tensor, *params: Optional[Tensor]):
-    if use_triton(t) and all(p is None or p.dtype in _KERNEL_DTYPES for p in (t, *params)):
-        from ..kernels import grouped_sorsa as kernels
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """kernels/grouped_sorsa.py, imported on the first kernel call (it needs Triton)."""
+    from ..kernels import grouped_sorsa
 
-        return kernels.grouped_forward, kernels.grouped_backward
-    return reference.experts_forward, reference.experts_backward
+    return grouped_sorsa
+
+
+def _key(x: Tensor, residual: Optional[Tensor], U: Tensor, bias: Optional[Tensor]) -> tuple:
+    """The fallback key of a call: device, dtype, rows (bucketed), in_features, (E, m, r)."""
+    return (x.device, x.dtype, pow2_bucket(x.shape[0]), x.shape[1], *U.shape,
+            residual is not None, bias is not None)
+
+
+def _shape(x: Tensor, U: Tensor) -> str:
+    return f"x {tuple(x.shape)} {str(x.dtype)[6:]}, (experts, out, r) = {tuple(U.shape)}"
 
 
 class _SORSAExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, residual, U, S, V, bias, scale):
-        forward, _ = _impls(x, residual, U, S, V)
-        y, u = forward(x, counts, residual, U, S, V, bias, scale)
+    def forward(ctx, x, counts, residual, U, S, V, bias, scale, kernel):
+        key = _key(x, residual, U, bias)
+
+        def ref():
+            return reference.experts_forward(x, counts, residual, U, S, V, bias, scale)
+
+        if kernel:
+            y, u = run_with_fallback(_FORWARD, key, x.device, _shape(x, U),
+                                     lambda: _kernels().grouped_forward(x, counts, residual, U, S, V, bias, scale), ref)
+        else:
+            y, u = ref()
         ctx.save_for_backward(x, counts, u, residual, U, S, V)
         ctx.scale = scale
+        ctx.kernel = kernel
+        ctx.key = _key(x, residual, U, None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, counts, u, residual, U, S, V = ctx.saved_tensors
-        _, backward = _impls(dy, residual, U, S, V)
         needs_dx = ctx.needs_input_grad[0]
-        dx, dU, dS, dV = backward(dy.contiguous(), x, u, counts, residual, U, S, V, ctx.scale, needs_dx)
-        return dx, None, None, dU, dS, dV, None, None
+        dy = dy.contiguous()
+        args = (dy, x, u, counts, residual, U, S, V, ctx.scale, needs_dx)
+
+        def ref():
+            return reference.experts_backward(*args)
+
+        if ctx.kernel and not fallen_back(_BACKWARD, ctx.key):
+            dx, dU, dS, dV = run_with_fallback(_BACKWARD, ctx.key, dy.device, _shape(x, U),
+                                               lambda: _kernels().grouped_backward(*args), ref)
+        else:
+            dx, dU, dS, dV = ref()
+        return dx, None, None, dU, dS, dV, None, None, None
 
 
 def _check(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
@@ -111,4 +144,5 @@ def sorsa_experts(
         >>> y = sorsa_experts(x, counts, layer.residual, layer.U, layer.S, layer.V)
     """
     _check(x, counts, residual, U, S, V, bias)
-    return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale))
+    kernel = kernel_path(x, residual, U, S, V) and not fallen_back(_FORWARD, _key(x, residual, U, bias))
+    return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale), kernel)
