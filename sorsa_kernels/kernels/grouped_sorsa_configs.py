@@ -53,12 +53,18 @@ def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Configs of the grouped GEMM that fit the device's shared memory (one K step holds a
     ROW_BLOCK × BLOCK_K A tile and a BLOCK_K × BLOCK_N B tile, each in the dtype it is
     stored in: fp32 adapters are cast in registers); for fp32 operands also ≤ 64 fp32
-    accumulators per thread, as the dense GEMM (kernels/residual_gemm_configs.py)."""
+    accumulators and ≤ 64 operand elements of a K step per thread: N128×K64 at 4 warps (96
+    operand elements) spilled 520 B and N256×K64 at 8 warps (80) 276 B per thread on sm_80
+    in the residual forms, fp32 under ``high`` (compile facts); the others ≤ 80 B."""
     a2 = named_args["a2_ptr"]
     rows = kwargs.get("BLOCK_M", ROW_BLOCK)
     kept = configs
     if a2.element_size() == 4:
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] * rows // (32 * c.num_warps) <= 64] or configs
+        def per_thread(c, n):
+            return n // (32 * c.num_warps)
+
+        kept = [c for c in configs if per_thread(c, rows * c.kwargs["BLOCK_N"]) <= 64
+                and per_thread(c, c.kwargs["BLOCK_K"] * (rows + c.kwargs["BLOCK_N"])) <= 64] or configs
     a_esz = max(named_args[k].element_size() for k in ("a1_ptr", "a2_ptr"))
     b_esz = max(named_args[k].element_size() for k in ("b1_ptr", "b2_ptr"))
     prec = kwargs.get("INPUT_PRECISION", "tf32")
