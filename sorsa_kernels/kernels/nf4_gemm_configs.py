@@ -52,7 +52,7 @@ def prune_nf4_configs(configs: list, named_args: dict, **kwargs) -> list:
     a = named_args["a_ptr"]
     esz = a.element_size()
     kept = configs
-    if kwargs.get("INPUT_PRECISION") == "ieee":
+    if esz == 4 and kwargs.get("INPUT_PRECISION") == "ieee":  # 16-bit operands pass "ieee" too: ignored
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_K"] <= 32] or configs
     return fit_smem(kept, device_target(a.device),
                     lambda c: c.kwargs["BLOCK_K"] * (esz * c.kwargs["BLOCK_M"] + _DEQUANT_TILE_BYTES * c.kwargs["BLOCK_N"]),

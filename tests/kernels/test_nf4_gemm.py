@@ -183,3 +183,5 @@ def test_nf4_prune_keeps_only_32x32_a_tiles_for_ieee_fp32():
     assert cfgs.prune_nf4_configs(every, dict(a_ptr=f32), INPUT_PRECISION="tf32") == every
     kept = cfgs.prune_nf4_configs(every, dict(a_ptr=f32), INPUT_PRECISION="ieee")
     assert kept and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_K"] <= 32 for c in kept)
+    bf16 = torch.empty(1, dtype=torch.bfloat16)  # the launcher passes "ieee" for 16-bit operands too
+    assert cfgs.prune_nf4_configs(every, dict(a_ptr=bf16), INPUT_PRECISION="ieee") == every

@@ -540,6 +540,8 @@ def test_ieee_fp32_prunes_keep_only_32_deep_k_steps():
     tf32 = gcfg.prune_gemm_configs(gemm_cfgs, dict(M=4096, a2_ptr=f32), INPUT_PRECISION="tf32")
     ieee = gcfg.prune_gemm_configs(gemm_cfgs, dict(M=4096, a2_ptr=f32), INPUT_PRECISION="ieee")
     assert ieee and all(c.kwargs["BLOCK_K"] <= 32 for c in ieee) and any(c.kwargs["BLOCK_K"] > 32 for c in tf32)
+    bf = torch.empty(1, dtype=torch.bfloat16)  # the NF4 path passes "ieee" for 16-bit operands: ignored
+    assert gcfg.prune_gemm_configs(gemm_cfgs, dict(M=512, a2_ptr=bf), INPUT_PRECISION="ieee") == gemm_cfgs
     skinny = kcfg.prune_skinny_configs(kcfg.skinny_configs(interpret=False), dict(x_ptr=f32), BLOCK_R=128,
                                        INPUT_PRECISION="ieee")
     assert skinny and all(c.kwargs["BLOCK_K"] <= 32 for c in skinny)
