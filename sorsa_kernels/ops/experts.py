@@ -48,41 +48,54 @@ def _shape(x: Tensor, U: Tensor) -> str:
     return f"x {tuple(x.shape)} {str(x.dtype)[6:]}, (experts, out, r) = {tuple(U.shape)}"
 
 
+def _experts_forward(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+                     bias: Optional[Tensor], scale: float, kernel: bool) -> tuple[Tensor, Tensor]:
+    """``(y, u)`` by the grouped kernels (``kernel``: the call's decision) or the reference."""
+    key = _key(x, residual, U, bias)
+
+    def ref():
+        return reference.experts_forward(x, counts, residual, U, S, V, bias, scale)
+
+    if kernel and not fallen_back(_FORWARD, key):
+        return run_with_fallback(_FORWARD, key, x.device, _shape(x, U),
+                                 lambda: _kernels().grouped_forward(x, counts, residual, U, S, V, bias, scale), ref)
+    return ref()
+
+
+def _experts_backward(dy: Tensor, x: Tensor, u: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor,
+                      S: Tensor, V: Tensor, scale: float, needs_dx: bool, kernel: bool):
+    """``(dx, dU, dS, dV)`` by the grouped kernels (``kernel``: the forward's decision) or the reference."""
+    key = _key(x, residual, U, None)
+    args = (dy, x, u, counts, residual, U, S, V, scale, needs_dx)
+
+    def ref():
+        return reference.experts_backward(*args)
+
+    if kernel and not fallen_back(_BACKWARD, key):
+        return run_with_fallback(_BACKWARD, key, dy.device, _shape(x, U), lambda: _kernels().grouped_backward(*args), ref)
+    return ref()
+
+
 class _SORSAExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, residual, U, S, V, bias, scale, kernel):
-        key = _key(x, residual, U, bias)
-
-        def ref():
-            return reference.experts_forward(x, counts, residual, U, S, V, bias, scale)
-
-        if kernel:
-            y, u = run_with_fallback(_FORWARD, key, x.device, _shape(x, U),
-                                     lambda: _kernels().grouped_forward(x, counts, residual, U, S, V, bias, scale), ref)
-        else:
-            y, u = ref()
+        y, u = _experts_forward(x, counts, residual, U, S, V, bias, scale, kernel)
         ctx.save_for_backward(x, counts, u, residual, U, S, V)
         ctx.scale = scale
         ctx.kernel = kernel
-        ctx.key = _key(x, residual, U, None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, counts, u, residual, U, S, V = ctx.saved_tensors
-        needs_dx = ctx.needs_input_grad[0]
-        dy = dy.contiguous()
-        args = (dy, x, u, counts, residual, U, S, V, ctx.scale, needs_dx)
-
-        def ref():
-            return reference.experts_backward(*args)
-
-        if ctx.kernel and not fallen_back(_BACKWARD, ctx.key):
-            dx, dU, dS, dV = run_with_fallback(_BACKWARD, ctx.key, dy.device, _shape(x, U),
-                                               lambda: _kernels().grouped_backward(*args), ref)
-        else:
-            dx, dU, dS, dV = ref()
+        dx, dU, dS, dV = _experts_backward(dy.contiguous(), x, u, counts, residual, U, S, V, ctx.scale,
+                                           ctx.needs_input_grad[0], ctx.kernel)
         return dx, None, None, dU, dS, dV, None, None, None
+
+
+def _decide(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor]) -> bool:
+    """The call's dispatch decision: the kernels, unless this shape's forward failed before."""
+    return kernel_path(x, residual, U, S, V) and not fallen_back(_FORWARD, _key(x, residual, U, bias))
 
 
 def _check(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
@@ -144,5 +157,4 @@ def sorsa_experts(
         >>> y = sorsa_experts(x, counts, layer.residual, layer.U, layer.S, layer.V)
     """
     _check(x, counts, residual, U, S, V, bias)
-    kernel = kernel_path(x, residual, U, S, V) and not fallen_back(_FORWARD, _key(x, residual, U, bias))
-    return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale), kernel)
+    return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale), _decide(x, residual, U, S, V, bias))
