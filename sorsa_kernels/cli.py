@@ -50,7 +50,9 @@ def _add_finetune(sub) -> None:
 def _add_job_flags(p) -> None:
     """The finetune job's flags (model, data, SORSA, training, evaluation), shared with ``compare``."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="embedded", help="local path or Hub id of a causal LM (default: embedded)")
+    g.add_argument("--model", default="embedded",
+                   help="local path or Hub id of a causal LM, or a .gguf file (dequantized; its tokenizer and "
+                        "chat template come from the same file) (default: embedded)")
     g.add_argument("--data", help="training data: .jsonl, .json or .parquet with prompt/response fields")
     g.add_argument("--eval-data", help="held-out data (default: --eval-fraction of --data)")
     g.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
@@ -98,6 +100,10 @@ def _add_job_flags(p) -> None:
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out fraction of --data (default: 0.05)")
     g.add_argument("--eval-samples", type=int, default=200, help="held-out examples for exact match (default: 200)")
     g.add_argument("--max-new-tokens", type=int, help="generation length for exact match (default: from responses)")
+    g.add_argument("--answer-pattern", metavar="REGEX",
+                   help="exact match compares the answer this regular expression extracts (its group, e.g. "
+                        "'#### (\\S+)'), or 'last-number', from completion and response instead of the whole "
+                        "response: for chain-of-thought data (default: the whole response)")
     g.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
     g.add_argument("--report-to", default="none", help="Trainer loggers: none, tensorboard, wandb … (default: none)")
     g.add_argument("--pretrain-steps", type=int, help="embedded model only: in-process pretraining steps (default: 300)")
@@ -125,6 +131,9 @@ def _add_compare(sub) -> None:
                    help="record every N steps (default: a tenth of the steps); --eval-steps, a multiple of N, "
                         "sets how often held-out loss and exact match are measured (default: every record)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="compare.json and compare.md only")
+    g.add_argument("--lr-sweep", metavar="LR[,LR...]",
+                   help="train every method at each of these learning rates (same budget) and report each at its "
+                        "own best final held-out loss; replaces --lr (default: one run per method at --lr)")
     p.set_defaults(run=_compare)
 
 
@@ -205,11 +214,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .integrations.training.compare import CompareConfig, run_compare
+    from .integrations.training.compare import CompareConfig, parse_lr_sweep, run_compare
     from .integrations.training.compare_report import ordering_line, summary_table
 
+    lr_sweep = parse_lr_sweep(args.lr_sweep) if args.lr_sweep is not None else None
     result = run_compare(CompareConfig(config_from_args(args), methods=tuple(args.methods), full=args.full,
-                                       record_every=args.record_every, plots=args.plots))
+                                       record_every=args.record_every, plots=args.plots, lr_sweep=lr_sweep))
     report = result.report
     print()
     print(summary_table(report))

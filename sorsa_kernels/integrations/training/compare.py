@@ -19,6 +19,11 @@ difference is ``1/(m+n)`` (0.4 % on the embedded model).  Scales match too: SORS
 is ``alpha/r`` (1 without ``--alpha``) and LoRA/PiSSA get ``lora_alpha = alpha`` (``r``
 without ``--alpha``), i.e. the same scaling — the PiSSA paper's ``lora_alpha = r``.
 
+With ``--lr-sweep LR[,LR...]`` every method is trained at every learning rate with the same
+budget, and each is reported at its own best one — the lowest final held-out loss (papers
+tune each method; one shared learning rate favours one of them).  The sweep itself goes to
+``compare.json`` (``lr_sweep``), ``compare.md`` and ``compare_lr_sweep.png``.
+
 Every ``--record-every`` steps a :class:`~sorsa_kernels.TrajectoryCallback` records the
 training loss, orthonormality, ΔΣ/ΔD against the pretrained weights, and (every
 ``--eval-steps``) the held-out loss — the mean token cross-entropy over all held-out
@@ -61,7 +66,8 @@ from .finetune.model import apply_config_sorsa, load_base
 from .finetune.training import training_arguments
 from ..adapters.surgery import find_targets
 
-__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "check_compare_config", "load_splits"]
+__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "check_compare_config", "load_splits",
+           "parse_lr_sweep", "check_lr_sweep", "best_learning_rate"]
 
 #: The methods ``compare`` can train, in report order.
 METHODS = ("sorsa", "pissa", "lora", "full")
@@ -91,7 +97,9 @@ class CompareConfig:
     """A comparison: the finetune job's settings (shared by every method) plus what to compare.
 
     ``finetune.eval_steps`` sets how often held-out loss and exact match are measured
-    (a multiple of ``record_every``; default: at every record).
+    (a multiple of ``record_every``; default: at every record).  ``lr_sweep``: learning
+    rates to train every method at (instead of ``finetune.learning_rate``); each method is
+    reported at its best.
     """
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -99,6 +107,7 @@ class CompareConfig:
     full: bool = False
     record_every: Optional[int] = None
     plots: bool = True
+    lr_sweep: Optional[tuple[float, ...]] = None
 
     @property
     def method_list(self) -> list[str]:
@@ -147,6 +156,73 @@ def check_compare_config(config: CompareConfig, cfg: FinetuneConfig) -> None:
         raise ValueError(f"eval-steps {cfg.eval_steps} must be a multiple of record-every {config.record_every}")
     if not cfg.embedded and cfg.data is not None and cfg.eval_data is None and cfg.eval_fraction <= 0:
         raise ValueError("compare needs held-out data: set --eval-fraction above 0 or pass --eval-data")
+    if config.lr_sweep is not None:
+        check_lr_sweep(config.lr_sweep)
+        if config.finetune.learning_rate is not None:
+            raise ValueError("compare takes --lr or --lr-sweep, not both: the sweep gives every learning rate")
+
+
+# ---------------------------------------------------------------------- learning-rate sweep
+def parse_lr_sweep(text: str) -> tuple[float, ...]:
+    """``"1e-4,3e-4,1e-3"`` as a tuple of floats (checked by :func:`check_lr_sweep`).
+
+    Example::
+
+        >>> parse_lr_sweep("1e-4, 3e-4")
+        (0.0001, 0.0003)
+    """
+    try:
+        lrs = tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"lr-sweep {text!r} is not a comma-separated list of learning rates, "
+                         "e.g. 1e-4,3e-4,1e-3") from None
+    check_lr_sweep(lrs)
+    return lrs
+
+
+def check_lr_sweep(lrs) -> None:
+    """Raise a one-line ValueError unless ``lrs`` is a non-empty list of distinct positive finite numbers."""
+    if not lrs:
+        raise ValueError("lr-sweep needs at least one learning rate, e.g. 1e-4,3e-4,1e-3")
+    for lr in lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr-sweep: every learning rate must be a positive finite number, got {lr!r}")
+    if len(set(lrs)) != len(lrs):
+        raise ValueError(f"lr-sweep lists a learning rate twice: {', '.join(f'{lr:g}' for lr in lrs)}")
+
+
+def best_learning_rate(by_lr: dict[float, dict[str, Any]]) -> float:
+    """The learning rate whose run ends with the lowest held-out loss.
+
+    A diverged run (no finite final held-out loss) never wins unless every run diverged;
+    ties go to the smaller learning rate.
+
+    Example::
+
+        >>> best_learning_rate({1e-4: run_a, 1e-3: run_b})
+        0.001
+    """
+    def key(lr: float):
+        loss = by_lr[lr]["records"][-1].get("heldout_loss")
+        finite = loss is not None and math.isfinite(loss)
+        return (not finite, loss if finite else 0.0, lr)
+
+    return min(by_lr, key=key)
+
+
+def _train_sweep(method: str, model, lrs: tuple[float, ...], cfg: FinetuneConfig, train_one) -> dict[float, dict]:
+    """``{lr: run}`` of one prepared ``model`` trained from its initial state at every learning rate.
+
+    ``train_one(model, cfg)`` trains and returns the run's dict; each learning rate but
+    the last trains a copy, so every run starts from the same initialization.
+    """
+    runs = {}
+    for i, lr in enumerate(lrs):
+        trial = model if i == len(lrs) - 1 else copy.deepcopy(model)
+        runs[lr] = train_one(trial, dataclasses.replace(cfg, learning_rate=lr))
+        runs[lr]["learning_rate"] = lr
+        del trial
+    return runs
 
 
 def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
@@ -275,7 +351,7 @@ def _evaluator(tokenizer, held_ds, em_rows, cfg: FinetuneConfig, use_chat: bool,
         out = {"heldout_loss": total / max(count, 1)}
         if em_rows:
             out["exact_match"] = exact_match(model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
-                                             cfg.eval_batch_size)
+                                             cfg.eval_batch_size, answer_pattern=cfg.answer_pattern)
         return out
 
     return evaluate
@@ -334,6 +410,8 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     setup_s = time.perf_counter() - t_start
 
     runs: dict[str, dict[str, Any]] = {}
+    sweep: dict[str, dict[float, dict[str, Any]]] = {}
+    lrs = tuple(config.lr_sweep) if config.lr_sweep else (cfg.learning_rate,)
     with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, _quiet_transformers():
         for method in config.method_list:
             t0 = time.perf_counter()
@@ -343,15 +421,23 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
                 model, _ = load_base(cfg.model, progress=False)
             torch.manual_seed(cfg.seed)  # LoRA's A init; the data order has its own seeded sampler
             model = _prepare(method, model, cfg, targets)
-            runs[method] = _train(method, model, tokenizer, cfg, train_ex, Path(scratch) / method,
-                                  TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
-                                                     evaluate=evaluate, evaluate_every=evaluate_every),
-                                  t0)
+            prepare_s = time.perf_counter() - t0
+
+            def train_one(trial, trial_cfg, method=method, prepare_s=prepare_s):
+                folder = Path(scratch) / method / f"lr{trial_cfg.learning_rate:g}"
+                recorder = TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
+                                              evaluate=evaluate, evaluate_every=evaluate_every)
+                return _train(method, trial, tokenizer, trial_cfg, train_ex, folder, recorder,
+                              time.perf_counter() - prepare_s)
+
+            sweep[method] = _train_sweep(method, model, lrs, cfg, train_one)
+            runs[method] = sweep[method][best_learning_rate(sweep[method])]
             del model
     if not cfg.embedded:
         del base
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = build_report(config, cfg, runs, record_every=record_every, evaluate_every=evaluate_every,
+                          sweep=sweep if config.lr_sweep else None,
                           timing={"setup_s": setup_s, "total_s": time.perf_counter() - t_start},
                           machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                    "load_avg_start": load_start, "load_avg_end": load_end})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -91,6 +92,7 @@ class FinetuneConfig:
     eval_samples: int = 200
     eval_batch_size: int = 32
     max_new_tokens: Optional[int] = None
+    answer_pattern: Optional[str] = None
     evaluate: bool = True
     fsdp: bool = False
     pretrain_steps: Optional[int] = None
@@ -148,6 +150,24 @@ def target_spec(cfg: FinetuneConfig):
     return targets
 
 
+#: ``--answer-pattern`` value that compares the last number of each text.
+LAST_NUMBER = "last-number"
+
+
+def check_answer_pattern(pattern: Optional[str]) -> None:
+    """Raise a one-line ValueError unless ``pattern`` is None, ``last-number`` or a regex with at most one group."""
+    if pattern is None or pattern == LAST_NUMBER:
+        return
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as e:
+        raise ValueError(f"answer-pattern {pattern!r} is not a valid regular expression ({e}); pass one such "
+                         f"as '#### (\\S+)' or {LAST_NUMBER}") from None
+    if groups > 1:
+        raise ValueError(f"answer-pattern {pattern!r} has {groups} groups; it may have at most one (the answer), "
+                         "e.g. '#### (\\S+)'")
+
+
 def check_prompt_template(template: str) -> None:
     """Raise a one-line ValueError unless ``template`` formats with ``prompt`` alone."""
     if "{prompt}" not in template:
@@ -172,13 +192,15 @@ def looks_like_path(name: str) -> bool:
 
 
 def check_model_path(name: str) -> None:
-    """Raise ``cannot load model: no such model folder: PATH`` for a local path that does not exist."""
+    """Raise ``cannot load model: no such model folder: PATH`` for a local path that does not exist
+    (``no such GGUF file`` for a missing ``.gguf`` file; a ``.gguf`` file is the one file accepted)."""
     if name != EMBEDDED_NAME and looks_like_path(name):
         path = Path(name).expanduser()
+        gguf = str(name).lower().endswith(".gguf")
         if not path.exists():
-            raise ValueError(f"cannot load model: no such model folder: {name}")
-        if not path.is_dir():
-            raise ValueError(f"cannot load model: {name} is a file, not a model folder")
+            raise ValueError(f"cannot load model: no such {'GGUF file' if gguf else 'model folder'}: {name}")
+        if not path.is_dir() and not (gguf and path.is_file()):
+            raise ValueError(f"cannot load model: {name} is a file, not a model folder or a .gguf file")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -211,6 +233,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     if not cfg.embedded and cfg.data is None:
         raise ValueError(f"--model {cfg.model} needs --data FILE (.jsonl, .json or .parquet)")
     check_prompt_template(cfg.prompt_template)
+    check_answer_pattern(cfg.answer_pattern)
     target_spec(cfg)
     if cfg.fsdp and not distributed():
         raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m sorsa_kernels.cli")
