@@ -97,7 +97,8 @@ def sweep_section(sweep: dict[str, dict[float, dict[str, Any]]], best: dict[str,
     lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
     runs = {}
     for m, by_lr in sweep.items():
-        runs[m] = [{"learning_rate": lr, **_summary(run), "steps": run["steps"], "train_s": run["train_s"],
+        runs[m] = [{"learning_rate": lr, **_summary(run), "steps": run["steps"], "tokens": run["tokens"],
+                    "data_fingerprint": run["data_fingerprint"], "train_s": run["train_s"],
                     "heldout_curve": [[r["step"], r["heldout_loss"]] for r in run["records"]
                                       if r.get("heldout_loss") is not None]}
                    for lr, run in sorted(by_lr.items())]
