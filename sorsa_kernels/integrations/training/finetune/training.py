@@ -17,10 +17,8 @@ from typing import Any
 import torch
 
 from ..data import arithmetic_problems, load_records, split_records
-from .config import (
-    EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, check_config, distributed,
-    is_main_process,
-)
+from ..options import ConfigError
+from .config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .evaluation import default_max_new_tokens, evaluate, metrics_line
 from .model import apply_config_sorsa, load_base, load_sharded_quantized
@@ -100,7 +98,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         ...                             output_dir="out", bf16=True))
     """
     cfg = config.resolved()
-    check_config(cfg)
+    cfg.check_environment()
     if not cfg.embedded:
         return _run(cfg)
     # The embedded model is so small that a second CPU thread only adds synchronization
@@ -116,13 +114,13 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 def _run(cfg: FinetuneConfig) -> FinetuneResult:
     t_start = time.perf_counter()
     if cfg.output_dir is None and distributed():
-        raise ValueError("pass --output-dir when running under torchrun (every process must agree on it)")
+        raise ConfigError("pass {output_dir:flag} when running under torchrun (every process must agree on it)")
     out = Path(cfg.output_dir) if cfg.output_dir is not None else None
     # Every rank checks before anything is written (rank 0 is the only one that writes).
     if out is not None:
         ckpt = check_run_folder(out, cfg.resume_from_checkpoint)
     elif cfg.resume_from_checkpoint == "last":
-        raise ValueError("--resume-from-checkpoint last needs the run's --output-dir")
+        raise ConfigError("{resume_from_checkpoint:given} needs the run's {output_dir:flag}", cfg)
     elif cfg.resume_from_checkpoint is not None:
         ckpt = resolve_resume(cfg.resume_from_checkpoint, Path("."), OutputState(Path("."), "absent"))
     else:
@@ -164,6 +162,7 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
     eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out") if held_rows else None
     if not sharded_qsorsa:
         apply_config_sorsa(model, cfg)
+    print_adaptation_summary(model, cfg)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
@@ -180,6 +179,19 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
         if is_main_process():
             cleanup_failed_run(out, created)
         raise
+
+
+def print_adaptation_summary(model, cfg: FinetuneConfig) -> None:
+    """Print what SORSA adapted as one line (main process), and with ``--verbose`` every layer left alone."""
+    from ...adapters.summary import adaptation_summary
+
+    if not is_main_process():
+        return
+    summary = adaptation_summary(model)
+    print(summary.line(), flush=True)
+    if cfg.verbose:
+        for line in summary.details():
+            print(f"  {line}", flush=True)
 
 
 def _check_finite(model, losses, step: int) -> None:
@@ -216,7 +228,7 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate (1.15) enables its FSDP plugin only for GPU-like devices; on CPU (gloo) it
         # drops it silently and would run plain DDP.  Say so instead of pretending.
-        raise ValueError(FSDP_CPU_MESSAGE)
+        raise ConfigError(FSDP_CPU_MESSAGE, cfg)
     SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
     trainer.add_callback(run_recorder(cfg, fingerprint))
 
