@@ -1,7 +1,7 @@
 """``--answer-pattern``: exact match on an extracted answer (chain-of-thought data) instead of the whole response."""
 import pytest
 
-from sorsa_kernels.integrations.training.finetune.config import FinetuneConfig, check_answer_pattern, check_config
+from sorsa_kernels.integrations.training.finetune.config import FinetuneConfig, check_answer_pattern
 from sorsa_kernels.integrations.training.finetune.evaluation import answer_extractor, answers_match, exact_match
 
 COT = "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72"
@@ -39,15 +39,23 @@ def test_a_response_without_the_pattern_is_compared_whole():
 
 
 @pytest.mark.parametrize("pattern, message", [
-    ("#### (\\S+", "answer-pattern '#### (\\\\S+' is not a valid regular expression"),
-    ("(a)(b)", "answer-pattern '(a)(b)' has 2 groups; it may have at most one"),
+    ("#### (\\S+", "answer_pattern '#### (\\\\S+' is not a valid regular expression"),
+    ("(a)(b)", "answer_pattern '(a)(b)' has 2 groups; it may have at most one"),
 ])
 def test_a_bad_pattern_is_a_one_line_error_naming_it(pattern, message):
     with pytest.raises(ValueError) as e:
         check_answer_pattern(pattern)
     assert message in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="answer-pattern"):
-        check_config(FinetuneConfig(answer_pattern=pattern).resolved())
+    with pytest.raises(ValueError, match="answer_pattern"):
+        FinetuneConfig(answer_pattern=pattern)
+
+
+def test_a_bad_pattern_on_the_command_line_names_the_flag(tmp_path, capsys):
+    from sorsa_kernels.cli import main
+
+    rc = main(["finetune", "--answer-pattern", "(a)(b)", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "sorsa-kernels: error: answer-pattern '(a)(b)' has 2 groups" in err, err
 
 
 def test_exact_match_counts_a_chain_of_thought_completion_by_its_answer():

@@ -5,9 +5,8 @@ import math
 import pytest
 
 from sorsa_kernels.cli import main
-from sorsa_kernels.integrations.training.compare import (
-    CompareConfig, best_learning_rate, parse_lr_sweep, run_compare,
-)
+from sorsa_kernels.integrations.training.compare import CompareConfig, best_learning_rate, run_compare
+from sorsa_kernels.integrations.training.compare_config import parse_lr_sweep
 from sorsa_kernels.integrations.training.compare_report import SWEEP_PLOT
 from sorsa_kernels.integrations.training.finetune import FinetuneConfig
 
@@ -66,8 +65,16 @@ def test_a_diverged_run_never_wins_and_ties_go_to_the_smaller_lr():
     assert best_learning_rate({1e-2: _run(math.nan), 1e-3: _run(None)}) == 1e-3
 
 
-def test_parse_lr_sweep_reads_a_comma_separated_list():
+def test_parse_lr_sweep_reads_a_comma_separated_list_or_numbers():
     assert parse_lr_sweep("1e-4, 3e-4,1e-3") == (1e-4, 3e-4, 1e-3)
+    assert CompareConfig(lr_sweep=[1e-3, 1]).lr_sweep == (1e-3, 1.0)
+
+
+def test_a_bad_lr_sweep_in_python_names_the_field():
+    from sorsa_kernels.integrations.training.options import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_sweep: every learning rate must be a positive finite number, got 0"):
+        CompareConfig(lr_sweep=(1e-3, 0))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,7 +82,7 @@ def test_parse_lr_sweep_reads_a_comma_separated_list():
     (["--lr-sweep", "1e-3,-1"], "lr-sweep: every learning rate must be a positive finite number, got -1.0"),
     (["--lr-sweep", "1e-3,nan"], "lr-sweep: every learning rate must be a positive finite number, got nan"),
     (["--lr-sweep", "1e-3,0.001"], "lr-sweep lists a learning rate twice: 0.001, 0.001"),
-    (["--lr-sweep", "1e-3", "--lr", "1e-2"], "compare takes --lr or --lr-sweep, not both"),
+    (["--lr-sweep", "1e-3", "--lr", "1e-2"], "compare takes --learning-rate or --lr-sweep, not both"),
 ])
 def test_bad_lr_sweeps_are_one_line_errors(argv, message, tmp_path, capsys):
     rc = main(["compare", *argv, "--output-dir", str(tmp_path / "o")])
