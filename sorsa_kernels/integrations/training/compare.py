@@ -47,7 +47,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -82,6 +82,8 @@ class CompareResult:
     report: dict[str, Any]
     files: list[Path]
     plot_note: Optional[str] = None
+    #: ``{method: one-line reason}`` for each method that diverged or failed (its results are left out).
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
@@ -203,7 +205,8 @@ def _evaluator(tokenizer, held_ds, em_rows, cfg: FinetuneConfig, use_chat: bool,
         out = {"heldout_loss": total / max(count, 1)}
         if em_rows:
             out["exact_match"] = exact_match(model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
-                                             cfg.eval_batch_size, answer_pattern=cfg.answer_pattern)
+                                             cfg.eval_batch_size, max_length=cfg.max_length,
+                                             answer_pattern=cfg.answer_pattern)
         return out
 
     return evaluate
@@ -229,19 +232,30 @@ def best_learning_rate(by_lr: dict[float, dict[str, Any]]) -> float:
     return min(by_lr, key=key)
 
 
-def _train_sweep(model, lrs: tuple[float, ...], cfg: FinetuneConfig, train_one) -> dict[float, dict[str, Any]]:
-    """``{lr: run}`` of one prepared ``model`` trained from its initial state at every learning rate.
+def _train_sweep(model, lrs: tuple[float, ...], cfg: FinetuneConfig,
+                 train_one) -> tuple[dict[float, dict[str, Any]], dict[float, str]]:
+    """``({lr: run}, {lr: why it failed})`` of one prepared ``model`` trained from its initial state
+    at every learning rate.
 
-    ``train_one(model, cfg)`` trains and returns the run's dict; each learning rate but
-    the last trains a copy, so every run starts from the same initialization.
+    ``train_one(model, cfg)`` trains and returns the run's dict, or raises
+    :class:`MethodFailed`; each learning rate but the last trains a copy, so every run starts
+    from the same initialization.  A learning rate that diverges is left out of the choice;
+    the method fails only when every one does (with one learning rate: its own message).
     """
-    runs = {}
+    runs, failed = {}, {}
     for i, lr in enumerate(lrs):
         trial = model if i == len(lrs) - 1 else copy.deepcopy(model)
-        runs[lr] = train_one(trial, dataclasses.replace(cfg, learning_rate=lr))
-        runs[lr]["learning_rate"] = lr
+        try:
+            runs[lr] = train_one(trial, dataclasses.replace(cfg, learning_rate=lr))
+            runs[lr]["learning_rate"] = lr
+        except MethodFailed as e:
+            if len(lrs) == 1:
+                raise
+            failed[lr] = str(e)
         del trial
-    return runs
+    if not runs:
+        raise MethodFailed("every learning rate failed: " + "; ".join(f"lr {lr:g}: {why}" for lr, why in failed.items()))
+    return runs, failed
 
 
 def run_compare(config: CompareConfig) -> CompareResult:
@@ -278,7 +292,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     if config.full and sum(p.numel() for p in base.parameters()) > FULL_MAX_PARAMS:
         raise ConfigError("{full:flag} is for small models (up to {most:,} parameters); {model_name} has {n:,}",
                           most=FULL_MAX_PARAMS, model_name=cfg.model, n=sum(p.numel() for p in base.parameters()))
-    targets = find_targets(base, target_spec(cfg))
+    targets = find_targets(base, target_spec(cfg))  # --target-modules read exactly as finetune reads it
     for name in targets:  # PEFT does not check the rank; fail as apply_sorsa would, for every method
         w = base.get_submodule(name).weight
         validate_rank(cfg.rank, w.shape[1], w.shape[0], name)
@@ -296,7 +310,9 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     setup_s = time.perf_counter() - t_start
 
     runs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     sweep: dict[str, dict[float, dict[str, Any]]] = {}
+    sweep_failed: dict[str, dict[float, str]] = {}
     lrs = tuple(config.lr_sweep) if config.lr_sweep else (cfg.learning_rate,)
     with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, _quiet_transformers():
         for method in config.method_list:
@@ -306,29 +322,52 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
             else:
                 model, _ = load_base(cfg.model, progress=False)
             torch.manual_seed(cfg.seed)  # LoRA's A init; the data order has its own seeded sampler
-            model = _prepare(method, model, cfg, targets)
-            prepare_s = time.perf_counter() - t0
+            try:  # one method diverging must not lose the others' results
+                model = _prepare(method, model, cfg, targets)
+                prepare_s = time.perf_counter() - t0
 
-            def train_one(trial, trial_cfg, method=method, prepare_s=prepare_s):
-                recorder = TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
-                                              evaluate=evaluate, evaluate_every=evaluate_every)
-                return _train(method, trial, tokenizer, trial_cfg, train_ex,
-                              Path(scratch) / method / f"lr{trial_cfg.learning_rate:g}", recorder,
-                              time.perf_counter() - prepare_s)
+                def train_one(trial, trial_cfg, method=method, prepare_s=prepare_s):
+                    recorder = TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
+                                                  evaluate=evaluate, evaluate_every=evaluate_every)
+                    run = _train(method, trial, tokenizer, trial_cfg, train_ex,
+                                 Path(scratch) / method / f"lr{trial_cfg.learning_rate:g}", recorder,
+                                 time.perf_counter() - prepare_s)
+                    _check_diverged(run)
+                    return run
 
-            sweep[method] = _train_sweep(model, lrs, cfg, train_one)
-            runs[method] = sweep[method][best_learning_rate(sweep[method])]
+                sweep[method], sweep_failed[method] = _train_sweep(model, lrs, cfg, train_one)
+                runs[method] = sweep[method][best_learning_rate(sweep[method])]
+            except MethodFailed as e:
+                runs.pop(method, None)
+                sweep.pop(method, None)
+                failed[method] = str(e)
             del model
     if not cfg.embedded:
         del base
+    if not runs:
+        raise ValueError("every method failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = build_report(config, cfg, runs, record_every=record_every, evaluate_every=evaluate_every,
-                          sweep=sweep if config.lr_sweep else None,
+                          sweep=sweep if config.lr_sweep else None, sweep_failed=sweep_failed,
                           timing={"setup_s": setup_s, "total_s": time.perf_counter() - t_start},
                           machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                    "load_avg_start": load_start, "load_avg_end": load_end})
+    if failed:
+        report["failed"] = failed
     files, note = write_report(report, out, plots=config.plots)
-    return CompareResult(output_dir=out, report=report, files=files, plot_note=note)
+    return CompareResult(output_dir=out, report=report, files=files, plot_note=note, failed=failed)
+
+
+class MethodFailed(Exception):
+    """One method of a comparison diverged or failed; the message says at which step and why."""
+
+
+def _check_diverged(run: dict[str, Any]) -> None:
+    """A method whose recorded training loss is NaN/Inf diverged, even if nothing raised."""
+    for r in run["records"]:
+        loss = r.get("train_loss")
+        if loss is not None and not math.isfinite(loss):
+            raise MethodFailed(f"diverged: training loss {loss} at step {r['step']}")
 
 
 def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0: float) -> dict[str, Any]:
@@ -350,7 +389,11 @@ def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0:
     trainer.add_callback(recorder)
     trainer.add_callback(_ProgressBar(f"{method:>5}", cfg.progress))
     t_train = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    except Exception as e:  # e.g. the recorder's SVD of NaN weights (torch.linalg.LinAlgError)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise MethodFailed(f"failed at step {trainer.state.global_step}: {type(e).__name__}: {reason}") from e
     train_s = time.perf_counter() - t_train
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

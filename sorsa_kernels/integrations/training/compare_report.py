@@ -91,10 +91,13 @@ def _ordering(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def sweep_section(sweep: dict[str, dict[float, dict[str, Any]]], best: dict[str, float]) -> dict[str, Any]:
-    """``report["lr_sweep"]``: the learning rates, each method's best, and every run's final numbers
-    and held-out curve (the best runs' full trajectories are under ``methods``)."""
-    lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
+def sweep_section(sweep: dict[str, dict[float, dict[str, Any]]], best: dict[str, float],
+                  failed: Optional[dict[str, dict[float, str]]] = None) -> dict[str, Any]:
+    """``report["lr_sweep"]``: the learning rates, each method's best, every run's final numbers
+    and held-out curve (the best runs' full trajectories are under ``methods``) and, under
+    ``failed``, why a learning rate's run was left out."""
+    failed = {m: f for m, f in (failed or {}).items() if f and m in sweep}
+    lrs = sorted({lr for by_lr in (*sweep.values(), *failed.values()) for lr in by_lr})
     runs = {}
     for m, by_lr in sweep.items():
         runs[m] = [{"learning_rate": lr, **_summary(run), "steps": run["steps"], "tokens": run["tokens"],
@@ -102,16 +105,21 @@ def sweep_section(sweep: dict[str, dict[float, dict[str, Any]]], best: dict[str,
                     "heldout_curve": [[r["step"], r["heldout_loss"]] for r in run["records"]
                                       if r.get("heldout_loss") is not None]}
                    for lr, run in sorted(by_lr.items())]
-    return {"learning_rates": lrs, "selected_by": SWEEP_SELECTION, "best": dict(best), "runs": runs}
+    section = {"learning_rates": lrs, "selected_by": SWEEP_SELECTION, "best": dict(best), "runs": runs}
+    if failed:
+        section["failed"] = {m: {f"{lr:g}": why for lr, why in f.items()} for m, f in failed.items()}
+    return section
 
 
 def build_report(config, cfg, runs: dict[str, dict[str, Any]], *, record_every: int, evaluate_every: int,
                  timing: dict[str, float], machine: dict[str, Any],
-                 sweep: Optional[dict[str, dict[float, dict[str, Any]]]] = None) -> dict[str, Any]:
+                 sweep: Optional[dict[str, dict[float, dict[str, Any]]]] = None,
+                 sweep_failed: Optional[dict[str, dict[float, str]]] = None) -> dict[str, Any]:
     """The JSON-ready report of a comparison (see the module docstring).
 
     ``sweep`` (a learning-rate sweep): ``{method: {lr: run}}``; ``runs`` then holds each
-    method's chosen run, whose ``learning_rate`` says which.
+    method's chosen run, whose ``learning_rate`` says which; ``sweep_failed``:
+    ``{method: {lr: why}}`` for the runs that diverged or failed.
     """
     settings = {k: getattr(cfg, k) for k in _SETTINGS}
     if settings["target_modules"] is not None:
@@ -121,7 +129,8 @@ def build_report(config, cfg, runs: dict[str, dict[str, Any]], *, record_every: 
     for m, run in runs.items():
         methods[m] = {"implementation": IMPLEMENTATION[m], **run, "final": _summary(run)}
     if sweep:
-        settings.update(learning_rate=None, lr_sweep=sorted({lr for by_lr in sweep.values() for lr in by_lr}))
+        section = sweep_section(sweep, {m: run["learning_rate"] for m, run in runs.items()}, sweep_failed)
+        settings.update(learning_rate=None, lr_sweep=section["learning_rates"])
     report = {
         "settings": settings,
         "parameter_matching": PARAMETER_MATCHING,
@@ -132,7 +141,7 @@ def build_report(config, cfg, runs: dict[str, dict[str, Any]], *, record_every: 
         "machine": machine,
     }
     if sweep:
-        report["lr_sweep"] = sweep_section(sweep, {m: run["learning_rate"] for m, run in runs.items()})
+        report["lr_sweep"] = section
     return report
 
 
@@ -244,7 +253,10 @@ def sweep_markdown(sweep: dict[str, Any]) -> list[str]:
         cells = []
         for lr in lrs:
             r = by_lr.get(lr)
-            cell = "–" if r is None else f"{_fmt(r['heldout_loss'], '.4f')} / {_pct(r['exact_match'])}"
+            if r is None:
+                cell = "failed" if f"{lr:g}" in sweep.get("failed", {}).get(m, {}) else "–"
+            else:
+                cell = f"{_fmt(r['heldout_loss'], '.4f')} / {_pct(r['exact_match'])}"
             cells.append(f"**{cell}**" if lr == sweep["best"].get(m) else cell)
         lines.append(f"| {_LABELS[m]} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -90,3 +90,38 @@ def test_bad_lr_sweeps_are_one_line_errors(argv, message, tmp_path, capsys):
     lines = [l for l in err.splitlines() if l.startswith("sorsa-kernels: error:")]
     assert rc == 1 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def _failing_at(monkeypatch, bad_lrs):
+    import sorsa_kernels.integrations.training.compare as CMP
+
+    real = CMP._train
+
+    def train(method, model, tokenizer, cfg, *args):
+        if cfg.learning_rate in bad_lrs:
+            raise CMP.MethodFailed(f"diverged: training loss nan at step 1 (lr {cfg.learning_rate:g})")
+        return real(method, model, tokenizer, cfg, *args)
+
+    monkeypatch.setattr(CMP, "_train", train)
+
+
+def _sorsa_sweep(tmp_path):
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "out"), max_steps=1, pretrain_steps=0, eval_samples=2, rank=2,
+                         progress=False)
+    return run_compare(CompareConfig(cfg, methods=("sorsa",), record_every=1, lr_sweep=LRS, plots=False))
+
+
+def test_a_learning_rate_that_diverges_is_left_out_of_the_choice_and_marked(tmp_path, monkeypatch):
+    _failing_at(monkeypatch, {LRS[1]})
+    result = _sorsa_sweep(tmp_path)
+    assert result.report["methods"]["sorsa"]["learning_rate"] == LRS[0] and "failed" not in result.report
+    assert result.report["lr_sweep"]["failed"] == {"sorsa": {"0.01": "diverged: training loss nan at step 1 (lr 0.01)"}}
+    assert "| SORSA | **" in (result.output_dir / "compare.md").read_text()
+    assert "| failed |" in (result.output_dir / "compare.md").read_text()
+
+
+def test_a_method_fails_only_when_every_learning_rate_does(tmp_path, monkeypatch):
+    _failing_at(monkeypatch, set(LRS))
+    with pytest.raises(ValueError, match=r"every method failed: sorsa: every learning rate failed: lr 0.001: "
+                                         r"diverged: .*; lr 0.01: diverged"):
+        _sorsa_sweep(tmp_path)
