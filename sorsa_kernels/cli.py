@@ -132,8 +132,9 @@ def _add_model_commands(sub) -> None:
     p = sub.add_parser("analyze", help="ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG")
     p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
     p.add_argument("--adapter", required=True, nargs="+", help="adapter folder(s); several give a trajectory")
-    p.add_argument("--plot", default="singular_drift.png", help="PNG to write (default: singular_drift.png)")
-    p.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="table only")
+    p.add_argument("--plot", metavar="PNG",
+                   help="figure to write (default: singular_drift.png next to the (last) adapter)")
+    p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
     p.set_defaults(run=_analyze)
     for name, what in (("merge", "merge an adapter into its base and save_pretrained the result"),
                        ("export-lora", "write an adapter as a standard PEFT LoRA adapter for the base")):
@@ -182,14 +183,26 @@ def config_from_args(args: argparse.Namespace) -> "FinetuneConfig":
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def _bars_wanted() -> bool:
+    """Progress bars only for a person at a terminal: redirected to a file they are a wall of ``\r``."""
+    return sys.stderr.isatty()  # tqdm draws on stderr
+
+
+def _job_config(args: argparse.Namespace) -> "FinetuneConfig":
+    cfg = config_from_args(args)
+    cfg.progress = cfg.progress and _bars_wanted()  # --quiet, or not a terminal: no bars
+    return cfg
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import run_finetune
 
-    result = run_finetune(config_from_args(args))
+    result = run_finetune(_job_config(args))
     if not _main_process():
         return 0
     print()
-    print(f"{'':24}{'before':>10}{'after':>10}")
+    if result.before or result.after:  # no empty table under --no-eval
+        print(f"{'':24}{'before':>10}{'after':>10}")
     for key, label, fmt in (("loss", "held-out loss", "{:10.4f}"), ("exact_match", "exact match", "{:9.1%} ")):
         if key in result.before or key in result.after:
             b = fmt.format(result.before[key]) if key in result.before else f"{'-':>10}"
@@ -206,14 +219,15 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .integrations.training.compare import CompareConfig, run_compare
-    from .integrations.training.compare_report import ordering_line, summary_table
+    from .integrations.training.compare_report import ordering_line, scope_line, summary_table
 
-    result = run_compare(CompareConfig(config_from_args(args), methods=tuple(args.methods), full=args.full,
+    result = run_compare(CompareConfig(_job_config(args), methods=tuple(args.methods), full=args.full,
                                        record_every=args.record_every, plots=args.plots))
     report = result.report
     print()
     print(summary_table(report))
     print(ordering_line(report))
+    print(scope_line(report))
     print(f"setup {report['timing_s']['setup_s']:.1f} s, total {report['timing_s']['total_s']:.1f} s")
     for path in result.files:
         print(f"wrote {path}")
@@ -223,9 +237,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .integrations.training.finetune import analyze_job, plot_drift
+    from .integrations.training.finetune import analyze_job, default_plot_path, plot_drift
 
-    drift = analyze_job(args.base, args.adapter)
+    drift = analyze_job(args.base, args.adapter, progress=_bars_wanted())
     for adapter, layers in drift:
         print(f"adapter {adapter}")
         width = max(len(n) for n in layers)
@@ -235,22 +249,22 @@ def _analyze(args: argparse.Namespace) -> int:
         n = len(layers)
         print(f"  {'mean':{width}}  {sum(d.delta_sigma for d in layers.values()) / n:12.4e}"
               f"  {sum(d.delta_d for d in layers.values()) / n:12.4e}")
-    if args.plot:
-        print(f"plot: {plot_drift(drift, args.plot)}")
+    if args.draw:
+        print(f"plot: {plot_drift(drift, args.plot or default_plot_path(args.adapter))}")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import merge_job
 
-    print(f"merged model: {merge_job(args.base, args.adapter, args.output)}")
+    print(f"merged model: {merge_job(args.base, args.adapter, args.output, progress=_bars_wanted())}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import export_lora_job
 
-    print(f"PEFT LoRA adapter: {export_lora_job(args.base, args.adapter, args.output)}")
+    print(f"PEFT LoRA adapter: {export_lora_job(args.base, args.adapter, args.output, progress=_bars_wanted())}")
     return 0
 
 
