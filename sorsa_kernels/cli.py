@@ -31,6 +31,44 @@ __all__ = ["main", "build_parser", "config_from_args"]
 PROG = "sorsa-kernels"
 
 
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` that suggests the nearest option or command for a misspelt one
+    (``unrecognized arguments: --learnig-rate (did you mean --learning-rate?)``) and, in a
+    subcommand, reports an unknown option with that subcommand's own usage, not the top-level one.
+    (Python 3.14's ``suggest_on_error`` does the first half; this package supports 3.10+.)"""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subcommand:  # the top-level parser would report them with its own usage
+            self.error("unrecognized arguments: %s" % " ".join(extras))
+        return namespace, extras
+
+    _subcommand = False
+
+    def error(self, message: str):
+        return super().error(message + _suggestion(message, self))
+
+
+class _SubcommandParser(_Parser):
+    _subcommand = True
+
+
+def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """`` (did you mean X?)`` for the unknown option or command named in an argparse error message."""
+    import difflib
+    import re
+
+    if message.startswith("unrecognized arguments: "):
+        words = [w.split("=", 1)[0] for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+        known = [o for a in parser._actions for o in a.option_strings]
+    else:
+        m = re.match(r"argument \S+: invalid choice: '([^']*)'", message)
+        words = [m.group(1)] if m else []
+        known = [c for a in parser._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+    near = [hit for w in words for hit in difflib.get_close_matches(w, known, n=1, cutoff=0.6)]
+    return f" (did you mean {' '.join(near)}?)" if near else ""
+
+
 def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune",
@@ -147,13 +185,13 @@ def _add_model_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sorsa-kernels`` argument parser (one subparser per command)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Fast SORSA fine-tuning.")
+    parser = _Parser(prog=PROG, description="Fast SORSA fine-tuning.")
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a failure (also accepted after the command)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
     _add_finetune(sub)
     _add_compare(sub)
