@@ -76,7 +76,7 @@ def _add_finetune(sub) -> None:
         description=(
             "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
             "Defaults for a real --model are the paper's (rank 128, lr 3e-5, gamma 4e-4, AdamW, cosine, "
-            "3%% warm-up, 1 epoch, batch 8 x 16 accumulation, max length 512). With no --model, a tiny "
+            "3% warm-up, 1 epoch, batch 8 x 16 accumulation, max length 512). With no --model, a tiny "
             "Llama is built and pretrained locally and fine-tuned on generated arithmetic word problems "
             "in under two minutes on a CPU; it uses rank 16, lr 3e-3, batch 16 and 250 steps."
         ),
@@ -89,11 +89,13 @@ def _add_job_flags(p) -> None:
     """The finetune job's flags (model, data, SORSA, training, evaluation), shared with ``compare``."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="embedded", help="local path or Hub id of a causal LM (default: embedded)")
-    g.add_argument("--data", help="training data: .jsonl, .json or .parquet with prompt/response fields")
+    g.add_argument("--data", help="training data: .jsonl, .json or .parquet with prompt/response fields "
+                        "(default: the embedded arithmetic problems; required with --model)")
     g.add_argument("--eval-data", help="held-out data (default: --eval-fraction of --data)")
     g.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
     g.add_argument("--response-field", default="response", help="name of the response field (default: response)")
-    g.add_argument("--prompt-template", help="layout for tokenizers without a chat template; must contain {prompt}")
+    g.add_argument("--prompt-template", help="layout for tokenizers without a chat template; must contain {prompt} "
+                        "(default: Alpaca-style '### Instruction:' / '### Response:')")
     g.add_argument("--output-dir", help="where to write adapter/, merged/ … (default: a new ./sorsa-output-<time>[-N]); "
                         "refused if it holds anything but an unfinished run's leftovers")
     g = p.add_argument_group("SORSA")
@@ -102,15 +104,16 @@ def _add_job_flags(p) -> None:
                    help="module names to adapt, or one regular expression (default: q,k,v,o,gate,up,down_proj)")
     g.add_argument("--alpha", type=float, help="scale = alpha / rank (default: scale 1)")
     g.add_argument("--gamma", type=float, default=4e-4, help="orthonormal regularizer strength (default: 4e-4)")
-    g.add_argument("--svd", choices=("full", "randomized"), default="full", help="SVD used at initialization")
+    g.add_argument("--svd", choices=("full", "randomized"), default="full",
+                   help="SVD used at initialization (default: full)")
     g.add_argument("--residual-dtype", help="dtype of the frozen residual (default: the weight's)")
     g.add_argument("--adapter-dtype", help="dtype of U, S, V (default: float32)")
-    g.add_argument("--quantize", choices=("nf4",), help="store residuals in NF4 (QSORSA)")
+    g.add_argument("--quantize", choices=("nf4",), help="store residuals in NF4 (QSORSA) (default: none, dense residuals)")
     g = p.add_argument_group("training")
     g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float,
                    help="peak learning rate (default: 3e-5; embedded 3e-3)")
     g.add_argument("--epochs", dest="num_train_epochs", type=float, help="epochs (default: 1)")
-    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs (embedded default: 250)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs (default: from --epochs; embedded 250)")
     g.add_argument("--batch-size", dest="per_device_train_batch_size", type=int,
                    help="per-device batch size (default: 8; embedded 16)")
     g.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int,
@@ -127,12 +130,12 @@ def _add_job_flags(p) -> None:
     g.add_argument("--resume-from-checkpoint", metavar="DIR",
                    help="continue from a complete checkpoint folder (or 'last': the newest under "
                         "OUTPUT/checkpoints) with the same model, rank, targets, alpha and dtypes; writes into a "
-                        "new --output-dir or the checkpoint's own run folder, never another run's")
+                        "new --output-dir or the checkpoint's own run folder, never another run's (default: none, a fresh start)")
     g = p.add_argument_group("logging, evaluation, saving")
     g.add_argument("--logging-steps", type=int, help="log every N steps (default: 10; embedded 25)")
     g.add_argument("--eval-steps", type=int, help="held-out loss every N steps (default: only before and after)")
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: no checkpoints)")
-    g.add_argument("--save-total-limit", type=int, help="keep at most N checkpoints")
+    g.add_argument("--save-total-limit", type=int, help="keep at most N checkpoints (default: all)")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out fraction of --data (default: 0.05)")
     g.add_argument("--eval-samples", type=int, default=200, help="held-out examples for exact match (default: 200)")
     g.add_argument("--max-new-tokens", type=int, help="generation length for exact match (default: from responses)")

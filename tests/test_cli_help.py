@@ -31,3 +31,32 @@ def test_misspelt_command_gets_a_suggestion(capsys):
 def test_unknown_flag_far_from_any_gets_no_suggestion(capsys):
     err = _usage_error(capsys, "merge", "--base", "b", "--adapter", "a", "--output", "o", "--zzz")
     assert "unrecognized arguments: --zzz" in err and "did you mean" not in err
+
+
+def _options(command: str):
+    import argparse
+
+    from sorsa_kernels.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return sub, [a for a in sub._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+@pytest.mark.parametrize("command", ["finetune", "compare", "analyze", "merge", "export-lora"])
+def test_every_flag_that_takes_a_value_shows_its_default(command):
+    _, actions = _options(command)
+    missing = [a.option_strings[0] for a in actions
+               if a.nargs != 0 and not a.required and "(default: " not in (a.help or "")]
+    assert missing == [], f"{command}: no default shown for {missing}"
+
+
+def test_svd_shows_its_default_in_the_help():
+    sub, _ = _options("finetune")
+    text = " ".join(sub.format_help().split())
+    assert "--svd {full,randomized} SVD used at initialization (default: full)" in text
+
+
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+def test_help_prints_no_doubled_percent_sign(command):
+    sub, _ = _options(command)
+    assert "%%" not in sub.format_help()
