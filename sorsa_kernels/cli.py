@@ -15,13 +15,20 @@ Every failure — bad input, a missing or corrupt file, a full disk, a refused r
 ends with one line ``sorsa-kernels: error: …`` naming the file and the problem, and exit
 status 1 (2 for a malformed command line, 130 for Ctrl-C); ``--debug`` (anywhere on the
 command line) or ``SORSA_KERNELS_DEBUG=1`` shows the traceback instead.
+
+The ``finetune`` and ``compare`` flags, their help and the defaults shown are generated from
+the fields of their config dataclasses (:mod:`sorsa_kernels.integrations.training.options`;
+an option is added there, not here).  The configs name fields in their errors;
+:func:`_cli_name` is the one place those names become flags.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import TYPE_CHECKING, Optional, Sequence
+import typing
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     from .integrations.training.finetune import FinetuneConfig
@@ -75,97 +82,128 @@ def _add_finetune(sub) -> None:
         help="SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)",
         description=(
             "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
-            "Defaults for a real --model are the paper's (rank 128, lr 3e-5, gamma 4e-4, AdamW, cosine, "
-            "3% warm-up, 1 epoch, batch 8 x 16 accumulation, max length 512). With no --model, a tiny "
-            "Llama is built and pretrained locally and fine-tuned on generated arithmetic word problems "
-            "in under two minutes on a CPU; it uses rank 16, lr 3e-3, batch 16 and 250 steps."
+            "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
+            "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
+            "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
+            "and step count; each option's help gives both defaults."
         ),
     )
     _add_job_flags(p)
     p.set_defaults(run=_finetune)
 
 
+def _config_classes() -> tuple[type, type]:
+    from .integrations.training.compare_config import CompareConfig
+    from .integrations.training.finetune.config import FinetuneConfig
+
+    return FinetuneConfig, CompareConfig
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+    """Every option field of the finetune and compare configs, by name."""
+    return {f.name: f for cls in _config_classes() for f in dataclasses.fields(cls)}
+
+
+def _cli_name(field: str, form: str, value: Any) -> str:
+    """How the command line names a config field: the one place field names become flags.
+
+    ``form`` is that of a :class:`~sorsa_kernels.integrations.training.options.ConfigError`
+    template: ``""`` the setting (``learning-rate``), ``"flag"`` the option (``--fsdp``),
+    ``"given"`` the option as given (``--quantize nf4``, ``--no-eval``).
+    """
+    from .integrations.training.options import is_switch, option_flags
+
+    f = _config_fields().get(field)
+    if f is None:  # not an option: a plain value name
+        return field
+    flag = option_flags(f)[0]
+    if form == "flag" or form == "given" and is_switch(f):
+        return flag
+    if form == "given":
+        return " ".join([flag, *map(str, value if isinstance(value, (list, tuple)) else [value])])
+    return flag[2:]
+
+
+def _cli_text(template: str, **values: Any) -> str:
+    from .integrations.training.options import render
+
+    return render(template, _cli_name, **values)
+
+
+def _shown(value: Any) -> str:
+    """A default as ``--help`` shows it: ``4e-4`` rather than ``0.0004``, ``1`` rather than ``1.0``."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if not isinstance(value, float):
+        return str(value)
+    plain = f"{value:g}"
+    mantissa, _, exponent = f"{value:e}".partition("e")
+    short = f"{float(mantissa):g}e{int(exponent)}"
+    return short if len(short) < len(plain) and float(short) == value else plain
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's ``--help`` line: its help, then its default (the value; the paper's and the
+    embedded model's; or ``shown``)."""
+    from .integrations.training.options import field_default, is_switch
+
+    meta = f.metadata
+    shown = meta.get("shown")
+    if shown is None and "paper" in meta:
+        shown = "{paper}" if meta["paper"] == meta["embedded"] else "{paper}; embedded {embedded}"
+    elif shown is None and field_default(f) is not None and not is_switch(f):
+        shown = _shown(field_default(f)).replace("{", "{{").replace("}", "}}")  # a value, not a template
+    text = meta["help"] + (f" (default: {shown})" if shown else "")
+    values = {k: _shown(meta[k]) for k in ("paper", "embedded") if k in meta}
+    return _cli_text(text, **values).replace("%", "%%")
+
+
+def _add_options(p: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per option field of ``config_class``, generated from the field (``dest`` is its name)."""
+    from .integrations.training.options import allowed_values, field_default, is_switch, option_flags
+
+    hints = typing.get_type_hints(config_class)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata
+        if meta.get("internal"):
+            continue
+        if meta["group"] not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
+        kwargs: dict[str, Any] = dict(dest=f.name, default=field_default(f), help=_help(f))
+        if is_switch(f):
+            kwargs["action"] = "store_false" if field_default(f) else "store_true"
+        else:
+            kind = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t in (int, float)), None)
+            if kind is not None:
+                kwargs["type"] = kind
+            if isinstance(meta.get("choices"), tuple):  # a function's choices are checked by the config
+                kwargs["choices"] = allowed_values(f)
+            for key in ("nargs", "metavar"):
+                if key in meta:
+                    kwargs[key] = meta[key]
+        groups[meta["group"]].add_argument(*option_flags(f), **kwargs)
+
+
 def _add_job_flags(p) -> None:
     """The finetune job's flags (model, data, SORSA, training, evaluation), shared with ``compare``."""
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="embedded", help="local path or Hub id of a causal LM (default: embedded)")
-    g.add_argument("--data", help="training data: .jsonl, .json or .parquet with prompt/response fields "
-                        "(default: the embedded arithmetic problems; required with --model)")
-    g.add_argument("--eval-data", help="held-out data (default: --eval-fraction of --data)")
-    g.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
-    g.add_argument("--response-field", default="response", help="name of the response field (default: response)")
-    g.add_argument("--prompt-template", help="layout for tokenizers without a chat template; must contain {prompt} "
-                        "(default: Alpaca-style '### Instruction:' / '### Response:')")
-    g.add_argument("--output-dir", help="where to write adapter/, merged/ … (default: a new ./sorsa-output-<time>[-N]); "
-                        "refused if it holds anything but an unfinished run's leftovers")
-    g = p.add_argument_group("SORSA")
-    g.add_argument("--rank", type=int, help="adapter rank r (default: 128; embedded 16)")
-    g.add_argument("--target-modules", nargs="+", metavar="NAME",
-                   help="module names to adapt, or one regular expression (default: q,k,v,o,gate,up,down_proj)")
-    g.add_argument("--alpha", type=float, help="scale = alpha / rank (default: scale 1)")
-    g.add_argument("--gamma", type=float, default=4e-4, help="orthonormal regularizer strength (default: 4e-4)")
-    g.add_argument("--svd", choices=("full", "randomized"), default="full",
-                   help="SVD used at initialization (default: full)")
-    g.add_argument("--residual-dtype", help="dtype of the frozen residual (default: the weight's)")
-    g.add_argument("--adapter-dtype", help="dtype of U, S, V (default: float32)")
-    g.add_argument("--quantize", choices=("nf4",), help="store residuals in NF4 (QSORSA) (default: none, dense residuals)")
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float,
-                   help="peak learning rate (default: 3e-5; embedded 3e-3)")
-    g.add_argument("--epochs", dest="num_train_epochs", type=float, help="epochs (default: 1)")
-    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs (default: from --epochs; embedded 250)")
-    g.add_argument("--batch-size", dest="per_device_train_batch_size", type=int,
-                   help="per-device batch size (default: 8; embedded 16)")
-    g.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int,
-                   help="gradient accumulation steps (default: 16; embedded 1)")
-    g.add_argument("--max-length", type=int, default=512, help="max tokens per example (default: 512)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up fraction of the steps (default: 0.03)")
-    g.add_argument("--scheduler", dest="lr_scheduler_type", default="cosine", help="learning-rate schedule (default: cosine)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns clipping off (default: 1)")
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
-    g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    g.add_argument("--resume-from-checkpoint", metavar="DIR",
-                   help="continue from a complete checkpoint folder (or 'last': the newest under "
-                        "OUTPUT/checkpoints) with the same model, rank, targets, alpha and dtypes; writes into a "
-                        "new --output-dir or the checkpoint's own run folder, never another run's (default: none, a fresh start)")
-    g = p.add_argument_group("logging, evaluation, saving")
-    g.add_argument("--logging-steps", type=int, help="log every N steps (default: 10; embedded 25)")
-    g.add_argument("--eval-steps", type=int, help="held-out loss every N steps (default: only before and after)")
-    g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: no checkpoints)")
-    g.add_argument("--save-total-limit", type=int, help="keep at most N checkpoints (default: all)")
-    g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out fraction of --data (default: 0.05)")
-    g.add_argument("--eval-samples", type=int, default=200, help="held-out examples for exact match (default: 200)")
-    g.add_argument("--max-new-tokens", type=int, help="generation length for exact match (default: from responses)")
-    g.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
-    g.add_argument("--report-to", default="none", help="Trainer loggers: none, tensorboard, wandb … (default: none)")
-    g.add_argument("--pretrain-steps", type=int, help="embedded model only: in-process pretraining steps (default: 300)")
-    g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    _add_options(p, _config_classes()[0])
 
 
 def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis",
-        description=(
-            "Train SORSA (this package), PiSSA and LoRA (PEFT), and with --full full fine-tuning of the "
+        description=_cli_text(
+            "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
             "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
             "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
-            "ΔΣ/ΔD every --record-every steps; write compare.json, compare.md and PNGs to --output-dir "
+            "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
             "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
         ),
     )
     _add_job_flags(p)
-    g = p.add_argument_group("comparison")
-    g.add_argument("--methods", nargs="+", choices=("sorsa", "pissa", "lora"), default=["sorsa", "pissa", "lora"],
-                   help="adapters to compare (default: all three)")
-    g.add_argument("--full", action="store_true", help="also full fine-tuning of the target matrices (small models)")
-    g.add_argument("--record-every", type=int, metavar="N",
-                   help="record every N steps (default: a tenth of the steps); --eval-steps, a multiple of N, "
-                        "sets how often held-out loss and exact match are measured (default: every record)")
-    g.add_argument("--no-plots", dest="plots", action="store_false", help="compare.json and compare.md only")
+    _add_options(p, _config_classes()[1])
     p.set_defaults(run=_compare)
 
 
@@ -203,29 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- commands
-def _main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def config_from_args(args: argparse.Namespace) -> "FinetuneConfig":
-    """The finetune job's config from parsed ``finetune`` arguments: the one place argparse meets it.
-
-    Every option's ``dest`` is a :class:`~sorsa_kernels.integrations.training.finetune.FinetuneConfig`
-    field; the parser's own entries (``command``, ``run``) are left out.
+    """The finetune job's config from parsed ``finetune`` (or ``compare``) arguments: the one
+    place argparse meets it.  Every option's ``dest`` is a field; the parser's own entries
+    (``command``, ``run``) and ``compare``'s options are left out.
 
     Example::
 
         >>> config_from_args(build_parser().parse_args(["finetune", "--rank", "8"])).rank
         8
     """
-    from .integrations.training.finetune import FinetuneConfig
+    return _config_from_args(args, _config_classes()[0])
 
-    fields = set(FinetuneConfig.__dataclass_fields__)
-    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+def _config_from_args(args: argparse.Namespace, config_class: type):
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _bars_wanted() -> bool:
-    """Progress bars only for a person at a terminal: redirected to a file they are a wall of ``\r``."""
+    """Progress bars only for a person at a terminal: redirected to a file they are a wall of ``\\r``."""
     return sys.stderr.isatty()  # tqdm draws on stderr
 
 
@@ -237,9 +272,10 @@ def _job_config(args: argparse.Namespace) -> "FinetuneConfig":
 
 def _finetune(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import run_finetune
+    from .integrations.training.finetune.config import is_main_process
 
     result = run_finetune(_job_config(args))
-    if not _main_process():
+    if not is_main_process():
         return 0
     print()
     if result.before or result.after:  # no empty table under --no-eval
@@ -259,11 +295,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .integrations.training.compare import CompareConfig, run_compare
+    from .integrations.training.compare import run_compare
     from .integrations.training.compare_report import ordering_line, scope_line, summary_table
 
-    result = run_compare(CompareConfig(_job_config(args), methods=tuple(args.methods), full=args.full,
-                                       record_every=args.record_every, plots=args.plots))
+    args.finetune = _job_config(args)
+    result = run_compare(_config_from_args(args, _config_classes()[1]))
     report = result.report
     print()
     print(summary_table(report))
@@ -311,7 +347,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _one_line(e: BaseException) -> str:
     """An exception as one line: its message (with the type for unexpected kinds)."""
-    message = " ".join(str(e).split())
+    from .integrations.training.options import ConfigError
+
+    message = " ".join((e.render(_cli_name) if isinstance(e, ConfigError) else str(e)).split())
     if isinstance(e, (ValueError, OSError, ImportError)) and message:
         return message
     if isinstance(e, KeyError):  # str(KeyError("x")) is "'x'"
@@ -343,7 +381,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # every failure is one line; --debug shows the traceback
         if debug:
             raise
-        if _main_process():
+        from .integrations.training.finetune.config import is_main_process
+
+        if is_main_process():
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:

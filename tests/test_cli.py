@@ -256,3 +256,58 @@ def test_config_from_args_maps_every_finetune_option_to_a_config_field():
     cfg = config_from_args(parser.parse_args(["finetune", "--rank", "8", "--lr", "1e-3", "--no-eval", "--quiet"]))
     assert (cfg.rank, cfg.learning_rate, cfg.evaluate, cfg.progress) == (8, 1e-3, False, False)
     assert cfg == FinetuneConfig(rank=8, learning_rate=1e-3, evaluate=False, progress=False)
+
+
+def test_every_flag_is_a_config_field_with_its_default_and_every_field_a_flag_or_internal():
+    from dataclasses import fields
+
+    from sorsa_kernels.cli import build_parser
+    from sorsa_kernels.integrations.training.compare_config import CompareConfig
+    from sorsa_kernels.integrations.training.finetune import FinetuneConfig
+    from sorsa_kernels.integrations.training.options import field_default
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command, classes in (("finetune", [FinetuneConfig]), ("compare", [FinetuneConfig, CompareConfig])):
+        actions = {a.dest: a for a in commands[command]._actions if a.dest != "help"}
+        declared = {f.name: f for cls in classes for f in fields(cls)}
+        assert set(actions) <= set(declared), set(actions) - set(declared)
+        for dest, action in actions.items():
+            assert action.default == field_default(declared[dest]), (command, dest, action.default)
+        internal = {name for name, f in declared.items() if f.metadata.get("internal")}
+        assert set(declared) - set(actions) == internal, (command, set(declared) - set(actions) - internal)
+        assert all(f.metadata.get("help") for f in declared.values()), command
+
+
+def test_a_declared_option_becomes_a_flag_with_its_help_and_defaults():
+    import argparse
+    from dataclasses import dataclass
+    from typing import Optional
+
+    from sorsa_kernels.cli import _add_options
+    from sorsa_kernels.integrations.training.options import option
+
+    @dataclass
+    class Job:
+        verbose: bool = option(False, "print every log line", group="g")
+        steps: Optional[int] = option(None, "how many", group="g", paper=3e-5, embedded=4e-4)
+        rate: float = option(0.5, "a rate of {data:flag}", group="g", flags=("--rate", "-r"))
+
+    parser = argparse.ArgumentParser()
+    _add_options(parser, Job)
+    args = parser.parse_args(["--verbose", "--steps", "2", "-r", "0.25"])
+    assert (args.verbose, args.steps, args.rate) == (True, 2, 0.25)
+    text = " ".join(parser.format_help().split())
+    assert "--verbose print every log line --steps STEPS how many (default: 3e-5; embedded 4e-4)" in text
+    assert "--rate RATE, -r RATE a rate of --data (default: 0.5)" in text
+
+
+def test_paper_and_embedded_defaults_are_the_papers_and_the_demos():
+    from sorsa_kernels.integrations.training.embedded import PRETRAIN_STEPS
+    from sorsa_kernels.integrations.training.finetune import EMBEDDED_DEFAULTS, PAPER_DEFAULTS
+
+    assert PAPER_DEFAULTS == dict(rank=128, learning_rate=3e-5, num_train_epochs=1.0, max_steps=-1,
+                                  per_device_train_batch_size=8, gradient_accumulation_steps=16,
+                                  logging_steps=10, pretrain_steps=0)
+    assert EMBEDDED_DEFAULTS == dict(rank=16, learning_rate=3e-3, num_train_epochs=1.0, max_steps=250,
+                                     per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                                     logging_steps=25, pretrain_steps=PRETRAIN_STEPS)

@@ -92,6 +92,32 @@ def test_bad_regex_template_or_model_path_is_one_line(args, message, tmp_path, c
     assert not no_model_load and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--scheduler", "zigzag"), "scheduler must be one of 'linear', 'cosine', "),
+    (("--lr", "-1"), "learning-rate must be a positive"),
+    (("--rank", "0"), "rank must be a positive"),
+    (("--warmup-ratio", "1.5"), "warmup-ratio must be in [0, 1)"),
+    (("--max-steps", "0"), "max-steps must be positive"),
+    (("--model", "some/model"), "--model some/model needs --data FILE"),
+    (("--eval-data", "x.jsonl"), "--eval-data needs --data (the embedded data set brings its own held-out split)"),
+    (("--prompt-template", "no placeholder"), "must contain {prompt}"),
+    (("--model", "org/some-model", "--data", "d.jsonl", "--fsdp", "--quantize", "nf4"),
+     "--fsdp --quantize nf4 streams the checkpoint from a local folder; download org/some-model first"),
+])
+def test_config_errors_name_the_flags_on_the_command_line(args, message, tmp_path, capsys, no_model_load):
+    """The config names its fields (tests/integrations/training/test_finetune.py); the CLI shows flags."""
+    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, *args)
+    assert message in _one_line_error(rc, err)
+    assert not no_model_load and not (tmp_path / "o").exists()
+
+
+def test_unknown_dtype_is_refused_by_the_parser_listing_the_names(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--residual-dtype", "int8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'int8' (choose from 'float32', 'fp32', 'bfloat16', 'bf16'" in err
+
+
 def test_non_utf8_data_names_file_and_line(tmp_path, capsys, no_model_load):
     data = tmp_path / "d.jsonl"
     data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')

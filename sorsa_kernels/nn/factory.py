@@ -2,9 +2,9 @@
 
 :func:`make_sorsa_linear` maps ``quantize`` (None → :class:`~sorsa_kernels.nn.linear.SORSALinear`,
 ``"nf4"`` → :class:`~sorsa_kernels.nn.qlinear.QSORSALinear`) to the layer class and calls
-its ``from_linear``; both ``SORSALinear.from_linear(quantize=...)`` and
-:func:`sorsa_kernels.apply_sorsa` go through it.  The classes enter the table by
-registering themselves (:func:`register_layer_class`) when their module is imported, so
+its ``from_linear``: it is the only place that picks a layer class (no ``from_linear``
+returns another class); :func:`sorsa_kernels.apply_sorsa` and the streaming loader go
+through it.  The classes enter the table by registering themselves (:func:`register_layer_class`) when their module is imported, so
 this module imports neither of them and ``nn/linear.py`` need not import ``nn/qlinear.py``:
 the arrows run ``qlinear → linear → factory``.  ``sorsa_kernels.nn`` imports both layer
 modules, so every mode is registered before any caller can reach this module.

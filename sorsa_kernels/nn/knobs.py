@@ -5,7 +5,8 @@ step counts, …) has one :class:`Rule`: integer or real, finite, and a range.
 :func:`check_knob` applies it and raises a one-line error naming the knob, what is allowed
 and the value given.  :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`,
 :func:`sorsa_kernels.apply_sorsa`, :func:`sorsa_kernels.add_regularizer_grad`,
-:class:`sorsa_kernels.SORSACallback` and the finetune job's config check all call it, so
+:class:`sorsa_kernels.SORSACallback` and the job configs (``FinetuneConfig``,
+``CompareConfig``, on construction, through :func:`knob_problem`) all apply it, so
 ``--alpha 0`` on the command line and ``alpha=0.0`` in Python fail the same way, before
 any model is loaded or any weight is touched.
 
@@ -22,7 +23,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["Rule", "KNOBS", "check_knob", "check_knobs"]
+__all__ = ["Rule", "KNOBS", "check_knob", "check_knobs", "knob_problem"]
 
 
 @dataclass(frozen=True)
@@ -100,34 +101,48 @@ KNOBS: dict[str, Rule] = {
     "eval_samples": _NON_NEGATIVE_COUNT,
     "max_new_tokens": _COUNT,
     "pretrain_steps": _NON_NEGATIVE_COUNT,
+    "record_every": Rule("a positive number of steps", integer=True, low=1),
     "seed": Rule("an integer in [0, 2**32)", integer=True, low=0, high=2**32, high_open=True),
 }
+
+
+def knob_problem(name: str, value: Any, required: bool = False) -> Optional[tuple[type, str]]:
+    """What is wrong with ``value`` for ``KNOBS[name]``: ``(TypeError or ValueError, "must be …, got …")``,
+    or None when it is allowed.  Lets a caller name the knob its own way (:func:`check_knob`
+    by ``label``; a job's config by field, rendered per front end).
+
+    Example::
+
+        >>> knob_problem("rank", 0)
+        (<class 'ValueError'>, 'must be a positive integer, got 0')
+    """
+    rule = KNOBS[name]
+    if rule.accepts(value) and not (required and value is None):
+        return None
+    if value is None:
+        return TypeError, f"must be {rule.text}, got None"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            rule.integer and not isinstance(value, numbers.Integral)):
+        return TypeError, f"must be {rule.text}, got {type(value).__name__} {value!r}"
+    return ValueError, f"must be {rule.text}, got {value!r}"
 
 
 def check_knob(name: str, value: Any, label: Optional[str] = None, required: bool = False) -> None:
     """Raise a ValueError (TypeError for a non-number) unless ``value`` satisfies ``KNOBS[name]``.
 
-    ``label`` is how the message names the knob (default ``name``; the command line
-    passes its option name, e.g. ``"learning-rate"``).  ``None`` passes (it means "the
-    default") unless ``required``.
+    ``label`` is how the message names the knob (default ``name``).  ``None`` passes (it
+    means "the default") unless ``required``.
 
     Example::
 
-        >>> check_knob("learning_rate", float("nan"), "learning-rate")
+        >>> check_knob("learning_rate", float("nan"))
         Traceback (most recent call last):
-        ValueError: learning-rate must be a positive finite number, got nan
+        ValueError: learning_rate must be a positive finite number, got nan
     """
-    rule = KNOBS[name]
-    if rule.accepts(value) and not (required and value is None):
-        return
-    label = label or name
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise TypeError(f"{label} must be {rule.text}, got {type(value).__name__} {value!r}")
-    if rule.integer and value is not None and not isinstance(value, numbers.Integral):
-        raise TypeError(f"{label} must be {rule.text}, got {type(value).__name__} {value!r}")
-    if value is None:
-        raise TypeError(f"{label} must be {rule.text}, got None")
-    raise ValueError(f"{label} must be {rule.text}, got {value!r}")
+    problem = knob_problem(name, value, required)
+    if problem is not None:
+        kind, text = problem
+        raise kind(f"{label or name} {text}")
 
 
 def check_knobs(**values: Any) -> None:

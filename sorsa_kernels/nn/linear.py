@@ -18,7 +18,7 @@ from .checks import (
     layer_suffix,
     validate_rank,
 )
-from .factory import make_sorsa_linear, register_layer_class
+from .factory import register_layer_class
 from .knobs import check_knob
 
 __all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
@@ -105,8 +105,6 @@ class SORSALinear(nn.Module):
         alpha: Optional[float] = None,
         dropout: float = 0.0,
         name: Optional[str] = None,
-        quantize: Optional[str] = None,
-        quant_iters: int = 1,
     ) -> "SORSALinear":
         """Split ``linear.weight`` by SVD into a trainable top-``rank`` part and a frozen residual.
 
@@ -122,20 +120,14 @@ class SORSALinear(nn.Module):
             alpha: if given, ``scale = alpha / rank``.
             dropout: dropout on the low-rank branch's input.
             name: the layer's name, used in error messages.
-            quantize: ``"nf4"`` returns a :class:`~sorsa_kernels.nn.qlinear.QSORSALinear`
-                whose residual is stored in 4-bit NF4 after ``quant_iters`` error-reducing
-                iterations; built by :func:`sorsa_kernels.nn.factory.make_sorsa_linear`,
-                which maps ``quantize`` to the layer class.
+
+        The residual is always dense here; a quantized one (``quantize="nf4"``) is built by
+        :func:`sorsa_kernels.nn.make_sorsa_linear` (or :func:`sorsa_kernels.apply_sorsa`),
+        the one place that picks the layer class.
 
         ``Wr = W0 − U0·diag(σ)·V0ᵀ`` is computed in float32 on the weight's device from the
         stored (adapter-dtype) factors, then cast to ``residual_dtype``.
         """
-        if quantize is not None:  # the factory picks the quantized layer class (nn/factory.py)
-            return make_sorsa_linear(
-                linear, rank, quantize=quantize, quant_iters=quant_iters, svd=svd, niter=niter,
-                oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device, residual_dtype=residual_dtype,
-                adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout, name=name,
-            )
         check_linear(linear, name)
         W = linear.weight
         m, n = W.shape

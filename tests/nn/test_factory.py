@@ -25,10 +25,10 @@ def test_dense_factory_equals_from_linear():
     assert torch.equal(a.residual, b.residual) and torch.equal(a.U, b.U)
 
 
-def test_from_linear_quantize_goes_through_the_factory_to_qsorsa():
+def test_nf4_factory_builds_the_same_qsorsa_as_its_from_linear():
     pytest.importorskip("bitsandbytes")
     lin = _lin()
-    a = SORSALinear.from_linear(lin, 4, quantize="nf4", quant_iters=0)
+    a = QSORSALinear.from_linear(lin, 4, quant_iters=0)
     b = make_sorsa_linear(lin, 4, quantize="nf4", quant_iters=0)
     assert type(a) is QSORSALinear and type(b) is QSORSALinear
     assert torch.equal(a.nf4_packed, b.nf4_packed)
@@ -36,7 +36,19 @@ def test_from_linear_quantize_goes_through_the_factory_to_qsorsa():
     assert torch.equal(a(x), b(x))
 
 
-@pytest.mark.parametrize("build", [make_sorsa_linear, SORSALinear.from_linear])
+def _apply_sorsa_to_one_linear(linear, rank, **kwargs):
+    from sorsa_kernels import apply_sorsa
+
+    return apply_sorsa(nn.Sequential(linear), rank, ["0"], progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("build", [make_sorsa_linear, _apply_sorsa_to_one_linear])
 def test_unknown_quantize_names_the_allowed_values(build):
     with pytest.raises(ValueError, match=r"quantize must be None or 'nf4', got 'int8'"):
         build(_lin(), 4, quantize="int8")
+
+
+def test_from_linear_builds_only_its_own_class():
+    """The factory alone picks the layer class: ``SORSALinear.from_linear`` takes no ``quantize``."""
+    with pytest.raises(TypeError, match="quantize"):
+        SORSALinear.from_linear(_lin(), 4, quantize="nf4")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sorsa_kernels import QSORSALinear, SORSALinear
+from sorsa_kernels.nn import make_sorsa_linear
 from tests.conftest import rel_err
 
 pytest.importorskip("triton")
@@ -75,6 +76,6 @@ def test_inplace_add_on_qsorsa_output_matches_out_of_place(backend, name, shape)
     pytest.importorskip("bitsandbytes")
     backend(name)
     torch.manual_seed(0)
-    layer = SORSALinear.from_linear(nn.Linear(40, 24), 4, quantize="nf4")
+    layer = make_sorsa_linear(nn.Linear(40, 24), 4, quantize="nf4")
     assert isinstance(layer, QSORSALinear)
     _check(layer, shape)

@@ -38,12 +38,11 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -51,62 +50,24 @@ import torch
 from transformers import TrainerCallback
 
 from ...nn.checks import validate_rank
+from .compare_config import METHODS, NEEDS_PEFT, CompareConfig, check_compare_environment, check_eval_every
 from .data import arithmetic_problems, load_records, split_records
-from .finetune.config import (
-    EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FinetuneConfig, check_config, check_output_dir, distributed,
-)
+from .finetune.config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FinetuneConfig, check_output_dir, target_spec
 from .finetune.encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .finetune.evaluation import default_max_new_tokens, exact_match
 from .finetune.model import apply_config_sorsa, load_base
 from .progress import library_bars
 from .finetune.training import training_arguments
+from .options import ConfigError
 from ..adapters.surgery import find_targets
 
-__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "check_compare_config", "load_splits"]
+__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "load_splits"]
 
-#: The methods ``compare`` can train, in report order.
-METHODS = ("sorsa", "pissa", "lora", "full")
-DEFAULT_METHODS = ("sorsa", "pissa", "lora")
 #: ``--full`` trains every target weight with AdamW (weights, grads and two moments):
 #: refused above this many parameters in the whole model.
 FULL_MAX_PARAMS = 1_000_000_000
 #: Roughly how many records a run gets when --record-every is not given.
 DEFAULT_RECORDS = 10
-
-# finetune options that do not apply to a comparison, and why (checked in check_compare_config).
-_NOT_FOR_COMPARE = {
-    "quantize": "every method trains on the same full-precision base",
-    "residual_dtype": "it is a SORSA-only storage option",
-    "adapter_dtype": "it is a SORSA-only storage option",
-    "fsdp": "compare runs in one process",
-    "resume_from_checkpoint": "compare saves no checkpoints",
-    "save_steps": "compare saves no checkpoints",
-    "save_total_limit": "compare saves no checkpoints",
-    "gradient_checkpointing": "the PEFT models would need extra set-up for it",
-    "logging_steps": "compare logs at every --record-every step",
-}
-
-
-@dataclass
-class CompareConfig:
-    """A comparison: the finetune job's settings (shared by every method) plus what to compare.
-
-    ``finetune.eval_steps`` sets how often held-out loss and exact match are measured
-    (a multiple of ``record_every``; default: at every record).
-    """
-
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    full: bool = False
-    record_every: Optional[int] = None
-    plots: bool = True
-
-    @property
-    def method_list(self) -> list[str]:
-        chosen = list(dict.fromkeys(self.methods))
-        if self.full and "full" not in chosen:
-            chosen.append("full")
-        return [m for m in METHODS if m in chosen]
 
 
 @dataclass
@@ -119,37 +80,6 @@ class CompareResult:
     plot_note: Optional[str] = None
 
 
-_NEEDS_PEFT = ("compare trains PiSSA and LoRA through PEFT, which is not installed: "
-               "pip install 'sorsa-kernels[compare]' (or pip install peft)")
-
-
-def check_compare_config(config: CompareConfig, cfg: FinetuneConfig) -> None:
-    """One-line ValueErrors for what ``compare`` cannot do (``cfg``: the resolved finetune config)."""
-    unknown = [m for m in config.methods if m not in METHODS[:3]]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; allowed: {', '.join(METHODS[:3])} (and --full)")
-    if not config.method_list:
-        raise ValueError("no method to compare; pass --methods with one or more of sorsa, pissa, lora")
-    for name, why in _NOT_FOR_COMPARE.items():
-        value = getattr(config.finetune, name)  # as given: resolving fills in finetune's defaults
-        if value not in (None, False):
-            raise ValueError(f"compare does not take --{name.replace('_', '-')}: {why}")
-    if cfg.svd != "full":
-        raise ValueError("compare does not take --svd randomized: SORSA and PiSSA both start from the full SVD")
-    if not cfg.evaluate:
-        raise ValueError("compare does not take --no-eval: held-out loss and exact match are what it compares")
-    if distributed():
-        raise ValueError("compare runs in one process; launch it without torchrun")
-    if {"pissa", "lora"} & set(config.method_list) and importlib.util.find_spec("peft") is None:
-        raise ValueError(_NEEDS_PEFT)
-    if config.record_every is not None and (not isinstance(config.record_every, int) or config.record_every <= 0):
-        raise ValueError(f"record-every must be a positive number of steps, got {config.record_every}")
-    if cfg.eval_steps is not None and config.record_every is not None and cfg.eval_steps % config.record_every:
-        raise ValueError(f"eval-steps {cfg.eval_steps} must be a multiple of record-every {config.record_every}")
-    if not cfg.embedded and cfg.data is not None and cfg.eval_data is None and cfg.eval_fraction <= 0:
-        raise ValueError("compare needs held-out data: set --eval-fraction above 0 or pass --eval-data")
-
-
 def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
     """``(training rows, held-out rows)`` exactly as the finetune job splits them."""
     if cfg.data is None:
@@ -159,13 +89,6 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
     if cfg.eval_data is not None:
         return rows, load_records(cfg.eval_data, cfg.prompt_field, cfg.response_field)
     return split_records(rows, cfg.eval_fraction, seed=cfg.seed)
-
-
-def _target_spec(cfg: FinetuneConfig):
-    targets = list(cfg.target_modules) if cfg.target_modules else None
-    if targets is not None and len(targets) == 1 and any(c in targets[0] for c in "*()[]|\\^$"):
-        return targets[0]  # as the finetune job reads it: one argument with regex characters
-    return targets
 
 
 def _planned_steps(cfg: FinetuneConfig, n_train: int) -> int:
@@ -242,7 +165,7 @@ def _prepare(method: str, model, cfg: FinetuneConfig, targets: list[str]):
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
-            raise ImportError(_NEEDS_PEFT) from None
+            raise ImportError(NEEDS_PEFT) from None
         lora = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=0.0,
             target_modules=targets, bias="none",
@@ -290,8 +213,8 @@ def run_compare(config: CompareConfig) -> CompareResult:
     (default ``./sorsa-compare-<time>``).  Every input is checked before anything is trained.
     """
     cfg = config.finetune.resolved()
-    check_config(cfg)
-    check_compare_config(config, cfg)
+    cfg.check_environment()
+    check_compare_environment(config)
     out = Path(cfg.output_dir or time.strftime("sorsa-compare-%Y%m%d-%H%M%S"))
     check_output_dir(out, hint=" --output-dir")
     with library_bars(cfg.progress):  # progress=False: transformers' own bars off too
@@ -315,9 +238,9 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     train_rows, held_rows = load_splits(cfg)
     base, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress)
     if config.full and sum(p.numel() for p in base.parameters()) > FULL_MAX_PARAMS:
-        raise ValueError(f"--full is for small models (up to {FULL_MAX_PARAMS:,} parameters); {cfg.model} has "
-                         f"{sum(p.numel() for p in base.parameters()):,}")
-    targets = find_targets(base, _target_spec(cfg))
+        raise ConfigError("{full:flag} is for small models (up to {most:,} parameters); {model_name} has {n:,}",
+                          most=FULL_MAX_PARAMS, model_name=cfg.model, n=sum(p.numel() for p in base.parameters()))
+    targets = find_targets(base, target_spec(cfg))
     for name in targets:  # PEFT does not check the rank; fail as apply_sorsa would, for every method
         w = base.get_submodule(name).weight
         validate_rank(cfg.rank, w.shape[1], w.shape[0], name)
@@ -329,8 +252,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, em_rows)
     steps = _planned_steps(cfg, len(train_ex))
     record_every = config.record_every or max(1, steps // DEFAULT_RECORDS)
-    if cfg.eval_steps is not None and cfg.eval_steps % record_every:
-        raise ValueError(f"eval-steps {cfg.eval_steps} must be a multiple of record-every {record_every}")
+    check_eval_every(cfg.eval_steps, record_every)
     evaluate_every = (cfg.eval_steps or record_every) // record_every
     evaluate = _evaluator(tokenizer, ListDataset(held_ex), em_rows, cfg, use_chat, max_new)
     setup_s = time.perf_counter() - t_start

@@ -19,7 +19,6 @@ import transformers
 from sorsa_kernels import load_adapter, merge_sorsa
 from sorsa_kernels.integrations.training.embedded import build_tokenizer
 from sorsa_kernels.integrations.training.finetune import FinetuneConfig
-from sorsa_kernels.integrations.training.finetune.config import check_config
 from tests.conftest import rel_err
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs torch.distributed (gloo)")
@@ -128,6 +127,6 @@ def test_outputs_of_the_embedded_model_include_its_base(job):
 
 def test_fsdp_nf4_with_a_hub_name_asks_for_a_local_folder(tmp_path):
     cfg = FinetuneConfig(model="org/some-model", data=str(tmp_path / "d.jsonl"), fsdp=True, quantize="nf4").resolved()
-    with pytest.raises(ValueError, match=r"--fsdp --quantize nf4 streams the checkpoint from a local folder; "
+    with pytest.raises(ValueError, match=r"fsdp=True quantize='nf4' streams the checkpoint from a local folder; "
                                          r"download org/some-model first"):
-        check_config(cfg)
+        cfg.check_environment()

@@ -17,9 +17,9 @@ Example::
     >>> result.after["exact_match"] > result.before["exact_match"]
     True
 
-The job is split by what changes together: :mod:`.config` (the config and its checks),
-:mod:`.encoding` (tokenization and batching), :mod:`.model` (loading the base and
-applying SORSA), :mod:`.evaluation` (held-out loss, exact match), :mod:`.training`
+The job is split by what changes together: :mod:`.config` (the options, each declared
+once, and their checks), :mod:`.encoding` (tokenization and batching), :mod:`.model`
+(loading the base and applying SORSA), :mod:`.evaluation` (held-out loss, exact match), :mod:`.training`
 (the Trainer run), :mod:`.outputs` (adapter, merged model, metrics.json, each published
 whole), :mod:`.rundir` (the output folder's states: what a rerun or a resume may do with
 it, checkpoint records, default names, tidying after a failure) and :mod:`.jobs` (merge,
@@ -34,6 +34,7 @@ from .config import (
     FinetuneConfig,
     check_output_dir,
 )
+from ..options import ConfigError
 from .encoding import ResponseOnlyCollator, encode_example
 from .evaluation import exact_match
 from .jobs import analyze_job, default_plot_path, export_lora_job, merge_job, plot_drift, shutdown_distributed
@@ -43,6 +44,7 @@ from .training import run_finetune
 
 __all__ = [
     "FinetuneConfig",
+    "ConfigError",
     "FinetuneResult",
     "PAPER_DEFAULTS",
     "EMBEDDED_DEFAULTS",

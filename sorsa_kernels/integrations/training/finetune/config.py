@@ -1,102 +1,175 @@
-"""The finetune job's configuration and its validation.
+"""The finetune job's configuration: every option declared once, checked on construction.
 
-:class:`FinetuneConfig` is everything ``sorsa-kernels finetune`` accepts, with ``None``
-meaning "the default for this model" (:data:`PAPER_DEFAULTS` for a real model,
-:data:`EMBEDDED_DEFAULTS` for the embedded one).  :func:`check_config` (every numeric
-knob against the rule table of :mod:`sorsa_kernels.nn.knobs`, names, dtypes, the prompt
-template, the target regex, the model folder) and :func:`check_output_dir` reject bad
-input with one-line ValueErrors before anything is loaded or written; :func:`distributed` and :func:`is_main_process` read the torchrun
-environment.  A new knob starts here (field, default, check) and in the CLI's parser.
+:class:`FinetuneConfig` is everything ``sorsa-kernels finetune`` accepts.  Each field is
+the option (:func:`~sorsa_kernels.integrations.training.options.option`): its default,
+help text, flags, ``--help`` section, allowed values and, where ``None`` means "the
+default for this model", the paper's and the embedded model's values
+(:data:`PAPER_DEFAULTS` and :data:`EMBEDDED_DEFAULTS` are read off the fields).  The
+command line generates its flags, help and the defaults it shows from the fields, and
+translates field names in messages into its flags, in one place (``cli._cli_name``).
+
+**Adding an option is one change, here**: add the field, e.g.
+``verbose: bool = option(False, "print every log line", group=_LOGGING)``.  A number gets
+its rule by its name in :data:`sorsa_kernels.nn.knobs.KNOBS`, a closed set of values by
+``choices=``, a check across fields by a line in :meth:`FinetuneConfig.__post_init__` (a
+:class:`~sorsa_kernels.integrations.training.options.ConfigError` naming fields as
+``{field}``).  The flag (``--verbose``), its help and its default then exist on ``finetune``
+and ``compare``; ``tests/test_cli.py`` fails if a flag and a field disagree.  A field
+without a flag says ``internal=True``.  ``compare``'s own options are declared the same way
+(:class:`~sorsa_kernels.integrations.training.compare_config.CompareConfig`).
+
+Checks: construction rejects bad values (the numeric rule table, choices, the prompt
+template, the target regex, a model without data) with one-line ``ConfigError``\\ s naming
+fields; :meth:`FinetuneConfig.check_environment` checks what depends on this machine
+(processes, GPUs, folders) before a job loads anything; :func:`check_output_dir` checks
+the output folder.  :func:`distributed` and :func:`is_main_process` read the torchrun
+environment.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from ....nn.knobs import check_knob
+from ....nn.checks import SVD_MODES
+from ...adapters.surgery import DEFAULT_TARGET_MODULES
 from ..embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
+from ..options import ConfigError, check_fields, option
 
 #: Prompt layout for models without a chat template (Alpaca-style).
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-
-#: The paper's settings (Table 3), used for real models.
-PAPER_DEFAULTS: dict[str, Any] = dict(
-    rank=128, learning_rate=3e-5, num_train_epochs=1.0, max_steps=-1,
-    per_device_train_batch_size=8, gradient_accumulation_steps=16,  # global batch 128 on one device
-    logging_steps=10, pretrain_steps=0,
-)
-#: The embedded default's settings and why they differ from the paper's: the model is
-#: tiny (0.6 M parameters, hidden size 128) and the run must end in well under two
-#: minutes on a CPU, so it takes a larger rank fraction (16 of 128), a 100× larger
-#: learning rate (3e-3; at 3e-5 nothing visible happens in a few hundred steps),
-#: small batches and a fixed number of steps.  γ, warm-up, schedule and weight decay
-#: are the paper's.
-EMBEDDED_DEFAULTS: dict[str, Any] = dict(
-    rank=16, learning_rate=3e-3, num_train_epochs=1.0, max_steps=250,
-    per_device_train_batch_size=16, gradient_accumulation_steps=1,
-    logging_steps=25, pretrain_steps=PRETRAIN_STEPS,
-)
 EMBEDDED_EXAMPLES = 700
 EMBEDDED_HELD_OUT = 100
 
-#: The dtype names ``--residual-dtype`` / ``--adapter-dtype`` accept.
+#: The dtype names ``residual_dtype`` / ``adapter_dtype`` accept.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
+# accelerate (1.15) builds its FSDP plugin only for GPU-like devices; for a CPU (gloo) launch it
+# drops the plugin silently, and it refuses to wrap an already-sharded (DTensor) model in DDP.
+#: The refusal of FSDP without GPUs (a ConfigError template), checked before and after the Trainer is built.
+FSDP_CPU_MESSAGE = ("{fsdp:flag} needs GPUs: accelerate does not enable FSDP for CPU (gloo) processes; "
+                    "drop {fsdp:flag} to train with DDP")
+#: Characters that make a single ``target_modules`` argument a regular expression.
+REGEX_CHARS = "*()[]|\\^$+?{}"
 
+_DATA, _SORSA, _TRAINING, _LOGGING = "model and data", "SORSA", "training", "logging, evaluation, saving"
+
+
+def _schedulers() -> tuple[str, ...]:
+    from transformers import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+# The embedded default's values (``embedded=``) and why they differ from the paper's: the model
+# is tiny (0.6 M parameters, hidden size 128) and the run must end in well under two minutes
+# on a CPU, so it takes a larger rank fraction (16 of 128), a 100x larger learning rate
+# (3e-3; at 3e-5 nothing visible happens in a few hundred steps), small batches and a fixed
+# number of steps.  gamma, warm-up, schedule and weight decay are the paper's.
 @dataclass
 class FinetuneConfig:
-    """Everything ``sorsa-kernels finetune`` accepts.  ``None`` means "the default for this
-    model": :data:`PAPER_DEFAULTS` for a real model, :data:`EMBEDDED_DEFAULTS` for the embedded one."""
+    """Everything ``sorsa-kernels finetune`` accepts, checked on construction.  ``None`` means
+    "the default for this model": :data:`PAPER_DEFAULTS` for a real model,
+    :data:`EMBEDDED_DEFAULTS` for the embedded one (:meth:`resolved` fills them in).
 
-    model: str = EMBEDDED_NAME
-    data: Optional[str] = None
-    eval_data: Optional[str] = None
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    prompt_template: Optional[str] = None
-    output_dir: Optional[str] = None
-    rank: Optional[int] = None
-    target_modules: Optional[Sequence[str]] = None
-    alpha: Optional[float] = None
-    gamma: float = 4e-4
-    learning_rate: Optional[float] = None
-    num_train_epochs: Optional[float] = None
-    max_steps: Optional[int] = None
-    per_device_train_batch_size: Optional[int] = None
-    gradient_accumulation_steps: Optional[int] = None
-    max_length: int = 512
-    warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    svd: str = "full"
-    residual_dtype: Optional[str] = None
-    adapter_dtype: Optional[str] = None
-    quantize: Optional[str] = None
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    logging_steps: Optional[int] = None
-    eval_steps: Optional[int] = None
-    save_steps: Optional[int] = None
-    save_total_limit: Optional[int] = None
-    resume_from_checkpoint: Optional[str] = None
-    eval_fraction: float = 0.05
-    eval_samples: int = 200
-    eval_batch_size: int = 32
-    max_new_tokens: Optional[int] = None
-    evaluate: bool = True
-    fsdp: bool = False
-    pretrain_steps: Optional[int] = None
-    progress: bool = True
-    report_to: str = "none"
-    extra_training_args: dict = field(default_factory=dict)
+    Example::
+
+        >>> FinetuneConfig(model="meta-llama/Llama-2-7b-hf")
+        Traceback (most recent call last):
+        ConfigError: model='meta-llama/Llama-2-7b-hf' needs data FILE (.jsonl, .json or .parquet)
+    """
+
+    # ---- model and data
+    model: str = option(EMBEDDED_NAME, "local path or Hub id of a causal LM", group=_DATA)
+    data: Optional[str] = option(None, "training data: .jsonl, .json or .parquet with prompt/response fields",
+                                 group=_DATA, shown="the embedded arithmetic problems; required with {model:flag}")
+    eval_data: Optional[str] = option(None, "held-out data", group=_DATA,
+                                      shown="{eval_fraction:flag} of {data:flag}")
+    prompt_field: str = option("prompt", "name of the prompt field", group=_DATA)
+    response_field: str = option("response", "name of the response field", group=_DATA)
+    prompt_template: Optional[str] = option(
+        None, "layout for tokenizers without a chat template; must contain {{prompt}}", group=_DATA,
+        shown="Alpaca-style '### Instruction:' … '### Response:'")
+    output_dir: Optional[str] = option(
+        None, "where to write adapter/, merged/ …; refused if it holds anything but an unfinished run's leftovers",
+        group=_DATA, shown="a new ./sorsa-output-<time>[-N]")
+    # ---- SORSA
+    rank: Optional[int] = option(None, "adapter rank r", group=_SORSA, paper=128, embedded=16)
+    target_modules: Optional[Sequence[str]] = option(
+        None, "module names to adapt, or one regular expression", group=_SORSA, nargs="+", metavar="NAME",
+        shown=" ".join(DEFAULT_TARGET_MODULES))
+    alpha: Optional[float] = option(None, "scale = alpha / rank", group=_SORSA, shown="scale 1")
+    gamma: float = option(4e-4, "orthonormal regularizer strength", group=_SORSA)
+    svd: str = option("full", "SVD used at initialization", group=_SORSA, choices=SVD_MODES)
+    residual_dtype: Optional[str] = option(None, "dtype of the frozen residual", group=_SORSA,
+                                           choices=tuple(DTYPES), shown="the weight's")
+    adapter_dtype: Optional[str] = option(None, "dtype of U, S, V", group=_SORSA, choices=tuple(DTYPES),
+                                          shown="float32")
+    quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",),
+                                     shown="none: dense residuals")
+    # ---- training
+    learning_rate: Optional[float] = option(None, "peak learning rate", group=_TRAINING,
+                                            flags=("--learning-rate", "--lr"), paper=3e-5, embedded=3e-3)
+    num_train_epochs: Optional[float] = option(None, "epochs", group=_TRAINING, flags=("--epochs",),
+                                               paper=1.0, embedded=1.0)
+    max_steps: Optional[int] = option(
+        None, "optimizer steps; overrides {num_train_epochs:flag}", group=_TRAINING, paper=-1, embedded=250,
+        shown="{num_train_epochs:flag} decides; embedded {embedded}")
+    per_device_train_batch_size: Optional[int] = option(None, "per-device batch size", group=_TRAINING,
+                                                        flags=("--batch-size",), paper=8, embedded=16)
+    gradient_accumulation_steps: Optional[int] = option(  # the paper's global batch: 128 on one device
+        None, "gradient accumulation steps", group=_TRAINING,
+        flags=("--grad-accum", "--gradient-accumulation-steps"), paper=16, embedded=1)
+    max_length: int = option(512, "max tokens per example", group=_TRAINING)
+    warmup_ratio: float = option(0.03, "warm-up fraction of the steps", group=_TRAINING)
+    lr_scheduler_type: str = option("cosine", "learning-rate schedule", group=_TRAINING, flags=("--scheduler",),
+                                    choices=_schedulers)
+    weight_decay: float = option(0.0, "AdamW weight decay", group=_TRAINING)
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 turns clipping off", group=_TRAINING)
+    bf16: bool = option(False, "bf16 mixed precision", group=_TRAINING)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward", group=_TRAINING)
+    fsdp: bool = option(False, "shard with FSDP2 (under torchrun)", group=_TRAINING)
+    seed: int = option(42, "random seed", group=_TRAINING)
+    resume_from_checkpoint: Optional[str] = option(
+        None, "continue from a complete checkpoint folder (or 'last': the newest under OUTPUT/checkpoints) with "
+        "the same model, rank, targets, alpha and dtypes; writes into a new {output_dir:flag} or the checkpoint's "
+        "own run folder, never another run's", group=_TRAINING, metavar="DIR", shown="none: a fresh start")
+    # ---- logging, evaluation, saving
+    logging_steps: Optional[int] = option(None, "log every N steps", group=_LOGGING, paper=10, embedded=25)
+    eval_steps: Optional[int] = option(None, "held-out loss every N steps", group=_LOGGING,
+                                       shown="only before and after")
+    save_steps: Optional[int] = option(None, "checkpoint every N steps", group=_LOGGING, shown="no checkpoints")
+    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING, shown="all")
+    eval_fraction: float = option(0.05, "held-out fraction of {data:flag}", group=_LOGGING)
+    eval_samples: int = option(200, "held-out examples for exact match", group=_LOGGING)
+    max_new_tokens: Optional[int] = option(None, "generation length for exact match", group=_LOGGING,
+                                           shown="from responses")
+    evaluate: bool = option(True, "skip the before/after evaluation", group=_LOGGING, flags=("--no-eval",))
+    report_to: str = option("none", "Trainer loggers: none, tensorboard, wandb …", group=_LOGGING)
+    pretrain_steps: Optional[int] = option(None, "embedded model only: in-process pretraining steps",
+                                           group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}")
+    progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
+                                    "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
+    # ---- Python only
+    eval_batch_size: int = option(32, "batch size of the held-out evaluation", internal=True)
+    extra_training_args: dict = option(default_factory=dict, help="more transformers.TrainingArguments",
+                                       internal=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.prompt_template is not None:
+            check_prompt_template(self.prompt_template)
+        target_spec(self)
+        if self.embedded and self.data is None and self.eval_data is not None:
+            raise ConfigError("{eval_data:flag} needs {data:flag} (the embedded data set brings its own "
+                              "held-out split)", self)
+        if not self.embedded and self.data is None:
+            raise ConfigError("{model:given} needs {data:flag} FILE (.jsonl, .json or .parquet)", self)
 
     @property
     def embedded(self) -> bool:
@@ -112,29 +185,36 @@ class FinetuneConfig:
             changes["prompt_template"] = EMBEDDED_PROMPT_TEMPLATE if self.embedded else DEFAULT_PROMPT_TEMPLATE
         return dataclasses.replace(self, **changes)
 
+    def check_environment(self) -> None:
+        """Raise a one-line error for what this machine cannot do with the config: FSDP without
+        several processes or GPUs, a streamed NF4 model that is not a local folder, a missing
+        checkpoint or model folder.  Jobs call it before loading anything."""
+        if self.fsdp and self.quantize and not self.embedded and not Path(self.model).is_dir():
+            raise ConfigError(
+                "{fsdp:given} {quantize:given} streams the checkpoint from a local folder; download {name} first "
+                "(huggingface-cli download {name} --local-dir DIR) and pass {model:flag} DIR", self, name=self.model)
+        if self.fsdp and not distributed():
+            raise ConfigError("{fsdp:flag} needs several processes: launch with torchrun --nproc_per_node N "
+                              "-m sorsa_kernels.cli", self)
+        if self.fsdp and not torch.cuda.is_available():
+            raise ConfigError(FSDP_CPU_MESSAGE, self)
+        if self.resume_from_checkpoint not in (None, "last") and not Path(self.resume_from_checkpoint).is_dir():
+            raise ValueError(f"checkpoint folder {self.resume_from_checkpoint} does not exist")
+        check_model_path(self.model)
 
-#: How the checks name each numeric knob: its command-line option (without the dashes).
-KNOB_LABELS = {
-    "rank": "rank", "alpha": "alpha", "gamma": "gamma", "learning_rate": "learning-rate",
-    "num_train_epochs": "epochs", "max_steps": "max-steps", "per_device_train_batch_size": "batch-size",
-    "gradient_accumulation_steps": "grad-accum", "max_length": "max-length", "warmup_ratio": "warmup-ratio",
-    "weight_decay": "weight-decay", "max_grad_norm": "max-grad-norm", "seed": "seed",
-    "logging_steps": "logging-steps", "eval_steps": "eval-steps", "save_steps": "save-steps",
-    "save_total_limit": "save-total-limit", "eval_fraction": "eval-fraction", "eval_samples": "eval-samples",
-    "eval_batch_size": "eval-batch-size", "max_new_tokens": "max-new-tokens", "pretrain_steps": "pretrain-steps",
-}
-#: Characters that make a single ``--target-modules`` argument a regular expression.
-REGEX_CHARS = "*()[]|\\^$+?{}"
+
+def _per_model(key: str) -> dict[str, Any]:
+    return {f.name: f.metadata[key] for f in dataclasses.fields(FinetuneConfig) if key in f.metadata}
 
 
-def check_knobs(cfg: FinetuneConfig) -> None:
-    """Every numeric setting against the one rule table (:mod:`sorsa_kernels.nn.knobs`): finite, in range."""
-    for name, label in KNOB_LABELS.items():
-        check_knob(name, getattr(cfg, name), label)
+#: The paper's settings (Table 3), used for real models: the fields' ``paper=`` values.
+PAPER_DEFAULTS: dict[str, Any] = _per_model("paper")
+#: The embedded default's settings (why they differ: the comment above :class:`FinetuneConfig`).
+EMBEDDED_DEFAULTS: dict[str, Any] = _per_model("embedded")
 
 
 def target_spec(cfg: FinetuneConfig):
-    """``--target-modules`` as :func:`sorsa_kernels.apply_sorsa` takes it: None, a list of names,
+    """``target_modules`` as :func:`sorsa_kernels.apply_sorsa` takes it: None, a list of names,
     or (one argument holding regex characters) a regular expression, checked to compile."""
     targets = list(cfg.target_modules) if cfg.target_modules else None
     if targets is not None and len(targets) == 1 and any(c in targets[0] for c in REGEX_CHARS):
@@ -143,7 +223,7 @@ def target_spec(cfg: FinetuneConfig):
         try:
             compile_target_regex(targets[0])
         except ValueError as e:
-            raise ValueError("--target-modules" + str(e)[len("target_modules"):]) from None
+            raise ConfigError("{target_modules:flag}{problem}", cfg, problem=str(e)[len("target_modules"):]) from None
         return targets[0]
     return targets
 
@@ -179,52 +259,6 @@ def check_model_path(name: str) -> None:
             raise ValueError(f"cannot load model: no such model folder: {name}")
         if not path.is_dir():
             raise ValueError(f"cannot load model: {name} is a file, not a model folder")
-
-
-def check_config(cfg: FinetuneConfig) -> None:
-    """Raise a one-line ValueError for the first bad setting of a resolved config.
-
-    Runs before any data or model is loaded: numbers (finite, in range), names, dtypes,
-    the prompt template, the target-module regex, the model folder and the checkpoint.
-    """
-    from transformers import SchedulerType
-
-    check_knobs(cfg)
-    schedulers = [s.value for s in SchedulerType]
-    if cfg.lr_scheduler_type not in schedulers:
-        raise ValueError(f"unknown scheduler {cfg.lr_scheduler_type!r}; allowed: {', '.join(schedulers)}")
-    if cfg.svd not in ("full", "randomized"):
-        raise ValueError(f"svd must be 'full' or 'randomized', got {cfg.svd!r}")
-    for name in ("residual_dtype", "adapter_dtype"):
-        value = getattr(cfg, name)
-        if value is not None and value not in DTYPES:
-            raise ValueError(f"{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
-    if cfg.quantize not in (None, "nf4"):
-        raise ValueError(f"quantize must be 'nf4', got {cfg.quantize!r}")
-    if cfg.fsdp and cfg.quantize and not cfg.embedded and not Path(cfg.model).is_dir():
-        raise ValueError(
-            f"--fsdp --quantize {cfg.quantize} streams the checkpoint from a local folder; download "
-            f"{cfg.model} first (huggingface-cli download {cfg.model} --local-dir DIR) and pass --model DIR"
-        )
-    if cfg.embedded and cfg.data is None and cfg.eval_data is not None:
-        raise ValueError("--eval-data needs --data (the embedded data set brings its own held-out split)")
-    if not cfg.embedded and cfg.data is None:
-        raise ValueError(f"--model {cfg.model} needs --data FILE (.jsonl, .json or .parquet)")
-    check_prompt_template(cfg.prompt_template)
-    target_spec(cfg)
-    if cfg.fsdp and not distributed():
-        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m sorsa_kernels.cli")
-    if cfg.fsdp and not torch.cuda.is_available():
-        raise ValueError(FSDP_CPU_MESSAGE)
-    if cfg.resume_from_checkpoint not in (None, "last") and not Path(cfg.resume_from_checkpoint).is_dir():
-        raise ValueError(f"checkpoint folder {cfg.resume_from_checkpoint} does not exist")
-    check_model_path(cfg.model)
-
-
-# accelerate (1.15) builds its FSDP plugin only for GPU-like devices; for a CPU (gloo) launch it
-# drops the plugin silently, and it refuses to wrap an already-sharded (DTensor) model in DDP.
-FSDP_CPU_MESSAGE = ("--fsdp needs GPUs: accelerate does not enable FSDP for CPU (gloo) processes; "
-             "drop --fsdp to train with DDP")
 
 
 def check_output_dir(path: Path, allow_existing: bool = False, hint: str = "") -> None:

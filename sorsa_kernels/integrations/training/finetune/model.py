@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..embedded import EMBEDDED_NAME, PRETRAIN_STEPS, build_embedded
+from ..options import ConfigError
 from .config import DTYPES, FinetuneConfig, check_model_path, is_main_process, target_spec
 
 
@@ -50,9 +51,8 @@ def sorsa_arguments(cfg: FinetuneConfig) -> tuple:
         try:
             from ....nn import qlinear  # noqa: F401  (QSORSA)
         except ImportError:
-            raise ValueError(
-                f"--quantize {cfg.quantize} needs QSORSA (sorsa_kernels.nn.qlinear), which this installation lacks"
-            ) from None
+            raise ConfigError("{quantize:given} needs QSORSA (sorsa_kernels.nn.qlinear), which this installation "
+                              "lacks", cfg) from None
         kwargs["quantize"] = cfg.quantize
     return target_spec(cfg), kwargs
 

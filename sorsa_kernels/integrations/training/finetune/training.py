@@ -17,11 +17,9 @@ from typing import Any
 import torch
 
 from ..data import arithmetic_problems, load_records, split_records
+from ..options import ConfigError
 from ..progress import LogLines, library_bars
-from .config import (
-    EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, check_config, distributed,
-    is_main_process,
-)
+from .config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .evaluation import default_max_new_tokens, evaluate, metrics_line
 from .model import apply_config_sorsa, load_base, load_sharded_quantized
@@ -101,7 +99,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         ...                             output_dir="out", bf16=True))
     """
     cfg = config.resolved()
-    check_config(cfg)
+    cfg.check_environment()
     # progress=False: no bar at all, transformers' own ("Loading weights", "Writing model shards") included
     with library_bars(cfg.progress and is_main_process()):
         if not cfg.embedded:
@@ -119,13 +117,13 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 def _run(cfg: FinetuneConfig) -> FinetuneResult:
     t_start = time.perf_counter()
     if cfg.output_dir is None and distributed():
-        raise ValueError("pass --output-dir when running under torchrun (every process must agree on it)")
+        raise ConfigError("pass {output_dir:flag} when running under torchrun (every process must agree on it)")
     out = Path(cfg.output_dir) if cfg.output_dir is not None else None
     # Every rank checks before anything is written (rank 0 is the only one that writes).
     if out is not None:
         ckpt = check_run_folder(out, cfg.resume_from_checkpoint)
     elif cfg.resume_from_checkpoint == "last":
-        raise ValueError("--resume-from-checkpoint last needs the run's --output-dir")
+        raise ConfigError("{resume_from_checkpoint:given} needs the run's {output_dir:flag}", cfg)
     elif cfg.resume_from_checkpoint is not None:
         ckpt = resolve_resume(cfg.resume_from_checkpoint, Path("."), OutputState(Path("."), "absent"))
     else:
@@ -220,7 +218,7 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate (1.15) enables its FSDP plugin only for GPU-like devices; on CPU (gloo) it
         # drops it silently and would run plain DDP.  Say so instead of pretending.
-        raise ValueError(FSDP_CPU_MESSAGE)
+        raise ConfigError(FSDP_CPU_MESSAGE, cfg)
     SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
     trainer.add_callback(run_recorder(cfg, fingerprint))
     for printer in (PrinterCallback, ProgressCallback):  # dicts of strings → one compact line per log
