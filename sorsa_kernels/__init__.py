@@ -29,6 +29,7 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesK
 from .integrations.adapters.adapter_io import load_adapter, save_adapter
 from .integrations.analysis import SingularDrift, model_singular_drift, singular_drift
 from .integrations.adapters.peft_export import export_peft_lora
+from .integrations.adapters.summary import AdaptationSummary, adaptation_summary
 from .integrations.adapters.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
 from .nn import SORSALinear, add_regularizer_grad, orthonormal_regularizer
 from .nn.qlinear import QSORSALinear
@@ -56,6 +57,8 @@ __all__ = [
     "apply_sorsa",
     "merge_sorsa",
     "DEFAULT_TARGET_MODULES",
+    "adaptation_summary",
+    "AdaptationSummary",
     "orthonormal_regularizer",
     "add_regularizer_grad",
     "SORSACallback",

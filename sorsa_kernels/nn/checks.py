@@ -19,6 +19,8 @@ __all__ = [
     "layer_suffix",
     "check_dtype",
     "check_linear",
+    "is_conv1d",
+    "linear_weight",
     "check_svd_args",
     "check_weight_for_svd",
     "validate_rank",
@@ -45,11 +47,38 @@ def check_dtype(dtype: Optional[torch.dtype], what: str) -> None:
         )
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for ``transformers``' ``Conv1D`` (GPT-2 family): ``y = x·W + b`` with ``W`` stored in×out.
+
+    Recognised by its class name and its ``nf`` attribute, so this package needs no
+    ``transformers`` import to tell it from an ``nn.Linear``.
+
+    Example::
+
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> is_conv1d(Conv1D(72, 100)), is_conv1d(torch.nn.Linear(100, 72))
+        (True, False)
+    """
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, Tensor) and w.dim() == 2
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight of an ``nn.Linear`` or a ``Conv1D`` as ``out×in`` (for a ``Conv1D``, a transposed view: no copy).
+
+    Example::
+
+        >>> linear_weight(Conv1D(72, 100)).shape       # Conv1D(nf=out, nx=in) stores 100×72
+        torch.Size([72, 100])
+    """
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 def check_linear(linear: nn.Module, name: Optional[str] = None) -> None:
-    """Raise a TypeError unless ``linear`` is an ``nn.Linear``."""
-    if not isinstance(linear, nn.Linear):
+    """Raise a TypeError unless ``linear`` is an ``nn.Linear`` or a ``transformers`` ``Conv1D``."""
+    if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
         raise TypeError(
-            f"SORSA adapts nn.Linear layers only; got {type(linear).__name__}{layer_suffix(name)}"
+            f"SORSA adapts nn.Linear and Conv1D layers only; got {type(linear).__name__}{layer_suffix(name)}"
         )
 
 

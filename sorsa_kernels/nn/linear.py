@@ -15,7 +15,9 @@ from .checks import (
     check_linear,
     check_svd_args,
     check_weight_for_svd,
+    is_conv1d,
     layer_suffix,
+    linear_weight,
     validate_rank,
 )
 from .factory import register_layer_class
@@ -39,6 +41,12 @@ class SORSALinear(nn.Module):
     The initial factors ``U0, S0, V0`` are kept on the CPU (``init_factors``) for
     :func:`sorsa_kernels.save_adapter` and :func:`sorsa_kernels.export_peft_lora`.
 
+    A layer built from a ``transformers`` ``Conv1D`` (GPT-2 family, weight stored in×out)
+    has ``fan_in_fan_out = True`` (PEFT's name for the same flag): its residual is computed
+    from a transposed *view* of the Conv1D weight and stored ``out×in`` like any other, so
+    no second copy of the weight exists and the Conv1D's own weight is released with it;
+    :meth:`merge` returns a ``Conv1D`` again.
+
     Example::
 
         >>> lin = torch.nn.Linear(100, 72)
@@ -49,6 +57,8 @@ class SORSALinear(nn.Module):
 
     #: Storage of the residual: None (dense) here, "nf4" for QSORSALinear.
     quantize: Optional[str] = None
+    #: True when built from a ``Conv1D`` (weight stored in×out): :meth:`merge` then returns a ``Conv1D``.
+    fan_in_fan_out: bool = False
 
     def __init__(
         self,
@@ -109,7 +119,8 @@ class SORSALinear(nn.Module):
         """Split ``linear.weight`` by SVD into a trainable top-``rank`` part and a frozen residual.
 
         Args:
-            linear: the layer to adapt (left untouched).
+            linear: the layer to adapt (left untouched): an ``nn.Linear`` or a ``transformers``
+                ``Conv1D`` (then ``fan_in_fan_out`` is set).
             rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``.
             svd: ``"full"`` (``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank``
                 with ``rank + oversample`` columns and ``niter`` power iterations).
@@ -129,7 +140,7 @@ class SORSALinear(nn.Module):
         stored (adapter-dtype) factors, then cast to ``residual_dtype``.
         """
         check_linear(linear, name)
-        W = linear.weight
+        W = linear_weight(linear)
         m, n = W.shape
         validate_rank(rank, n, m, name)
         for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample)):
@@ -175,7 +186,7 @@ class SORSALinear(nn.Module):
         float32 computation as at initialization.
         """
         check_linear(linear, name)
-        W = linear.weight
+        W = linear_weight(linear)
         m, n = W.shape
         r = S0.shape[0]
         check_factor_shapes(m, n, U0, S0, V0, trained, name)
@@ -194,8 +205,9 @@ class SORSALinear(nn.Module):
 
     def _adopt_factors(self, linear: nn.Linear, U0: Tensor, S0: Tensor, V0: Tensor,
                        trained: Optional[tuple[Tensor, Tensor, Tensor]], residual_dtype: torch.dtype) -> None:
-        """Set U, S, V (trained ones if given, else the initial ones), the frozen bias and
-        ``init_factors``; shared by every ``from_factors``."""
+        """Set U, S, V (trained ones if given, else the initial ones), the frozen bias,
+        ``init_factors`` and ``fan_in_fan_out``; shared by every ``from_factors``."""
+        self.fan_in_fan_out = is_conv1d(linear)
         dev = linear.weight.device
         src = trained if trained is not None else (U0, S0, V0)
         self.U = nn.Parameter(src[0].detach().to(dev, U0.dtype).clone())
@@ -234,25 +246,39 @@ class SORSALinear(nn.Module):
         """The trainable factors ``[U, S, V]``."""
         return [self.U, self.S, self.V]
 
-    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """A plain ``nn.Linear`` holding ``Wr + scale·U·diag(S)·Vᵀ`` (and the bias).
 
-        Computed in float32 and cast to ``dtype`` (default: the residual's dtype).
+        Computed in float32 and cast to ``dtype`` (default: the residual's dtype).  A layer
+        built from a ``Conv1D`` (``fan_in_fan_out``) merges back into a ``Conv1D``.
         """
         dtype = dtype or self.residual.dtype
         with torch.no_grad():
             w = reference.merged_weight(self.residual, self.U, self.S, self.V, self.scale)
-            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                            device=w.device, dtype=dtype)
-            lin.weight.copy_(w.to(dtype))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias.to(dtype))
-        return lin
+            return self._merged_module(w, dtype)
+
+    def _merged_module(self, w: Tensor, dtype: torch.dtype) -> nn.Module:
+        """An ``nn.Linear`` (a ``Conv1D`` when ``fan_in_fan_out``) holding ``w`` (out×in) and the bias, in ``dtype``."""
+        if self.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D  # only a Conv1D-built layer gets here
+
+            with torch.device(w.device):
+                module = Conv1D(self.out_features, self.in_features).to(dtype)
+            module.weight.copy_(w.T.to(dtype))
+        else:
+            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=w.device, dtype=dtype)
+            module.weight.copy_(w.to(dtype))
+        if self.bias is not None:
+            module.bias.copy_(self.bias.to(dtype))
+        elif self.fan_in_fan_out:
+            module.bias.zero_()
+        return module
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, scale={self.scale:g}, residual_dtype={self.residual.dtype}, "
-            f"adapter_dtype={self.U.dtype}"
+            f"adapter_dtype={self.U.dtype}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )
 

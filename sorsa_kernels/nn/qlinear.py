@@ -31,6 +31,7 @@ from .checks import (
     check_svd_args,
     check_weight_for_svd,
     layer_suffix,
+    linear_weight,
     validate_rank,
 )
 from .factory import register_layer_class
@@ -296,7 +297,7 @@ class QSORSALinear(SORSALinear):
         ``from_factors(linear, *layer.init_factors)`` reproduces the layer bit for bit.
         """
         check_linear(linear, name)
-        W = linear.weight
+        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
         m, n = W.shape
         validate_rank(rank, n, m, name)
         if isinstance(quant_iters, bool) or not isinstance(quant_iters, int) or quant_iters < 0:
@@ -357,7 +358,7 @@ class QSORSALinear(SORSALinear):
             ...                                   trained=(layer.U, layer.S, layer.V))
         """
         check_linear(linear, name)
-        W = linear.weight
+        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
         m, n = W.shape
         r = S0.shape[0]
         check_factor_shapes(m, n, U0, S0, V0, trained, name)
@@ -387,27 +388,24 @@ class QSORSALinear(SORSALinear):
             x, self.nf4(), self.U, self.S, self.V, self.bias, self.scale, self.dropout_p, self.training,
         )
 
-    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """A plain ``nn.Linear`` holding ``deq(Q) + scale·U·diag(S)·Vᵀ`` (and the bias).
 
         Computed in float32 and cast to ``dtype`` (default ``compute_dtype``, the original
-        weight's dtype — bf16 for a bf16 model).
+        weight's dtype — bf16 for a bf16 model).  A layer built from a ``Conv1D``
+        (``fan_in_fan_out``) merges back into a ``Conv1D``.
         """
         dtype = dtype or self.compute_dtype
         with torch.no_grad():
             res = self.dense_residual(torch.float32)
             w = reference.merged_weight(res, self.U, self.S, self.V, self.scale)
             del res
-            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                            device=w.device, dtype=dtype)
-            lin.weight.copy_(w.to(dtype))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias.to(dtype))
-        return lin
+            return self._merged_module(w, dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, scale={self.scale:g}, residual=nf4(blocksize={self.blocksize}, "
             f"double-quantized), compute_dtype={self.compute_dtype}, adapter_dtype={self.U.dtype}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )

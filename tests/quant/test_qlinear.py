@@ -133,7 +133,7 @@ def test_quantizes_the_float32_residual():
 
 
 def test_rejects_non_linear():
-    with pytest.raises(TypeError, match="nn.Linear layers only; got Conv1d for layer enc.c"):
+    with pytest.raises(TypeError, match="nn.Linear and Conv1D layers only; got Conv1d for layer enc.c"):
         QSORSALinear.from_linear(nn.Conv1d(3, 3, 1), 1, name="enc.c")
 
 

@@ -24,6 +24,11 @@ published; a kill at any point leaves either the old or the new adapter, with th
 copy matching it or absent.  Adapters saved before the config was embedded (JSON +
 safetensors without ``sorsa_config``) still load from their JSON, with the same checks.
 
+A layer built from a GPT-2 ``Conv1D`` records ``"fan_in_fan_out": true`` and loads only onto
+a ``Conv1D``.  Modules kept as trainable copies (``modules_to_save``, e.g. a classification
+head) are listed in the config as ``"modules_to_save": {name: [state keys]}`` and stored as
+tensors ``modules_to_save/<name>.<key>``; loading puts the copies back.
+
 Every field is validated on load against the tensors (rank and shapes, floating dtypes
 equal to ``adapter_dtype``, finiteness) and, in :func:`load_adapter`, against the base
 layers; every problem raises :class:`AdapterError` (a ``ValueError``) naming the file,
@@ -43,10 +48,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..._version import __version__
-from ...nn.checks import SUPPORTED_DTYPES
+from ...nn.checks import SUPPORTED_DTYPES, is_conv1d, linear_weight
 from ...nn.linear import SORSALinear
 from ..atomic import atomic_file
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from .modules_to_save import check_saved_state, restore_saved_modules, saved_state
 from .surgery import _set_submodule, sorsa_layers
 
 __all__ = [
@@ -147,6 +153,20 @@ def _check_config(config: Any, source: Path) -> None:
             )
         if lc.get("quantize") not in _QUANTIZE:
             raise AdapterError(f"{where}: quantize {lc.get('quantize')!r} is unknown; allowed: null, 'nf4'")
+        if not isinstance(lc.get("fan_in_fan_out", False), bool):
+            raise AdapterError(f"{where}: fan_in_fan_out must be true or false, got {lc.get('fan_in_fan_out')!r}")
+    _check_saved_config(config, source)
+
+
+def _check_saved_config(config: dict[str, Any], source: Path) -> None:
+    """``modules_to_save``, when present, is ``{module name: [state keys]}``."""
+    saved = config.get("modules_to_save", {})
+    if not isinstance(saved, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and v and all(isinstance(x, str) for x in v) for k, v in saved.items()
+    ):
+        raise AdapterError(
+            f"{source}: modules_to_save must be an object of module name → non-empty list of state keys, got {saved!r}"
+        )
 
 
 def _check_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -182,6 +202,14 @@ def _check_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], sou
             bad = (~torch.isfinite(t)).sum().item()
             if bad:
                 raise AdapterError(f"{where} has {bad} non-finite (NaN or inf) values")
+    for name, keys in config.get("modules_to_save", {}).items():
+        for key in keys:
+            tname = _saved_tensor_name(name, key)
+            expected_names.add(tname)
+            if tname not in tensors:
+                raise AdapterError(f"adapter weights {source} lack tensor {tname}")
+            if tensors[tname].is_floating_point() and not bool(torch.isfinite(tensors[tname]).all()):
+                raise AdapterError(f"{source}: saved module tensor {tname} has non-finite (NaN or inf) values")
     extra = sorted(set(tensors) - expected_names)
     if extra:
         raise AdapterError(
@@ -231,6 +259,8 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
             "residual_dtype": _dtype_name(layer.residual_dtype),
             "quantize": layer.quantize,
         }
+        if layer.fan_in_fan_out:  # written only when set: adapters of nn.Linear layers are unchanged
+            layer_cfg[name]["fan_in_fan_out"] = True
     first = next(iter(layers.values()))
     config = {
         "format": FORMAT,
@@ -244,7 +274,42 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         "target_modules": list(layers),
         "layers": layer_cfg,
     }
+    _add_saved_modules(model, config, tensors)
     return config, tensors, sharded
+
+
+def _saved_tensor_name(module: str, key: str) -> str:
+    """The tensor name of a saved module's state entry (``/`` never occurs in a module name)."""
+    return f"modules_to_save/{module}.{key}"
+
+
+def _add_saved_modules(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Put each trainable copy's state into ``tensors`` and its keys into ``config["modules_to_save"]``."""
+    state = saved_state(model)
+    if not state:
+        return
+    config["modules_to_save"] = {name: sorted(sd) for name, sd in state.items()}
+    for name, sd in state.items():
+        for key, t in sd.items():
+            tensors[_saved_tensor_name(name, key)] = full_tensor(t).detach().to("cpu").contiguous()
+
+
+def _saved_state_of(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {state key: tensor}}`` of the adapter's saved modules (empty when it has none)."""
+    return {name: {k: tensors[_saved_tensor_name(name, k)] for k in keys}
+            for name, keys in config.get("modules_to_save", {}).items()}
+
+
+def _check_base_layer(module: nn.Module, name: str, lc: dict[str, Any]) -> None:
+    """Raise unless ``module`` is an ``nn.Linear`` or a ``Conv1D`` as the adapter's layer ``name`` was."""
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        raise TypeError(f"the adapter targets {name}, which is a {type(module).__name__}, not nn.Linear or Conv1D")
+    if is_conv1d(module) != lc.get("fan_in_fan_out", False):
+        raise AdapterError(
+            f"layer {name} is {'a Conv1D' if is_conv1d(module) else 'an nn.Linear'} but the adapter was trained on "
+            f"{'a Conv1D' if lc.get('fan_in_fan_out', False) else 'an nn.Linear'} (fan_in_fan_out="
+            f"{str(lc.get('fan_in_fan_out', False)).lower()}); it was trained on a different base model"
+        )
 
 
 def save_adapter(
@@ -376,9 +441,10 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor
 def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
     """Rebuild, in place on the untouched ``base_model``, exactly the model that was saved.
 
-    No SVD runs: each target ``nn.Linear`` becomes a SORSA layer whose residual is
+    No SVD runs: each target ``nn.Linear`` (or ``Conv1D``) becomes a SORSA layer whose residual is
     recomputed from its weight and the saved initial factors, and whose U, S, V are the
-    saved trained factors (in the stored ``adapter_dtype``).  ``directory`` is the adapter
+    saved trained factors (in the stored ``adapter_dtype``); each saved module
+    (``modules_to_save``) gets its trained copy back.  ``directory`` is the adapter
     folder or its ``adapter.safetensors``.  Everything is checked before the model is
     changed; a problem raises a ``ValueError`` naming the file, layer and field.
 
@@ -395,19 +461,23 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
             raise AdapterError(f"the adapter targets {name}, which the base model does not have") from None
         if isinstance(linear, SORSALinear):
             raise AdapterError(f"layer {name} is already a SORSA layer; load the adapter on an untouched base model")
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"the adapter targets {name}, which is a {type(linear).__name__}, not nn.Linear")
+        _check_base_layer(linear, name, lc)
         expected = (lc["out_features"], lc["in_features"])
-        if tuple(linear.weight.shape) != expected:
+        if tuple(linear_weight(linear).shape) != expected:
             raise AdapterError(
-                f"layer {name} has weight shape {tuple(linear.weight.shape)} but the adapter was trained on {expected} "
-                f"(out_features, in_features)"
+                f"layer {name} has weight shape {tuple(linear_weight(linear).shape)} but the adapter was trained on "
+                f"{expected} (out_features, in_features)"
             )
         if (linear.bias is not None) != lc["bias"]:
             raise AdapterError(
                 f"layer {name} {'has' if linear.bias is not None else 'has no'} bias but the adapter says "
                 f"bias={lc['bias']}; it was trained on a different base model"
             )
+    saved = _saved_state_of(config, tensors)
+    try:
+        check_saved_state(base_model, saved, str(directory))
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
     for p in base_model.parameters():
         p.requires_grad_(False)
     for name, lc in layers.items():
@@ -424,4 +494,5 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
             dropout=config.get("dropout", 0.0), residual_dtype=_DTYPE_NAMES[lc["residual_dtype"]], name=name,
         )
         _set_submodule(base_model, name, layer)
+    restore_saved_modules(base_model, saved)
     return base_model

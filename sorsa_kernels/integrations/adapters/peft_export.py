@@ -4,7 +4,11 @@
 ``B·A`` with ``B = [scale·U·diag(S) | −scale·U0·diag(S0)]`` (m×2r) and ``A = [Vᵀ ; V0ᵀ]``
 (2r×n).  With ``lora_alpha = r_lora`` PEFT's scaling is 1, so ``W0 + B·A`` is the
 fine-tuned weight (up to the residual dtype's rounding in training).  Any server that loads
-PEFT adapters can then serve a SORSA fine-tune.  For QSORSA, the exported LoRA applies to
+PEFT adapters can then serve a SORSA fine-tune.  Layers built from GPT-2 ``Conv1D`` modules
+export with ``fan_in_fan_out: true`` (the factors are the same: PEFT's ``lora_A`` is r×in
+for both); modules kept as trainable copies become PEFT's ``modules_to_save``; the
+``task_type`` is inferred from the model class (``SEQ_CLS`` for ``*ForSequenceClassification``,
+…; see :func:`~.targets.infer_task_type`).  For QSORSA, the exported LoRA applies to
 the unquantized base and differs from the quantized training model by the quantization error.
 
 The export is written as a whole folder: both files go to a temporary sibling folder that
@@ -25,7 +29,9 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
+from .targets import HEAD_NAMES, infer_task_type
 
 __all__ = ["export_peft_lora", "lora_factors"]
 
@@ -51,9 +57,16 @@ def export_peft_lora(
     *,
     base_model_name_or_path: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
-    task_type: Optional[str] = "CAUSAL_LM",
+    task_type: Optional[str] = "auto",
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of a rank-2r PEFT LoRA.
+
+    ``task_type`` ``"auto"`` (default) infers PEFT's task type from the model class
+    (``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION``, or
+    None for e.g. image classification); pass one to override.  The trained copies of saved
+    modules (``apply_sorsa(modules_to_save=...)``) are written as PEFT's ``modules_to_save``;
+    for ``SEQ_CLS``/``TOKEN_CLS``, whose PEFT model always saves the ``classifier``/``score``
+    head, an unsaved head is written with its base weights.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` loads it with no help from this
     package; ``base`` must be the original (un-adapted) model.  ``directory`` is
@@ -91,6 +104,11 @@ def export_peft_lora(
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", dtype).contiguous()
         if ranks[name] != r:
             rank_pattern[name] = ranks[name]
+    if task_type == "auto":
+        task_type = infer_task_type(model)
+    saved = _saved_module_tensors(model, task_type)
+    tensors.update({f"base_model.model.{name}.{k}": t.to("cpu").contiguous() for name, sd in saved.items()
+                    for k, t in sd.items()})
     if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
         return directory
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -104,17 +122,29 @@ def export_peft_lora(
         "lora_alpha": r,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "target_modules": sorted(layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": {k: v for k, v in rank_pattern.items()},
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved) or None,
         "inference_mode": True,
     }
     with atomic_dir(directory) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _saved_module_tensors(model: nn.Module, task_type: Optional[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: state}`` written as PEFT's ``modules_to_save``: every trained copy, and for
+    SEQ_CLS/TOKEN_CLS the classification head even when it was not kept (PEFT loads it regardless)."""
+    out = {name: m.trained.state_dict() for name, m in saved_modules(model).items()}
+    if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        for name in [n for n, _ in model.named_children() if n in HEAD_NAMES]:
+            module = model.get_submodule(name)
+            if name not in out and not isinstance(module, SavedModule):
+                out[name] = module.state_dict()
+    return {name: {k: full_tensor(t).detach() for k, t in sd.items()} for name, sd in out.items()}

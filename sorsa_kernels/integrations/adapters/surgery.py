@@ -1,6 +1,7 @@
 """Model surgery: replace ``nn.Linear`` layers by SORSA layers, and merge them back."""
 from __future__ import annotations
 
+import logging
 import re
 from typing import Optional, Sequence, Union
 
@@ -8,16 +9,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...nn.checks import validate_rank
+from ...nn.checks import linear_weight, validate_rank
 from ...nn.factory import layer_class, make_sorsa_linear
 from ...nn.knobs import check_knob
 from ...nn.linear import SORSALinear
+from .modules_to_save import resolve_modules_to_save, unwrap_saved_modules, wrap_modules_to_save
+from .summary import adaptation_summary
+from .targets import ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_linear_like
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
            "compile_target_regex"]
 
-#: The projection names of Llama, Mistral and Qwen decoder layers.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+logger = logging.getLogger(__name__)
+
+#: The projection names of Llama, Mistral and Qwen decoder layers (the default of a ``llama``
+#: model; every architecture's are in :data:`~sorsa_kernels.integrations.adapters.targets.TARGETS_BY_MODEL_TYPE`).
+DEFAULT_TARGET_MODULES = TARGETS_BY_MODEL_TYPE["llama"]
 
 TargetSpec = Union[None, str, Sequence[str]]
 
@@ -44,34 +51,59 @@ def _matches(name: str, targets: TargetSpec) -> bool:
     return any(name == t or last == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[str]:
+def _is_all_linear(targets: TargetSpec) -> bool:
+    return targets == ALL_LINEAR or (not isinstance(targets, str) and targets is not None
+                                     and list(targets) == [ALL_LINEAR])
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the modules ``apply_sorsa`` would adapt.
 
-    ``target_modules``: None (the Llama/Mistral/Qwen projections), a list of names
-    (a module matches if its full name, its last component, or a dotted suffix equals one),
-    or a string taken as a regular expression over the full module name.
-    Raises if nothing matches, if a match is not an ``nn.Linear``, if a match is already a
-    SORSA layer ("already adapted"), or if the regular expression does not compile.
+    ``target_modules``: None (the projections of the model's architecture, by
+    ``config.model_type``: see :data:`~sorsa_kernels.integrations.adapters.targets.TARGETS_BY_MODEL_TYPE`),
+    ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` but the output head, as PEFT's option),
+    a list of names (a module matches if its full name, its last component, or a dotted
+    suffix equals one), or a string taken as a regular expression over the full module name.
+    Modules inside ``exclude`` (the modules kept as trainable copies) are never targets.
+    Raises if nothing matches, if a match is not an ``nn.Linear``/``Conv1D``, if a match is
+    already a SORSA layer ("already adapted"), if the regular expression does not compile,
+    or, with no ``target_modules``, if the architecture is unknown (naming ``all-linear``
+    and the model's linear layers).
     """
-    targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
-    if isinstance(targets, str):
-        pattern = compile_target_regex(targets)
+    exclude = tuple(exclude)
+    if _is_all_linear(target_modules):
+        targets, pattern = ALL_LINEAR, None
+    elif target_modules is None:
+        targets = pattern = list(default_target_modules(model))
+    elif isinstance(target_modules, str):
+        targets, pattern = target_modules, compile_target_regex(target_modules)
     else:
-        targets = list(targets)
+        targets = list(target_modules)
         if not targets:
             raise ValueError("target_modules is empty")
         pattern = targets
     names = []
     adapted = []
+    chosen = set(all_linear_names(model, exclude)) if pattern is None else None
     for name, module in model.named_modules():
-        if not name or not _matches(name, pattern):
+        if not name or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         if isinstance(module, SORSALinear):
-            adapted.append(name)
+            if chosen is not None or _matches(name, pattern):
+                adapted.append(name)
             continue
-        if not isinstance(module, nn.Linear):
+        if chosen is not None:
+            if name in chosen:
+                names.append(name)
+            continue
+        if not _matches(name, pattern):
+            continue
+        if not is_linear_like(module):
+            if target_modules is None:  # a table name that is also some other module's: not a projection
+                continue
             raise TypeError(
-                f"target {name} is a {type(module).__name__}, not nn.Linear; SORSA adapts nn.Linear layers only"
+                f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
+                f"SORSA adapts nn.Linear and Conv1D layers only"
             )
         names.append(name)
     if adapted:
@@ -114,10 +146,25 @@ def apply_sorsa(
     quant_iters: int = 1,
     quant_report: Optional[str] = "fro",
     progress: bool = True,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
-    """Replace the target ``nn.Linear`` layers of ``model`` by SORSA layers, in place.
+    """Replace the target ``nn.Linear`` / ``Conv1D`` layers of ``model`` by SORSA layers, in place.
 
-    Every parameter that is not an adapter factor (U, S, V) is frozen, as PEFT does.
+    ``target_modules`` defaults to every attention and MLP projection of the model's
+    architecture (by ``config.model_type``: Llama, Mistral, Mixtral, Qwen2/3 (+MoE), Gemma
+    1–3, Phi, Phi-3, GPT-2, GPT-NeoX, GPT-J, Falcon, OPT, Bloom, OLMo, OLMoE, StarCoder2,
+    T5, BERT, RoBERTa, ViT; see ``targets.TARGETS_BY_MODEL_TYPE``); ``"all-linear"`` adapts
+    every ``nn.Linear``/``Conv1D`` but the output head; names or a regular expression pick
+    layers by hand.  GPT-2's ``Conv1D`` layers become SORSA layers with ``fan_in_fan_out``.
+    ``modules_to_save`` names whole modules kept as trainable copies (saved with the
+    adapter, applied on merge, exported as PEFT's ``modules_to_save``); by default the
+    classification head (``classifier``/``score``) of ``*ForSequenceClassification``,
+    ``*ForTokenClassification`` and ``*ForImageClassification`` models, else none (``[]``).
+
+    Every parameter that is not an adapter factor (U, S, V) or in a saved module's copy is
+    frozen, as PEFT does.  What was adapted — layers per projection, trainable parameters,
+    and every linear layer and fused expert weight left alone — is logged at INFO
+    (``sorsa_kernels.adaptation_summary(model)`` returns it).
     Layers are converted one at a time (the SVD runs on each weight's device, or on
     ``svd_device``), so the extra memory at any moment is about one weight's worth.
     ``quantize="nf4"`` stores each residual in 4-bit NF4 (QSORSA) after ``quant_iters``
@@ -130,6 +177,7 @@ def apply_sorsa(
 
         >>> model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         >>> apply_sorsa(model, rank=128)                          # q,k,v,o,gate,up,down
+        >>> apply_sorsa(model, rank=16, target_modules="all-linear")
         >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
         >>> apply_sorsa(model, rank=8, target_modules=r".*layers\\.0\\..*_proj")
     """
@@ -137,9 +185,10 @@ def apply_sorsa(
     for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample),
                         ("quant_iters", quant_iters)):
         check_knob(knob, value)
-    names = find_targets(model, target_modules)
+    saved = resolve_modules_to_save(model, modules_to_save)
+    names = find_targets(model, target_modules, exclude=saved)
     for name in names:  # validate every layer before touching any
-        w = model.get_submodule(name).weight
+        w = linear_weight(model.get_submodule(name))
         validate_rank(rank, w.shape[1], w.shape[0], name)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -154,11 +203,14 @@ def apply_sorsa(
         layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
         _set_submodule(model, name, layer)
         del linear
+    wrap_modules_to_save(model, saved)
+    logger.info("%s", adaptation_summary(model).line())
     return model
 
 
 def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Replace every SORSA layer of ``model`` by its merged ``nn.Linear``, in place.
+    """Replace every SORSA layer of ``model`` by its merged ``nn.Linear`` (``Conv1D`` for one built
+    from a ``Conv1D``), and every saved module by its trained copy, in place.
 
     Example::
 
@@ -169,4 +221,5 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Mod
         raise ValueError("the model has no SORSA layers to merge")
     for name, layer in layers.items():
         _set_submodule(model, name, layer.merge(dtype))
+    unwrap_saved_modules(model)
     return model

@@ -36,7 +36,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ....nn.checks import SVD_MODES
-from ...adapters.surgery import DEFAULT_TARGET_MODULES
 from ..embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
 from ..options import ConfigError, check_fields, option
 
@@ -101,8 +100,11 @@ class FinetuneConfig:
     # ---- SORSA
     rank: Optional[int] = option(None, "adapter rank r", group=_SORSA, paper=128, embedded=16)
     target_modules: Optional[Sequence[str]] = option(
-        None, "module names to adapt, or one regular expression", group=_SORSA, nargs="+", metavar="NAME",
-        shown=" ".join(DEFAULT_TARGET_MODULES))
+        None, "module names to adapt, one regular expression, or all-linear (every linear layer but the output "
+        "head)", group=_SORSA, nargs="+", metavar="NAME",
+        shown="every attention and MLP projection of the model's architecture: Llama, Mistral, Mixtral, "
+        "Qwen2/3 (+MoE), Gemma 1-3, Phi, Phi-3, GPT-2, GPT-NeoX, GPT-J, Falcon, OPT, Bloom, OLMo, OLMoE, "
+        "StarCoder2, T5, BERT, RoBERTa, ViT; others need NAMEs or all-linear")
     alpha: Optional[float] = option(None, "scale = alpha / rank", group=_SORSA, shown="scale 1")
     gamma: float = option(4e-4, "orthonormal regularizer strength", group=_SORSA)
     svd: str = option("full", "SVD used at initialization", group=_SORSA, choices=SVD_MODES)
@@ -155,6 +157,8 @@ class FinetuneConfig:
                                            group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}")
     progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
                                     "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
+    verbose: bool = option(False, "after the one-line adaptation summary, list every linear layer and fused "
+                           "expert weight left unadapted", group=_LOGGING)
     # ---- Python only
     eval_batch_size: int = option(32, "batch size of the held-out evaluation", internal=True)
     extra_training_args: dict = option(default_factory=dict, help="more transformers.TrainingArguments",

@@ -165,6 +165,7 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
     eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out") if held_rows else None
     if not sharded_qsorsa:
         apply_config_sorsa(model, cfg)
+    print_adaptation_summary(model, cfg)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
@@ -181,6 +182,19 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
         if is_main_process():
             cleanup_failed_run(out, created)
         raise
+
+
+def print_adaptation_summary(model, cfg: FinetuneConfig) -> None:
+    """Print what SORSA adapted as one line (main process), and with ``--verbose`` every layer left alone."""
+    from ...adapters.summary import adaptation_summary
+
+    if not is_main_process():
+        return
+    summary = adaptation_summary(model)
+    print(summary.line(), flush=True)
+    if cfg.verbose:
+        for line in summary.details():
+            print(f"  {line}", flush=True)
 
 
 def _check_finite(model, losses, step: int) -> None:
