@@ -1,5 +1,6 @@
 """The modules users touch.  Importing this package imports both layer modules, so the
 factory (:mod:`.factory`) knows every residual storage before anyone can call it."""
+from .experts import SORSAExperts
 from .factory import make_sorsa_linear
 from .linear import SORSALinear
 from .qlinear import QSORSALinear
@@ -8,6 +9,7 @@ from .regularizer import add_regularizer_grad, adapter_matrices, orthonormal_reg
 __all__ = [
     "SORSALinear",
     "QSORSALinear",
+    "SORSAExperts",
     "make_sorsa_linear",
     "add_regularizer_grad",
     "adapter_matrices",

@@ -30,6 +30,9 @@ __all__ = [
     "ortho_grad",
     "ortho_value_and_grad_",
     "rows_to_shape",
+    "experts_forward",
+    "experts_backward",
+    "experts_dense",
 ]
 
 
@@ -57,7 +60,9 @@ def principal_split(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` singular triplets of ``weight`` (m×n) computed in ``dtype``.
 
-    Returns ``(U, sigma, V)`` with U m×r, sigma r (descending), V n×r.
+    Returns ``(U, sigma, V)`` with U m×r, sigma r (descending), V n×r.  A batch of
+    weights (E×m×n, the experts of a mixture-of-experts layer) is split per matrix in one
+    batched call: U E×m×r, sigma E×r, V E×n×r.
     ``svd="full"`` uses ``torch.linalg.svd``; ``svd="randomized"`` uses
     ``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
     iterations (seeded for reproducibility).
@@ -65,7 +70,7 @@ def principal_split(
     w = weight.detach().to(dtype)
     if svd == "full":
         U, s, Vh = torch.linalg.svd(w, full_matrices=False)
-        return U[:, :rank].contiguous(), s[:rank].contiguous(), Vh[:rank].T.contiguous()
+        return U[..., :rank].contiguous(), s[..., :rank].contiguous(), Vh[..., :rank, :].mT.contiguous()
     if svd == "randomized":
         q = min(rank + oversample, min(w.shape))
         if generator_seed is None:
@@ -74,24 +79,32 @@ def principal_split(
             with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
                 torch.manual_seed(generator_seed)
                 U, s, V = torch.svd_lowrank(w, q=q, niter=niter)
-        return U[:, :rank].contiguous(), s[:rank].contiguous(), V[:, :rank].contiguous()
+        return U[..., :rank].contiguous(), s[..., :rank].contiguous(), V[..., :rank].contiguous()
     raise ValueError(f"svd must be 'full' or 'randomized', got {svd!r}")
 
 
 def compute_residual(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float) -> Tensor:
     """``Wr = W0 − scale·U0·diag(S0)·V0ᵀ`` computed in float32 (returned as float32).
 
+    ``weight`` E×m×n with factors E×m×r, E×r, E×n×r: the same per expert (one batched GEMM).
+
     The same function serves initialization and :func:`sorsa_kernels.load_adapter`,
     so a reloaded model holds bit-for-bit the training-time residual.
     """
     # One m×n float32 allocation (addmm) beside the weight itself: surgery on a 7B model
     # holds about one weight's worth of extra memory at a time.
+    if weight.dim() == 3:  # a stack of experts: U0 E×m×r, S0 E×r, V0 E×n×r
+        us = U0.float() * (S0.float() * scale).unsqueeze(-2)
+        return torch.baddbmm(weight.detach().float(), us, V0.float().mT, alpha=-1.0)
     return torch.addmm(weight.detach().float(), U0.float() * (S0.float() * scale), V0.float().T, alpha=-1.0)
 
 
 def merged_weight(residual: Tensor, U: Tensor, S: Tensor, V: Tensor, scale: float) -> Tensor:
-    """``Wr + scale·U·diag(S)·Vᵀ`` in float32 (used only by merge/export, never in training)."""
-    return residual.float() + (U.float() * (S.float() * scale)) @ V.float().T
+    """``Wr + scale·U·diag(S)·Vᵀ`` in float32 (used only by merge/export, never in training).
+
+    Also per expert for stacks (residual E×m×n, U E×m×r, S E×r, V E×n×r).
+    """
+    return residual.float() + (U.float() * (S.float() * scale).unsqueeze(-2)) @ V.float().mT
 
 
 # --------------------------------------------------------------------------- linear
@@ -198,27 +211,39 @@ def linear_dense(
 
 
 # --------------------------------------------------------------------------- regularizer
+# Each function takes 2-D matrices or stacks of them (E×k×r, the experts of a MoE layer); a
+# stack counts as its E matrices, computed batched (no Python loop over experts).
 def _as_k_by_r(A: Tensor, transposed: bool) -> Tensor:
-    return A.T if transposed else A
+    return A.mT if transposed else A
+
+
+def _matrix_count(A: Tensor) -> int:
+    return A.shape[0] if A.dim() == 3 else 1
 
 
 def ortho_gram(A: Tensor, transposed: bool = False) -> Tensor:
-    """``G = AᵀA − I`` in float32 for A k×r (or ``A·Aᵀ − I`` for A r×k when ``transposed``)."""
+    """``G = AᵀA − I`` in float32 for A k×r (or ``A·Aᵀ − I`` for A r×k when ``transposed``).
+
+    Batched over a leading expert axis.
+    """
     a = _as_k_by_r(A, transposed).float()
-    return a.T @ a - torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
+    return a.mT @ a - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
 
 
 def ortho_norms(mats: Sequence[Tensor], transposed: Optional[Sequence[bool]] = None) -> Tensor:
-    """Plain Frobenius norms ``‖AᵀA − I‖_F`` of each matrix, as a float32 vector."""
+    """Plain Frobenius norms ``‖AᵀA − I‖_F`` of each matrix (each expert of a stack), as a float32 vector."""
     tr = transposed or [False] * len(mats)
-    return torch.stack([torch.linalg.matrix_norm(ortho_gram(a, t)) for a, t in zip(mats, tr)])
+    return torch.cat([torch.linalg.matrix_norm(ortho_gram(a, t)).reshape(-1) for a, t in zip(mats, tr)])
 
 
 def ortho_grad(A: Tensor, transposed: bool = False) -> Tensor:
-    """Gradient of ``‖AᵀA − I‖_F`` w.r.t. A: ``2·A·G/‖G‖_F`` (zero where ``G = 0``), float32."""
+    """Gradient of ``‖AᵀA − I‖_F`` w.r.t. A: ``2·A·G/‖G‖_F`` (zero where ``G = 0``), float32.
+
+    Batched over a leading expert axis (each expert's own norm).
+    """
     a = _as_k_by_r(A, transposed).float()
-    G = a.T @ a - torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
-    n = torch.linalg.matrix_norm(G)
+    G = a.mT @ a - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    n = torch.linalg.matrix_norm(G)[..., None, None]
     inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
     g = (2.0 * inv) * (a @ G)
     return _as_k_by_r(g, transposed)
@@ -230,19 +255,109 @@ def ortho_value_and_grad_(
     """The regularizer ``L = mean_i ‖A_iᵀA_i − I‖_F`` and, in place, ``A_i.grad += coeff·∂L/∂A_i``.
 
     ``.grad`` is created (zeros, parameter dtype) where it is None.  Returns L as a
-    float32 device scalar (no host synchronization).  This is the oracle of the
-    fused kernel in :mod:`sorsa_kernels.kernels.ortho_reg`.
+    float32 device scalar (no host synchronization).  A stack E×k×r counts as E matrices in
+    the mean.  This is the oracle of the fused kernel in :mod:`sorsa_kernels.kernels.ortho_reg`.
     """
     if len(mats) == 0:
         raise ValueError("the regularizer needs at least one adapter matrix")
     tr = transposed or [False] * len(mats)
-    per = coeff / len(mats)
+    count = sum(_matrix_count(a) for a in mats)
+    per = coeff / count
     total = torch.zeros((), dtype=torch.float32, device=mats[0].device)
     with torch.no_grad():
         for a, t in zip(mats, tr):
-            total = total + torch.linalg.matrix_norm(ortho_gram(a, t))
+            total = total + torch.linalg.matrix_norm(ortho_gram(a, t)).sum()
             g = ortho_grad(a, t)
             if a.grad is None:
                 a.grad = torch.zeros_like(a)
             a.grad.copy_(a.grad.float() + per * g)  # accumulate in fp32, store in grad dtype
-    return total / len(mats)
+    return total / count
+
+
+# --------------------------------------------------------------------------- experts
+# A mixture-of-experts layer keeps E weights in one stack (residual E×m×n, U E×m×r, S E×r,
+# V E×n×r).  Its input rows arrive grouped by expert: ``counts[e]`` consecutive rows of ``x``
+# go to expert e (experts with no rows included).  Per expert the math is the linear layer's,
+# so these loop over the groups and call :func:`linear_forward` / :func:`linear_backward`:
+# one formula per gradient, shared.  No E×m×n (nor m×n) tensor is formed when the residual
+# has the compute dtype; a residual of another dtype is cast one expert at a time.
+def _groups(counts) -> list[int]:
+    return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+
+
+def experts_forward(
+    x: Tensor,
+    counts,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Forward on rows grouped by expert: ``y[rows_e] = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ + b_e``.
+
+    ``x`` M×n, ``counts`` (E,) rows per expert (summing to M).  Returns ``(y, u)`` with
+    ``u = x_e·V_e`` per row (M×r), saved for backward.
+    """
+    E, m, r = U.shape
+    y = x.new_empty(x.shape[0], m)
+    u = x.new_empty(x.shape[0], r)
+    start = 0
+    for e, c in enumerate(_groups(counts)):
+        if c == 0:
+            continue
+        rows = slice(start, start + c)
+        y[rows], u[rows] = linear_forward(
+            x[rows], None if residual is None else residual[e], U[e], S[e], V[e],
+            None if bias is None else bias[e], scale,
+        )
+        start += c
+    return y, u
+
+
+def experts_backward(
+    dy: Tensor,
+    x: Tensor,
+    u: Tensor,
+    counts,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    scale: float,
+    needs_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Gradients of :func:`experts_forward`: ``(dx, dU, dS, dV)``, the stacks E×m×r, E×r, E×n×r.
+
+    Per expert the formulas of :func:`linear_backward`; an expert with no rows gets zero
+    gradients.
+    """
+    dU, dS, dV = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
+    dx = x.new_empty(x.shape) if needs_dx else None
+    start = 0
+    for e, c in enumerate(_groups(counts)):
+        if c == 0:
+            continue
+        rows = slice(start, start + c)
+        dxe, dU[e], dS[e], dV[e] = linear_backward(
+            dy[rows], x[rows], u[rows], None if residual is None else residual[e], U[e], S[e], V[e],
+            scale, needs_dx,
+        )
+        if needs_dx:
+            dx[rows] = dxe
+        start += c
+    return dx, dU, dS, dV
+
+
+def experts_dense(
+    x: Tensor, counts, residual: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], scale: float,
+) -> Tensor:
+    """The expert formula written the obvious way (each expert's ΔW formed), for autograd oracles in tests."""
+    out = []
+    start = 0
+    for e, c in enumerate(_groups(counts)):
+        xe = x[start:start + c]
+        out.append(linear_dense(xe, residual[e], U[e], S[e], V[e], None if bias is None else bias[e], scale))
+        start += c
+    return torch.cat(out) if out else x.new_zeros(0, U.shape[1])

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import use_triton
+from .dispatch import fallen_back, kernel_path, run_with_fallback
 
 __all__ = ["ortho_value", "ortho_value_and_grad_"]
 
 
 def ortho_value(mats: Sequence[Tensor], transposed: Optional[Sequence[bool]] = None) -> Tensor:
     """``mean_i ‖A_iᵀA_i − I‖_F`` over k×r matrices, as a float32 scalar (differentiable).
+
+    A stack E×k×r (a MoE layer's experts) counts as its E matrices.
 
     ``transposed[i]`` marks a matrix stored r×k (its term is ``‖A_i·A_iᵀ − I‖_F``).
     """
@@ -30,9 +33,11 @@ def ortho_value_and_grad_(
 ) -> Tensor:
     """Add ``coeff·∇(mean_i ‖A_iᵀA_i − I‖_F)`` to each ``A_i.grad``; return the mean (device scalar).
 
-    ``.grad`` is created where it is None; ``transposed[i]`` marks a matrix stored r×k.
+    ``.grad`` is created where it is None; ``transposed[i]`` marks a matrix stored r×k.  A
+    stack E×k×r (a MoE layer's experts) counts as its E matrices in the mean.
     Uses the grouped Triton kernel (three launches for the whole set) when
-    :func:`~sorsa_kernels.ops.dispatch.use_triton` says so, else the reference loop.
+    :func:`~sorsa_kernels.ops.dispatch.kernel_path` says so (and the reference loop if
+    the kernels cannot compile or launch on this GPU), else the reference loop.
 
     Example::
 
@@ -47,11 +52,52 @@ def ortho_value_and_grad_(
     tr = None if transposed is None else [bool(t) for t in transposed]
     if _is_sharded(mats):
         return _sharded_value_and_grad_(mats, float(coeff), tr)
-    if use_triton(mats[0]):
+    key = (mats[0].device, len(mats), max(min(m.shape[-2:]) for m in mats),
+           tuple(sorted({m.dtype for m in mats}, key=str)))
+    op = "orthonormal regularizer"
+
+    def ref():
+        return reference.ortho_value_and_grad_(mats, float(coeff), tr)
+
+    if kernel_path(*mats) and not fallen_back(op, key):
         from ..kernels import ortho_reg
 
-        return ortho_reg.grouped_ortho_value_and_grad_(list(mats), float(coeff), tr)
-    return reference.ortho_value_and_grad_(mats, float(coeff), tr)
+        # A compile or launch failure happens before any launch writes a .grad: the
+        # reference then starts from the same gradients.
+        def kernels():
+            flat, flags = _per_expert(mats, tr)
+            return ortho_reg.grouped_ortho_value_and_grad_(flat, float(coeff), flags)
+
+        return run_with_fallback(
+            op, key, mats[0].device, f"{len(mats)} matrices, largest rank {key[2]}, {[str(d)[6:] for d in key[3]]}",
+            kernels, ref)
+    return ref()
+
+
+def _per_expert(mats: Sequence[Tensor], tr: Optional[list[bool]]) -> tuple[list[Tensor], Optional[list[bool]]]:
+    """The grouped kernel's 2-D matrices: each stack E×k×r (a MoE layer's experts) becomes its
+    E views, whose ``.grad`` are the matching views of the stack's ``.grad`` (created as zeros
+    where it is None), so the kernel's in-place update lands in the stack's gradient.  The
+    kernel then covers every expert of every layer in its three launches; the only per-expert
+    Python work is the ``.grad`` assignment of each view."""
+    if all(a.dim() == 2 for a in mats):
+        return list(mats), tr
+    out: list[Tensor] = []
+    flags: list[bool] = []
+    for i, a in enumerate(mats):
+        t = False if tr is None else tr[i]
+        if a.dim() != 3:
+            out.append(a)
+            flags.append(t)
+            continue
+        if a.grad is None:
+            a.grad = torch.zeros_like(a)
+        views = a.detach().unbind(0)
+        for v, g in zip(views, a.grad.unbind(0)):
+            v.grad = g
+        out.extend(views)
+        flags.extend([t] * len(views))
+    return out, flags
 
 
 def _is_sharded(mats: Sequence[Tensor]) -> bool:
@@ -68,7 +114,6 @@ def _sharded_value_and_grad_(mats: Sequence[Tensor], coeff: float, tr) -> Tensor
     Every rank must call it (the gathers are collectives).  The full copies are r-wide, so
     the extra memory is one adapter set at a time.
     """
-    import torch
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     full = [m.full_tensor().detach() if isinstance(m, DTensor) else m.detach() for m in mats]

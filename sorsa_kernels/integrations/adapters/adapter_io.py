@@ -52,8 +52,10 @@ from ...nn.checks import SUPPORTED_DTYPES, is_conv1d, linear_weight
 from ...nn.linear import SORSALinear
 from ..atomic import atomic_file
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from .base_match import check_base_matches
+from .experts import adapt_experts, adapted_experts, expert_weight_names, is_adapted_experts, is_fused_experts
 from .modules_to_save import check_saved_state, restore_saved_modules, saved_state
-from .surgery import _set_submodule, sorsa_layers
+from .surgery import module_aliases, replace_everywhere, sorsa_layers
 
 __all__ = [
     "AdapterError",
@@ -126,7 +128,7 @@ def _check_config(config: Any, source: Path) -> None:
     if not (_is_real(dropout) and 0.0 <= dropout < 1.0):
         raise AdapterError(f"{source}: dropout must be a number in [0, 1), got {dropout!r}")
     layers = config.get("layers")
-    if not isinstance(layers, dict) or not layers:
+    if not isinstance(layers, dict) or not (layers or config.get("experts")):
         raise AdapterError(f"{source}: the config has no 'layers' (a non-empty object of layer name → settings)")
     targets = config.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or sorted(map(str, targets)) != sorted(layers)):
@@ -155,6 +157,7 @@ def _check_config(config: Any, source: Path) -> None:
             raise AdapterError(f"{where}: quantize {lc.get('quantize')!r} is unknown; allowed: null, 'nf4'")
         if not isinstance(lc.get("fan_in_fan_out", False), bool):
             raise AdapterError(f"{where}: fan_in_fan_out must be true or false, got {lc.get('fan_in_fan_out')!r}")
+    _check_experts_config(config, source)
     _check_saved_config(config, source)
 
 
@@ -202,6 +205,7 @@ def _check_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], sou
             bad = (~torch.isfinite(t)).sum().item()
             if bad:
                 raise AdapterError(f"{where} has {bad} non-finite (NaN or inf) values")
+    expected_names |= _check_experts_tensors(config, tensors, source)
     for name, keys in config.get("modules_to_save", {}).items():
         for key in keys:
             tname = _saved_tensor_name(name, key)
@@ -240,7 +244,8 @@ def validate_adapter(config: Any, tensors: dict[str, torch.Tensor], source: Path
 # ---------------------------------------------------------------------------------- save
 def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
     layers = sorsa_layers(model)
-    if not layers:
+    experts = adapted_experts(model)
+    if not layers and not experts:
         raise ValueError("the model has no SORSA layers; nothing to save")
     tensors: dict[str, torch.Tensor] = {}
     layer_cfg: dict[str, Any] = {}
@@ -261,7 +266,8 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         }
         if layer.fan_in_fan_out:  # written only when set: adapters of nn.Linear layers are unchanged
             layer_cfg[name]["fan_in_fan_out"] = True
-    first = next(iter(layers.values()))
+    sharded = sharded or any(is_sharded(getattr(m, a).U) for m in experts.values() for a in expert_weight_names(m))
+    first = next(iter(layers.values())) if layers else getattr(next(iter(experts.values())), "down_proj")
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -269,11 +275,12 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         "base_model_name_or_path": base_model_name_or_path
         or getattr(getattr(model, "config", None), "_name_or_path", None),
         "alpha": first.alpha,
-        "dropout": first.dropout_p,
+        "dropout": getattr(first, "dropout_p", 0.0),
         "adapter_dtype": _dtype_name(first.U.dtype),
         "target_modules": list(layers),
         "layers": layer_cfg,
     }
+    _add_experts(experts, config, tensors)
     _add_saved_modules(model, config, tensors)
     return config, tensors, sharded
 
@@ -438,7 +445,7 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return config, tensors
 
 
-def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
+def load_adapter(base_model: nn.Module, directory: PathLike, *, allow_base_mismatch: bool = False) -> nn.Module:
     """Rebuild, in place on the untouched ``base_model``, exactly the model that was saved.
 
     No SVD runs: each target ``nn.Linear`` (or ``Conv1D``) becomes a SORSA layer whose residual is
@@ -447,6 +454,9 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
     (``modules_to_save``) gets its trained copy back.  ``directory`` is the adapter
     folder or its ``adapter.safetensors``.  Everything is checked before the model is
     changed; a problem raises a ``ValueError`` naming the file, layer and field.
+    The base must be the one the adapter was fitted to: each layer's weight is checked
+    against the saved ``U0, S0, V0`` (:mod:`.base_match`; a merged model or another
+    checkpoint is refused).  ``allow_base_mismatch=True`` applies it to another base on purpose.
 
     Example::
 
@@ -454,6 +464,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
     """
     config, tensors = read_adapter(directory)
     layers = config["layers"]
+    _check_experts_base(base_model, config)
     for name, lc in layers.items():  # validate everything before changing the model
         try:
             linear = base_model.get_submodule(name)
@@ -473,6 +484,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
                 f"layer {name} {'has' if linear.bias is not None else 'has no'} bias but the adapter says "
                 f"bias={lc['bias']}; it was trained on a different base model"
             )
+    _check_base_rows(base_model, config, tensors, directory, allow_base_mismatch)
     saved = _saved_state_of(config, tensors)
     try:
         check_saved_state(base_model, saved, str(directory))
@@ -480,6 +492,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
         raise AdapterError(str(e)) from None
     for p in base_model.parameters():
         p.requires_grad_(False)
+    aliases = module_aliases(base_model)  # a layer shared by two parents is replaced under both names
     for name, lc in layers.items():
         linear = base_model.get_submodule(name)
         U, S, V, U0, S0, V0 = (tensors[f"{name}.{k}"] for k in _FACTORS)
@@ -493,6 +506,126 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
             linear, U0, S0, V0, trained=(U, S, V), alpha=config.get("alpha"),
             dropout=config.get("dropout", 0.0), residual_dtype=_DTYPE_NAMES[lc["residual_dtype"]], name=name,
         )
-        _set_submodule(base_model, name, layer)
+        replace_everywhere(base_model, linear, layer, aliases)
+    _load_experts(base_model, config, tensors)
     restore_saved_modules(base_model, saved)
     return base_model
+
+
+def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     source: PathLike, allow_mismatch: bool) -> None:
+    """Every target weight against the adapter's initial factors (:func:`.base_match.check_base_matches`);
+    with ``allow_mismatch`` only the meta-device check remains."""
+    alpha = config.get("alpha")
+    for name, lc in config["layers"].items():
+        weight = linear_weight(base_model.get_submodule(name))  # out×in, for Conv1D too
+        if allow_mismatch and weight.device.type != "meta":
+            continue
+        scale = 1.0 if alpha is None else float(alpha) / lc["rank"]
+        U0, S0, V0 = (tensors[f"{name}.{k}"] for k in ("U0", "S0", "V0"))
+        check_base_matches(name, weight, U0, S0, V0, scale, lc["quantize"], f"adapter {source}")
+
+
+# ---------------------------------------------------------------------------------- experts
+# A mixture-of-experts model's adapted experts modules are listed under the config key
+# "experts": {module name: {"num_experts", "rank", "residual_dtype", "projections":
+# {"gate_up_proj": {"in_features", "out_features", "bias"}, "down_proj": {...}}}}, and their
+# factor stacks stored as tensors "<module>.<projection>.<U|S|V|U0|S0|V0>" (E×out×r, E×r,
+# E×in×r).  Loading rebuilds each SORSAExperts from the saved initial factors: no SVD.
+def _add_experts(experts: dict[str, nn.Module], config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    if not experts:
+        return
+    cfg: dict[str, Any] = {}
+    for name, module in experts.items():
+        projections = {}
+        for attr in expert_weight_names(module):
+            layer = getattr(module, attr)
+            for key, t in zip(_FACTORS, (layer.U, layer.S, layer.V, *layer.init_factors)):
+                tensors[f"{name}.{attr}.{key}"] = full_tensor(t).detach().to("cpu").contiguous()
+            projections[attr] = {"in_features": layer.in_features, "out_features": layer.out_features,
+                                 "bias": layer.bias is not None}
+        cfg[name] = {"num_experts": layer.num_experts, "rank": layer.rank,
+                     "residual_dtype": _dtype_name(layer.residual.dtype), "projections": projections}
+    config["experts"] = cfg
+
+
+def _check_experts_config(config: dict[str, Any], source: Path) -> None:
+    experts = config.get("experts", {})
+    if not isinstance(experts, dict):
+        raise AdapterError(f"{source}: experts must be an object of experts module name → settings, got {experts!r}")
+    for name, ec in experts.items():
+        where = f"{source}: experts {name}"
+        if not isinstance(ec, dict) or not isinstance(ec.get("projections"), dict) or not ec["projections"]:
+            raise AdapterError(f"{where}: settings must be an object with a non-empty 'projections', got {ec!r}")
+        for field in ("num_experts", "rank"):
+            if not _is_int(ec.get(field)) or ec[field] <= 0:
+                raise AdapterError(f"{where}: {field} must be a positive integer, got {ec.get(field)!r}")
+        if ec.get("residual_dtype") not in _DTYPE_NAMES:
+            raise AdapterError(f"{where}: residual_dtype {ec.get('residual_dtype')!r} is not a known dtype; "
+                               f"allowed: {', '.join(_DTYPE_NAMES)}")
+        for attr, pc in ec["projections"].items():
+            if not isinstance(pc, dict) or not all(_is_int(pc.get(f)) and pc[f] > 0
+                                                   for f in ("in_features", "out_features")):
+                raise AdapterError(f"{where}.{attr}: in_features and out_features must be positive integers, got {pc!r}")
+            if ec["rank"] > min(pc["in_features"], pc["out_features"]):
+                raise AdapterError(f"{where}.{attr}: rank {ec['rank']} exceeds min(in_features, out_features) = "
+                                   f"{min(pc['in_features'], pc['out_features'])}")
+
+
+def _check_experts_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> set[str]:
+    """Check each expert factor stack's presence, dtype, shape and finiteness; return their names."""
+    dtype = _DTYPE_NAMES[config["adapter_dtype"]]
+    names: set[str] = set()
+    for name, ec in config.get("experts", {}).items():
+        E, r = ec["num_experts"], ec["rank"]
+        for attr, pc in ec["projections"].items():
+            m, n = pc["out_features"], pc["in_features"]
+            shapes = {"U": (E, m, r), "S": (E, r), "V": (E, n, r)}
+            for key in _FACTORS:
+                tname = f"{name}.{attr}.{key}"
+                names.add(tname)
+                t = tensors.get(tname)
+                if t is None:
+                    raise AdapterError(f"adapter weights {source} lack tensor {tname}")
+                where = f"{source}: experts {name}.{attr}: tensor {key}"
+                if t.dtype != dtype:
+                    raise AdapterError(f"{where} has dtype {_dtype_name(t.dtype)} but the config says adapter_dtype "
+                                       f"{config['adapter_dtype']}")
+                if tuple(t.shape) != shapes[key.rstrip("0")]:
+                    raise AdapterError(f"{where} has shape {tuple(t.shape)} but the config needs {shapes[key.rstrip('0')]}")
+                if not bool(torch.isfinite(t).all()):
+                    raise AdapterError(f"{where} has non-finite (NaN or inf) values")
+    return names
+
+
+def _check_experts_base(base_model: nn.Module, config: dict[str, Any]) -> None:
+    for name, ec in config.get("experts", {}).items():
+        try:
+            module = base_model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"the adapter targets experts {name}, which the base model does not have") from None
+        if is_adapted_experts(module):
+            raise AdapterError(f"experts {name} already hold SORSA experts; load the adapter on an untouched base model")
+        if not is_fused_experts(module):
+            raise AdapterError(f"the adapter targets experts {name}, which is a {type(module).__name__}, "
+                               "not a transformers experts module with fused 3-D weights")
+        if sorted(expert_weight_names(module)) != sorted(ec["projections"]):
+            raise AdapterError(f"experts {name} have projections {list(expert_weight_names(module))} but the adapter "
+                               f"holds {list(ec['projections'])}")
+        for attr, pc in ec["projections"].items():
+            w = getattr(module, attr)
+            w = w.mT if getattr(module, "is_transposed", False) else w
+            want = (ec["num_experts"], pc["out_features"], pc["in_features"])
+            if tuple(w.shape) != want:
+                raise AdapterError(f"experts {name}.{attr} have weight shape {tuple(w.shape)} but the adapter was "
+                                   f"trained on {want} (experts, out_features, in_features)")
+
+
+def _load_experts(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    for name, ec in config.get("experts", {}).items():
+        factors = {}
+        for attr in ec["projections"]:
+            U, S, V, U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in _FACTORS)
+            factors[attr] = {"U0": U0, "S0": S0, "V0": V0, "trained": (U, S, V)}
+        adapt_experts(base_model.get_submodule(name), ec["rank"], name=name, factors=factors,
+                      alpha=config.get("alpha"), residual_dtype=_DTYPE_NAMES[ec["residual_dtype"]])

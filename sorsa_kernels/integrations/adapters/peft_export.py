@@ -29,6 +29,8 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from ...nn.checks import check_finite
+from .experts import adapted_experts
 from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
 from .targets import HEAD_NAMES, infer_task_type
@@ -81,6 +83,7 @@ def export_peft_lora(
         >>> export_peft_lora(model, "out/lora")
         >>> lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/lora")
     """
+    _refuse_experts(model)
     layers = sorsa_layers(model)
     if not layers:
         raise ValueError("the model has no SORSA layers; nothing to export")
@@ -109,6 +112,7 @@ def export_peft_lora(
     saved = _saved_module_tensors(model, task_type)
     tensors.update({f"base_model.model.{name}.{k}": t.to("cpu").contiguous() for name, sd in saved.items()
                     for k, t in sd.items()})
+    _check_export_finite(tensors)
     if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
         return directory
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -138,6 +142,18 @@ def export_peft_lora(
     return directory
 
 
+def _refuse_experts(model) -> None:
+    """SORSA experts have no PEFT LoRA export yet: a one-line error naming merge as the way out."""
+    experts = adapted_experts(model)
+    if experts:
+        raise ValueError(
+            f"the model holds SORSA experts ({next(iter(experts))}"
+            + (f" and {len(experts) - 1} more" if len(experts) > 1 else "")
+            + "), which export_peft_lora cannot write as a PEFT LoRA; merge them with "
+            "sorsa_kernels.merge_sorsa(model) and save the merged model instead"
+        )
+
+
 def _saved_module_tensors(model: nn.Module, task_type: Optional[str]) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name: state}`` written as PEFT's ``modules_to_save``: every trained copy, and for
     SEQ_CLS/TOKEN_CLS the classification head even when it was not kept (PEFT loads it regardless)."""
@@ -148,3 +164,10 @@ def _saved_module_tensors(model: nn.Module, task_type: Optional[str]) -> dict[st
             if name not in out and not isinstance(module, SavedModule):
                 out[name] = module.state_dict()
     return {name: {k: full_tensor(t).detach() for k, t in sd.items()} for name, sd in out.items()}
+
+
+def _check_export_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write an export holding NaN/Inf (a diverged adapter, or an overflow in ``dtype``)."""
+    for key, t in tensors.items():
+        check_finite(t, f"tensor {key}", "export a PEFT LoRA adapter",
+                     " (the adapter diverged, or the export dtype overflows)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ...nn.experts import SORSAExperts
 from ...nn.linear import SORSALinear
 from .modules_to_save import SavedModule
 from .targets import fused_expert_parameters, is_linear_like
@@ -31,12 +32,15 @@ class AdaptationSummary:
     """The outcome of adapting a model.
 
     Attributes:
-        layers: SORSA layers per role (the module name after its block index, e.g. ``self_attn.q_proj``).
+        layers: SORSA layers per role (the module name after its block index, e.g. ``self_attn.q_proj``);
+            a MoE block's adapted experts count once per fused projection (``mlp.experts.gate_up_proj``,
+            ``mlp.experts.down_proj``), each layer holding every expert's factors.
         trainable_parameters: parameters with ``requires_grad`` (adapter factors and saved modules).
         total_parameters: every parameter of the model.
         saved_modules: modules kept as trainable copies (``modules_to_save``).
         not_adapted: every ``nn.Linear`` / ``Conv1D`` that no target matched (the LM head among them).
-        fused_experts: routed-expert weights stored as fused 3-D parameters, which SORSA does not adapt.
+        fused_experts: routed-expert weights still stored as fused 3-D parameters: experts left out of the
+            targets (or frozen under ``quantize``), not adapted.
 
     Example::
 
@@ -95,7 +99,7 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in saved):
             continue
-        if isinstance(module, SORSALinear):
+        if isinstance(module, (SORSALinear, SORSAExperts)):
             role = _role(name)
             s.layers[role] = s.layers.get(role, 0) + 1
         elif isinstance(module, SavedModule):
@@ -106,5 +110,5 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
         s.total_parameters += p.numel()
         if p.requires_grad:
             s.trainable_parameters += p.numel()
-    s.fused_experts = fused_expert_parameters(model)
+    s.fused_experts = [n for n in fused_expert_parameters(model) if not any(n.startswith(p + ".") for p in saved)]
     return s

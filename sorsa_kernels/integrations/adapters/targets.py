@@ -8,11 +8,15 @@ full module name, its last component, or a dotted suffix such as ``output.dense`
 output head (``get_output_embeddings()``) and the modules kept as trainable copies, as
 PEFT's option of that name does.
 
-Routed experts that ``transformers`` stores as fused 3-D parameters (Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE) are not linear modules; they stay frozen and
-:func:`~sorsa_kernels.integrations.adapters.summary.adaptation_summary` lists them as not
-adapted.  Routers and gates with one output (Qwen2-MoE's ``shared_expert_gate``) are
-not projections and are not in the table.
+Routed experts that ``transformers`` stores as fused 3-D parameters in one experts module
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) are not linear modules; their rows name the experts
+module (``"experts"``), whose two fused projections become
+:class:`~sorsa_kernels.nn.experts.SORSAExperts` (see
+:mod:`~sorsa_kernels.integrations.adapters.experts`).  ``"all-linear"`` leaves them frozen,
+as PEFT's option does, and
+:func:`~sorsa_kernels.integrations.adapters.summary.adaptation_summary` lists fused expert
+weights left frozen as not adapted.  Routers and gates with one output (Qwen2-MoE's
+``shared_expert_gate``) are not projections and are not in the table.
 """
 from __future__ import annotations
 
@@ -21,11 +25,14 @@ from typing import Optional
 from torch import nn
 
 from ...nn.checks import is_conv1d
+from ...nn.experts import SORSAExperts
 
 __all__ = [
     "ALL_LINEAR",
+    "EXPERTS",
     "TARGETS_BY_MODEL_TYPE",
     "HEAD_NAMES",
+    "is_all_linear",
     "is_linear_like",
     "linear_like_names",
     "output_head_names",
@@ -41,23 +48,25 @@ ALL_LINEAR = "all-linear"
 
 _LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+#: The name of the routed-experts module of every ``transformers`` MoE block (both fused projections adapted).
+EXPERTS = "experts"
 _BERT = ("query", "key", "value", "output.dense", "intermediate.dense")  # not pooler.dense, not the head
 
 #: ``config.model_type`` → names of every attention and MLP projection of its blocks.
 TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
-    "mixtral": _LLAMA,  # attention; the routed experts are fused 3-D parameters
+    "mixtral": _LLAMA + (EXPERTS,),  # attention + the routed experts (fused 3-D)
     "qwen2": _LLAMA,
-    "qwen2_moe": _LLAMA,  # attention + shared expert (gate/up/down_proj); routed experts fused
+    "qwen2_moe": _LLAMA + (EXPERTS,),  # attention, shared expert (gate/up/down_proj), routed experts
     "qwen3": _LLAMA,
-    "qwen3_moe": _LLAMA,  # attention (+ dense MLP layers); routed experts fused
+    "qwen3_moe": _LLAMA + (EXPERTS,),  # attention (+ dense MLP layers), routed experts
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
     "gemma3_text": _LLAMA,
     "olmo": _LLAMA,
     "olmo2": _LLAMA,
-    "olmoe": _LLAMA,  # attention; routed experts fused
+    "olmoe": _LLAMA + (EXPERTS,),  # attention + routed experts
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D
@@ -78,6 +87,12 @@ TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
 #: for sequence classification is ``classifier`` and ``score``; T5 names its head ``classification_head``).
 HEAD_NAMES = ("classifier", "score", "classification_head")
 _HEAD_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification")
+
+
+def is_all_linear(targets) -> bool:
+    """Whether ``target_modules`` is ``"all-linear"`` (or the list ``["all-linear"]``)."""
+    return targets == ALL_LINEAR or (not isinstance(targets, str) and targets is not None
+                                     and list(targets) == [ALL_LINEAR])
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -172,10 +187,11 @@ def infer_task_type(model: nn.Module) -> Optional[str]:
 
 
 def fused_expert_parameters(model: nn.Module) -> list[str]:
-    """Names of routed-expert weights stored as fused 3-D parameters (not linear modules; SORSA leaves them frozen)."""
+    """Names of routed-expert weights still stored as fused 3-D parameters (not adapted: the experts
+    were left out of the targets, or frozen under ``quantize``); adapted ones live in SORSA experts layers."""
     out = []
     for mname, module in model.named_modules():
-        if "expert" not in type(module).__name__.lower():
+        if "expert" not in type(module).__name__.lower() or isinstance(module, SORSAExperts):
             continue
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() >= 3:

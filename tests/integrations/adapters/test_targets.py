@@ -208,13 +208,40 @@ def test_summary_counts_layers_parameters_and_what_was_left(caplog):
     assert s.details() == ["not adapted (linear): lm_head"]
 
 
-def test_summary_reports_fused_experts_as_not_adapted():
-    torch.manual_seed(0)
+def _mixtral(seed=0):
+    torch.manual_seed(seed)
     cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                      num_key_value_heads=1, vocab_size=64, num_local_experts=2, **IDS)
-    s = adaptation_summary(apply_sorsa(transformers.MixtralForCausalLM(cfg), 4, progress=False))
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def test_summary_lists_adapted_experts_as_adapted():
+    model = apply_sorsa(_mixtral(), 4, progress=False)  # the default targets of mixtral include the experts
+    s = adaptation_summary(model)
+    assert s.layers["mlp.experts.gate_up_proj"] == 1 and s.layers["mlp.experts.down_proj"] == 1
+    experts = model.model.layers[0].mlp.experts
+    expert_params = sum(p.numel() for m in (experts.gate_up_proj, experts.down_proj) for p in m.adapter_parameters())
+    linear_params = sum(p.numel() for l in sorsa_layers(model).values() for p in l.adapter_parameters())
+    assert s.trainable_parameters == linear_params + expert_params and expert_params > 0
+    assert not s.fused_experts and "fused expert" not in s.line() and "mlp.experts.down_proj×1" in s.line()
+
+
+def test_summary_reports_experts_left_out_of_the_targets_as_not_adapted():
+    s = adaptation_summary(apply_sorsa(_mixtral(), 4, target_modules=["q_proj", "v_proj"], progress=False))
     assert s.fused_experts == ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
-    assert "2 fused expert parameters" in s.line()
+    assert "2 fused expert parameters" in s.line() and not any("experts" in r for r in s.layers)
+
+
+def test_all_linear_leaves_fused_experts_frozen():  # as PEFT's all-linear: linear modules only
+    s = adaptation_summary(apply_sorsa(_mixtral(), 4, target_modules="all-linear", progress=False))
+    assert len(s.fused_experts) == 2 and not any("experts" in r for r in s.layers)
+
+
+def test_experts_inside_modules_to_save_are_not_adapted():
+    model = apply_sorsa(_mixtral(), 4, modules_to_save=["model.layers.0.mlp"], progress=False)
+    assert isinstance(model.model.layers[0].mlp, SavedModule)
+    s = adaptation_summary(model)
+    assert not any("experts" in r for r in s.layers) and not s.fused_experts  # trained as part of the copy
 
 
 # ------------------------------------------------------------------ adapter file fields

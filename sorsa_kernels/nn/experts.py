@@ -1,0 +1,238 @@
+"""``SORSAExperts``: SORSA for the fused expert weights of a mixture-of-experts layer.
+
+``transformers`` 5 stores the routed experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, … as
+3-D parameters (``gate_up_proj`` E×2I×H, ``down_proj`` E×H×I).  One ``SORSAExperts`` holds
+one such stack split per expert: a frozen residual ``Wr`` E×m×n and trainable ``U`` E×m×r,
+``S`` E×r, ``V`` E×n×r, with the orientation, ``alpha`` and ``scale`` rules of
+:class:`~sorsa_kernels.nn.linear.SORSALinear` applied to each expert.  Its forward takes rows
+grouped by expert and never forms an expert's dense ``ΔW``
+(:func:`sorsa_kernels.ops.experts.sorsa_experts`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import reference
+from ..ops.experts import sorsa_experts
+from .checks import check_dtype, check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
+from .knobs import check_knob
+
+__all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK"]
+
+#: Experts split (SVD, residual) or merged at a time: bounds the float32 temporaries of a
+#: 128-expert layer to a few experts' worth instead of the whole stack.
+DEFAULT_EXPERT_CHUNK = 8
+
+
+def _chunks(E: int, chunk: int):
+    for a in range(0, E, chunk):
+        yield slice(a, min(a + chunk, E))
+
+
+def _residual_stack(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float,
+                    dtype: torch.dtype, chunk: int) -> Tensor:
+    """``Wr = W0 − scale·U0·diag(S0)·V0ᵀ`` per expert, in float32 a chunk of experts at a time,
+    stored in ``dtype`` (the same computation at initialization and on load)."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for sl in _chunks(weight.shape[0], chunk):
+        out[sl] = reference.compute_residual(weight[sl], U0[sl], S0[sl], V0[sl], scale).to(dtype)
+    return out
+
+
+class SORSAExperts(nn.Module):
+    """E SORSA linears in one stack: per expert ``y_e = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ (+ b_e)``.
+
+    Orientation per expert is :class:`~sorsa_kernels.nn.linear.SORSALinear`'s: ``U``
+    E×out×r, ``S`` E×r, ``V`` E×in×r, ``residual`` E×out×in (frozen).  ``scale`` is
+    ``alpha / rank`` when ``alpha`` is given, else 1; the initial ``S`` is ``σ / scale``.
+    The forward takes rows grouped by expert and the per-expert row counts.
+
+    Example::
+
+        >>> w = torch.randn(4, 32, 16)                         # E × out × in
+        >>> layer = SORSAExperts.from_weight(w, rank=4)
+        >>> counts = torch.tensor([3, 0, 5, 2])               # rows of x grouped by expert
+        >>> y = layer(torch.randn(10, 16), counts)            # 10 × 32
+        >>> merged = layer.merged_weight()                    # E × out × in
+    """
+
+    #: Storage of the residual: None (dense).
+    quantize: Optional[str] = None
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        *,
+        alpha: Optional[float] = None,
+        residual_dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__()
+        validate_rank(rank, in_features, out_features)
+        check_dtype(residual_dtype, "residual_dtype")
+        check_dtype(adapter_dtype, "adapter_dtype")
+        check_knob("alpha", alpha)
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = 1.0 if alpha is None else float(alpha) / rank
+        E, m, n, r = num_experts, out_features, in_features, rank
+        fk = dict(device=device)
+        self.residual = nn.Parameter(torch.zeros(E, m, n, dtype=residual_dtype, **fk), requires_grad=False)
+        self.U = nn.Parameter(torch.zeros(E, m, r, dtype=adapter_dtype, **fk))
+        self.S = nn.Parameter(torch.zeros(E, r, dtype=adapter_dtype, **fk))
+        self.V = nn.Parameter(torch.zeros(E, n, r, dtype=adapter_dtype, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(E, m, dtype=residual_dtype, **fk), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _check_stack(weight: Tensor, name: Optional[str]) -> None:
+        if not isinstance(weight, Tensor) or weight.dim() != 3:
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(f"expert weights must be a 3-D stack E×out×in, got {shape}{layer_suffix(name)}")
+        check_dtype(weight.dtype, "weight dtype" + layer_suffix(name))
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        rank: int,
+        *,
+        bias: Optional[Tensor] = None,
+        svd: str = "full",
+        niter: int = 2,
+        oversample: int = 16,
+        svd_dtype: torch.dtype = torch.float32,
+        residual_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        alpha: Optional[float] = None,
+        name: Optional[str] = None,
+        expert_chunk: int = DEFAULT_EXPERT_CHUNK,
+    ) -> "SORSAExperts":
+        """Split each expert of ``weight`` (E×out×in) by SVD into a top-``rank`` part and a residual.
+
+        The SVD runs batched over ``expert_chunk`` experts at a time, in ``svd_dtype``, on the
+        weight's device (``svd="randomized"``: ``torch.svd_lowrank``, seeded).  Other arguments
+        are those of :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`;
+        ``bias`` (E×out) is kept frozen.
+        """
+        cls._check_stack(weight, name)
+        E, m, n = weight.shape
+        validate_rank(rank, n, m, name)
+        for knob, value in (("alpha", alpha), ("niter", niter), ("oversample", oversample)):
+            check_knob(knob, value)
+        check_svd_args(svd, svd_dtype)
+        check_weight_for_svd(weight, name)
+        adapter_dtype = adapter_dtype or torch.float32
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        U0 = torch.empty(E, m, rank, dtype=adapter_dtype, device=weight.device)
+        S0 = torch.empty(E, rank, dtype=adapter_dtype, device=weight.device)
+        V0 = torch.empty(E, n, rank, dtype=adapter_dtype, device=weight.device)
+        with torch.no_grad():
+            for sl in _chunks(E, expert_chunk):
+                u, s, v = reference.principal_split(
+                    weight[sl], rank, svd=svd, niter=niter, oversample=oversample, dtype=svd_dtype
+                )
+                U0[sl], S0[sl], V0[sl] = u, s / scale, v
+        return cls.from_factors(
+            weight, U0, S0, V0, bias=bias, alpha=alpha, residual_dtype=residual_dtype, name=name,
+            expert_chunk=expert_chunk,
+        )
+
+    @classmethod
+    def from_factors(
+        cls,
+        weight: Tensor,
+        U0: Tensor,
+        S0: Tensor,
+        V0: Tensor,
+        *,
+        trained: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+        bias: Optional[Tensor] = None,
+        alpha: Optional[float] = None,
+        residual_dtype: Optional[torch.dtype] = None,
+        name: Optional[str] = None,
+        expert_chunk: int = DEFAULT_EXPERT_CHUNK,
+    ) -> "SORSAExperts":
+        """Build the layer from known initial factors (no SVD), optionally with trained ones.
+
+        The residual is recomputed from ``weight`` and ``(U0, S0, V0)`` by the same float32
+        computation as at initialization, so a reloaded adapter reproduces training exactly.
+        """
+        cls._check_stack(weight, name)
+        E, m, n = weight.shape
+        r = S0.shape[-1]
+        expected = {"U0": (E, m, r), "S0": (E, r), "V0": (E, n, r)}
+        for label, t in zip(expected, (U0, S0, V0)):
+            if tuple(t.shape) != expected[label]:
+                raise ValueError(f"{label} has shape {tuple(t.shape)} but the experts need {expected[label]}"
+                                 f"{layer_suffix(name)}")
+        if trained is not None:
+            for label, t, ref in zip(("U", "S", "V"), trained, (U0, S0, V0)):
+                if t.shape != ref.shape:
+                    raise ValueError(f"{label} has shape {tuple(t.shape)} but the experts need {tuple(ref.shape)}"
+                                     f"{layer_suffix(name)}")
+        if bias is not None and tuple(bias.shape) != (E, m):
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but the experts need {(E, m)}{layer_suffix(name)}")
+        residual_dtype = residual_dtype or weight.dtype
+        layer = cls(E, n, m, r, bias=bias is not None, alpha=alpha, residual_dtype=residual_dtype,
+                    adapter_dtype=U0.dtype, device="meta")
+        dev = weight.device
+        U0, S0, V0 = (t.to(dev) for t in (U0, S0, V0))
+        with torch.no_grad():
+            res = _residual_stack(weight.detach(), U0, S0, V0, layer.scale, residual_dtype, expert_chunk)
+        layer.residual = nn.Parameter(res, requires_grad=False)
+        src = trained if trained is not None else (U0, S0, V0)
+        layer.U = nn.Parameter(src[0].detach().to(dev, U0.dtype).clone())
+        layer.S = nn.Parameter(src[1].detach().to(dev, U0.dtype).clone())
+        layer.V = nn.Parameter(src[2].detach().to(dev, U0.dtype).clone())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(dev, residual_dtype).clone(), requires_grad=False)
+        layer.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
+        return layer
+
+    # ------------------------------------------------------------------ module API
+    @property
+    def weight(self) -> Tensor:
+        """The frozen residual stack ``Wr`` (read-only alias, for ``.dtype`` / ``.device`` checks)."""
+        return self.residual
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """``y`` (M×out) for rows ``x`` (M×in) grouped by expert, ``counts[e]`` rows for expert e."""
+        return sorsa_experts(x, counts, self.residual, self.U, self.S, self.V, self.bias, self.scale)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable stacks ``[U, S, V]``."""
+        return [self.U, self.S, self.V]
+
+    def merged_weight(self, dtype: Optional[torch.dtype] = None, expert_chunk: int = DEFAULT_EXPERT_CHUNK) -> Tensor:
+        """``Wr + scale·U·diag(S)·Vᵀ`` per expert (E×out×in), computed in float32 a chunk of
+        experts at a time and stored in ``dtype`` (default: the residual's dtype)."""
+        dtype = dtype or self.residual.dtype
+        out = torch.empty(self.residual.shape, dtype=dtype, device=self.residual.device)
+        with torch.no_grad():
+            for sl in _chunks(self.num_experts, expert_chunk):
+                out[sl] = reference.merged_weight(self.residual[sl], self.U[sl], self.S[sl], self.V[sl],
+                                                  self.scale).to(dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, scale={self.scale:g}, "
+            f"residual_dtype={self.residual.dtype}, adapter_dtype={self.U.dtype}"
+        )
