@@ -115,11 +115,13 @@ def export_peft_lora(
     _check_export_finite(tensors)
     if any(is_sharded(layer.U) for layer in layers.values()) and process_rank() != 0:
         return directory
+    base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if base_name and Path(base_name).is_dir():  # a local folder: absolute, so it loads from any working folder
+        base_name = str(Path(base_name).resolve())
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path
-        or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "base_model_name_or_path": base_name,
         "r": r,
         "lora_alpha": r,
         "lora_dropout": 0.0,

@@ -213,7 +213,7 @@ def apply_sorsa(
 
     Example::
 
-        >>> model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+        >>> model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         >>> apply_sorsa(model, rank=128)                          # q,k,v,o,gate,up,down
         >>> apply_sorsa(model, rank=16, target_modules="all-linear")
         >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
