@@ -177,7 +177,8 @@ def apply_sorsa(
     fused 3-D weights, are adapted too with the default targets (their rows of the table name
     ``"experts"``; ``"experts"`` in ``target_modules`` names them; ``"all-linear"`` leaves them
     frozen, as PEFT's option does): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
-    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`), the routing is untouched.
+    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`; with ``quantize="nf4"`` each expert's
+    residual is NF4, :class:`~sorsa_kernels.nn.qexperts.QSORSAExperts`), the routing is untouched.
 
     Example::
 
@@ -211,7 +212,8 @@ def apply_sorsa(
         _set_submodule(model, name, layer)
         del linear
     apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
-                  residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha)
+                  residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
+                  quant_iters=quant_iters)
     wrap_modules_to_save(model, saved)
     logger.info("%s", adaptation_summary(model).line())
     return model
