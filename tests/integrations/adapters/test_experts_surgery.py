@@ -170,11 +170,31 @@ def test_adapted_model_deep_copies(ids):
     assert torch.equal(fresh_copy(model)(ids).logits, model(ids).logits)
 
 
-def test_peft_export_of_experts_names_merge(tmp_path):
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_peft_export_of_experts_loads_in_peft_on_target_parameters_and_reproduces_logits(arch, ids, tmp_path):
+    import json
+
+    peft = pytest.importorskip("peft")
+    from sorsa_kernels import export_peft_lora
+
+    base = build(arch)
+    model = train_steps(apply_sorsa(fresh_copy(base), rank=2, alpha=4.0, progress=False), ids, steps=2)
+    export_peft_lora(model, tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                        for p in ("down_proj", "gate_up_proj")]
+    lora = peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "lora").eval()
+    want = model(ids).logits
+    assert rel_err(want, base(ids).logits) > 1e-3  # training moved the logits: the check below can fail
+    assert rel_err(lora(ids).logits, want) < 1e-5
+
+
+def test_peft_export_of_experts_at_another_rank_names_merge(tmp_path):
     from sorsa_kernels import export_peft_lora
 
     model = apply_sorsa(build("mixtral"), rank=2, progress=False)
-    with pytest.raises(ValueError, match=r"SORSA experts \(model.layers.0.mlp.experts and 1 more\).*merge_sorsa"):
+    model.model.layers[0].self_attn.q_proj.rank = 3  # as if the dense layers had another rank
+    with pytest.raises(ValueError, match=r"SORSA experts .*gate_up_proj have rank 2 but other layers rank 3.*merge_sorsa"):
         export_peft_lora(model, tmp_path / "lora")
 
 

@@ -6,10 +6,9 @@ steps with the regularizer → save → load on a fresh copy of the base → mer
 ``peft`` → QSORSA applied and trained.  Each check is its own test reading that run.  One thread.
 
 The MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) adapt their fused routed experts with the default
-targets (``SORSAExperts``).  Two checks differ for them, as the experts are built: ``export_peft_lora``
-refuses SORSA experts with an error naming ``merge_sorsa`` (checked here; the merge check is the way out),
-and under ``quantize="nf4"`` the experts are QSORSA experts (NF4 residual per expert) and train with the
-linear layers.
+targets (``SORSAExperts``); ``export_peft_lora`` writes them as LoRA on PEFT's ``target_parameters``,
+which ``peft`` loads (checked here), and under ``quantize="nf4"`` the experts are QSORSA experts (NF4
+residual per expert) and train with the linear layers.
 
 ``python tests/integrations/adapters/test_zoo.py`` prints the table of checks and max |Δlogits|.
 """
@@ -230,10 +229,6 @@ def run_zoo(arch: str, tmp: str) -> dict:
             return d
 
         def peft_export():
-            if ZOO[arch][4]:  # SORSA experts have no PEFT export: a clear error naming merge (checked above)
-                with pytest.raises(ValueError, match=r"SORSA experts .*merge_sorsa"):
-                    export_peft_lora(model, tmp / "lora")
-                return "refused: merge"
             export_peft_lora(model, tmp / "lora")
             lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / "lora").eval()
             d = _maxdiff(_logits(lora, inputs), trained_logits["y"])
