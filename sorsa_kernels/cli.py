@@ -175,6 +175,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--adapter", required=True, nargs="+", help="adapter folder(s); several give a trajectory")
     p.add_argument("--plot", default="singular_drift.png", help="PNG to write (default: singular_drift.png)")
     p.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="table only")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter(s) to a base other than the one they were fitted to, on purpose")
     p.set_defaults(run=_analyze)
     for name, what in (("merge", "merge an adapter into its base and save_pretrained the result"),
                        ("export-lora", "write an adapter as a standard PEFT LoRA adapter for the base")):
@@ -182,6 +184,11 @@ def _add_model_commands(sub) -> None:
         p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
         p.add_argument("--adapter", required=True, help="adapter folder written by finetune / save_adapter")
         p.add_argument("--output", required=True, help="folder to create")
+        p.add_argument("--allow-base-mismatch", action="store_true",
+                       help="apply the adapter to a base other than the one it was fitted to, on purpose")
+        if name == "merge":
+            p.add_argument("--allow-non-finite", action="store_true",
+                           help="write the merged model even if a weight is NaN/Inf (refused by default)")
         p.set_defaults(run=_merge if name == "merge" else _export)
 
 
@@ -258,13 +265,18 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if result.plot_note:
         print(result.plot_note)
+    if result.failed:  # the finished methods' results are written; say which method failed, once
+        m, why = next(iter(result.failed.items()))
+        more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
+        raise ValueError(f"compare: method {m} {why}{more}; the other methods' results are in "
+                         f"{result.output_dir / 'compare.json'}")
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import analyze_job, plot_drift
 
-    drift = analyze_job(args.base, args.adapter)
+    drift = analyze_job(args.base, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
     for adapter, layers in drift:
         print(f"adapter {adapter}")
         width = max(len(n) for n in layers)
@@ -282,14 +294,17 @@ def _analyze(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import merge_job
 
-    print(f"merged model: {merge_job(args.base, args.adapter, args.output)}")
+    out = merge_job(args.base, args.adapter, args.output, allow_base_mismatch=args.allow_base_mismatch,
+                    allow_non_finite=args.allow_non_finite)
+    print(f"merged model: {out}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import export_lora_job
 
-    print(f"PEFT LoRA adapter: {export_lora_job(args.base, args.adapter, args.output)}")
+    out = export_lora_job(args.base, args.adapter, args.output, allow_base_mismatch=args.allow_base_mismatch)
+    print(f"PEFT LoRA adapter: {out}")
     return 0
 
 

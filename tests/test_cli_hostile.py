@@ -59,7 +59,8 @@ def _copy(src, dst):
 
 
 def _hidden(folder):
-    return [n for n in os.listdir(folder) if n.startswith(".")]
+    """Hidden leftovers (temporaries); the run's lock file, which marks an unfinished run's artifacts, is not one."""
+    return [n for n in os.listdir(folder) if n.startswith(".") and n != R.LOCK_FILE]
 
 
 # ---------------------------------------------------------------------- knobs, before the model loads
@@ -230,7 +231,7 @@ def test_full_disk_while_saving_is_one_line_and_leaves_whole_artifacts(artifact,
     assert f"cannot write {out / artifact}: No space left on device" in line
     assert not (out / artifact).exists() and _hidden(out) == []
     earlier = {"base": ["adapter"], "merged": ["adapter", "base"], "metrics.json": ["adapter", "base", "merged"]}
-    assert sorted(os.listdir(out)) == earlier[artifact]
+    assert sorted(os.listdir(out)) == [R.LOCK_FILE] + earlier[artifact]  # the lock marks them as a run's
     if "base" in earlier[artifact]:
         load_adapter(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
     monkeypatch.undo()

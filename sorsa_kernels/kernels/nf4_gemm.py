@@ -22,9 +22,9 @@ The thin r-wide products ``x·V`` and ``dy·U`` are left to cuBLAS by the caller
 
 Two paths, chosen by M (rows of ``x`` / ``dy``):
 
-* M < _DEQUANT_MIN_M (decode, short batches): the fused kernel above; ``W`` is read once per
+* M < configs.DEQUANT_MIN_M (decode, short batches): the fused kernel above; ``W`` is read once per
   row tile, so with few row tiles dequantizing in the K loop beats writing a copy.
-* M ≥ _DEQUANT_MIN_M (training): the per-element gathers of the fused kernel (5 loads per
+* M ≥ configs.DEQUANT_MIN_M (training): the per-element gathers of the fused kernel (5 loads per
   weight) cost more than one pass writing ``deq(W)`` to a scratch matrix in the compute dtype
   (``_nf4_dequant_kernel``: contiguous 16-byte loads of the packed bytes, two values per
   byte), then the bf16/fp16 fused GEMM of :mod:`sorsa_kernels.kernels.residual_gemm` (the
@@ -39,41 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, device_guard
+from . import nf4_gemm_configs as configs
+from ._launch import device_guard
 from .residual_gemm import launch_gemm
 
 __all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx", "nf4_dequantize"]
-
-# From this many rows on, dequantize once into a scratch matrix and run the dense fused GEMM
-# (see the module docstring).  256 = two 128-row tiles: an untuned starting point (GPU run).
-_DEQUANT_MIN_M = 256
-# Packed bytes per program of _nf4_dequant_kernel (2·_DEQUANT_BLOCK values).
-_DEQUANT_BLOCK = 64 if INTERPRET else 1024
-
-# Block sizes.  No GPU was available when these were written: they are untuned starting
-# points taken from the Triton matmul tutorial's configs (BLOCK_M/N 64-128, BLOCK_K 32-64,
-# GROUP_M 8 for L2 reuse) and Hopper guidance (4-8 warps, 3-4 stages), plus narrow-row
-# configs for decode-sized M.  This kernel only serves M < _DEQUANT_MIN_M.  Pruned with the
-# sm_90 compile facts (tests/kernels/compile_facts.py): 128×128×64 (256 KB), 64×128×64
-# (336 KB) and 16×128×64 at 4 stages (310 KB) exceeded 227 KB of shared memory, and
-# 128×128×32 spilled 1 KB in the dx form; the dequantized tile passes through shared memory,
-# so these tiles cost far more than a bf16 GEMM's.
-# BLOCK_R is the step through the rank columns of the low-rank operands; it reuses
-# BLOCK_K (ranks 8..128 fit one to four steps).
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1}, num_stages=2, num_warps=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1}, num_stages=3, num_warps=4),
-]
-# Under TRITON_INTERPRET=1 (CI on CPU) one small config: several tiles per dimension on
-# the test shapes so masking and tile seams are exercised, and no autotuning runs.
-_INTERPRETER_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_stages=1, num_warps=4),
-]
-_CONFIGS = _INTERPRETER_CONFIGS if INTERPRET else _GPU_CONFIGS
-
 
 @triton.jit
 def _nf4_dequant_tile(
@@ -93,7 +63,8 @@ def _nf4_dequant_tile(
 
 # M is bucketed to the next power of two in the key so that every new sequence length
 # does not re-tune.
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "TRANS_W"])
+@triton.autotune(configs=configs.CONFIGS, key=["M_BUCKET", "N", "K", "R", "TRANS_W"],
+                 prune_configs_by={"early_config_prune": configs.prune_nf4_configs})
 @triton.jit
 def _fused_nf4_lowrank_gemm_kernel(
     a_ptr, t_ptr, p_ptr, bias_ptr, c_ptr,
@@ -230,10 +201,10 @@ def nf4_dequantize(
         out = torch.empty((rows, cols), device=packed.device, dtype=dtype)
         numel = rows * cols
         if numel:
-            grid = (triton.cdiv(triton.cdiv(numel, 2), _DEQUANT_BLOCK),)
+            grid = (triton.cdiv(triton.cdiv(numel, 2), configs.DEQUANT_BLOCK),)
             _nf4_dequant_kernel[grid](
                 packed, absmax, nested_absmax, nested_code, offset, code, out, numel,
-                QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize, BLOCK=_DEQUANT_BLOCK,
+                QBLOCK=blocksize, NESTED_QBLOCK=nested_blocksize, BLOCK=configs.DEQUANT_BLOCK,
                 num_warps=4,
             )
     return out
@@ -284,7 +255,7 @@ def _launch(
             raise ValueError(f"low-rank operands have shapes {tuple(t.shape)} and {tuple(p.shape)}; expected ({M}, r) and ({N}, r)")
         t = t.to(a.dtype)
         p = p.to(a.dtype)
-    if M >= _DEQUANT_MIN_M and N > 0:
+    if M >= configs.DEQUANT_MIN_M and N > 0:
         return _launch_dequant_gemm(a, nf4, (rows, cols), blocksize, nested_blocksize, trans_w,
                                     t if has_lowrank else None, p if has_lowrank else None, bias)
     with device_guard(a):

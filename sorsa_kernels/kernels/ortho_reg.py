@@ -32,7 +32,7 @@ pinned memory, no synchronization, no rebuild).
 
 The k-split is a two-phase reduction (partials, then a per-matrix sum) rather than
 atomics, and both its chunk size (``k_chunk``) and the step inside a chunk
-(_GRAM_STEP_K) are fixed — the autotuner picks only warps and stages — so the result is
+(configs.GRAM_STEP_K) are fixed — the autotuner picks only warps and stages — so the result is
 bit-for-bit reproducible whichever config the autotuner picked, and nothing has to be zeroed
 between steps.
 
@@ -59,41 +59,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, device_guard
+from . import ortho_reg_configs as configs
+from ._launch import INTERPRET, device_guard, device_target
+from .ortho_reg_configs import DEFAULT_K_CHUNK
 
 __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
-
-# --------------------------------------------------------------------------- tuning constants
-# No GPU was available when these were written: every number below is an untuned starting
-# point taken from the Triton matmul tutorial and the Hopper guidance (64-128 wide tiles,
-# 4-8 warps, 2-3 stages), to be measured with bench/bench_regularizer.py.
-#
-# Launch 1 (partial Grams) is idempotent, so the autotuner may re-run it: warps and stages
-# are tuned.  Its step through the rows of A (_GRAM_STEP_K, the K of each tl.dot) is fixed so
-# that the summation order never depends on the tuned config.  Launches 2 and 3 update
-# buffers in place (launch 2 overwrites chunk 0 of the workspace with G − I; launch 3 adds
-# into .grad), so the autotuner cannot re-run them; they use the fixed values below.
-_GRAM_STEP_K = 32 if INTERPRET else 64
-
-
-def _gram_configs(interpret: bool = INTERPRET) -> list:
-    """Warps × stages of launch 1 (the interpreter ignores both: one config, no benchmarking)."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 3), (4, 2), (8, 4))]
-    return configs[:1] if interpret else configs
-
-
-# Rows of A per program of launch 3.  It shapes the work table, so it is fixed per call.
-# 128 rows (GPU) read each fp32 tile of D = G − I once per 128 rows of A instead of per 64.
-_UPDATE_BLOCK_K = 64 if INTERPRET else 128
-# Columns of A (rows of D) per tl.dot of launch 3: with 128 rows, 128-wide A and D tiles in
-# fp32 spilled 280 B per thread on sm_90 (compile facts); 64-wide steps do not.
-_UPDATE_R_STEP = 16 if INTERPRET else 64
-# Gram rows summed by one program of launch 1 before its partial is written.  2048 splits
-# the 7B shapes (k = 4096 and 11008) into 2 and 6 chunks: about 1300 programs for 448
-# matrices, ~10 waves on an H100, with a workspace of ~80 MiB at r = 128.
-DEFAULT_K_CHUNK = 2048
-# Norms summed per iteration by the program that forms the mean.
-_MEAN_BLOCK = 1024
 
 # Per-matrix codes: dtype index × 2 + (1 if the k axis is the contiguous one else 0).
 _DTYPE_INDEX = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -145,16 +115,8 @@ def _gram_partial_tile(
     return acc
 
 
-def _prune_gram_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """tf32x3 (fp32 sets) at 128-wide tiles: 4 warps spilled 5.7 KB per thread and 4 stages
-    needed 256 KB of shared memory on sm_90 (compile facts); keep 8 warps, ≤ 3 stages."""
-    if kwargs.get("DOT_PRECISION") != "tf32x3" or kwargs.get("BLOCK_R", 0) < 128:
-        return configs
-    return [c for c in configs if c.num_warps >= 8 and c.num_stages <= 3] or configs
-
-
-@triton.autotune(configs=_gram_configs(), key=["BLOCK_R", "COMBOS", "DOT_PRECISION", "ALIGNED", "NATIVE_DOT"],
-                 prune_configs_by={"early_config_prune": _prune_gram_configs})
+@triton.autotune(configs=configs.gram_configs(), key=["BLOCK_R", "COMBOS", "DOT_PRECISION", "ALIGNED", "NATIVE_DOT"],
+                 prune_configs_by={"early_config_prune": configs.prune_gram_configs})
 @triton.jit
 def _ortho_gram_partial_kernel(
     table_ptr, items_ptr, ws_ptr, k_chunk,
@@ -473,8 +435,8 @@ def _build_plan(mats: Sequence[Tensor], tr: Sequence[bool], k_chunk: int, block_
         pairs = torch.stack([ti, tj], 1).repeat_interleave(n_chunks, 0)
         chunks = torch.arange(n_chunks).repeat(ti.numel())
         gram_items.append(torch.cat([torch.full((pairs.shape[0], 1), i), pairs, chunks[:, None]], 1))
-        kb = torch.arange(triton.cdiv(k, _UPDATE_BLOCK_K)).repeat_interleave(n_tiles)
-        cols = torch.arange(n_tiles).repeat(triton.cdiv(k, _UPDATE_BLOCK_K))
+        kb = torch.arange(triton.cdiv(k, configs.UPDATE_BLOCK_K)).repeat_interleave(n_tiles)
+        cols = torch.arange(n_tiles).repeat(triton.cdiv(k, configs.UPDATE_BLOCK_K))
         update_items.append(torch.stack([torch.full_like(kb, i), kb, cols], 1))
     plan = _Plan()
     plan.table = torch.tensor(rows, dtype=torch.int64).to(device)
@@ -595,25 +557,25 @@ def grouped_ortho_value_and_grad_(
     value = torch.empty((), dtype=torch.float32, device=mats[0].device)
     n_gram = plan.gram_items.shape[0]
     n_update = plan.update_items.shape[0]
-    wide = plan.block_r >= 128
+    fixed = configs.fixed_launch_params(device_target(mats[0].device), plan.block_r)
     with device_guard(mats[0]):
         if n_gram:
             _ortho_gram_partial_kernel[(n_gram,)](
                 plan.table, plan.gram_items, plan.ws, plan.k_chunk,
-                BLOCK_R=plan.block_r, BLOCK_K=_GRAM_STEP_K, COMBOS=plan.combos,
+                BLOCK_R=plan.block_r, BLOCK_K=configs.GRAM_STEP_K, COMBOS=plan.combos,
                 DOT_PRECISION=plan.dot_precision, ALIGNED=plan.aligned, TABLE_COLS=_TABLE_COLS,
                 NATIVE_DOT=plan.native_dot,
             )
         _ortho_norm_kernel[(plan.n_mats,)](
             plan.table, plan.ws, plan.norms, plan.scales, float(coeff) / plan.n_mats,
-            BLOCK_R=plan.block_r, TABLE_COLS=_TABLE_COLS, num_warps=8 if wide else 4,
+            BLOCK_R=plan.block_r, TABLE_COLS=_TABLE_COLS, num_warps=fixed.norm_warps,
         )
         _ortho_grad_update_kernel[(n_update + 1,)](
             plan.table, plan.update_items, plan.ws, plan.norms, plan.scales, value, n_update, plan.n_mats,
-            BLOCK_K=_UPDATE_BLOCK_K, BLOCK_R=plan.block_r, R_STEP=min(plan.block_r, _UPDATE_R_STEP),
+            BLOCK_K=configs.UPDATE_BLOCK_K, BLOCK_R=plan.block_r, R_STEP=fixed.update_r_step,
             COMBOS=plan.combos, G_COMBOS=plan.g_combos,
             DOT_PRECISION=plan.dot_precision, ALIGNED=plan.aligned, TABLE_COLS=_TABLE_COLS,
-            MEAN_BLOCK=_MEAN_BLOCK, num_warps=8 if wide else 4, num_stages=2,
+            MEAN_BLOCK=configs.MEAN_BLOCK, num_warps=fixed.update_warps, num_stages=fixed.update_stages,
         )
     return value
 

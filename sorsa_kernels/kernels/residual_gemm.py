@@ -16,9 +16,7 @@ The skinny kernels that produce ``t`` and ``ss`` and the weight-gradient reducti
 :mod:`sorsa_kernels.kernels.sorsa_linear`, which calls :func:`launch_gemm`; the math both
 are tested against is :func:`sorsa_kernels.ops.reference.linear_forward` / ``linear_backward``.
 
-Tile configs are untuned starting points (Triton matmul tutorial tiles, ``GROUP_M = 8`` L2
-swizzle; NVIDIA's Hopper/Ampere guidance) pruned by what compiled without spills within
-sm_90's shared memory (tests/kernels/compile_facts.py); to be measured with ``bench/``.
+Tile configs and their device prunes are :mod:`sorsa_kernels.kernels.residual_gemm_configs`.
 """
 from __future__ import annotations
 
@@ -30,49 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, acc_per_thread, input_precision, m_bucket, num_sms
+from . import residual_gemm_configs as configs
+from ._launch import input_precision, m_bucket, num_sms
 
 __all__ = ["launch_gemm"]
-
-
-# Row counts from which narrow (mma.sync-sized) row tiles are pruned from the GEMM configs:
-# at M ≥ 1024 a 64/128-row tile already fills the GPU and only it can use wgmma on Hopper.
-_SMALL_TILE_MAX_M = 1024
-
-
-def _gemm_configs(interpret: bool = INTERPRET) -> list:
-    if interpret:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    cfg = triton.Config
-    return [
-        # Hopper (H100, 228 KB smem): large tiles, 64-deep K, 3-4 stages.  Untuned starting points.
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        # Ampere (A100, 164 KB smem): 32-deep K with 4 stages (Triton matmul tutorial table).
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        # Small M (decode, short batches): narrow row tiles so the grid still fills the SMs.
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        # Small-footprint fallback (≈32 KB smem even in fp32) so some config always fits.
-        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
-    ]
-
-
-def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop BLOCK_M < 64 configs when M ≥ _SMALL_TILE_MAX_M (they only help small M), and for
-    fp32 operands (mma.sync tf32, no wgmma) those above 64 fp32 accumulators per thread:
-    they spilled 0.8-140 KB per thread on sm_90 (compile facts), the others spill nothing."""
-    kept = configs
-    if named_args["M"] >= _SMALL_TILE_MAX_M:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
-    if named_args["a2_ptr"].element_size() == 4:
-        kept = [c for c in kept if acc_per_thread(c, c.kwargs["BLOCK_N"]) <= 64] or kept
-    return kept
 
 
 # =============================================================================== kernels
@@ -80,9 +39,9 @@ def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
 # forward reads Wrᵀ and Uᵀ with unit k-stride, dx reads Wr and Vᵀ with unit n-stride), which
 # would otherwise share one tuned config on a square layer.
 @triton.autotune(
-    configs=_gemm_configs(),
+    configs=configs.gemm_configs(),
     key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_K_CONTIG", "B2_K_CONTIG"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
 )
 @triton.jit
 def _fused_residual_lowrank_gemm_kernel(
@@ -155,18 +114,10 @@ def _fused_residual_lowrank_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _tma_gemm_configs(interpret: bool = INTERPRET) -> list:
-    """Hopper-only persistent TMA GEMM: the pointer GEMM's warpgroup-sized (≥ 64-row),
-    64-deep configs (16-bit operands only, so no fp32 pruning is needed)."""
-    configs = _gemm_configs(interpret)
-    if interpret:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["BLOCK_K"] == 64]
-
-
 @triton.autotune(
-    configs=_tma_gemm_configs(),
+    configs=configs.tma_gemm_configs(),
     key=["M_BUCKET", "N", "K1", "K2", "HAS_RESIDUAL", "HAS_BIAS", "B1_TRANS", "NUM_SMS"],
+    prune_configs_by={"early_config_prune": configs.prune_tma_gemm_configs},
 )
 @triton.jit
 def _fused_residual_lowrank_gemm_tma_kernel(

@@ -28,7 +28,7 @@ saved by the op.
 The two skinny kernels (x·V and dy·U: an M×r output, a K = n or m long reduction) have only
 cdiv(M, row tile) × rank-tile programs — 32-64 at M = 4096, r ≤ 128, under half a wave on
 H100's 132 SMs.  When that grid is below two waves they split K into a fixed number of
-chunks (split-K, see _k_per_split): each program writes an fp32 partial [split, M, r], which
+chunks (split-K, see configs.k_per_split): each program writes an fp32 partial [split, M, r], which
 the launcher sums with ``torch.sum`` before forming u, t (forward) or ss and dS (backward).
 
 dU stays a separate launch that re-reads dy: folding dU = dyᵀ·t into the up-grad kernel's
@@ -37,8 +37,8 @@ reduces over M, so one of the two accumulators can never stay on chip) — 128 M
 M = m = 4096, r = 128 against the 32 MB of dy it would save.
 
 Reductions go through small fp32 partial buffers summed by ``torch.sum`` (no atomics).
-Their boundaries (the dS row tile _UP_BLOCK_M, the dU/dV splits of _rows_per_split rows and
-the step _WG_STEP_M inside a split, the skinny kernels' K chunks of _k_per_split columns) are
+Their boundaries (the dS row tile configs.UP_BLOCK_M, the dU/dV splits of configs.rows_per_split rows and
+the step configs.WG_STEP_M inside a split, the skinny kernels' K chunks of configs.k_per_split columns) are
 fixed by the launcher from the shapes and the SM count, never by the autotuned config, so
 dU, dS and dV (and the split-K sums in u and s) are the same bits run to run and process to
 process whatever config the autotuner's timing picked.
@@ -54,15 +54,13 @@ it uses IEEE fp32 — the same rule ``torch.matmul`` follows for the reference.
 
 Tuning notes
 ------------
-No GPU was available when these kernels were written, so **every block size below is an
-untuned starting point** taken from the Triton matmul tutorial (GEMM tiles, ``GROUP_M=8``
-L2 swizzle) and NVIDIA's Hopper/Ampere guidance (128-wide tiles with 64-deep K steps and
-3-4 pipeline stages for H100's 228 KB shared memory; 32/64-deep K steps with 4 stages
-for A100's 164 KB).  Configs that do not fit a GPU's shared memory are discarded by the
-autotuner (``OutOfResources``).  They are to be measured with ``bench/`` on H100 and A100.
-Under ``TRITON_INTERPRET=1`` each kernel gets one small config (16-wide tiles, rank tiles
-of at most 32) so the autotuner never benchmarks and CI tests exercise multi-tile loops,
-several rank tiles and masks on small shapes.
+The block sizes, autotune configs, their device prunes and the split heuristics are
+:mod:`sorsa_kernels.kernels.sorsa_linear_configs` (untuned starting points from the Triton
+matmul tutorial and NVIDIA's Hopper/Ampere guidance, to be measured with ``bench/``; sized
+to each GPU's shared memory per block by the prunes).  Under ``TRITON_INTERPRET=1`` each
+kernel gets one small config (16-wide tiles, rank tiles of at most 32) so the autotuner
+never benchmarks and CI tests exercise multi-tile loops, several rank tiles and masks on
+small shapes.
 
 Autotune keys bucket M to the next power of two so that training with varying sequence
 lengths does not re-tune on every new batch shape.
@@ -76,7 +74,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, acc_per_thread, device_guard, input_precision, m_bucket, num_sms
+from . import sorsa_linear_configs as configs
+from ._launch import device_guard, input_precision, m_bucket
 from .residual_gemm import launch_gemm
 
 __all__ = ["fused_forward", "fused_backward", "SUPPORTED_DTYPES"]
@@ -84,123 +83,9 @@ __all__ = ["fused_forward", "fused_backward", "SUPPORTED_DTYPES"]
 #: Compute dtypes the kernels accept (``x.dtype``).  float64 goes to the reference (ops/ decides).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Largest rank tile of the skinny kernels; r above it is split over a second grid axis.
-# 128 covers the ranks SORSA is used with (the paper uses r ≤ 128) in a single tile.  The
-# interpreter uses 32 so that CI exercises the multi-rank-tile path with a small r.
-_MAX_BLOCK_R = 32 if INTERPRET else 128
-
-# Row tile of _lowrank_up_grad_kernel.  Fixed (not autotuned) because the dS partial buffer
-# has one row per row tile, so the dS reduction boundaries must not depend on a tuned value.
-# 128 rows (was 64) halve the re-reads of U (every row tile reads all of it, or all of its K
-# chunk); the grid it leaves (32 row tiles at M = 4096) is refilled by split-K.  At 8 warps
-# the 128 × r≤128 fp32 tile stays in registers: 96-164 registers, no spills, ≤ 192 KB of
-# shared memory on sm_90 at r = 128 (compile facts).
-_UP_BLOCK_M = 16 if INTERPRET else 128
-
-# Determinism of the dU / dV reductions over M (see _lowrank_weight_grad_kernel): the rows of
-# one fp32 partial (a "split") are a multiple of _SPLIT_ALIGN chosen by the launcher from
-# (M, K, r, SM count) only, and inside a split the rows are consumed in fixed steps of
-# _WG_STEP_M.  Neither depends on the autotuned config, so the bits of dU / dV do not depend
-# on which config the autotuner picked (a timing-dependent choice).
-_WG_STEP_M = 16 if INTERPRET else 64
-_SPLIT_ALIGN = 16 if INTERPRET else 256
-
-# Split-K of the skinny kernels (x·V over K = in_features, dy·U over K = out_features).  At
-# M = 4096 their row-tile grid is 32-64 CTAs on H100's 132 SMs (under half a wave), so when
-# the grid (counted with the nominal row tile _SKINNY_NOMINAL_M, since the tuned BLOCK_M may
-# not decide it) is below two waves, K is cut into chunks of a multiple of _K_SPLIT_ALIGN
-# (256: a multiple of every skinny/up-grad BLOCK_K, so a chunk boundary never falls inside a
-# K step) of at least _K_SPLIT_MIN columns, at most _MAX_K_SPLITS of them (each split costs an
-# M×r fp32 partial write + read, ~6 % of dy's bytes at m = 4096, r = 128).  The chunk size
-# depends on (M, K, r, SM count) only, never on the autotuned config, and the fp32 partials
-# are summed by torch in split order: the bits do not depend on the autotuner's choice.
-# The interpreter (and any non-CUDA device) uses two 16-aligned chunks so CI runs the split path.
-_K_SPLIT_ALIGN = 16 if INTERPRET else 256
-_K_SPLIT_MIN = 512
-_MAX_K_SPLITS = 8
-_SKINNY_NOMINAL_M = 128
-
-def _prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """fp32 inputs: keep K steps ≤ 64 and ≤ 64 accumulators per thread (the rest spilled on
-    sm_90 at r = 128, compile facts)."""
-    if named_args["x_ptr"].element_size() != 4:
-        return configs
-    block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and acc_per_thread(c, block_r) <= 64]
-    return kept or configs
-
-
-def _skinny_configs(interpret: bool = INTERPRET) -> list:
-    """Row tile × K step for the r-wide products (x·V and dy·U); memory bound, so deep K steps.
-
-    128-row tiles read U or V half as often as 64-row ones (every row tile re-reads all of
-    it).  A 256-row tile (BLOCK_K 32, 8 warps) spilled 272 B at r = 128 on sm_90 (compile
-    facts, tests/kernels/compile_facts.py) and was dropped.
-    """
-    if interpret:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-        # Fallback that fits A100 shared memory in fp32 with a 128-wide rank tile.
-        cfg({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    ]
-
-
-def _prune_up_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """fp32 inputs: keep K steps ≤ 64 (BLOCK_K 128 needed 256 KB of shared memory and
-    spilled 12 KB at r = 128 on sm_90, compile facts)."""
-    if named_args["dy_ptr"].element_size() != 4:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= 64] or configs
-
-
-def _prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """fp32 inputs: keep ≤ 64 fp32 accumulators per thread of the BLOCK_K × BLOCK_R output
-    tile (128 spilled about 11 KB at r = 128 on sm_90, compile facts; the others none)."""
-    if named_args["a_ptr"].element_size() != 4:
-        return configs
-    block_r = kwargs.get("BLOCK_R", _MAX_BLOCK_R)
-    kept = [c for c in configs if acc_per_thread(c, block_r, rows="BLOCK_K") <= 64]
-    return kept or configs
-
-
-def _up_grad_configs(interpret: bool = INTERPRET) -> list:
-    """K step only: the row tile is fixed at _UP_BLOCK_M (see there); 8 warps for its
-    128 × r fp32 tile (BLOCK_K 128 needs 192 KB at r = 128: Hopper only, A100 keeps the others)."""
-    if interpret:
-        return [triton.Config({"BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_K": 64}, num_warps=8, num_stages=4),
-        # (BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128: dropped.)
-        cfg({"BLOCK_K": 32}, num_warps=8, num_stages=2),  # fp32 / r=128 fallback (see above)
-    ]
-
-
-def _weight_grad_configs(interpret: bool = INTERPRET) -> list:
-    """Output rows (of dU / dV), warps and stages; the step over M is fixed (_WG_STEP_M)."""
-    if interpret:
-        return [triton.Config({"BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=4),
-        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback
-    ]
-
-
 # =============================================================================== kernels
-@triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"],
-                 prune_configs_by={"early_config_prune": _prune_skinny_configs})
+@triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": configs.prune_skinny_configs})
 @triton.jit
 def _lowrank_down_kernel(
     x_ptr, v_ptr, sigma_ptr, u_ptr, t_ptr, part_ptr,
@@ -260,8 +145,8 @@ def _lowrank_down_kernel(
                  t.to(t_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_up_grad_configs(), key=["M_BUCKET", "K", "R"],
-                 prune_configs_by={"early_config_prune": _prune_up_grad_configs})
+@triton.autotune(configs=configs.up_grad_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": configs.prune_up_grad_configs})
 @triton.jit
 def _lowrank_up_grad_kernel(
     dy_ptr, up_ptr, u_ptr, sigma_ptr, ss_ptr, dsp_ptr, part_ptr,
@@ -325,8 +210,8 @@ def _lowrank_up_grad_kernel(
         tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
 
 
-@triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "R"],
-                 prune_configs_by={"early_config_prune": _prune_weight_grad_configs})
+@triton.autotune(configs=configs.weight_grad_configs(), key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": configs.prune_weight_grad_configs})
 @triton.jit
 def _lowrank_weight_grad_kernel(
     a_ptr, b_ptr, out_ptr,
@@ -421,63 +306,12 @@ def _check_common(
             )
 
 
-def _block_r(r: int) -> int:
-    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
-
-
-def _rows_per_split(M: int, K: int, r: int, device: torch.device) -> int:
-    """Rows of M per fp32 partial of the dU/dV reduction (a multiple of _SPLIT_ALIGN).
-
-    On a GPU: enough splits for about two waves when the K×r output alone would leave SMs
-    idle, with at least 512 rows per split and at most 64 splits.  In the interpreter:
-    16-row splits capped at 2, so the split path is what CI tests.  Depends only on the
-    shapes and the SM count, never on the autotuned config (see _lowrank_weight_grad_kernel).
-    """
-    if device.type != "cuda":
-        want = max(1, min(2, triton.cdiv(M, 16)))
-    else:
-        out_tiles = triton.cdiv(K, 128) * triton.cdiv(r, _block_r(r))
-        want = triton.cdiv(2 * num_sms(device.index or 0), out_tiles)
-        want = max(1, min(want, triton.cdiv(M, 512), 64))
-    return triton.cdiv(triton.cdiv(M, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
-
-
-def _k_per_split(M: int, K: int, r: int, row_tile: int, device: torch.device) -> int:
-    """Columns of K per fp32 partial of the skinny kernels' split-K (≥ K: no split).
-
-    On a GPU: enough chunks to reach about two waves when the (row tile × rank tile) grid,
-    counted with ``row_tile`` (fixed, not the tuned one), would leave SMs idle; at least
-    _K_SPLIT_MIN columns per chunk, at most _MAX_K_SPLITS chunks.  Elsewhere (the
-    interpreter): two chunks whenever K spans more than one _K_SPLIT_ALIGN, so the split path
-    is what CI tests.  A multiple of _K_SPLIT_ALIGN; depends on the shapes and the SM count
-    only, never on the autotuned config.
-    """
-    if device.type != "cuda":
-        want = 2
-    else:
-        tiles = triton.cdiv(M, row_tile) * triton.cdiv(r, _block_r(r))
-        want = triton.cdiv(2 * num_sms(device.index or 0), tiles)
-        want = max(1, min(want, K // _K_SPLIT_MIN, _MAX_K_SPLITS))
-    return max(1, triton.cdiv(triton.cdiv(K, want), _K_SPLIT_ALIGN)) * _K_SPLIT_ALIGN
-
-
-def _k_splits(M: int, K: int, r: int, row_tile: int, device: torch.device) -> tuple[int, int]:
-    """``(k_per_split, splits)`` of a skinny kernel's K reduction (see _k_per_split)."""
-    kps = _k_per_split(M, K, r, row_tile, device)
-    return kps, max(1, triton.cdiv(K, kps))
-
-
-def _num_m_splits(M: int, K: int, r: int, device: torch.device) -> int:
-    """How many fp32 partials the dU/dV reduction over M writes (summed afterwards)."""
-    return triton.cdiv(M, _rows_per_split(M, K, r, device))
-
-
 def _launch_weight_grad(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """``Σ_rows aᵀ·b`` (K×r) in ``dtype``, via fp32 split-M partials."""
     M, K = a.shape
     r = b.shape[1]
-    block_r = _block_r(r)
-    rows = _rows_per_split(M, K, r, a.device)
+    block_r = configs.rank_tile(r)
+    rows = configs.rows_per_split(M, K, r, a.device)
     splits = triton.cdiv(M, rows)
     part = torch.empty((splits, K, r), dtype=torch.float32, device=a.device)
 
@@ -491,7 +325,7 @@ def _launch_weight_grad(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
         b.stride(0), b.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         INPUT_PRECISION=input_precision(a.dtype),
-        BLOCK_R=block_r, BLOCK_M=_WG_STEP_M,
+        BLOCK_R=block_r, BLOCK_M=configs.WG_STEP_M,
     )
     out = part[0] if splits == 1 else part.sum(0)
     return out.to(dtype)
@@ -543,10 +377,10 @@ def fused_forward(
         Uc = U.detach().to(cd)
         Vc = V.detach().to(cd)
         t = torch.empty((M, r), dtype=cd, device=dev)
-        block_r = _block_r(r)
+        block_r = configs.rank_tile(r)
         prec = input_precision(cd)
 
-        kps, splits = _k_splits(M, n, r, _SKINNY_NOMINAL_M, dev)
+        kps, splits = configs.k_splits(M, n, r, configs.SKINNY_NOMINAL_M, dev)
         part = torch.empty((splits, M, r) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
 
         def grid(meta):
@@ -629,15 +463,15 @@ def fused_backward(
 
         sigma = S.detach().to(torch.float32) * float(scale)
         Uc = U.detach().to(cd)  # cast once per call, not per tile (see fused_forward)
-        block_r = _block_r(r)
+        block_r = configs.rank_tile(r)
         prec = input_precision(cd)
 
         # 1. one read of dy: ss = scale·(dy·U)·S and the per-row-tile partials of Σ u⊙(dy·U).
-        #    With split-K (see _k_per_split) the kernel writes fp32 partials of s instead and
+        #    With split-K (see configs.k_per_split) the kernel writes fp32 partials of s instead and
         #    ss and dS are formed here from their fixed-order sum.
         ss = torch.empty((M, r), dtype=cd, device=dev)
-        n_row_tiles = triton.cdiv(M, _UP_BLOCK_M)
-        kps, splits = _k_splits(M, m, r, _UP_BLOCK_M, dev)
+        n_row_tiles = triton.cdiv(M, configs.UP_BLOCK_M)
+        kps, splits = configs.k_splits(M, m, r, configs.UP_BLOCK_M, dev)
         ds_part = torch.empty((n_row_tiles, r), dtype=torch.float32, device=dev)
         part = torch.empty((splits, M, r) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=dev)
         _lowrank_up_grad_kernel[(n_row_tiles, triton.cdiv(r, block_r), splits)](
@@ -649,7 +483,7 @@ def fused_backward(
             ss.stride(0), ss.stride(1),
             ds_part.stride(0),
             part.stride(0), part.stride(1),
-            INPUT_PRECISION=prec, SPLIT_K=splits > 1, BLOCK_R=block_r, BLOCK_M=_UP_BLOCK_M,
+            INPUT_PRECISION=prec, SPLIT_K=splits > 1, BLOCK_R=block_r, BLOCK_M=configs.UP_BLOCK_M,
         )
         if splits > 1:
             s = part.sum(0)

@@ -25,6 +25,8 @@ __all__ = [
     "check_weight_for_svd",
     "validate_rank",
     "check_factor_shapes",
+    "non_finite_count",
+    "check_finite",
 ]
 
 #: dtypes a SORSA layer's residual and factors may have.
@@ -137,3 +139,26 @@ def check_factor_shapes(
                 raise ValueError(
                     f"{label} has shape {tuple(t.shape)} but the layer needs {tuple(ref.shape)}{layer_suffix(name)}"
                 )
+
+
+def non_finite_count(t: Tensor) -> int:
+    """How many NaN/Inf values ``t`` holds (0 for integer tensors and the meta device)."""
+    if t.device.type == "meta" or not t.is_floating_point():
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_finite(t: Tensor, what: str, action: str, hint: str = "") -> None:
+    """Raise a one-line ValueError ``refusing to ACTION: WHAT holds N non-finite (NaN or inf) values``
+    unless every value of ``t`` is finite — the one check every writer of weights uses
+    (:func:`sorsa_kernels.merge_sorsa`, :func:`sorsa_kernels.export_peft_lora`).
+
+    Example::
+
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "layer q_proj weight", "merge")
+        Traceback (most recent call last):
+        ValueError: refusing to merge: layer q_proj weight holds 1 non-finite (NaN or inf) values
+    """
+    bad = non_finite_count(t)
+    if bad:
+        raise ValueError(f"refusing to {action}: {what} holds {bad} non-finite (NaN or inf) values{hint}")

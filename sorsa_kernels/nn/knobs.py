@@ -23,7 +23,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["Rule", "KNOBS", "check_knob", "check_knobs", "knob_problem"]
+__all__ = ["Rule", "KNOBS", "check_knob", "check_knobs", "knob_problem", "representable_range", "check_scale",
+           "check_gamma_rate"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,75 @@ def check_knobs(**values: Any) -> None:
     """:func:`check_knob` for each ``name=value`` (messages use the Python names)."""
     for name, value in values.items():
         check_knob(name, value)
+
+
+# ---------------------------------------------------------------------- knobs bounded by the arithmetic
+def representable_range(dtype: Any = None) -> tuple[float, float]:
+    """``(low, high)`` = ``(1/√max, √max)`` of a floating dtype (default float32).
+
+    A factor in this window keeps both it and its reciprocal, and a product of two such
+    numbers, finite and normal in ``dtype``: float32/bfloat16 ≈ (5.4e-20, 1.8e19),
+    float16 (2**-8, 2**8).
+    """
+    import torch
+
+    high = math.sqrt(float(torch.finfo(dtype or torch.float32).max))
+    return 1.0 / high, high
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype or "torch.float32").replace("torch.", "")
+
+
+def check_scale(alpha: Optional[float], rank: int, dtype: Any = None, label: str = "alpha") -> None:
+    """Raise a ValueError unless ``scale = alpha / rank`` fits the adapter dtype's arithmetic.
+
+    The layer stores ``S = σ / scale`` and computes ``scale·S``; outside
+    :func:`representable_range` one of them overflows or underflows (``alpha=1e-38`` gives
+    ``S = inf``, ``alpha=1e300`` gives ``S = 0`` and NaN outputs).  ``None`` (scale 1) passes.
+
+    Example::
+
+        >>> check_scale(1e300, 8)
+        Traceback (most recent call last):
+        ValueError: alpha 1e+300 gives scale alpha/rank = 1.25e+299, which float32 cannot hold with S = σ/scale; allowed: alpha/rank in [5.4e-20, 1.8e+19], i.e. alpha in [4.3e-19, 1.5e+20] for rank 8
+    """
+    check_knob("alpha", alpha, label)
+    if alpha is None:
+        return
+    low, high = representable_range(dtype)
+    scale = float(alpha) / rank
+    if not low <= scale <= high:
+        raise ValueError(
+            f"{label} {alpha:g} gives scale alpha/rank = {scale:.3g}, which {_dtype_name(dtype)} cannot hold with "
+            f"S = σ/scale; allowed: alpha/rank in [{low:.2g}, {high:.2g}], i.e. {label} in "
+            f"[{low * rank:.2g}, {high * rank:.2g}] for rank {rank}"
+        )
+
+
+#: Bound on |∂‖UᵀU−I‖_F/∂U| per element (2·‖U‖₂ with ‖U‖₂ ≈ 1), with a margin of 4.
+_REG_GRAD_BOUND = 8.0
+
+
+def check_gamma_rate(gamma: float, lr_max: float, dtype: Any = None, label: str = "gamma") -> None:
+    """Raise a ValueError unless the regularizer's gradient ``gamma/lr_max·∇`` can be held by the
+    optimizer in ``dtype`` (default float32).
+
+    AdamW keeps the squared gradient; once ``(gamma/lr_max·∇)²`` overflows, every update of U and V
+    is 0 (``--gamma 1e30`` trains only S, silently).  Allowed: ``gamma/lr_max·8 ≤ √max(dtype)``.
+
+    Example::
+
+        >>> check_gamma_rate(1e30, 3e-5)
+        Traceback (most recent call last):
+        ValueError: gamma 1e+30 with learning rate 3e-05 scales the regularizer gradient by gamma/lr = 3.33e+34, which overflows float32 in the optimizer's squared gradient (U and V would stop training); allowed: gamma up to 6.9e+13 at this learning rate
+    """
+    check_knob("gamma", gamma, label, required=True)
+    check_knob("lr_max", lr_max, required=True)
+    high = representable_range(dtype)[1] / _REG_GRAD_BOUND
+    if gamma / lr_max > high:
+        raise ValueError(
+            f"{label} {gamma:g} with learning rate {lr_max:g} scales the regularizer gradient by gamma/lr = "
+            f"{gamma / lr_max:.3g}, which overflows {_dtype_name(dtype)} in the optimizer's squared gradient "
+            f"(U and V would stop training); allowed: {label} up to {high * lr_max:.2g} at this learning rate"
+        )

@@ -21,7 +21,7 @@ from .checks import (
     validate_rank,
 )
 from .factory import register_layer_class
-from .knobs import check_knob
+from .knobs import check_knob, check_scale
 
 __all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
 
@@ -77,7 +77,7 @@ class SORSALinear(nn.Module):
         validate_rank(rank, in_features, out_features)
         check_dtype(residual_dtype, "residual_dtype")
         check_dtype(adapter_dtype, "adapter_dtype")
-        check_knob("alpha", alpha)  # alpha = 0 would make S = σ / 0 = inf
+        check_scale(alpha, rank, adapter_dtype)  # alpha = 0 would make S = σ / 0 = inf, 1e300 S = 0
         check_knob("dropout", dropout)
         self.in_features = in_features
         self.out_features = out_features
@@ -145,6 +145,7 @@ class SORSALinear(nn.Module):
         validate_rank(rank, n, m, name)
         for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample)):
             check_knob(knob, value)  # before the SVD: alpha = 0 would give S = inf
+        check_scale(alpha, rank, adapter_dtype)  # S = σ/scale and scale·S representable
         check_svd_args(svd, svd_dtype)
         check_dtype(W.dtype, "weight dtype" + layer_suffix(name))
         check_weight_for_svd(W, name)
@@ -218,6 +219,16 @@ class SORSALinear(nn.Module):
         self.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
 
     # ------------------------------------------------------------------ module API
+    def _apply(self, fn, *args, **kwargs):
+        """``Module._apply`` (``.to``, ``.half()``, ``.bfloat16()`` …), with ``init_factors``
+        following a cast of the adapter: a cast model then saves in its new dtype.  The
+        initial factors stay on the CPU."""
+        out = super()._apply(fn, *args, **kwargs)
+        init = self.init_factors
+        if init is not None and self.U.is_floating_point() and init[0].dtype != self.U.dtype:
+            self.init_factors = tuple(t.to(self.U.dtype) for t in init)
+        return out
+
     @property
     def weight(self) -> Tensor:
         """The frozen residual ``Wr`` (read-only alias, for ``.dtype`` / ``.device`` checks)."""

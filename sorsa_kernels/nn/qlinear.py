@@ -35,6 +35,7 @@ from .checks import (
     validate_rank,
 )
 from .factory import register_layer_class
+from .knobs import check_scale
 from .linear import SORSALinear
 from .qinit import error_reducing_split
 
@@ -310,6 +311,7 @@ class QSORSALinear(SORSALinear):
         _check_nf4_dtype(residual_dtype, name)
         adapter_dtype = adapter_dtype or torch.float32
         check_dtype(adapter_dtype, "adapter_dtype")
+        check_scale(alpha, rank, adapter_dtype)
         check_weight_for_svd(W, name)
         scale = 1.0 if alpha is None else float(alpha) / rank
         with torch.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..ops import regularizer as _ops
-from .knobs import check_knob
+from .knobs import check_gamma_rate, check_knob
 from .experts import SORSAExperts
 from .linear import SORSALinear
 
@@ -59,4 +59,6 @@ def add_regularizer_grad(model: nn.Module, gamma: float = 4e-4, lr_max: float = 
     """
     check_knob("gamma", gamma, required=True)  # NaN/Inf would poison every adapter's gradient
     check_knob("lr_max", lr_max, required=True)
-    return _ops.ortho_value_and_grad_(adapter_matrices(model), gamma / lr_max)
+    mats = adapter_matrices(model)
+    check_gamma_rate(gamma, lr_max, mats[0].dtype)  # (gamma/lr·∇)² must fit the optimizer's state
+    return _ops.ortho_value_and_grad_(mats, gamma / lr_max)

@@ -6,13 +6,21 @@
 * ``triton``: always the kernels; with ``TRITON_INTERPRET=1`` they run on CPU tensors
   (this is how CI tests them).
 * ``reference``: always plain PyTorch.
+
+:func:`kernel_path` is the one decision per call (backend, dtypes, bf16 on pre-Ampere GPUs,
+shapes whose kernels failed); :func:`run_with_fallback` turns a kernel that cannot compile
+or launch on this GPU into one warning and the reference path for that shape.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
+from typing import Callable, Optional, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _CHOICES = ("auto", "triton", "reference")
 
@@ -29,7 +37,7 @@ def backend() -> str:
 def triton_available() -> bool:
     """Whether ``import triton`` works here."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401,F811
     except Exception:  # pragma: no cover - depends on the machine
         return False
     return True
@@ -53,3 +61,75 @@ def use_triton(t: torch.Tensor) -> bool:
             )
         return True
     return t.device.type == "cuda" and triton_available()
+
+
+# --------------------------------------------------------------------------- one decision per call
+#: Compute dtypes the Triton kernels cover; anything else (float64) runs the reference.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# (op, key) pairs whose kernels failed to compile or launch: they run the reference from then on.
+_FALLEN_BACK: set = set()
+
+
+def _capability(device: torch.device) -> Optional[int]:
+    """10·major + minor of a CUDA device, None elsewhere (tests patch this)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def kernel_path(t: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """The dispatch decision of one call: True for the Triton kernels.
+
+    The kernels when :func:`use_triton` says so and every tensor has a kernel dtype (callers
+    then skip shapes that failed before: :func:`fallen_back`).  bfloat16 on a GPU without
+    it (compute capability below 8.0: T4, RTX 20xx) is an error naming float16.
+    """
+    if not use_triton(t) or any(p is not None and p.dtype not in KERNEL_DTYPES for p in (t, *params)):
+        return False
+    if t.dtype == torch.bfloat16:
+        cap = _capability(t.device)
+        if cap is not None and cap < 80:
+            raise TypeError(
+                f"bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere); "
+                f"{torch.cuda.get_device_name(t.device)} is sm_{cap}: train in float16 instead "
+                "(load the model with torch_dtype=torch.float16)"
+            )
+    return True
+
+
+def fallen_back(op: str, key: tuple) -> bool:
+    """Whether ``(op, key)``'s kernels failed before (it runs the reference now)."""
+    return (op, key) in _FALLEN_BACK
+
+
+def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
+                      kernel_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
+    """``kernel_call()``; if a kernel fails to compile or launch there (OutOfResources, a
+    ptxas error), warn once naming the kernel, the device and the shape, remember ``(op,
+    key)`` so that :func:`fallen_back` sends it to the reference from now on, and return
+    ``reference_call()`` — training does not stop for it.  Other errors propagate.
+    """
+    try:
+        return kernel_call()
+    except Exception as exc:  # noqa: BLE001 - classified below, re-raised unless a launch failure
+        from ..kernels.failures import launch_failure
+
+        kernel = launch_failure(exc)
+        if kernel is None:
+            raise
+        _FALLEN_BACK.add((op, key))
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        warnings.warn(
+            f"Triton kernel {kernel} failed to compile or launch on {where} ({device}) for {op} "
+            f"with {shape}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "this shape runs the PyTorch reference from now on",
+            RuntimeWarning, stacklevel=3,
+        )
+        return reference_call()
+
+
+def pow2_bucket(M: int) -> int:
+    """M rounded up to a power of two (fallback keys, like the autotune keys, bucket M)."""
+    return 1 << max(M - 1, 0).bit_length()

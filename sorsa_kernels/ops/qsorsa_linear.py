@@ -3,7 +3,8 @@
 Registered as ``torch.library`` custom ops ``sorsa_kernels::qlinear_fwd`` and
 ``sorsa_kernels::qlinear_bwd`` (fake implementations and an autograd formula, so
 ``torch.compile`` traces through without a graph break).  Each picks, through
-:func:`sorsa_kernels.ops.dispatch.use_triton`:
+:func:`sorsa_kernels.ops.dispatch.kernel_path` (a kernel that cannot compile or launch
+falls back to the reference for that shape, :func:`~sorsa_kernels.ops.dispatch.run_with_fallback`):
 
 * the Triton path: ``x·V`` by cuBLAS, then one fused kernel
   (:mod:`sorsa_kernels.kernels.nf4_gemm`) computing ``[x | t]·[deq(Q) | U]ᵀ + b`` that
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import use_triton
+from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
 from .sorsa_linear import bias_grad
 
 __all__ = ["qsorsa_linear", "qlinear_fwd", "qlinear_bwd"]
@@ -40,9 +41,19 @@ def _weight(packed, absmax, nested_absmax, nested_code, offset, code, shape, dty
     )
 
 
-def _kernel_path(t: Tensor) -> bool:
+def _kernel_path(op: str, key: tuple, t: Tensor) -> bool:
     # float64 (tests, oracles) always takes the reference: the kernel targets fp32/fp16/bf16
-    return t.dtype != torch.float64 and use_triton(t)
+    return kernel_path(t) and not fallen_back(op, key)
+
+
+def _key(x2: Tensor, out_features: int, U: Tensor, bias: Optional[Tensor], split: bool) -> tuple:
+    """Fallback key: device, dtype, M bucket, the layer's shape, bias, dropout split."""
+    return (x2.device, x2.dtype, pow2_bucket(x2.shape[0]), x2.shape[1], out_features, U.shape[1],
+            bias is not None, split)
+
+
+def _shape(x2: Tensor, out_features: int, U: Tensor) -> str:
+    return f"x {tuple(x2.shape)} {str(x2.dtype)[6:]}, (out, r) = ({out_features}, {U.shape[1]}), NF4 residual"
 
 
 def _dequantize(nf4, shape, cd, blocksize, nested_blocksize) -> Tensor:
@@ -88,22 +99,29 @@ def qlinear_fwd(
     xl2 = x2 if x_lowrank is None else x_lowrank.reshape(-1, n)
     cd = x.dtype
     nf4 = (packed, absmax, nested_absmax, nested_code, offset, code)
-    if _kernel_path(x):
+
+    def kernels():
         from ..kernels.nf4_gemm import nf4_lowrank_forward
 
         u = xl2 @ V.to(cd)
         t = u * (S.to(cd) * scale)
-        y = nf4_lowrank_forward(
+        return nf4_lowrank_forward(
             x2, nf4, (out_features, n), t, U.to(cd), bias,
             blocksize=blocksize, nested_blocksize=nested_blocksize,
-        )
-    else:
+        ), u
+
+    def ref():
         res = _dequantize(nf4, (out_features, n), cd, blocksize, nested_blocksize)
         if x_lowrank is None:
-            y, u = reference.linear_forward(x2, res, U, S, V, bias, scale)
-        else:
-            y, u = reference.linear_forward(xl2, None, U, S, V, bias, scale)
-            y = y + x2 @ res.T
+            return reference.linear_forward(x2, res, U, S, V, bias, scale)
+        y, u = reference.linear_forward(xl2, None, U, S, V, bias, scale)
+        return y + x2 @ res.T, u
+
+    key = _key(x2, out_features, U, bias, x_lowrank is not None)
+    if _kernel_path("qsorsa_linear forward", key, x):
+        y, u = run_with_fallback("qsorsa_linear forward", key, x.device, _shape(x2, out_features, U), kernels, ref)
+    else:
+        y, u = ref()
     return reference.rows_to_shape(y, (*x.shape[:-1], out_features)), u
 
 
@@ -148,10 +166,12 @@ def qlinear_bwd(
     xl2 = x_lowrank.reshape(-1, n)
     cd = dy.dtype
     nf4 = (packed, absmax, nested_absmax, nested_code, offset, code)
-    dx, dxl = x_lowrank.new_empty(0), x_lowrank.new_empty(0)  # distinct: outputs may not alias
-    if _kernel_path(dy):
+    empty = (x_lowrank.new_empty(0), x_lowrank.new_empty(0))  # distinct: outputs may not alias
+
+    def kernels():
         from ..kernels.nf4_gemm import nf4_lowrank_dx
 
+        dx, dxl = empty
         ss, dU, dS, dV = _lowrank_grads(dy2, xl2, u, U, S, scale)
         Vc = V.to(cd)
         if needs_dx:
@@ -161,8 +181,10 @@ def qlinear_bwd(
             ).reshape(x_lowrank.shape)
         if split_dx and needs_dx_lowrank:
             dxl = (ss @ Vc.T).reshape(x_lowrank.shape)
-        dU, dS, dV = dU.to(U.dtype), dS.to(S.dtype), dV.to(V.dtype)
-    else:
+        return dx, dxl, dU.to(U.dtype), dS.to(S.dtype), dV.to(V.dtype)
+
+    def ref():
+        dx, dxl = empty
         res = None
         if needs_dx:
             res = _dequantize(nf4, (m, n), cd, blocksize, nested_blocksize)
@@ -176,6 +198,14 @@ def qlinear_bwd(
                 dxl = d.reshape(x_lowrank.shape)
             if needs_dx:
                 dx = (dy2 @ res).reshape(x_lowrank.shape)
+        return dx, dxl, dU, dS, dV
+
+    key = _key(xl2, m, U, None, split_dx)
+    if _kernel_path("qsorsa_linear backward", key, dy):
+        dx, dxl, dU, dS, dV = run_with_fallback("qsorsa_linear backward", key, dy.device,
+                                                _shape(xl2, m, U), kernels, ref)
+    else:
+        dx, dxl, dU, dS, dV = ref()
     return dx, dxl, dU, dS, dV
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import use_triton
+from .dispatch import fallen_back, kernel_path, run_with_fallback
 
 __all__ = ["ortho_value", "ortho_value_and_grad_"]
 
@@ -36,7 +36,8 @@ def ortho_value_and_grad_(
     ``.grad`` is created where it is None; ``transposed[i]`` marks a matrix stored r×k.  A
     stack E×k×r (a MoE layer's experts) counts as its E matrices in the mean.
     Uses the grouped Triton kernel (three launches for the whole set) when
-    :func:`~sorsa_kernels.ops.dispatch.use_triton` says so, else the reference loop.
+    :func:`~sorsa_kernels.ops.dispatch.kernel_path` says so (and the reference loop if
+    the kernels cannot compile or launch on this GPU), else the reference loop.
 
     Example::
 
@@ -51,12 +52,26 @@ def ortho_value_and_grad_(
     tr = None if transposed is None else [bool(t) for t in transposed]
     if _is_sharded(mats):
         return _sharded_value_and_grad_(mats, float(coeff), tr)
-    if use_triton(mats[0]):
+    key = (mats[0].device, len(mats), max(min(m.shape[-2:]) for m in mats),
+           tuple(sorted({m.dtype for m in mats}, key=str)))
+    op = "orthonormal regularizer"
+
+    def ref():
+        return reference.ortho_value_and_grad_(mats, float(coeff), tr)
+
+    if kernel_path(*mats) and not fallen_back(op, key):
         from ..kernels import ortho_reg
 
-        mats, tr = _per_expert(mats, tr)
-        return ortho_reg.grouped_ortho_value_and_grad_(mats, float(coeff), tr)
-    return reference.ortho_value_and_grad_(mats, float(coeff), tr)
+        # A compile or launch failure happens before any launch writes a .grad: the
+        # reference then starts from the same gradients.
+        def kernels():
+            flat, flags = _per_expert(mats, tr)
+            return ortho_reg.grouped_ortho_value_and_grad_(flat, float(coeff), flags)
+
+        return run_with_fallback(
+            op, key, mats[0].device, f"{len(mats)} matrices, largest rank {key[2]}, {[str(d)[6:] for d in key[3]]}",
+            kernels, ref)
+    return ref()
 
 
 def _per_expert(mats: Sequence[Tensor], tr: Optional[list[bool]]) -> tuple[list[Tensor], Optional[list[bool]]]:

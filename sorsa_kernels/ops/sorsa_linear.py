@@ -2,8 +2,10 @@
 
 Registered as ``torch.library`` custom ops (``sorsa_kernels::linear_fwd`` and
 ``sorsa_kernels::linear_bwd``) with fake implementations and an autograd formula,
-so ``torch.compile`` traces through it without a graph break.  Each op picks the
-Triton kernel or the reference through :func:`sorsa_kernels.ops.dispatch.use_triton`.
+so ``torch.compile`` traces through it without a graph break.  The kernel-or-reference
+decision is made once per call (:func:`sorsa_kernels.ops.dispatch.kernel_path`) and passed
+down to both ops; a kernel that cannot compile or launch on the GPU falls back to the
+reference for that shape (:func:`~sorsa_kernels.ops.dispatch.run_with_fallback`).
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward (the residual and the
 adapters are module state, not activations).
@@ -15,28 +17,78 @@ error instead of silently getting no gradient.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference
-from .dispatch import use_triton
+from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
 
 __all__ = ["sorsa_linear", "linear_fwd", "linear_bwd"]
 
 
-# Compute dtypes the Triton kernels cover; anything else (float64) runs the reference.
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """kernels/sorsa_linear.py, imported on the first kernel call (it needs Triton)."""
+    from ..kernels import sorsa_linear
+
+    return sorsa_linear
 
 
-def _impls(t: Tensor, *params: Optional[Tensor]):
-    if use_triton(t) and all(p is None or p.dtype in _KERNEL_DTYPES for p in (t, *params)):
-        from ..kernels import sorsa_linear as kernels
+def _key(x: Tensor, residual: Optional[Tensor], U: Tensor, bias: Optional[Tensor]) -> tuple:
+    """The fallback key of a call: device, dtype and the autotune keys' shapes (M bucketed)."""
+    n = x.shape[-1]
+    return (x.device, x.dtype, pow2_bucket(x.numel() // max(n, 1)), n, *U.shape,
+            residual is not None, bias is not None)
 
-        return kernels.fused_forward, kernels.fused_backward
-    return reference.linear_forward, reference.linear_backward
+
+def _decide(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+            bias: Optional[Tensor]) -> bool:
+    """The call's dispatch decision: the kernels, unless this shape's forward failed before."""
+    return kernel_path(x, residual, U, S, V) and not fallen_back("sorsa_linear forward", _key(x, residual, U, bias))
+
+
+def _shape(x: Tensor, U: Tensor) -> str:
+    return f"x {tuple(x.shape)} {str(x.dtype)[6:]}, (out, r) = {tuple(U.shape)}"
+
+
+def _forward(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+             bias: Optional[Tensor], scale: float, kernel: bool) -> tuple[Tensor, Tensor]:
+    """``(y, u)`` on any leading shape of ``x`` by the kernels (``kernel``) or the reference."""
+    x2 = x.reshape(-1, x.shape[-1])
+
+    def ref():
+        return reference.linear_forward(x2, residual, U, S, V, bias, scale)
+
+    if kernel:
+        y, u = run_with_fallback(
+            "sorsa_linear forward", _key(x, residual, U, bias), x.device, _shape(x, U),
+            lambda: _kernels().fused_forward(x2, residual, U, S, V, bias, scale), ref)
+    else:
+        y, u = ref()
+    return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0])), u
+
+
+def _backward_impl(dy: Tensor, x: Tensor, u: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor,
+                   V: Tensor, scale: float, needs_dx: bool, kernel: bool):
+    """``(dx, dU, dS, dV)`` by the kernels (``kernel``) or the reference; dx None unless needed."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+
+    def ref():
+        return reference.linear_backward(dy2, x2, u, residual, U, S, V, scale, needs_dx)
+
+    if kernel and not fallen_back("sorsa_linear backward", _key(x, residual, U, None)):
+        dx, dU, dS, dV = run_with_fallback(
+            "sorsa_linear backward", _key(x, residual, U, None), x.device, _shape(x, U),
+            lambda: _kernels().fused_backward(dy2, x2, u, residual, U, S, V, scale, needs_dx), ref)
+    else:
+        dx, dU, dS, dV = ref()
+    return (dx.reshape(x.shape) if needs_dx else None), dU, dS, dV
 
 
 @torch.library.custom_op("sorsa_kernels::linear_fwd", mutates_args=())
@@ -48,16 +100,19 @@ def linear_fwd(
     V: Tensor,
     bias: Optional[Tensor],
     scale: float,
+    kernel: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u`` 2-D (M×r)."""
-    forward, _ = _impls(x, residual, U, S, V)
-    x2 = x.reshape(-1, x.shape[-1])
-    y, u = forward(x2, residual, U, S, V, bias, scale)
-    return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0])), u
+    """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u`` 2-D (M×r).
+
+    ``kernel``: the caller's dispatch decision (:func:`~.dispatch.kernel_path`), made here
+    when None."""
+    if kernel is None:
+        kernel = _decide(x, residual, U, S, V, bias)
+    return _forward(x, residual, U, S, V, bias, scale, kernel)
 
 
 @linear_fwd.register_fake
-def _(x, residual, U, S, V, bias, scale):
+def _(x, residual, U, S, V, bias, scale, kernel=None):
     m, r = U.shape
     M = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], m), x.new_empty(M, r)
@@ -74,18 +129,15 @@ def linear_bwd(
     V: Tensor,
     scale: float,
     needs_dx: bool,
+    kernel: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dU, dS, dV)``; ``dx`` is an empty tensor when ``needs_dx`` is False."""
-    _, backward = _impls(dy, residual, U, S, V)
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    dx, dU, dS, dV = backward(dy2, x2, u, residual, U, S, V, scale, needs_dx)
-    dx = dx.reshape(x.shape) if needs_dx else x.new_empty(0)
-    return dx, dU, dS, dV
+    dx, dU, dS, dV = _backward_impl(dy, x, u, residual, U, S, V, scale, needs_dx, kernel)
+    return (dx if needs_dx else x.new_empty(0)), dU, dS, dV
 
 
 @linear_bwd.register_fake
-def _(dy, x, u, residual, U, S, V, scale, needs_dx):
+def _(dy, x, u, residual, U, S, V, scale, needs_dx, kernel):
     dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
     return dx, torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
 
@@ -99,11 +151,14 @@ def _check_frozen_residual(residual: Optional[Tensor]) -> None:
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, U, S, V, bias, scale = inputs
+    x, residual, U, S, V, bias, scale, kernel = inputs
     _check_frozen_residual(residual)
+    if kernel is None:  # a direct call of the op: its own decision, the same one
+        kernel = _decide(x, residual, U, S, V, bias)
     _, u = output
     ctx.save_for_backward(x, u, residual, U, S, V)
     ctx.scale = scale
+    ctx.kernel = kernel
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -113,12 +168,18 @@ def bias_grad(dy: Tensor, dtype: torch.dtype) -> Tensor:
     return dy.reshape(-1, dy.shape[-1]).sum(0, dtype=acc).to(dtype)
 
 
-def _backward(ctx, dy, _du):
+def _gradients(ctx, dy: Tensor, grads) -> tuple:
+    """The backward formula of both paths: ``grads`` (the ``linear_bwd`` custom op, or its
+    implementation for the eager reference) gives dx, dU, dS, dV; the bias gets ``Σ_rows dy``."""
     x, u, residual, U, S, V = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
-    dx, dU, dS, dV = linear_bwd(dy.contiguous(), x, u, residual, U, S, V, ctx.scale, needs_dx)
+    dx, dU, dS, dV = grads(dy.contiguous(), x, u, residual, U, S, V, ctx.scale, needs_dx, ctx.kernel)
     db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
-    return (dx if needs_dx else None), None, dU, dS, dV, db, None
+    return (dx if needs_dx else None), None, dU, dS, dV, db, None, None
+
+
+def _backward(ctx, dy, _du):
+    return _gradients(ctx, dy, linear_bwd)
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -127,37 +188,50 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _EagerReference(torch.autograd.Function):
     """The reference path in eager mode, without the custom op's dispatch.
 
-    Same math (``reference.linear_forward`` / ``linear_backward``), same saved tensors
-    (``x`` and ``u`` plus module state) and the same gradients as ``linear_fwd``'s autograd
-    formula; it only skips ``torch.library``'s per-call dispatch, which costs about 0.3 ms
-    per forward+backward on a CPU — as much as a whole small layer.  Under
-    ``torch.compile`` and on the Triton path the custom op is used.
+    The same forward (:func:`_forward`), saved tensors and backward formula
+    (:func:`_gradients`) as ``linear_fwd``'s autograd; it only skips ``torch.library``'s
+    per-call dispatch, which costs about 0.3-0.6 ms per forward+backward on a CPU — as much
+    as a whole small layer.  Under ``torch.compile`` and on the Triton path the custom op is
+    used.
     """
 
     @staticmethod
     def forward(ctx, x, residual, U, S, V, bias, scale):
-        y, u = reference.linear_forward(x.reshape(-1, x.shape[-1]), residual, U, S, V, bias, scale)
-        _setup_context(ctx, (x, residual, U, S, V, bias, scale), (None, u))
-        return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0]))
+        y, u = _forward(x, residual, U, S, V, bias, scale, False)
+        _setup_context(ctx, (x, residual, U, S, V, bias, scale, False), (None, u))
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, residual, U, S, V = ctx.saved_tensors
-        needs_dx = ctx.needs_input_grad[0]
-        dx, dU, dS, dV = reference.linear_backward(
-            dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]), u, residual, U, S, V,
-            ctx.scale, needs_dx,
-        )
-        db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[5] else None
-        return (dx.reshape(x.shape) if needs_dx else None), None, dU, dS, dV, db, None
+        return _gradients(ctx, dy, _backward_impl)[:7]
 
 
 def _linear(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
             bias: Optional[Tensor], scale: float) -> Tensor:
-    """``linear_fwd``'s output ``y``; eager reference calls skip the custom-op dispatch."""
-    if not torch.compiler.is_compiling() and _impls(x, residual, U, S, V)[0] is reference.linear_forward:
+    """``linear_fwd``'s output ``y``: one dispatch decision, passed down; eager reference
+    calls skip the custom-op dispatch."""
+    kernel = _decide(x, residual, U, S, V, bias)
+    if not kernel and not torch.compiler.is_compiling():
         return _EagerReference.apply(x, residual, U, S, V, bias, scale)
-    return linear_fwd(x, residual, U, S, V, bias, scale)[0]
+    return linear_fwd(x, residual, U, S, V, bias, scale, kernel)[0]
+
+
+# The dropout path's residual in the compute dtype, per residual tensor: a frozen residual is
+# cast once (and again only when it changes: its version counter), not copied every step.
+_CAST_RESIDUALS = WeakTensorKeyDictionary()
+
+
+def _residual_as(residual: Tensor, dtype: torch.dtype) -> Tensor:
+    """``residual.to(dtype)``, cached while the residual is unchanged (same values, no copy
+    per step).  F.linear saves it for backward anyway, so training holds no more memory."""
+    if residual.dtype == dtype or torch.compiler.is_compiling():
+        return residual.to(dtype)
+    hit = _CAST_RESIDUALS.get(residual)
+    if hit is not None and hit[0] == residual._version and hit[1].dtype == dtype:
+        return hit[1]
+    cast = residual.detach().to(dtype)
+    _CAST_RESIDUALS[residual] = (residual._version, cast)
+    return cast
 
 
 def sorsa_linear(
@@ -185,6 +259,6 @@ def sorsa_linear(
     scale = float(scale)
     _check_frozen_residual(residual)
     if dropout_p > 0.0 and training:
-        base = F.linear(x, residual.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        base = F.linear(x, _residual_as(residual, x.dtype), None if bias is None else bias.to(x.dtype))
         return base + _linear(F.dropout(x, dropout_p, True), None, U, S, V, None, scale)
     return _linear(x, residual, U, S, V, bias, scale)

@@ -1,21 +1,25 @@
-"""Compile every kernel, for every autotune config, the way the runtime specialises it, for sm_90.
+"""Compile every kernel, for every autotune config, the way the runtime specialises it, for a GPU family.
 
 Run as a script in a process *without* ``TRITON_INTERPRET`` (no GPU needed)::
 
-    PYTHONPATH=. python tests/kernels/compile_facts.py [--quick] [--json OUT]
+    PYTHONPATH=. python tests/kernels/compile_facts.py --arch 86 [--quick] [--json OUT] [--md OUT]
 
 1. The launchers run on CPU tensors of real training shapes (Llama-7B layers, M = 4096 tokens)
    with ``Autotuner.run`` / ``JITFunction.run`` replaced by a recorder, so the exact launch
-   arguments are captured (nothing runs).
+   arguments are captured (nothing runs), under ``compile_target(arch)``: the kernels' prunes
+   and per-family choices see that GPU family's shared memory per block, as they see a real
+   device's at run time.
 2. Each launch is specialised as Triton's runtime does (``native_specialize_impl``: pointers
    and ints divisible by 16 get ``tt.divisibility=16``, ints equal to 1 become constants), and
-   compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with each config of the
-   autotuner (after its ``early_config_prune`` for that launch).
+   compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` with each config of the
+   autotuner that its ``early_config_prune`` keeps for that launch (the pruned ones are listed,
+   not compiled).
 3. Per kernel and config: shared memory (bytes), registers, spill bytes (ptxas ``-v`` log),
-   whether the PTX has ``wgmma`` and the SASS has ``HGMMA``.
+   whether the PTX has ``wgmma`` / ``mma.sync`` and the SASS has ``HGMMA``.
 
-Prints a markdown table; ``--json`` writes the rows.  tests/kernels/test_compile_facts.py
-runs it and asserts the facts.
+Prints a markdown table; ``--md`` writes the committed form (docs/compile-facts-sm*.md),
+``--json`` the rows.  tests/kernels/test_compile_facts.py runs the quick set and checks the
+committed tables.
 """
 from __future__ import annotations
 
@@ -29,20 +33,20 @@ import subprocess
 import sys
 import tempfile
 
-assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+import torch
+import triton
+from triton import knobs
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton import knobs  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from sorsa_kernels.kernels._launch import SMEM_PER_BLOCK, compile_target
 
-#: Hopper's per-block shared memory limit (227 KB), in bytes.
-SMEM_LIMIT = 232448
+#: Spill bytes per thread a surviving config may have (issue 20: "non-spilling" is ≤ 256 B).
+SPILL_LIMIT = 256
 
 _captured: list = []
 
@@ -151,7 +155,7 @@ def compile_one(kernel, args: dict, kwargs: dict, cfg, arch: int = 90) -> dict:
     facts.update(
         shared=int(ck.metadata.shared),
         wgmma="wgmma" in ck.asm["ptx"],
-        hgmma=_sass_has_hgmma(ck.asm["cubin"]),
+        hgmma=arch >= 90 and _sass_has_hgmma(ck.asm["cubin"]),  # HGMMA is Hopper SASS
         mma_sync="mma.sync" in ck.asm["ptx"],
     )
     return facts
@@ -167,16 +171,29 @@ def _configs_for(kernel, args: dict, kwargs: dict) -> list:
 
 
 # ----------------------------------------------------------------------------- launch capture
-def _sorsa_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
+def _sorsa_launches(M: int, n: int, m: int, r: int, cd: torch.dtype, *, bias: bool = True,
+                    residual: bool = True) -> list:
+    """fused_forward + fused_backward; ``residual=False`` is the dropout path's low-rank op."""
     from sorsa_kernels.kernels import sorsa_linear as K
 
     e = lambda *s, dtype=cd: torch.empty(*s, dtype=dtype)  # noqa: E731
-    x, Wr, b, dy = e(M, n), e(m, n), e(m), e(M, m)
+    x, dy, u = e(M, n), e(M, m), e(M, r)
+    Wr = e(m, n) if residual else None
+    b = e(m) if bias else None
     U, S, V = e(m, r, dtype=torch.float32), e(r, dtype=torch.float32), e(n, r, dtype=torch.float32)
-    u = e(M, r)
     fwd = capture(lambda: K.fused_forward(x, Wr, U, S, V, b, 1.0))
     bwd = capture(lambda: K.fused_backward(dy, x, u, Wr, U, S, V, 1.0, True))
-    return fwd + bwd
+    return [(k, {**a, "_phase": "fwd"}, kw) for k, a, kw in fwd] + [(k, {**a, "_phase": "bwd"}, kw) for k, a, kw in bwd]
+
+
+def _fp32_high_launches(M: int, n: int, m: int, r: int) -> list:
+    """fp32 under ``torch.set_float32_matmul_precision("high")`` (tf32 dots)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        return _sorsa_launches(M, n, m, r, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def _sorsa_tma_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
@@ -194,14 +211,14 @@ def _sorsa_tma_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list
 
 def _sorsa_unsplit_skinny_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     """The skinny kernels without split-K (K in one chunk: what large M runs on a GPU)."""
-    from sorsa_kernels.kernels import sorsa_linear as K
+    from sorsa_kernels.kernels import sorsa_linear_configs as C
 
-    old = K._k_per_split
-    K._k_per_split = lambda M_, K_, r_, row, device: K_
+    old = C.k_per_split
+    C.k_per_split = lambda M_, K_, r_, row, device: K_
     try:
         launches = _sorsa_launches(M, n, m, r, cd)
     finally:
-        K._k_per_split = old
+        C.k_per_split = old
     skinny = ("_lowrank_down_kernel", "_lowrank_up_grad_kernel")
     return [x for x in launches if _jit_fn(x[0]).__name__ in skinny]
 
@@ -217,15 +234,21 @@ def _nf4_launches(M: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
     return fwd + dx
 
 
-def _ortho_launches(dtype: torch.dtype) -> list:
+def _ortho_launches(dtype: torch.dtype, r: int = 128, adapters: bool = False) -> list:
+    """The regularizer over the 7B shapes.  ``adapters``: every matrix stored k×r (U m×r,
+    V n×r), as ``add_regularizer_grad`` passes a model's adapters; else a mixed set with
+    r×k matrices (``transposed``) too."""
     from sorsa_kernels.kernels import ortho_reg
 
-    mats = []
-    for k, tr in ((4096, False), (11008, False), (4096, True), (11008, True)):
-        a = torch.empty((128, k) if tr else (k, 128), dtype=dtype).requires_grad_()
+    mats, flags = [], []
+    shapes = (((4096, False), (4096, False), (11008, False), (4096, False), (4096, False), (11008, False))
+              if adapters else ((4096, False), (11008, False), (4096, True), (11008, True)))
+    for k, tr in shapes:
+        a = torch.empty((r, k) if tr else (k, r), dtype=dtype).requires_grad_()
         a.grad = torch.empty_like(a)
         mats.append(a)
-    out = capture(lambda: ortho_reg.grouped_ortho_value_and_grad_(mats, 1.0, [False, False, True, True]))
+        flags.append(tr)
+    out = capture(lambda: ortho_reg.grouped_ortho_value_and_grad_(mats, 1.0, None if adapters else flags))
     ortho_reg.clear_cache()
     return out
 
@@ -237,45 +260,85 @@ def _label(kernel, args, kwargs) -> str:
         if key in kwargs:
             flags.append(f"{key}={kwargs[key]}")
     if "a1_ptr" in args:
-        flags.append("fwd" if kwargs.get("HAS_BIAS") else "dx")
-        flags = [f for f in flags if not f.startswith("HAS_")] + [f"res={int(kwargs['HAS_RESIDUAL'])}"]
+        flags.append("fwd" if args.get("_phase") == "fwd" else "dx")
+        flags = [f for f in flags if not f.startswith("HAS_")]
+        flags += [f"res={int(kwargs['HAS_RESIDUAL'])}", f"bias={int(kwargs['HAS_BIAS'])}"]
     return name + ("[" + ",".join(flags) + "]" if flags else "")
 
 
-def collect(quick: bool = False) -> list[dict]:
-    """One row per (launch, config).  ``quick``: the bf16 cases only (what the test asserts)."""
-    bf = torch.bfloat16
-    launches = []
-    launches += [("bf16 M4096 4096x4096 r128", x) for x in _sorsa_launches(4096, 4096, 4096, 128, bf)]
-    launches += [("bf16 M4096 4096x4096 r128 TMA", x) for x in _sorsa_tma_launches(4096, 4096, 4096, 128, bf)]
-    launches += [("bf16 M4096 4096x4096 r128 no-split", x)
-                 for x in _sorsa_unsplit_skinny_launches(4096, 4096, 4096, 128, bf)]
-    launches += [("nf4 bf16 M64 4096x4096 r64", x) for x in _nf4_launches(64, 4096, 4096, 64, bf)]
-    launches += [("nf4 bf16 M4096 4096x4096 r64", x) for x in _nf4_launches(4096, 4096, 4096, 64, bf)[:1]]
-    launches += [("ortho bf16 7B shapes r128", x) for x in _ortho_launches(bf)]
-    if not quick:
-        launches += [("bf16 M4096 4096->11008 r64", x) for x in _sorsa_launches(4096, 4096, 11008, 64, bf)]
-        launches += [("bf16 M64 4096x4096 r128", x) for x in _sorsa_launches(64, 4096, 4096, 128, bf)]
-        launches += [("fp32 M4096 4096x4096 r128", x) for x in _sorsa_launches(4096, 4096, 4096, 128, torch.float32)]
-        launches += [("ortho fp32 7B shapes r128", x) for x in _ortho_launches(torch.float32)]
+def launch_classes(arch: int, quick: bool = False) -> list:
+    """``(case, thunk)`` per launch class compiled for ``arch``; ``thunk()`` captures its launches.
+
+    ``quick``: the 16-bit training subset the CI test compiles (bf16, fp16 on sm_75 which has
+    no bf16), the TMA GEMM on sm_90, NF4 and the regularizer.
+    """
+    h = torch.bfloat16 if arch >= 80 else torch.float16
+    hn = "bf16" if arch >= 80 else "fp16"
+    f32 = torch.float32
+    out = [
+        (f"{hn} M4096 4096x4096 r128", lambda: _sorsa_launches(4096, 4096, 4096, 128, h)),
+        (f"{hn} M4096 4096x4096 r128 no-split", lambda: _sorsa_unsplit_skinny_launches(4096, 4096, 4096, 128, h)),
+        (f"nf4 {hn} M64 4096x4096 r64", lambda: _nf4_launches(64, 4096, 4096, 64, h)),
+        (f"nf4 {hn} M4096 4096x4096 r64", lambda: _nf4_launches(4096, 4096, 4096, 64, h)[:1]),
+        (f"ortho {hn} 7B mixed r128", lambda: _ortho_launches(h)),
+    ]
+    if arch == 90:
+        out.insert(1, (f"{hn} M4096 4096x4096 r128 TMA", lambda: _sorsa_tma_launches(4096, 4096, 4096, 128, h)))
+    if quick:
+        return out
+    out += [
+        (f"{hn} M4096 4096->11008 r64", lambda: _sorsa_launches(4096, 4096, 11008, 64, h)),
+        (f"{hn} M64 4096x4096 r128", lambda: _sorsa_launches(64, 4096, 4096, 128, h)),
+        (f"{hn} M4096 4096x4096 r128 no-bias", lambda: _sorsa_launches(4096, 4096, 4096, 128, h, bias=False)[:2]),
+        (f"{hn} M4096 4096x4096 r128 dropout", lambda: _sorsa_launches(4096, 4096, 4096, 128, h, bias=False,
+                                                                         residual=False)),
+        ("fp32-highest M4096 4096x4096 r128", lambda: _sorsa_launches(4096, 4096, 4096, 128, f32)),
+        ("fp32-high M4096 4096x4096 r128", lambda: _fp32_high_launches(4096, 4096, 4096, 128)),
+        ("nf4 fp32 M64 4096x4096 r64", lambda: _nf4_launches(64, 4096, 4096, 64, f32)),
+        ("nf4 fp32 M4096 4096x4096 r64", lambda: _nf4_launches(4096, 4096, 4096, 64, f32)[:1]),
+        (f"ortho {hn} 7B adapters r128", lambda: _ortho_launches(h, 128, adapters=True)),
+        ("ortho fp32 7B adapters r128", lambda: _ortho_launches(f32, 128, adapters=True)),
+        ("ortho fp32 7B adapters r256", lambda: _ortho_launches(f32, 256, adapters=True)),
+    ]
+    if arch >= 80:  # sm_75 has no bf16: the 16-bit cases above are already fp16
+        out.insert(0, ("fp16 M4096 4096x4096 r128", lambda: _sorsa_launches(4096, 4096, 4096, 128, torch.float16)))
+        out.append(("nf4 fp16 M64 4096x4096 r64", lambda: _nf4_launches(64, 4096, 4096, 64, torch.float16)))
+    return out
+
+
+def collect(arch: int = 90, quick: bool = False, compile_kept: bool = True, cases: str = "") -> list[dict]:
+    """One row per (launch, config): the configs the prune kept (compiled, unless
+    ``compile_kept`` is False) and the ones it dropped (``pruned``, not compiled).
+    ``cases``: only the launch classes whose name contains it."""
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
     rows, seen = [], set()
-    for case, (kernel, args, kwargs) in launches:
-        for cfg in _configs_for(kernel, args, kwargs):
-            label = _label(kernel, args, kwargs)
-            key = (case, label, str(cfg))
-            if key in seen:
-                continue
-            seen.add(key)
-            row = dict(case=case, kernel=label, config=_cfg_str(cfg, kwargs))
-            if cfg is not None:
-                row["block_m"] = cfg.kwargs.get("BLOCK_M", args.get("BLOCK_M", kwargs.get("BLOCK_M")))
-                row["num_warps"] = cfg.num_warps
-            try:
-                row.update(compile_one(kernel, args, kwargs, cfg))
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            rows.append(row)
-            print(_row_md(row), file=sys.stderr, flush=True)
+    for case, thunk in launch_classes(arch, quick):
+        if cases not in case:
+            continue
+        with compile_target(arch):
+            launches = thunk()
+            pruned = [(kernel, args, kwargs, _configs_for(kernel, args, kwargs)) for kernel, args, kwargs in launches]
+        for kernel, args, kwargs, kept in pruned:
+            every = kernel.configs if isinstance(kernel, Autotuner) else [None]
+            for cfg in every:
+                label = _label(kernel, args, kwargs)
+                key = (case, label, str(cfg))
+                if key in seen:
+                    continue
+                seen.add(key)
+                row = dict(arch=arch, case=case, kernel=label, config=_cfg_str(cfg, kwargs))
+                if cfg is not None:
+                    row["block_m"] = cfg.kwargs.get("BLOCK_M", args.get("BLOCK_M", kwargs.get("BLOCK_M")))
+                    row["num_warps"] = cfg.num_warps
+                if not any(cfg is k for k in kept):
+                    row["pruned"] = True
+                elif compile_kept:
+                    try:
+                        row.update(compile_one(kernel, args, kwargs, cfg, arch))
+                    except Exception as exc:  # noqa: BLE001 - reported in the table
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                rows.append(row)
+                print(_row_md(row), file=sys.stderr, flush=True)
     return rows
 
 
@@ -283,32 +346,109 @@ def _cfg_str(cfg, kwargs) -> str:
     if cfg is None:
         return f"fixed w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"
     tiles = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in cfg.kwargs.items())
-    return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}"
+    return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}".strip()
 
 
-HEADER = "| case | kernel | config | smem KB | regs | spill B | wgmma | HGMMA |\n|---|---|---|---|---|---|---|---|"
+HEADER = ("| case | kernel | config | smem KB | regs | spill B | wgmma | mma.sync | HGMMA |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def _row_md(row: dict) -> str:
+    if row.get("pruned"):
+        return f"| {row['case']} | {row['kernel']} | {row['config']} | pruned | | | | | |"
     if "error" in row:
-        return f"| {row['case']} | {row['kernel']} | {row['config']} | ERROR {row['error']} | | | | |"
+        return f"| {row['case']} | {row['kernel']} | {row['config']} | ERROR {row['error']} | | | | | |"
+    if "shared" not in row:
+        return f"| {row['case']} | {row['kernel']} | {row['config']} | kept | | | | | |"
+    yn = lambda b: "yes" if b else "no"  # noqa: E731
     return (f"| {row['case']} | {row['kernel']} | {row['config']} | {row['shared'] / 1024:.1f} | "
-            f"{row['registers']} | {row['spill_bytes']} | {'yes' if row['wgmma'] else 'no'} | "
-            f"{'yes' if row['hgmma'] else 'no'} |")
+            f"{row['registers']} | {row['spill_bytes']} | {yn(row['wgmma'])} | {yn(row['mma_sync'])} | "
+            f"{yn(row['hgmma'])} |")
+
+
+def parse_md(text: str) -> list[dict]:
+    """The rows of a committed table (docs/compile-facts-sm*.md), as :func:`collect` made them."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or cells[0] in ("case", "---") or cells[0].startswith("---"):
+            continue
+        row = dict(case=cells[0], kernel=cells[1], config=cells[2])
+        if cells[3] == "pruned":
+            row["pruned"] = True
+        elif cells[3].startswith("ERROR"):
+            row["error"] = cells[3][6:]
+        else:
+            row.update(shared=int(float(cells[3]) * 1024), registers=int(cells[4]), spill_bytes=int(cells[5]),
+                       wgmma=cells[6] == "yes", mma_sync=cells[7] == "yes", hgmma=cells[8] == "yes")
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict], arch: int) -> dict:
+    """Configs compiled / pruned / over the shared-memory limit / spilling (> 256 B) / failed."""
+    limit = SMEM_PER_BLOCK[arch]
+    built = [r for r in rows if not r.get("pruned")]
+    ok = [r for r in built if "error" not in r]
+    return dict(
+        compiled=len(built),
+        pruned=sum(1 for r in rows if r.get("pruned")),
+        over_limit=sum(1 for r in ok if r["shared"] > limit),
+        spilling=sum(1 for r in ok if r["spill_bytes"] > SPILL_LIMIT),
+        errors=len(built) - len(ok),
+    )
+
+
+def to_markdown(rows: list[dict], arch: int, quick: bool = False) -> str:
+    s = summary(rows, arch)
+    scope = ("the 16-bit training subset (`--quick`: the M = 4096 layer with and without split-K"
+             + (", the TMA GEMM" if arch == 90 else "") + ", NF4 at M = 64 and 4096, the regularizer)"
+             if quick else "Llama-7B layers at M = 4096 tokens, r = 128 (4096→11008 at r = 64; M = 64; "
+             "fp16, bf16, fp32 under `high` and `highest`, no bias, dropout), the NF4 paths (16-bit and "
+             "fp32) and the regularizer over the 7B adapter set (16-bit and fp32 k×r adapters at r = 128 "
+             "and 256)")
+    lines = [
+        f"# sm_{arch} compile facts of every kernel and autotune config",
+        "",
+        f"Made with `PYTHONPATH=. python tests/kernels/compile_facts.py --arch {arch} --md "
+        f"docs/compile-facts-sm{arch}.md{' --quick' if quick else ''}` (no GPU: Triton {triton.__version__}, torch {torch.__version__}, "
+        f"`triton.compile` for `GPUTarget(\"cuda\", {arch}, 32)` with the runtime's specialisation, after each "
+        f"autotuner's `early_config_prune` under `compile_target({arch})`, i.e. against "
+        f"{SMEM_PER_BLOCK[arch] // 1024} KB of shared memory per block; ptxas `-v` for registers and spills). "
+        f"Launch classes: {scope}. `pruned` rows are configs the prune dropped for this GPU family (not "
+        "compiled). tests/kernels/test_compile_facts.py checks these tables.",
+        "",
+        "These are compiler facts, not timings.",
+        "",
+        f"Configs compiled: {s['compiled']}; pruned: {s['pruned']}; over {SMEM_PER_BLOCK[arch] // 1024} KB: "
+        f"{s['over_limit']}; spilling over {SPILL_LIMIT} B: {s['spilling']}; failed to compile: {s['errors']}.",
+        "",
+        HEADER,
+    ]
+    lines += [_row_md(r) for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="only the bf16 cases the test asserts")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_PER_BLOCK),
+                    help="compute capability to compile for (75, 80, 86, 89, 90)")
+    ap.add_argument("--quick", action="store_true", help="only the 16-bit cases the CI test compiles")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--md", help="write the committed markdown table here")
+    ap.add_argument("--cases", default="", help="only the launch classes whose name contains this")
     a = ap.parse_args()
-    rows = collect(a.quick)
+    rows = collect(a.arch, a.quick, cases=a.cases)
     print(HEADER)
     for row in rows:
         print(_row_md(row))
+    print(summary(rows, a.arch))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(to_markdown(rows, a.arch, a.quick))
 
 
 if __name__ == "__main__":

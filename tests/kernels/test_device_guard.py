@@ -14,7 +14,7 @@ import torch
 from sorsa_kernels.quant.nf4 import quantize_nf4
 
 pytest.importorskip("triton")
-from sorsa_kernels.kernels import _launch, nf4_gemm, ortho_reg, residual_gemm  # noqa: E402
+from sorsa_kernels.kernels import _launch, nf4_gemm, nf4_gemm_configs, ortho_reg, residual_gemm  # noqa: E402
 from sorsa_kernels.kernels import sorsa_linear as sl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,7 +107,7 @@ def test_nf4_launchers_run_under_the_input_device_guard(guard, M):
     nf4_gemm.nf4_lowrank_forward(x, q.tensors(), q.shape, t, U)
     dy, s_, V = (torch.randn(*s, generator=g).to(DEVICE) for s in ((M, m), (M, r), (n, r)))
     nf4_gemm.nf4_lowrank_dx(dy, q.tensors(), q.shape, s_, V)
-    expected = ({"_fused_nf4_lowrank_gemm_kernel"} if M < nf4_gemm._DEQUANT_MIN_M
+    expected = ({"_fused_nf4_lowrank_gemm_kernel"} if M < nf4_gemm_configs.DEQUANT_MIN_M
                 else {"_nf4_dequant_kernel", "_fused_residual_lowrank_gemm_kernel"})
     _assert_guarded(guard, x.device, expected)
 

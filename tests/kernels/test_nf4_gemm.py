@@ -136,7 +136,7 @@ def test_dequantize_kernel_matches_reference_dequantization(dtype, shape):
 @pytest.mark.parametrize("bias", [True, False])
 def test_large_M_forward_dequantizes_once_and_matches_reference(dtype, bias, monkeypatch):
     k = _kernels()
-    M = k._DEQUANT_MIN_M + 11
+    M = k.configs.DEQUANT_MIN_M + 11
     q, mk = _case(72, 100, M, 5, 11, dtype)
     x, t, U = mk(M, 100), mk(M, 5), mk(72, 5)
     b = mk(72) if bias else None
@@ -154,7 +154,7 @@ def test_large_M_forward_dequantizes_once_and_matches_reference(dtype, bias, mon
 
 @pytest.mark.parametrize("lowrank", [True, False])
 def test_large_M_dx_matches_reference(lowrank):
-    M = _kernels()._DEQUANT_MIN_M
+    M = _kernels().configs.DEQUANT_MIN_M
     q, mk = _case(37, 51, M, 3, 12, torch.float32)
     dy, s, V = mk(M, 37), mk(M, 3), mk(51, 3)
     args = (s, V) if lowrank else ()

@@ -17,6 +17,7 @@ from sorsa_kernels.ops import reference
 from tests.conftest import rel_err, requires_cuda
 
 ortho_reg = pytest.importorskip("sorsa_kernels.kernels.ortho_reg")
+ortho_reg_configs = pytest.importorskip("sorsa_kernels.kernels.ortho_reg_configs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -184,7 +185,7 @@ def test_every_gram_config_gives_identical_bits(monkeypatch, k_sequential_dot):
     # The autotuner picks a Gram config by timing; the k-chunks and the step inside a chunk
     # are fixed, so every config (the GPU list included) must give the same bits.
     shapes = SMALL + [(300, 40, False), (130, 20, True)]
-    configs = ortho_reg._gram_configs(interpret=True) + ortho_reg._gram_configs(interpret=False)
+    configs = ortho_reg_configs.gram_configs(interpret=True) + ortho_reg_configs.gram_configs(interpret=False)
     results = []
     for cfg in configs:
         monkeypatch.setattr(ortho_reg._ortho_gram_partial_kernel, "configs", [cfg])

@@ -17,6 +17,8 @@ from tests.conftest import rel_err, requires_cuda
 
 kernels = pytest.importorskip("sorsa_kernels.kernels.sorsa_linear")
 gemm = pytest.importorskip("sorsa_kernels.kernels.residual_gemm")
+kcfg = pytest.importorskip("sorsa_kernels.kernels.sorsa_linear_configs")
+gcfg = pytest.importorskip("sorsa_kernels.kernels.residual_gemm_configs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -191,7 +193,7 @@ def test_weight_grads_reduce_over_split_row_chunks():
     # M = 33 is reduced in two chunks in the interpreter (one on a GPU is also fine);
     # the gradients must equal the one-pass reduction.
     if DEVICE == "cpu":
-        assert kernels._num_m_splits(33, 100, 5, torch.device("cpu")) == 2
+        assert kcfg.num_m_splits(33, 100, 5, torch.device("cpu")) == 2
     got, ref = _backward_case((33, 100, 72, 5), torch.float32, True)
     assert rel_err(got["dU"], ref["dU"]) < 1e-5
     assert rel_err(got["dV"], ref["dV"]) < 1e-5
@@ -213,7 +215,7 @@ def test_adapter_grads_are_bitwise_independent_of_the_tuned_weight_grad_config(m
     # Every GPU config (and the interpreter's) must give the same bits: the split boundaries
     # and the step over M come from the launcher, the config only picks the output tile.
     # M = 100 reduces in two splits of several steps; r = 37 spans two interpreter rank tiles.
-    configs = kernels._weight_grad_configs(interpret=True) + kernels._weight_grad_configs(interpret=False)
+    configs = kcfg.weight_grad_configs(interpret=True) + kcfg.weight_grad_configs(interpret=False)
     first = _adapter_grads_with_weight_grad_config(monkeypatch, configs[0])
     ref = _reference_backward(_inputs(100, 72, 40, 37, torch.float32, seed=11), needs_dx=False)
     assert rel_err(first[0], ref[1]) < 1e-5 and rel_err(first[1], ref[3]) < 1e-5
@@ -227,10 +229,10 @@ def test_the_bitwise_check_sees_a_change_of_the_split_boundaries(monkeypatch, k_
     # The test above can fail: splits that depend on a tuned block (the old kernel rounded
     # them to the tuned BLOCK_M) change the bits of dU and dV.  Here: 48-row instead of
     # 64-row splits of M = 100.
-    cfg = kernels._weight_grad_configs(interpret=True)[0]
+    cfg = kcfg.weight_grad_configs(interpret=True)[0]
     base = _adapter_grads_with_weight_grad_config(monkeypatch, cfg)
-    assert kernels._rows_per_split(100, 40, 37, torch.device("cpu")) == 64
-    monkeypatch.setattr(kernels, "_rows_per_split", lambda M, K, r, device: 48)
+    assert kcfg.rows_per_split(100, 40, 37, torch.device("cpu")) == 64
+    monkeypatch.setattr(kcfg, "rows_per_split", lambda M, K, r, device: 48)
     other = _adapter_grads_with_weight_grad_config(monkeypatch, cfg)
     assert not torch.equal(base[0], other[0]) or not torch.equal(base[1], other[1])
     assert rel_err(other[0], base[0]) < 1e-5
@@ -243,9 +245,9 @@ def test_skinny_kernels_split_k_in_the_interpreter():
     if DEVICE != "cpu":
         pytest.skip("the interpreter's split rule")
     cpu = torch.device("cpu")
-    assert kernels._k_splits(7, 100, 37, 128, cpu) == (64, 2)
-    assert kernels._k_splits(33, 24, 5, 16, cpu) == (16, 2)
-    assert kernels._k_splits(33, 16, 5, 16, cpu) == (16, 1)
+    assert kcfg.k_splits(7, 100, 37, 128, cpu) == (64, 2)
+    assert kcfg.k_splits(33, 24, 5, 16, cpu) == (16, 2)
+    assert kcfg.k_splits(33, 16, 5, 16, cpu) == (16, 1)
 
 
 def test_split_k_rule_on_an_h100_at_the_7b_shapes(monkeypatch):
@@ -254,22 +256,22 @@ def test_split_k_rule_on_an_h100_at_the_7b_shapes(monkeypatch):
     # one) is 32 CTAs → 8 chunks of 512 (256 CTAs); at K = 11008 8 chunks of 1536 (256
     # CTAs); a 64-row grid (64 CTAs) gets 4 chunks of 1024.  A grid that already fills two
     # waves is not split; the rule never sees the tuned config.
-    monkeypatch.setattr(kernels, "num_sms", lambda index: 132)
-    monkeypatch.setattr(kernels, "_K_SPLIT_ALIGN", 256)
-    monkeypatch.setattr(kernels, "_MAX_BLOCK_R", 128)
+    monkeypatch.setattr(kcfg, "num_sms", lambda index: 132)
+    monkeypatch.setattr(kcfg, "K_SPLIT_ALIGN", 256)
+    monkeypatch.setattr(kcfg, "MAX_BLOCK_R", 128)
     gpu = torch.device("cuda", 0)
     for r in (64, 128):
-        assert kernels._k_splits(4096, 4096, r, 128, gpu) == (512, 8)
-        assert kernels._k_splits(4096, 4096, r, 64, gpu) == (1024, 4)
-        assert kernels._k_splits(4096, 11008, r, 128, gpu) == (1536, 8)
-    assert kernels._k_splits(65536, 4096, 128, 64, gpu) == (4096, 1)
-    assert kernels._k_splits(4096, 256, 64, 128, gpu) == (256, 1)  # K below one chunk
+        assert kcfg.k_splits(4096, 4096, r, 128, gpu) == (512, 8)
+        assert kcfg.k_splits(4096, 4096, r, 64, gpu) == (1024, 4)
+        assert kcfg.k_splits(4096, 11008, r, 128, gpu) == (1536, 8)
+    assert kcfg.k_splits(65536, 4096, 128, 64, gpu) == (4096, 1)
+    assert kcfg.k_splits(4096, 256, 64, 128, gpu) == (256, 1)  # K below one chunk
 
 
 @pytest.mark.parametrize("kps", [None, 16, 32], ids=["one-chunk", "16-col-chunks", "32-col-chunks"])
 def test_forward_and_backward_match_reference_for_any_k_split(monkeypatch, kps):
     # None: K in one chunk (the in-kernel epilogue); otherwise several fp32 partials.
-    monkeypatch.setattr(kernels, "_k_per_split", lambda M, K, r, row, device: kps or max(K, 1))
+    monkeypatch.setattr(kcfg, "k_per_split", lambda M, K, r, row, device: kps or max(K, 1))
     shape = (33, 100, 72, 37)
     inp = _inputs(*shape, torch.float32, seed=5)
     y, u = kernels.fused_forward(inp["x"], inp["residual"], inp["U"], inp["S"], inp["V"], inp["bias"], SCALE)
@@ -297,10 +299,10 @@ def test_split_k_outputs_are_bitwise_independent_of_the_tuned_skinny_configs(mon
     # n = 72 and m = 40 are each reduced in two K chunks (asserted); every skinny / up-grad
     # config (row tile, K step) must give the same bits: the chunks come from the launcher.
     cpu = torch.device("cpu")
-    assert kernels._k_splits(100, 72, 37, kernels._SKINNY_NOMINAL_M, cpu)[1] == 2
-    assert kernels._k_splits(100, 40, 37, kernels._UP_BLOCK_M, cpu)[1] == 2
-    downs = kernels._skinny_configs(interpret=True) + kernels._skinny_configs(interpret=False)
-    ups = kernels._up_grad_configs(interpret=True) + kernels._up_grad_configs(interpret=False)
+    assert kcfg.k_splits(100, 72, 37, kcfg.SKINNY_NOMINAL_M, cpu)[1] == 2
+    assert kcfg.k_splits(100, 40, 37, kcfg.UP_BLOCK_M, cpu)[1] == 2
+    downs = kcfg.skinny_configs(interpret=True) + kcfg.skinny_configs(interpret=False)
+    ups = kcfg.up_grad_configs(interpret=True) + kcfg.up_grad_configs(interpret=False)
     first = _outputs_with_skinny_configs(monkeypatch, downs[0], ups[0])
     inp = _inputs(100, 72, 40, 37, torch.float32, seed=12)
     ref = _reference_backward(inp)
@@ -315,9 +317,9 @@ def test_split_k_outputs_are_bitwise_independent_of_the_tuned_skinny_configs(mon
 def test_the_bitwise_check_sees_a_change_of_the_k_split_boundaries(monkeypatch, k_sequential_dot):
     # The test above can fail: other chunk boundaries (32- instead of 48-column chunks of
     # n = 72, 16- instead of 32-column chunks of m = 40) change the bits.
-    cfg = (kernels._skinny_configs(interpret=True)[0], kernels._up_grad_configs(interpret=True)[0])
+    cfg = (kcfg.skinny_configs(interpret=True)[0], kcfg.up_grad_configs(interpret=True)[0])
     base = _outputs_with_skinny_configs(monkeypatch, *cfg)
-    monkeypatch.setattr(kernels, "_k_per_split", lambda M, K, r, row, device: 32 if K == 72 else 16)
+    monkeypatch.setattr(kcfg, "k_per_split", lambda M, K, r, row, device: 32 if K == 72 else 16)
     other = _outputs_with_skinny_configs(monkeypatch, *cfg)
     assert not torch.equal(base["u"], other["u"])
     assert not all(torch.equal(base[k], other[k]) for k in ("dU", "dS", "dV"))
@@ -444,6 +446,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sorsa_kernels.kernels import residual_gemm as G
 from sorsa_kernels.kernels import sorsa_linear as K
+from sorsa_kernels.kernels import sorsa_linear_configs as KC
+from sorsa_kernels.kernels import residual_gemm_configs as GC
 
 def compile_for(kernel, ptrs, consts, cfg, arch):
     fn = kernel
@@ -459,17 +463,17 @@ prec = dict(INPUT_PRECISION="tf32")
 for split in (False, True):
     compile_for(K._lowrank_down_kernel,
                 dict(x_ptr=bf, v_ptr=f32, sigma_ptr=f32, u_ptr=bf, t_ptr=bf, part_ptr=f32),
-                dict(prec, SPLIT_K=split, BLOCK_R=128), K._skinny_configs()[0], 90)
+                dict(prec, SPLIT_K=split, BLOCK_R=128), KC.skinny_configs()[0], 90)
 for arch, cd, res in ((90, bf, True), (90, bf, False), (80, f16, True)):
     compile_for(G._fused_residual_lowrank_gemm_kernel,
                 dict(a1_ptr=cd, b1_ptr=cd, a2_ptr=cd, b2_ptr=f32, bias_ptr=cd, c_ptr=cd),
-                dict(prec, HAS_RESIDUAL=res, HAS_BIAS=res), G._gemm_configs()[2], arch)
+                dict(prec, HAS_RESIDUAL=res, HAS_BIAS=res), GC.gemm_configs()[2], arch)
 for split in (False, True):
     compile_for(K._lowrank_up_grad_kernel,
                 dict(dy_ptr=bf, up_ptr=f32, u_ptr=bf, sigma_ptr=f32, ss_ptr=bf, dsp_ptr=f32, part_ptr=f32),
-                dict(prec, SPLIT_K=split, BLOCK_R=32, BLOCK_M=64), K._up_grad_configs()[0], 90)
+                dict(prec, SPLIT_K=split, BLOCK_R=32, BLOCK_M=64), KC.up_grad_configs()[0], 90)
 compile_for(K._lowrank_weight_grad_kernel, dict(a_ptr=bf, b_ptr=bf, out_ptr=f32),
-            dict(prec, BLOCK_R=16, BLOCK_M=K._WG_STEP_M), K._weight_grad_configs()[0], 90)
+            dict(prec, BLOCK_R=16, BLOCK_M=KC.WG_STEP_M), KC.weight_grad_configs()[0], 90)
 print("compiled")
 '''
 
@@ -493,14 +497,14 @@ def test_kernels_compile_to_cubin_for_hopper_and_ampere(tmp_path):
 
 # ----------------------------------------------------------------------------- config pruning
 def test_gemm_prune_drops_narrow_rows_at_large_M_and_spilling_fp32_tiles():
-    configs = gemm._gemm_configs(interpret=False)
+    configs = gcfg.gemm_configs(interpret=False)
     bf = torch.empty(1, dtype=torch.bfloat16)
     f32 = torch.empty(1, dtype=torch.float32)
-    assert gemm._prune_gemm_configs(configs, dict(M=512, a2_ptr=bf)) == configs
-    large = gemm._prune_gemm_configs(configs, dict(M=4096, a2_ptr=bf))
+    assert gcfg.prune_gemm_configs(configs, dict(M=512, a2_ptr=bf)) == configs
+    large = gcfg.prune_gemm_configs(configs, dict(M=4096, a2_ptr=bf))
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
     assert any(c.kwargs["BLOCK_M"] < 64 for c in configs)
-    fp32 = gemm._prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
+    fp32 = gcfg.prune_gemm_configs(configs, dict(M=4096, a2_ptr=f32))
     assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fp32)
     assert len(fp32) < len(large)
 
@@ -508,23 +512,23 @@ def test_gemm_prune_drops_narrow_rows_at_large_M_and_spilling_fp32_tiles():
 def test_up_grad_and_weight_grad_prune_keep_only_fitting_non_spilling_fp32_configs():
     bf = torch.empty(1, dtype=torch.bfloat16)
     f32 = torch.empty(1, dtype=torch.float32)
-    up = kernels._up_grad_configs(interpret=False)
-    assert kernels._prune_up_grad_configs(up, dict(dy_ptr=bf), BLOCK_R=128) == up
-    kept = kernels._prune_up_grad_configs(up, dict(dy_ptr=f32), BLOCK_R=128)
+    up = kcfg.up_grad_configs(interpret=False)
+    assert kcfg.prune_up_grad_configs(up, dict(dy_ptr=bf), BLOCK_R=128) == up
+    kept = kcfg.prune_up_grad_configs(up, dict(dy_ptr=f32), BLOCK_R=128)
     assert kept and len(kept) < len(up) and all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
-    wg = kernels._weight_grad_configs(interpret=False)
-    assert kernels._prune_weight_grad_configs(wg, dict(a_ptr=bf), BLOCK_R=128) == wg
-    kept = kernels._prune_weight_grad_configs(wg, dict(a_ptr=f32), BLOCK_R=128)
+    wg = kcfg.weight_grad_configs(interpret=False)
+    assert kcfg.prune_weight_grad_configs(wg, dict(a_ptr=bf), BLOCK_R=128) == wg
+    kept = kcfg.prune_weight_grad_configs(wg, dict(a_ptr=f32), BLOCK_R=128)
     assert kept and len(kept) < len(wg)
     assert all(c.kwargs["BLOCK_K"] * 128 <= 64 * 32 * c.num_warps for c in kept)
 
 
 def test_skinny_prune_keeps_only_non_spilling_fp32_configs():
-    configs = kernels._skinny_configs(interpret=False)
+    configs = kcfg.skinny_configs(interpret=False)
     bf = torch.empty(1, dtype=torch.bfloat16)
     f32 = torch.empty(1, dtype=torch.float32)
-    assert kernels._prune_skinny_configs(configs, dict(x_ptr=bf), BLOCK_R=128) == configs
-    kept = kernels._prune_skinny_configs(configs, dict(x_ptr=f32), BLOCK_R=128)
+    assert kcfg.prune_skinny_configs(configs, dict(x_ptr=bf), BLOCK_R=128) == configs
+    kept = kcfg.prune_skinny_configs(configs, dict(x_ptr=f32), BLOCK_R=128)
     assert kept and len(kept) < len(configs)
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
 

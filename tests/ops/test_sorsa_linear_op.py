@@ -267,3 +267,29 @@ def test_eager_reference_function_matches_the_custom_op(dtype, bias, monkeypatch
     assert calls
     for a, e in zip(eager, custom):
         assert rel_err(a, e) < 1e-12
+
+
+def test_dropout_path_casts_a_frozen_residual_once_not_every_step(monkeypatch):
+    """The dropout path's residual in the compute dtype is reused while the residual is
+    unchanged (no m×n copy per step) and re-cast when it changes in place."""
+    import importlib
+
+    op = importlib.import_module("sorsa_kernels.ops.sorsa_linear")
+    monkeypatch.setenv("SORSA_KERNELS_BACKEND", "reference")
+    torch.manual_seed(4)
+    res = torch.randn(6, 8, dtype=torch.float64)
+    first = op._residual_as(res, torch.float32)
+    assert op._residual_as(res, torch.float32) is first
+    assert torch.equal(first, res.float())
+    with torch.no_grad():
+        res.mul_(2.0)
+    again = op._residual_as(res, torch.float32)
+    assert again is not first and torch.equal(again, res.float())
+    x = torch.randn(3, 8, requires_grad=True)
+    U, S, V = torch.randn(6, 2), torch.rand(2), torch.randn(8, 2)
+    torch.manual_seed(5)
+    y = op.sorsa_linear(x, res, U, S, V, dropout_p=0.5, training=True)
+    torch.manual_seed(5)
+    base = torch.nn.functional.linear(x, res.float())
+    want = base + op.sorsa_linear(torch.nn.functional.dropout(x, 0.5, True), None, U, S, V)
+    assert torch.equal(y, want)

@@ -52,9 +52,10 @@ from ...nn.checks import SUPPORTED_DTYPES, is_conv1d, linear_weight
 from ...nn.linear import SORSALinear
 from ..atomic import atomic_file
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from .base_match import check_base_matches
 from .experts import adapt_experts, adapted_experts, expert_weight_names, is_adapted_experts, is_fused_experts
 from .modules_to_save import check_saved_state, restore_saved_modules, saved_state
-from .surgery import _set_submodule, sorsa_layers
+from .surgery import module_aliases, replace_everywhere, sorsa_layers
 
 __all__ = [
     "AdapterError",
@@ -444,7 +445,7 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return config, tensors
 
 
-def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
+def load_adapter(base_model: nn.Module, directory: PathLike, *, allow_base_mismatch: bool = False) -> nn.Module:
     """Rebuild, in place on the untouched ``base_model``, exactly the model that was saved.
 
     No SVD runs: each target ``nn.Linear`` (or ``Conv1D``) becomes a SORSA layer whose residual is
@@ -453,6 +454,9 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
     (``modules_to_save``) gets its trained copy back.  ``directory`` is the adapter
     folder or its ``adapter.safetensors``.  Everything is checked before the model is
     changed; a problem raises a ``ValueError`` naming the file, layer and field.
+    The base must be the one the adapter was fitted to: each layer's weight is checked
+    against the saved ``U0, S0, V0`` (:mod:`.base_match`; a merged model or another
+    checkpoint is refused).  ``allow_base_mismatch=True`` applies it to another base on purpose.
 
     Example::
 
@@ -480,6 +484,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
                 f"layer {name} {'has' if linear.bias is not None else 'has no'} bias but the adapter says "
                 f"bias={lc['bias']}; it was trained on a different base model"
             )
+    _check_base_rows(base_model, config, tensors, directory, allow_base_mismatch)
     saved = _saved_state_of(config, tensors)
     try:
         check_saved_state(base_model, saved, str(directory))
@@ -487,6 +492,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
         raise AdapterError(str(e)) from None
     for p in base_model.parameters():
         p.requires_grad_(False)
+    aliases = module_aliases(base_model)  # a layer shared by two parents is replaced under both names
     for name, lc in layers.items():
         linear = base_model.get_submodule(name)
         U, S, V, U0, S0, V0 = (tensors[f"{name}.{k}"] for k in _FACTORS)
@@ -500,10 +506,24 @@ def load_adapter(base_model: nn.Module, directory: PathLike) -> nn.Module:
             linear, U0, S0, V0, trained=(U, S, V), alpha=config.get("alpha"),
             dropout=config.get("dropout", 0.0), residual_dtype=_DTYPE_NAMES[lc["residual_dtype"]], name=name,
         )
-        _set_submodule(base_model, name, layer)
+        replace_everywhere(base_model, linear, layer, aliases)
     _load_experts(base_model, config, tensors)
     restore_saved_modules(base_model, saved)
     return base_model
+
+
+def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     source: PathLike, allow_mismatch: bool) -> None:
+    """Every target weight against the adapter's initial factors (:func:`.base_match.check_base_matches`);
+    with ``allow_mismatch`` only the meta-device check remains."""
+    alpha = config.get("alpha")
+    for name, lc in config["layers"].items():
+        weight = linear_weight(base_model.get_submodule(name))  # out×in, for Conv1D too
+        if allow_mismatch and weight.device.type != "meta":
+            continue
+        scale = 1.0 if alpha is None else float(alpha) / lc["rank"]
+        U0, S0, V0 = (tensors[f"{name}.{k}"] for k in ("U0", "S0", "V0"))
+        check_base_matches(name, weight, U0, S0, V0, scale, lc["quantize"], f"adapter {source}")
 
 
 # ---------------------------------------------------------------------------------- experts

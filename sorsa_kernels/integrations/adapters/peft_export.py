@@ -31,6 +31,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..distributed.fsdp import full_tensor, is_sharded, process_rank
+from ...nn.checks import check_finite
 from .experts import adapted_experts, expert_weight_names
 from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
@@ -131,6 +132,7 @@ def export_peft_lora(
     saved = _saved_module_tensors(model, task_type)
     tensors.update({f"base_model.model.{name}.{k}": t.to("cpu").contiguous() for name, sd in saved.items()
                     for k, t in sd.items()})
+    _check_export_finite(tensors)
     if any(is_sharded(layer.U) for layer in (*layers.values(), *projections.values())) and process_rank() != 0:
         return directory
     config = {
@@ -198,3 +200,10 @@ def _saved_module_tensors(model: nn.Module, task_type: Optional[str]) -> dict[st
             if name not in out and not isinstance(module, SavedModule):
                 out[name] = module.state_dict()
     return {name: {k: full_tensor(t).detach() for k, t in sd.items()} for name, sd in out.items()}
+
+
+def _check_export_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write an export holding NaN/Inf (a diverged adapter, or an overflow in ``dtype``)."""
+    for key, t in tensors.items():
+        check_finite(t, f"tensor {key}", "export a PEFT LoRA adapter",
+                     " (the adapter diverged, or the export dtype overflows)")

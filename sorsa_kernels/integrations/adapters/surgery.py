@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...nn.checks import linear_weight, validate_rank
+from ...nn.checks import check_finite, check_weight_for_svd, linear_weight, validate_rank
 from ...nn.factory import layer_class, make_sorsa_linear
-from ...nn.knobs import check_knob
+from ...nn.knobs import check_knob, check_scale
 from ...nn.linear import SORSALinear
 from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
 from .modules_to_save import resolve_modules_to_save, unwrap_saved_modules, wrap_modules_to_save
@@ -20,7 +20,7 @@ from .targets import (ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, defau
                       is_linear_like)
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
-           "compile_target_regex"]
+           "compile_target_regex", "module_aliases", "replace_everywhere"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,22 +79,26 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
         targets = list(target_modules)
         if not targets:
             raise ValueError("target_modules is empty")
+        _check_target_names(targets)
         pattern = targets
     names = []
     adapted = []
+    seen: set[int] = set()  # a module shared by several parents is adapted once (see module_aliases)
     chosen = set(all_linear_names(model, exclude)) if pattern is None else None
-    for name, module in model.named_modules():
-        if not name or any(name == e or name.startswith(e + ".") for e in exclude):
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or id(module) in seen or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         if is_expert_module(module):  # fused MoE experts: integrations/adapters/experts.py
             continue
         if isinstance(module, SORSALinear):
             if chosen is not None or _matches(name, pattern):
                 adapted.append(name)
+                seen.add(id(module))
             continue
         if chosen is not None:
             if name in chosen:
                 names.append(name)
+                seen.add(id(module))
             continue
         if not _matches(name, pattern):
             continue
@@ -106,6 +110,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
                 f"SORSA adapts nn.Linear and Conv1D layers only"
             )
         names.append(name)
+        seen.add(id(module))
     if adapted:
         raise ValueError(
             f"the model is already adapted: {adapted[0]} is a SORSA layer"
@@ -114,6 +119,33 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude
         )
     if not names and not allow_empty:
         raise ValueError(f"no module of the model matches target_modules={targets!r}")
+    return names
+
+
+def _check_target_names(targets: list) -> None:
+    """A list of target names must hold strings (``[None]`` would fail deep in a string join)."""
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise TypeError(f"target_modules must be module names (non-empty strings) or one regular expression; "
+                        f"got {bad[0]!r} in {targets!r}")
+
+
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it has}``: a module shared by two parents
+    (``layers[1].q_proj = layers[0].q_proj``) has two names, and surgery must replace it under both."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            out.setdefault(id(module), []).append(name)
+    return out
+
+
+def replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module,
+                       aliases: Optional[dict[int, list[str]]] = None) -> list[str]:
+    """Put ``new`` at every name where ``old`` appears in ``model``; returns those names."""
+    names = (aliases if aliases is not None else module_aliases(model)).get(id(old), [])
+    for name in names:
+        _set_submodule(model, name, new)
     return names
 
 
@@ -198,6 +230,10 @@ def apply_sorsa(
     for name in names:  # validate every layer before touching any
         w = linear_weight(model.get_submodule(name))
         validate_rank(rank, w.shape[1], w.shape[0], name)
+    check_scale(alpha, rank, adapter_dtype)
+    for name in names:  # NaN/Inf or meta weights fail here, before any layer is converted
+        check_weight_for_svd(linear_weight(model.get_submodule(name)), name)
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     kwargs = dict(
@@ -206,32 +242,65 @@ def apply_sorsa(
     )
     if quantize is not None:
         kwargs["quant_report"] = quant_report
-    for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
-        linear = model.get_submodule(name)
-        layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
-        _set_submodule(model, name, layer)
-        del linear
-    apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
-                  residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
-                  quant_iters=quant_iters)
-    wrap_modules_to_save(model, saved)
+    aliases = module_aliases(model)
+    done: list[tuple[nn.Module, nn.Module]] = []
+    try:
+        for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
+            linear = model.get_submodule(name)
+            layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
+            replace_everywhere(model, linear, layer, aliases)
+            done.append((linear, layer))
+            del linear
+        apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
+                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
+                      quant_iters=quant_iters)
+        wrap_modules_to_save(model, saved)
+    except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
+        _undo(model, done, aliases)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        raise
     logger.info("%s", adaptation_summary(model).line())
     return model
 
 
-def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def _undo(model: nn.Module, done: list[tuple[nn.Module, nn.Module]], aliases: dict[int, list[str]]) -> None:
+    """Undo ``(old, new)`` replacements made by :func:`replace_everywhere`, newest first."""
+    for old, _new in reversed(done):
+        for name in aliases.get(id(old), []):
+            _set_submodule(model, name, old)
+
+
+def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
+                allow_non_finite: bool = False) -> nn.Module:
     """Replace every SORSA layer of ``model`` by its merged ``nn.Linear`` (``Conv1D`` for one built
     from a ``Conv1D``), and every saved module by its trained copy, in place.
+
+    All or nothing: a merged weight holding NaN/Inf (a diverged adapter, or an overflow in
+    ``dtype``) is refused with a one-line ValueError naming the layer and the model is left
+    as it was, unless ``allow_non_finite=True`` (PEFT's ``safe_merge`` the other way round).
+    A layer shared by several parents is merged once and replaced everywhere.
 
     Example::
 
         >>> merge_sorsa(model).save_pretrained("merged")
     """
     layers = sorsa_layers(model)
-    merged_experts = merge_all_experts(model, dtype)
+    aliases = module_aliases(model)
+    done: list[tuple[nn.Module, nn.Module]] = []
+    try:
+        for name, layer in layers.items():
+            merged = layer.merge(dtype)
+            if not allow_non_finite:
+                check_finite(merged.weight, f"the merged weight of layer {name}", "merge",
+                             " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
+            replace_everywhere(model, layer, merged, aliases)
+            done.append((layer, merged))
+        merged_experts = merge_all_experts(model, dtype)
+    except BaseException:
+        _undo(model, done, aliases)
+        raise
     if not layers and not merged_experts:
         raise ValueError("the model has no SORSA layers to merge")
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer.merge(dtype))
     unwrap_saved_modules(model)
     return model

@@ -85,11 +85,29 @@ class _Reader:
             self.handles[f] = self.stack.enter_context(safe_open(str(f), "pt"))
         return self.handles[f]
 
-    def read(self, key: str) -> Tensor:
-        return _read(self._handle(key), key)
+    def read(self, key: str, shape: Optional[tuple] = None, floating: bool = False) -> Tensor:
+        """Tensor ``key``, checked against the ``shape`` the model expects (and, with
+        ``floating``, to be floating point) before it is used."""
+        if floating:
+            self.dtype(key)
+        t = _read(self._handle(key), key)
+        check_stored_tensor(key, t, shape, self.files[key])
+        return t
 
     def dtype(self, key: str) -> torch.dtype:
-        return _ST_DTYPES[self._handle(key).get_slice(key).get_dtype()]
+        stored = self._handle(key).get_slice(key).get_dtype()
+        if stored not in _ST_DTYPES:
+            raise ValueError(f"{self.files[key]}: tensor {key} is stored as {stored}; the streaming loader reads "
+                             f"floating-point checkpoints ({', '.join(_ST_DTYPES)}); dequantize it first")
+        return _ST_DTYPES[stored]
+
+
+def check_stored_tensor(key: str, t: Tensor, shape: Optional[tuple], file: Path) -> None:
+    """One-line ValueError when a checkpoint tensor does not have the shape the model's config gives
+    (a transposed projection, a wrong-sized norm: either would broadcast or fail at forward)."""
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{file}: tensor {key} has shape {tuple(t.shape)} but the model's config needs "
+                         f"{tuple(shape)}; the checkpoint does not match its config.json")
 
 
 def _owned(prefix: str, key: str) -> bool:
@@ -191,12 +209,16 @@ def load_sorsa_streaming(
     def load_tensor(reader: _Reader, key: str) -> None:
         if key not in files:
             return  # checked at the end (tied weights are filled by tie_weights)
-        t = reader.read(key)
+        mod_name, _, attr = key.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        slot = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+        t = reader.read(key, None if slot is None else tuple(slot.shape))
+        if slot is not None and slot.is_floating_point() and not t.is_floating_point():
+            raise ValueError(f"{files[key]}: tensor {key} is {t.dtype} but the model holds a floating-point "
+                             "tensor there; the streaming loader reads floating-point checkpoints")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         t = t.to(device)
-        mod_name, _, attr = key.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
         if attr in mod._parameters:
             mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
         else:
@@ -206,12 +228,12 @@ def load_sorsa_streaming(
         meta = model.get_submodule(name)
         res_dtype = residual_dtype or dtype or reader.dtype(f"{name}.weight")
         if owner == me:
-            w = reader.read(f"{name}.weight")
+            w = reader.read(f"{name}.weight", (meta.out_features, meta.in_features), floating=True)
             lin = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
             lin.weight = nn.Parameter(w.to(device, dtype or w.dtype), requires_grad=False)
             del w
             if meta.bias is not None:
-                b = reader.read(f"{name}.bias")
+                b = reader.read(f"{name}.bias", (meta.out_features,), floating=True)
                 lin.bias = nn.Parameter(b.to(device, dtype or b.dtype), requires_grad=False)
             layer = make_sorsa_linear(lin, rank, name=name, residual_dtype=res_dtype, adapter_dtype=adapter_dtype,
                                       **layer_kw, **build_kw)

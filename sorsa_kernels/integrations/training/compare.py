@@ -42,7 +42,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -77,6 +77,8 @@ class CompareResult:
     report: dict[str, Any]
     files: list[Path]
     plot_note: Optional[str] = None
+    #: ``{method: one-line reason}`` for each method that diverged or failed (its results are left out).
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
@@ -198,7 +200,7 @@ def _evaluator(tokenizer, held_ds, em_rows, cfg: FinetuneConfig, use_chat: bool,
         out = {"heldout_loss": total / max(count, 1)}
         if em_rows:
             out["exact_match"] = exact_match(model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
-                                             cfg.eval_batch_size)
+                                             cfg.eval_batch_size, max_length=cfg.max_length)
         return out
 
     return evaluate
@@ -238,7 +240,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     if config.full and sum(p.numel() for p in base.parameters()) > FULL_MAX_PARAMS:
         raise ConfigError("{full:flag} is for small models (up to {most:,} parameters); {model_name} has {n:,}",
                           most=FULL_MAX_PARAMS, model_name=cfg.model, n=sum(p.numel() for p in base.parameters()))
-    targets = find_targets(base, target_spec(cfg))
+    targets = find_targets(base, target_spec(cfg))  # --target-modules read exactly as finetune reads it
     for name in targets:  # PEFT does not check the rank; fail as apply_sorsa would, for every method
         w = base.get_submodule(name).weight
         validate_rank(cfg.rank, w.shape[1], w.shape[0], name)
@@ -256,6 +258,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     setup_s = time.perf_counter() - t_start
 
     runs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, _quiet_transformers():
         for method in config.method_list:
             t0 = time.perf_counter()
@@ -264,21 +267,42 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
             else:
                 model, _ = load_base(cfg.model, progress=False)
             torch.manual_seed(cfg.seed)  # LoRA's A init; the data order has its own seeded sampler
-            model = _prepare(method, model, cfg, targets)
-            runs[method] = _train(method, model, tokenizer, cfg, train_ex, Path(scratch) / method,
-                                  TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
-                                                     evaluate=evaluate, evaluate_every=evaluate_every),
-                                  t0)
+            try:  # one method diverging must not lose the others' results
+                model = _prepare(method, model, cfg, targets)
+                runs[method] = _train(method, model, tokenizer, cfg, train_ex, Path(scratch) / method,
+                                      TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
+                                                         evaluate=evaluate, evaluate_every=evaluate_every),
+                                      t0)
+                _check_diverged(runs[method])
+            except MethodFailed as e:
+                runs.pop(method, None)
+                failed[method] = str(e)
             del model
     if not cfg.embedded:
         del base
+    if not runs:
+        raise ValueError("every method failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = build_report(config, cfg, runs, record_every=record_every, evaluate_every=evaluate_every,
                           timing={"setup_s": setup_s, "total_s": time.perf_counter() - t_start},
                           machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                    "load_avg_start": load_start, "load_avg_end": load_end})
+    if failed:
+        report["failed"] = failed
     files, note = write_report(report, out, plots=config.plots)
-    return CompareResult(output_dir=out, report=report, files=files, plot_note=note)
+    return CompareResult(output_dir=out, report=report, files=files, plot_note=note, failed=failed)
+
+
+class MethodFailed(Exception):
+    """One method of a comparison diverged or failed; the message says at which step and why."""
+
+
+def _check_diverged(run: dict[str, Any]) -> None:
+    """A method whose recorded training loss is NaN/Inf diverged, even if nothing raised."""
+    for r in run["records"]:
+        loss = r.get("train_loss")
+        if loss is not None and not math.isfinite(loss):
+            raise MethodFailed(f"diverged: training loss {loss} at step {r['step']}")
 
 
 def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0: float) -> dict[str, Any]:
@@ -300,7 +324,11 @@ def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0:
     trainer.add_callback(recorder)
     trainer.add_callback(_ProgressBar(f"{method:>5}", cfg.progress))
     t_train = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    except Exception as e:  # e.g. the recorder's SVD of NaN weights (torch.linalg.LinAlgError)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise MethodFailed(f"failed at step {trainer.state.global_step}: {type(e).__name__}: {reason}") from e
     train_s = time.perf_counter() - t_train
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -97,6 +97,17 @@ def _read_parquet(path: Path) -> list:
         raise DataError(f"{path}: cannot read parquet file ({e})") from None
 
 
+def _check_text(text: str, path: Path, i: int, field: str) -> None:
+    """A string the tokenizer can take: no lone UTF-16 surrogate (JSON's ``"\\ud800"`` decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{path}: record {i} field {field!r} holds a lone surrogate {text[e.start]!r} at character {e.start}, "
+            "which is not text (a half of a UTF-16 pair); fix or drop the record"
+        ) from None
+
+
 def load_records(
     path: Union[str, Path], prompt_field: str = "prompt", response_field: str = "response"
 ) -> list[dict]:
@@ -142,6 +153,7 @@ def load_records(
                 raise DataError(
                     f"{path}: record {i} field {field!r} is a {type(row[field]).__name__}, expected a string"
                 )
+            _check_text(row[field], path, i, field)
         out.append({"prompt": row[prompt_field], "response": row[response_field]})
     return out
 

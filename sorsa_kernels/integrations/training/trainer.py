@@ -5,7 +5,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ...nn.knobs import check_knob
+from ...nn.knobs import check_gamma_rate, check_knob
 from ...nn.regularizer import add_regularizer_grad
 
 __all__ = ["SORSACallback"]
@@ -28,6 +28,8 @@ class SORSACallback(TrainerCallback):
     def __init__(self, gamma: float = 4e-4, lr_max: Optional[float] = None) -> None:
         check_knob("gamma", gamma, required=True)
         check_knob("lr_max", lr_max)  # None: the Trainer's learning rate
+        if lr_max is not None:
+            check_gamma_rate(gamma, lr_max)
         self.gamma = gamma
         self.lr_max = lr_max
         self._sum = None

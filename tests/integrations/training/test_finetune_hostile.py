@@ -182,6 +182,8 @@ def test_folder_states(tmp_path):
     (tmp_path / "a" / ".merged.tmp-1-ab12").mkdir()
     assert R.inspect_output_dir(tmp_path / "a").kind == "fresh"
     (tmp_path / "b" / "adapter").mkdir(parents=True)
+    assert R.inspect_output_dir(tmp_path / "b").kind == "foreign"  # not a run's: save_adapter's, say
+    (tmp_path / "b" / R.LOCK_FILE).write_text("1")  # a run's (it owned the folder)
     assert R.inspect_output_dir(tmp_path / "b").kind == "unfinished"
     _complete_checkpoint(tmp_path / "c")
     assert R.inspect_output_dir(tmp_path / "c").kind == "resumable"

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ....nn.checks import SVD_MODES
+from ....nn.knobs import check_gamma_rate, check_scale
 from ..embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
 from ..options import ConfigError, check_fields, option
 
@@ -163,6 +164,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self._check_arithmetic()
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template)
         target_spec(self)
@@ -171,6 +173,21 @@ class FinetuneConfig:
                               "held-out split)", self)
         if not self.embedded and self.data is None:
             raise ConfigError("{model:given} needs {data:flag} FILE (.jsonl, .json or .parquet)", self)
+
+    def _check_arithmetic(self) -> None:
+        """alpha and gamma whose finite values the computation still cannot hold, bounded by the
+        adapter dtype (:func:`~sorsa_kernels.nn.knobs.check_scale`, ``check_gamma_rate``); checked
+        once rank and learning rate are known (always, after :meth:`resolved`)."""
+        dtype = DTYPES.get(self.adapter_dtype or "float32", torch.float32)
+        for name, ready, check in (
+                ("alpha", self.rank is not None, lambda: check_scale(self.alpha, self.rank, dtype)),
+                ("gamma", self.learning_rate is not None,
+                 lambda: check_gamma_rate(self.gamma, self.learning_rate, dtype))):
+            try:
+                if ready:
+                    check()
+            except ValueError as e:
+                raise ConfigError("{" + name + "} {problem}", self, problem=str(e)[len(name) + 1:]) from None
 
     @property
     def embedded(self) -> bool:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .config import FinetuneConfig
+from .config import FinetuneConfig, is_main_process
 
 
 def encode_example(
@@ -31,15 +31,22 @@ def encode_example(
         >>> ex["labels"][-2:] == ex["input_ids"][-2:]      # "4", EOS
         True
     """
+    return _encode(tokenizer, prompt, response, template, max_length, use_chat_template)[0]
+
+
+def _encode(tokenizer, prompt: str, response: str, template: str, max_length: int,
+            use_chat_template: bool) -> tuple[Optional[dict[str, list[int]]], int]:
+    """``(encode_example's result, the untruncated length)``."""
     prompt_tokens = prompt_ids(tokenizer, prompt, template, use_chat_template)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
+    full = len(prompt_tokens) + len(response_ids)
     ids = (prompt_tokens + response_ids)[:max_length]
     labels = ([-100] * len(prompt_tokens) + response_ids)[:max_length]
     if all(label == -100 for label in labels):
-        return None
-    return {"input_ids": ids, "labels": labels}
+        return None, full
+    return {"input_ids": ids, "labels": labels}, full
 
 
 def prompt_ids(tokenizer, prompt: str, template: str, use_chat_template: bool) -> list[int]:
@@ -91,13 +98,37 @@ class ResponseOnlyCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def encode_all(tokenizer, rows, cfg: FinetuneConfig, use_chat: bool, what: str) -> list[dict]:
-    """Encode every row of a split; a ValueError if truncation leaves no example with a response."""
-    out = [encode_example(tokenizer, r["prompt"], r["response"], cfg.prompt_template, cfg.max_length, use_chat)
-           for r in rows]
-    kept = [e for e in out if e is not None]
+#: A split that loses more than this fraction of its records to ``--max-length`` stops the run.
+MAX_DROPPED_FRACTION = 0.5
+
+
+def encode_all(tokenizer, rows, cfg: FinetuneConfig, use_chat: bool, what: str,
+               counts: Optional[dict] = None) -> list[dict]:
+    """Encode every row of a split, counting what ``--max-length`` costs.
+
+    A record whose prompt fills the max length (no response token left) is dropped; one
+    whose response is cut is truncated.  Both are counted (into ``counts`` when given:
+    ``{"records", "kept", "dropped", "truncated", "longest"}``) and reported in one line;
+    a split that loses more than half its records (or all) is refused with the advice
+    to raise ``--max-length``.
+    """
+    kept, truncated, longest = [], 0, 0
+    for r in rows:
+        ex, full = _encode(tokenizer, r["prompt"], r["response"], cfg.prompt_template, cfg.max_length, use_chat)
+        longest = max(longest, full)
+        if ex is not None:
+            kept.append(ex)
+            truncated += full > cfg.max_length
+    dropped = len(rows) - len(kept)
+    if counts is not None:
+        counts.update(records=len(rows), kept=len(kept), dropped=dropped, truncated=truncated, longest=longest)
+    advice = f"raise --max-length (the longest {what} example is {longest} tokens)"
     if not kept:
-        raise ValueError(
-            f"every {what} example's prompt fills the max length {cfg.max_length}; raise --max-length"
-        )
+        raise ValueError(f"every {what} example's prompt fills the max length {cfg.max_length}; {advice}")
+    if dropped > MAX_DROPPED_FRACTION * len(rows):
+        raise ValueError(f"{dropped} of {len(rows)} {what} examples would be dropped: their prompt fills "
+                         f"--max-length {cfg.max_length}, leaving no response token; {advice}")
+    if (dropped or truncated) and is_main_process():
+        print(f"{what} data: {dropped} of {len(rows)} examples dropped (prompt fills --max-length {cfg.max_length}), "
+              f"{truncated} truncated (response cut); {advice} to keep them whole", flush=True)
     return kept

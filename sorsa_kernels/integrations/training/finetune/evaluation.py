@@ -7,6 +7,8 @@ responses and :func:`metrics_line` prints the result.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .config import distributed
@@ -15,8 +17,13 @@ from .encoding import prompt_ids
 
 @torch.no_grad()
 def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_template: bool,
-                max_new_tokens: int, batch_size: int = 32, synced: bool = False) -> float:
+                max_new_tokens: int, batch_size: int = 32, synced: bool = False,
+                max_length: Optional[int] = None) -> float:
     """Fraction of ``rows`` whose greedy completion, stripped, equals the response, stripped.
+
+    With ``max_length`` (the job's ``--max-length``) a prompt longer than
+    ``max_length − max_new_tokens`` tokens keeps only its last ones, as many as fit: the
+    sequence generated is never longer than the model was trained on.
 
     Example::
 
@@ -35,6 +42,9 @@ def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_temp
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             prompts = [prompt_ids(tokenizer, r["prompt"], template, use_chat_template) for r in chunk]
+            if max_length is not None:  # keep the end of a long prompt: the response follows it
+                keep = max(1, max_length - max_new_tokens)
+                prompts = [p[-keep:] for p in prompts]
             n = max(map(len, prompts))
             ids = torch.full((len(chunk), n), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -63,7 +73,7 @@ def evaluate(trainer, model, tokenizer, eval_ds, em_rows, cfg, use_chat, max_new
     if em_rows:
         out["exact_match"] = exact_match(
             trainer.model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
-            cfg.eval_batch_size, synced=cfg.fsdp and distributed(),
+            cfg.eval_batch_size, synced=cfg.fsdp and distributed(), max_length=cfg.max_length,
         )
     return out
 

@@ -17,16 +17,20 @@ from .model import load_base
 from .outputs import publishing
 
 
-def _load_with_adapter(base: str, adapter: str, progress: bool = False):
+def _load_with_adapter(base: str, adapter: str, progress: bool = False, allow_base_mismatch: bool = False):
     from ...adapters.adapter_io import load_adapter, read_adapter
 
     read_adapter(adapter)  # fail on a bad adapter before loading a (possibly large) base model
     model, tokenizer = load_base(base, progress=progress)
-    return load_adapter(model, adapter), tokenizer
+    return load_adapter(model, adapter, allow_base_mismatch=allow_base_mismatch), tokenizer
 
 
-def merge_job(base: str, adapter: str, output: str, progress: bool = False) -> Path:
+def merge_job(base: str, adapter: str, output: str, progress: bool = False, *, allow_base_mismatch: bool = False,
+              allow_non_finite: bool = False) -> Path:
     """Load ``base`` + ``adapter``, merge, and ``save_pretrained`` model and tokenizer to ``output``.
+
+    ``base`` must be the model the adapter was fitted to (not one it is already merged into)
+    unless ``allow_base_mismatch``; non-finite merged weights are refused unless ``allow_non_finite``.
 
     Example::
 
@@ -36,15 +40,16 @@ def merge_job(base: str, adapter: str, output: str, progress: bool = False) -> P
 
     out = Path(output)
     check_output_dir(out)
-    model, tokenizer = _load_with_adapter(base, adapter, progress)
-    merge_sorsa(model)
+    model, tokenizer = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
+    merge_sorsa(model, allow_non_finite=allow_non_finite)
     with publishing(out) as tmp:  # whole or not at all: never a folder with only config.json
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
 
 
-def export_lora_job(base: str, adapter: str, output: str, progress: bool = False) -> Path:
+def export_lora_job(base: str, adapter: str, output: str, progress: bool = False, *,
+                    allow_base_mismatch: bool = False) -> Path:
     """Write ``adapter`` as a standard PEFT LoRA adapter for the original ``base`` to ``output``.
 
     Example::
@@ -55,13 +60,14 @@ def export_lora_job(base: str, adapter: str, output: str, progress: bool = False
 
     out = Path(output)
     check_output_dir(out)
-    model, _ = _load_with_adapter(base, adapter, progress)
+    model, _ = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
     with publishing(out) as tmp:
         export_peft_lora(model, tmp)
     return out
 
 
-def analyze_job(base: str, adapters: Sequence[str], progress: bool = False) -> list[tuple[str, dict[str, Any]]]:
+def analyze_job(base: str, adapters: Sequence[str], progress: bool = False, *,
+                allow_base_mismatch: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """ΔΣ and ΔD (the paper's Eq. 1–4) of every adapted layer, for each adapter in order.
 
     Returns ``[(adapter, {layer name: SingularDrift}), …]`` in the order given.
@@ -74,7 +80,7 @@ def analyze_job(base: str, adapters: Sequence[str], progress: bool = False) -> l
 
     result = []
     for adapter in adapters:
-        model, _ = _load_with_adapter(base, adapter, progress)
+        model, _ = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
         result.append((str(adapter), model_singular_drift(model)))
         del model
     return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +37,8 @@ class FinetuneResult:
     train_runtime_s: float
     total_runtime_s: float
     settings: dict[str, Any]
+    #: Per split: records, kept, dropped (prompt fills --max-length), truncated (response cut), longest.
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def fsdp_modules(model):
@@ -163,6 +165,7 @@ def write_metrics(result: FinetuneResult) -> None:
         "train_runtime_s": result.train_runtime_s,
         "total_runtime_s": result.total_runtime_s,
         "settings": result.settings,
+        "data": result.data,
     }
     with publishing(result.output_dir / "metrics.json", file=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))

@@ -13,14 +13,24 @@ state         what the folder holds                                  rerun / ``-
 absent        nothing (the folder does not exist)                    starts / starts from the checkpoint
 fresh         nothing of value: empty, or only an empty              starts / starts from the checkpoint
               ``checkpoints/``, incomplete checkpoints, temporaries
-unfinished    some artifacts but no ``metrics.json`` and no          starts afresh (artifacts replaced)
-              complete checkpoint (a failed save, e.g. a full disk)
+unfinished    some artifacts of a run (:data:`LOCK_FILE` marks it)   starts afresh (artifacts replaced)
+              but no ``metrics.json`` and no complete checkpoint
+              (a failed save, e.g. a full disk)
 resumable     at least one complete checkpoint, no ``metrics.json``  refused, with the advice to pass
                                                                      ``--resume-from-checkpoint last`` /
                                                                      only from its own checkpoints
 finished      ``metrics.json`` (a run that ended)                    refused / only from its own checkpoints
-foreign       anything a run does not write                          refused / refused
+foreign       anything a run does not write: other names, a          refused / refused
+              checkpoint with ``trainer_state.json`` but no
+              :data:`RUN_FILE` (a plain Trainer's), run-named
+              entries without :data:`LOCK_FILE` (``save_adapter``'s)
 ============  =====================================================  ===================================
+
+A run entry of the wrong kind (a symbolic link, ``adapter`` as a file) is refused before
+the model loads.  A run owns its folder: :func:`claim_run_folder` takes an exclusive lock
+on :data:`LOCK_FILE` inside it (released by the kernel if the process dies), so a second
+run into the same folder is refused in one line; the file stays while the folder holds an
+unfinished run's artifacts (it marks them as a run's) and goes when the run finishes.
 
 A checkpoint is *complete* when it holds ``trainer_state.json`` and :data:`RUN_FILE`, which
 :func:`run_recorder` writes after the Trainer has saved everything else.  :data:`RUN_FILE`
@@ -32,11 +42,12 @@ folder is refused.  A failed run's leftovers are tidied by :func:`cleanup_failed
 incomplete checkpoints go, an emptied ``checkpoints/`` goes, and a folder the run
 created goes when nothing is left in it — so a failed run leaves either nothing, a
 resumable checkpoint, or whole artifacts of an unfinished run, never a folder that
-blocks the rerun.  Default folder names (``sorsa-output-<time>``) are claimed with an
+blocks the rerun; it removes only checkpoints this run created, never older ones.  Default folder names (``sorsa-output-<time>``) are claimed with an
 exclusive ``mkdir`` and a ``-2``, ``-3`` … suffix, so two runs never share one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -54,6 +65,7 @@ __all__ = [
     "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "RUN_ENTRIES", "RESUME_KEYS", "OutputState",
     "inspect_output_dir", "check_run_folder", "resolve_resume", "check_resume_matches",
     "claim_default_output_dir", "cleanup_failed_run", "base_fingerprint", "run_recorder",
+    "LOCK_FILE", "RunLock", "claim_run_folder", "checkpoint_names",
 ]
 
 RUN_FILE = "sorsa_run.json"
@@ -61,6 +73,9 @@ METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 #: Everything a run writes directly under its output folder.
 RUN_ENTRIES = ("adapter", "base", "merged", METRICS_FILE, CHECKPOINTS)
+#: The run's lock (and the mark that the folder's artifacts are a run's), hidden in the folder.
+LOCK_FILE = ".sorsa-run.lock"
+_DIRS = ("adapter", "base", "merged", CHECKPOINTS)
 #: The settings a checkpoint's weights depend on; resuming with any of them changed is refused.
 RESUME_KEYS = ("model", "rank", "target_modules", "alpha", "svd", "residual_dtype", "adapter_dtype", "quantize")
 
@@ -99,8 +114,15 @@ def inspect_output_dir(path: Path) -> OutputState:
     if not path.is_dir():
         raise ValueError(f"output folder {path} exists and is not a folder")
     names = sorted(os.listdir(path))
-    foreign = [n for n in names if n not in RUN_ENTRIES and not _TEMPORARY.match(n)]
+    _check_entry_kinds(path, names)
+    owned = LOCK_FILE in names
+    foreign = [n for n in names if n not in RUN_ENTRIES and n != LOCK_FILE and not _TEMPORARY.match(n)]
     checkpoints = [p for p in _checkpoint_dirs(path / CHECKPOINTS) if is_complete_checkpoint(p)]
+    foreign += [f"{CHECKPOINTS}/{p.name} (no {RUN_FILE})" for p in _checkpoint_dirs(path / CHECKPOINTS)
+                if not is_complete_checkpoint(p) and _foreign_checkpoint(p, owned)]
+    artifacts = [n for n in ("adapter", "base", "merged") if n in names]
+    if artifacts and not owned and METRICS_FILE not in names and not checkpoints:
+        foreign += [f"{n}/ (not written by a run)" for n in artifacts]
     if foreign:
         kind = "foreign"
     elif METRICS_FILE in names:
@@ -112,6 +134,34 @@ def inspect_output_dir(path: Path) -> OutputState:
     else:
         kind = "fresh"
     return OutputState(path, kind, checkpoints, foreign)
+
+
+def _check_entry_kinds(path: Path, names: list[str]) -> None:
+    """A run entry that is a symbolic link or of the wrong kind would only fail when the run
+    saves, after training: refuse it now."""
+    for n in names:
+        if n not in RUN_ENTRIES:
+            continue
+        p = path / n
+        want_dir = n in _DIRS
+        if p.is_symlink():
+            problem = "a symbolic link"
+        elif want_dir and not p.is_dir():
+            problem = "not a folder"
+        elif not want_dir and not p.is_file():
+            problem = "not a regular file"
+        else:
+            continue
+        raise ValueError(f"output folder {path}: {n} is {problem}; a run writes {n}{'/' if want_dir else ''} "
+                         "itself: remove it or choose another --output-dir")
+
+
+def _foreign_checkpoint(ckpt: Path, owned: bool) -> bool:
+    """An incomplete checkpoint that is someone else's: a plain Trainer's (``trainer_state.json``
+    without :data:`RUN_FILE`), or any non-empty one in a folder no run has owned."""
+    if (ckpt / "trainer_state.json").is_file():
+        return True
+    return not owned and any(ckpt.iterdir())
 
 
 def resolve_resume(resume: str, out: Path, state: OutputState) -> Path:
@@ -208,21 +258,84 @@ def claim_default_output_dir(stem: Optional[str] = None) -> Path:
     raise AssertionError("unreachable")
 
 
-def cleanup_failed_run(out: Path, created: bool) -> None:
-    """Tidy ``out`` after a failed run: drop incomplete checkpoints and an emptied ``checkpoints/``,
-    and ``out`` itself when the run created it and nothing is left."""
+def checkpoint_names(out: Path) -> frozenset[str]:
+    """The ``checkpoint-N`` folders under ``out/checkpoints`` now (taken before a run, so that
+    :func:`cleanup_failed_run` never removes one the run did not create)."""
+    return frozenset(p.name for p in _checkpoint_dirs(Path(out) / CHECKPOINTS))
+
+
+def cleanup_failed_run(out: Path, created: bool, existing: frozenset[str] = frozenset()) -> None:
+    """Tidy ``out`` after a failed run: drop the incomplete checkpoints it created (never one in
+    ``existing``, the folders there before it started), an emptied ``checkpoints/``, its lock
+    file when nothing of the run is left, and ``out`` itself when the run created it and
+    nothing is left."""
     out = Path(out)
     ckpts = out / CHECKPOINTS
     try:
         for p in _checkpoint_dirs(ckpts):
-            if not is_complete_checkpoint(p):
+            if not is_complete_checkpoint(p) and p.name not in existing:
                 shutil.rmtree(p, ignore_errors=True)
         if ckpts.is_dir() and not any(ckpts.iterdir()):
             ckpts.rmdir()
+        if out.is_dir() and [n for n in os.listdir(out) if n != LOCK_FILE] == []:
+            (out / LOCK_FILE).unlink(missing_ok=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
     except OSError:
         pass  # best effort: never hide the error that ended the run
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``out/LOCK_FILE`` held by this process (see :func:`claim_run_folder`)."""
+
+    def __init__(self, out: Path, fd: int, created: bool) -> None:
+        self.out, self.fd, self.created = Path(out), fd, created
+
+    def release(self, finished: bool = False) -> None:
+        """Let go of the folder; ``finished``: the run ended, so the mark goes too."""
+        if self.fd < 0:
+            return
+        try:
+            if finished:
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def claim_run_folder(out: Path) -> RunLock:
+    """Create ``out`` if needed and lock it for this process, or raise a one-line ValueError
+    when another run holds it.  The lock is the kernel's (``flock``): a killed run frees it.
+    ``RunLock.created`` says whether this call made the folder."""
+    import fcntl
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    path = out / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ValueError(f"output folder {out} is in use by another run (pid {holder}); wait for it to "
+                             "finish or choose another --output-dir") from None
+        try:  # the holder before us may have removed the file as we opened it: lock the one in place
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return RunLock(out, fd, created)
+        os.close(fd)
 
 
 def base_fingerprint(model) -> str:

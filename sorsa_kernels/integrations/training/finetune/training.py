@@ -24,8 +24,8 @@ from .evaluation import default_max_new_tokens, evaluate, metrics_line
 from .model import apply_config_sorsa, load_base, load_sharded_quantized
 from .outputs import FinetuneResult, save_outputs, write_metrics
 from .rundir import (
-    CHECKPOINTS, METRICS_FILE, base_fingerprint, check_resume_matches, check_run_folder, claim_default_output_dir,
-    OutputState, cleanup_failed_run, resolve_resume, run_recorder,
+    CHECKPOINTS, METRICS_FILE, base_fingerprint, check_resume_matches, check_run_folder, checkpoint_names,
+    claim_default_output_dir, claim_run_folder, OutputState, cleanup_failed_run, resolve_resume, run_recorder,
 )
 
 
@@ -128,6 +128,26 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
     if ckpt is not None:
         check_resume_matches(ckpt, cfg)  # settings first: cheap, before any model is loaded
 
+    # ---- from here on the run owns its folder (another run into it is refused), and tidies it if it fails
+    lock, existing = None, frozenset()
+    if out is not None and is_main_process():
+        lock = claim_run_folder(out)
+        existing = checkpoint_names(out)  # a failed run removes only checkpoints it created
+    try:
+        if lock is not None:
+            ckpt = check_run_folder(out, cfg.resume_from_checkpoint)  # again, now that no other run can write
+        result = _load_train_and_save(cfg, out, ckpt, t_start, existing)
+    except BaseException:
+        if lock is not None:
+            cleanup_failed_run(lock.out, lock.created, existing)
+            lock.release()
+        raise
+    if lock is not None:
+        lock.release(finished=True)
+    return result
+
+
+def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existing: frozenset) -> FinetuneResult:
     # ---- data (checked before the model is loaded: it is cheaper)
     if cfg.data is not None:
         rows = load_records(cfg.data, cfg.prompt_field, cfg.response_field)
@@ -158,27 +178,32 @@ def _run(cfg: FinetuneConfig) -> FinetuneResult:
 
             base_copy = copy.deepcopy(model)
     use_chat = (not cfg.embedded) and getattr(tokenizer, "chat_template", None) is not None
-    train_ex = encode_all(tokenizer, train_rows, cfg, use_chat, "training")
-    eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out") if held_rows else None
+    data_counts: dict[str, dict] = {"training": {}, "held-out": {}}  # what --max-length dropped / cut
+    train_ex = encode_all(tokenizer, train_rows, cfg, use_chat, "training", data_counts["training"])
+    eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out", data_counts["held-out"]) if held_rows else None
     if not sharded_qsorsa:
         apply_config_sorsa(model, cfg)
     print_adaptation_summary(model, cfg)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
-    # ---- from here on the run writes: claim the folder, and tidy it if the run fails
-    if out is None:
+    # ---- from here on the run writes: claim a default folder (a given one is already claimed)
+    own_default = out is None
+    if own_default:
         out = claim_default_output_dir()
-        cfg.output_dir, created = str(out), True
-    else:
-        created = not out.exists()
+        cfg.output_dir = str(out)
+        lock = claim_run_folder(out)
     try:
-        return _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows,
-                               use_chat, fingerprint, t_start)
+        result = _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows,
+                                 use_chat, fingerprint, t_start, data_counts)
     except BaseException:
-        if is_main_process():
-            cleanup_failed_run(out, created)
+        if own_default:
+            cleanup_failed_run(out, True, existing)
+            lock.release()
         raise
+    if own_default:
+        lock.release(finished=True)
+    return result
 
 
 def print_adaptation_summary(model, cfg: FinetuneConfig) -> None:
@@ -212,7 +237,7 @@ def _check_finite(model, losses, step: int) -> None:
 
 
 def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows, use_chat,
-                    fingerprint, t_start) -> FinetuneResult:
+                    fingerprint, t_start, data_counts) -> FinetuneResult:
     from transformers import Trainer
 
     from ..trainer import SORSACallback
@@ -253,6 +278,7 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
         base_dir=(out / "base") if cfg.embedded else None, before=before, after=after,
         train_losses=losses, train_runtime_s=train_runtime, total_runtime_s=0.0,
         settings={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra_training_args"},
+        data={k: v for k, v in data_counts.items() if v},
     )
     if trainer.is_world_process_zero():
         # Resuming a finished run replaces its results: drop the finished mark first, so a

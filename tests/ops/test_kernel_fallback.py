@@ -1,0 +1,140 @@
+"""A kernel that cannot compile or launch on the GPU (OutOfResources, a ptxas error) falls
+back once to the reference for that shape, with one warning naming kernel, device and shape;
+training does not stop.  bfloat16 on a pre-Ampere GPU is an error naming float16.
+
+The failures are forced: the kernel's launch (in the interpreter on CPU) is replaced by one
+that raises what Triton raises on a GPU whose shared memory is too small.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from sorsa_kernels.ops import reference
+from sorsa_kernels.ops import regularizer as reg_op
+from tests.conftest import rel_err
+
+pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
+
+dispatch = importlib.import_module("sorsa_kernels.ops.dispatch")
+op = importlib.import_module("sorsa_kernels.ops.sorsa_linear")
+qop = importlib.import_module("sorsa_kernels.ops.qsorsa_linear")
+
+
+@pytest.fixture(autouse=True)
+def fresh_fallbacks(monkeypatch, backend):
+    monkeypatch.setattr(dispatch, "_FALLEN_BACK", set())
+    backend("triton")
+
+
+def _fail_launches(monkeypatch, module: str, kernel: str, exc: Exception) -> list:
+    """Make ``module.kernel``'s launches raise ``exc``; returns the list of attempted launches."""
+    autotuner = getattr(importlib.import_module(module), kernel)
+    calls = []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        raise exc
+
+    monkeypatch.setattr(autotuner.fn, "run", run)
+    return calls
+
+
+def _linear_inputs(dtype=torch.float32, M=9, n=40, m=24, r=5):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, n, generator=g).to(dtype).requires_grad_()
+    res = torch.randn(m, n, generator=g).to(dtype)
+    U, S, V = (torch.randn(*s, generator=g).requires_grad_() for s in ((m, r), (r,), (n, r)))
+    b = torch.randn(m, generator=g)
+    return x, res, U, S, V, b
+
+
+def test_linear_forward_out_of_resources_falls_back_once_with_one_warning(monkeypatch):
+    calls = _fail_launches(monkeypatch, "sorsa_kernels.kernels.sorsa_linear", "_lowrank_down_kernel",
+                           OutOfResources(131072, 101376, "shared memory"))
+    x, res, U, S, V, b = _linear_inputs()
+    with pytest.warns(RuntimeWarning) as record:
+        y = op.sorsa_linear(x, res, U, S, V, b, scale=0.5)
+    messages = [str(w.message) for w in record if "failed to compile or launch" in str(w.message)]
+    assert len(messages) == 1
+    assert "_lowrank_down_kernel" in messages[0] and "cpu" in messages[0] and "(9, 40)" in messages[0]
+    expected, _ = reference.linear_forward(x.detach().double(), res.double(), U.detach().double(),
+                                           S.detach().double(), V.detach().double(), b.double(), 0.5)
+    assert rel_err(y, expected) < 1e-5
+    y.sum().backward()  # training goes on: the backward still runs
+    assert U.grad is not None and torch.isfinite(U.grad).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same shape again: no second warning, no new attempt
+        op.sorsa_linear(x, res, U, S, V, b, scale=0.5)
+    assert len(calls) == 1
+
+
+def test_linear_backward_ptxas_error_falls_back_to_the_reference_gradients(monkeypatch):
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.sorsa_linear", "_lowrank_up_grad_kernel",
+                   PTXASError("ptxas fatal: Entry function uses too much shared data"))
+    x, res, U, S, V, b = _linear_inputs()
+    with pytest.warns(RuntimeWarning, match="_lowrank_up_grad_kernel"):
+        op.sorsa_linear(x, res, U, S, V, b, scale=0.5).sum().backward()
+    xd, Ud, Sd, Vd = (t.detach().double().requires_grad_() for t in (x, U, S, V))
+    reference.linear_dense(xd, res.double(), Ud, Sd, Vd, b.double(), 0.5).sum().backward()
+    for got, want in ((x.grad, xd.grad), (U.grad, Ud.grad), (S.grad, Sd.grad), (V.grad, Vd.grad)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_an_error_that_is_no_launch_failure_is_raised(monkeypatch):
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.sorsa_linear", "_lowrank_down_kernel",
+                   ValueError("a real bug"))
+    x, res, U, S, V, b = _linear_inputs()
+    with pytest.raises(ValueError, match="a real bug"):
+        op.sorsa_linear(x, res, U, S, V, b)
+
+
+def test_regularizer_out_of_resources_falls_back_to_the_reference(monkeypatch):
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.ortho_reg", "_ortho_gram_partial_kernel",
+                   OutOfResources(131072, 101376, "shared memory"))
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(30, 6, generator=g).requires_grad_() for _ in range(3)]
+    copies = [m.detach().double().requires_grad_() for m in mats]
+    with pytest.warns(RuntimeWarning, match="_ortho_gram_partial_kernel"):
+        value = reg_op.ortho_value_and_grad_(mats, 2.0)
+    expected = reference.ortho_value_and_grad_(copies, 2.0)
+    assert rel_err(value, expected) < 1e-5
+    for m, c in zip(mats, copies):
+        assert rel_err(m.grad, c.grad) < 1e-5
+
+
+def test_qsorsa_forward_out_of_resources_falls_back_to_the_reference(monkeypatch):
+    from sorsa_kernels.quant.nf4 import quantize_nf4
+
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.nf4_gemm", "_fused_nf4_lowrank_gemm_kernel",
+                   OutOfResources(221184, 101376, "shared memory"))
+    g = torch.Generator().manual_seed(2)
+    m, n, r = 24, 64, 4
+    q = quantize_nf4(torch.randn(m, n, generator=g))
+    x = torch.randn(5, n, generator=g)
+    U, S, V = (torch.randn(*s, generator=g) for s in ((m, r), (r,), (n, r)))
+    with pytest.warns(RuntimeWarning, match="_fused_nf4_lowrank_gemm_kernel"):
+        y = qop.qsorsa_linear(x, q, U, S, V, scale=0.5)
+    monkeypatch.setenv("SORSA_KERNELS_BACKEND", "reference")
+    assert rel_err(y, qop.qsorsa_linear(x, q, U, S, V, scale=0.5)) < 1e-6
+
+
+def test_bfloat16_on_a_pre_ampere_gpu_is_an_error_naming_float16(monkeypatch):
+    monkeypatch.setattr(dispatch, "_capability", lambda device: 75)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    x, res, U, S, V, b = _linear_inputs(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"bfloat16 needs .*8\.0.*Tesla T4 is sm_75.*float16"):
+        op.sorsa_linear(x, res, U, S, V, b)
+
+
+def test_float16_on_a_pre_ampere_gpu_runs_the_kernels(monkeypatch):
+    monkeypatch.setattr(dispatch, "_capability", lambda device: 75)
+    x, res, U, S, V, b = _linear_inputs(torch.float16)
+    y = op.sorsa_linear(x, res, U, S, V, b, scale=0.5)
+    expected, _ = reference.linear_forward(x.detach().double(), res.double(), U.detach().double(),
+                                           S.detach().double(), V.detach().double(), b.double(), 0.5)
+    assert rel_err(y, expected) < 1e-2
