@@ -209,7 +209,8 @@ def apply_sorsa(
     fused 3-D weights, are adapted too with the default targets (their rows of the table name
     ``"experts"``; ``"experts"`` in ``target_modules`` names them; ``"all-linear"`` leaves them
     frozen, as PEFT's option does): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
-    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`), the routing is untouched.
+    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`; with ``quantize="nf4"`` each expert's
+    residual is NF4, :class:`~sorsa_kernels.nn.qexperts.QSORSAExperts`), the routing is untouched.
 
     Example::
 
@@ -251,7 +252,8 @@ def apply_sorsa(
             done.append((linear, layer))
             del linear
         apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
-                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha)
+                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
+                      quant_iters=quant_iters)
         wrap_modules_to_save(model, saved)
     except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
         _undo(model, done, aliases)
