@@ -524,6 +524,18 @@ def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dic
         scale = 1.0 if alpha is None else float(alpha) / lc["rank"]
         U0, S0, V0 = (tensors[f"{name}.{k}"] for k in ("U0", "S0", "V0"))
         check_base_matches(name, weight, U0, S0, V0, scale, lc["quantize"], f"adapter {source}")
+    for name, ec in config.get("experts", {}).items():  # each expert's matrix like a layer's
+        module = base_model.get_submodule(name)
+        scale = 1.0 if alpha is None else float(alpha) / ec["rank"]
+        for attr in ec["projections"]:
+            w = getattr(module, attr)
+            w = w.mT if getattr(module, "is_transposed", False) else w  # experts × out × in
+            if allow_mismatch and w.device.type != "meta":
+                continue
+            U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in ("U0", "S0", "V0"))
+            for e in range(w.shape[0]):
+                check_base_matches(f"{name}.{attr}[expert {e}]", w[e], U0[e], S0[e], V0[e], scale,
+                                   ec.get("quantize"), f"adapter {source}")
 
 
 # ---------------------------------------------------------------------------------- experts

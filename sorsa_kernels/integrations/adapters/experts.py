@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -178,20 +178,32 @@ def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
     module.forward = sorsa_experts_forward.__get__(module)
 
 
-def merge_experts(module: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
-    """Put ``Wr + scale·U·diag(S)·Vᵀ`` back as the module's fused 3-D parameters, in place,
-    and restore the class's own forward."""
+def merged_stacks(module: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+    """``Wr + scale·U·diag(S)·Vᵀ`` of each projection of an adapted experts module, in the
+    module's own layout (``is_transposed`` honoured); the module is not changed."""
+    stacks = {}
     for attr in expert_weight_names(module):
-        layer = getattr(module, attr)
-        w = layer.merged_weight(dtype)
-        if getattr(module, "is_transposed", False):
-            w = w.mT.contiguous()
-        bias = layer.bias
+        w = getattr(module, attr).merged_weight(dtype)
+        stacks[attr] = w.mT.contiguous() if getattr(module, "is_transposed", False) else w
+    return stacks
+
+
+def install_merged(module: nn.Module, stacks: dict[str, Tensor]) -> None:
+    """Put the merged stacks (:func:`merged_stacks`) back as the module's fused 3-D parameters,
+    in place, and restore the class's own forward."""
+    for attr, w in stacks.items():
+        bias = getattr(module, attr).bias
         delattr(module, attr)
         setattr(module, attr, nn.Parameter(w, requires_grad=False))
         if bias is not None:
             setattr(module, f"{attr}_bias", nn.Parameter(bias.detach().to(w.dtype), requires_grad=False))
     module.__dict__.pop("forward", None)
+
+
+def merge_experts(module: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+    """Put ``Wr + scale·U·diag(S)·Vᵀ`` back as the module's fused 3-D parameters, in place,
+    and restore the class's own forward."""
+    install_merged(module, merged_stacks(module, dtype))
 
 
 def sorsa_experts_forward(
@@ -270,9 +282,18 @@ def apply_experts(model: nn.Module, names: list[str], rank: int, *, svd: str = "
         )
 
 
-def merge_all_experts(model: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
-    """:func:`merge_experts` on every adapted experts module; returns how many were merged."""
+def merge_all_experts(model: nn.Module, dtype: Optional[torch.dtype] = None,
+                      check: Optional[Callable[[str, Tensor], None]] = None) -> int:
+    """:func:`merge_experts` on every adapted experts module; returns how many were merged.
+
+    All or nothing: every merged stack is computed (and passed to ``check(name, stack)``,
+    which may raise) before any module is changed."""
     found = adapted_experts(model)
-    for module in found.values():
-        merge_experts(module, dtype)
+    planned = {name: merged_stacks(module, dtype) for name, module in found.items()}
+    if check is not None:
+        for name, stacks in planned.items():
+            for attr, w in stacks.items():
+                check(f"{name}.{attr}", w)
+    for name, module in found.items():
+        install_merged(module, planned[name])
     return len(found)

@@ -288,15 +288,19 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
     layers = sorsa_layers(model)
     aliases = module_aliases(model)
     done: list[tuple[nn.Module, nn.Module]] = []
+
+    def check(name: str, weight: torch.Tensor) -> None:
+        if not allow_non_finite:
+            check_finite(weight, f"the merged weight of layer {name}", "merge",
+                         " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
+
     try:
         for name, layer in layers.items():
             merged = layer.merge(dtype)
-            if not allow_non_finite:
-                check_finite(merged.weight, f"the merged weight of layer {name}", "merge",
-                             " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
+            check(name, merged.weight)
             replace_everywhere(model, layer, merged, aliases)
             done.append((layer, merged))
-        merged_experts = merge_all_experts(model, dtype)
+        merged_experts = merge_all_experts(model, dtype, check)
     except BaseException:
         _undo(model, done, aliases)
         raise

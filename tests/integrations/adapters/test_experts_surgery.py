@@ -214,3 +214,39 @@ def test_triton_backend_trains_experts_like_the_reference(ids, backend):
     assert sorted(got) == sorted(want)
     for n in want:
         assert rel_err(got[n], want[n]) < 1e-4, n
+
+
+# ---- issue 24's guarantees on expert weights: the base they were fitted to, finite merges
+def _trained_mixtral(ids, tmp_path):
+    model = train_steps(apply_sorsa(build("mixtral"), rank=4, alpha=8.0, progress=False), ids, steps=2)
+    save_adapter(model, tmp_path / "adapter")
+    return model
+
+
+def test_load_adapter_refuses_a_base_whose_experts_hold_the_merged_update(ids, tmp_path):
+    model = _trained_mixtral(ids, tmp_path)
+    merged = merge_sorsa(fresh_copy(model))
+    with torch.no_grad():  # only the experts differ from the true base: the attention rows match
+        base = build("mixtral")
+        for (name, p), (_, q) in zip(base.named_parameters(), merged.named_parameters()):
+            if ".experts." in name:
+                p.copy_(q)
+    with pytest.raises(ValueError, match=r"not fitted to this base: layer model\.layers\.\d\.mlp\.experts\."
+                                         r"(gate_up_proj|down_proj)\[expert \d\]"):
+        load_adapter(base, tmp_path / "adapter")
+    assert not adapted_experts(base)
+    load_adapter(base, tmp_path / "adapter", allow_base_mismatch=True)  # on purpose: allowed
+    assert adapted_experts(base)
+
+
+def test_merge_sorsa_refuses_a_nan_expert_factor_and_leaves_the_model_adapted(ids, tmp_path):
+    model = _trained_mixtral(ids, tmp_path)
+    experts = adapted_experts(model)
+    with torch.no_grad():
+        experts["model.layers.1.mlp.experts"].down_proj.U[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.down_proj"):
+        merge_sorsa(model)
+    assert sorted(adapted_experts(model)) == sorted(experts)  # no experts module merged
+    assert any(isinstance(m, torch.nn.Module) and type(m).__name__ == "SORSALinear" for m in model.modules())
+    merge_sorsa(model, allow_non_finite=True)  # on purpose: allowed
+    assert not adapted_experts(model)
