@@ -61,6 +61,7 @@ from .finetune.config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FinetuneConfi
 from .finetune.encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .finetune.evaluation import default_max_new_tokens, exact_match
 from .finetune.model import apply_config_sorsa, load_base
+from .progress import library_bars
 from .finetune.training import training_arguments
 from .options import ConfigError
 from ..adapters.surgery import find_targets
@@ -270,15 +271,16 @@ def run_compare(config: CompareConfig) -> CompareResult:
     check_compare_environment(config)
     out = Path(cfg.output_dir or time.strftime("sorsa-compare-%Y%m%d-%H%M%S"))
     check_output_dir(out, hint=" --output-dir")
-    if not cfg.embedded:
-        return _run(config, cfg, out)
-    # As in the finetune job: one thread for the tiny model (faster, and bit-reproducible).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(config, cfg, out)
-    finally:
-        torch.set_num_threads(threads)
+    with library_bars(cfg.progress):  # progress=False: transformers' own bars off too
+        if not cfg.embedded:
+            return _run(config, cfg, out)
+        # As in the finetune job: one thread for the tiny model (faster, and bit-reproducible).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run(config, cfg, out)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult:

@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["build_report", "write_report", "summary_table", "ordering_line", "markdown", "plot_all", "PLOT_FILES",
-           "sweep_section", "sweep_markdown", "plot_sweep", "SWEEP_PLOT"]
+__all__ = ["build_report", "write_report", "summary_table", "ordering_line", "scope_line", "markdown", "plot_all",
+           "PLOT_FILES", "REAL_MODEL_COMPARISON", "sweep_section", "sweep_markdown", "plot_sweep", "SWEEP_PLOT"]
 
 PLOT_FILES = ("compare_loss.png", "compare_drift.png", "compare_drift_layers.png")
 SWEEP_PLOT = "compare_lr_sweep.png"
@@ -46,6 +46,8 @@ DEFINITIONS = (
     "Held-out loss: mean cross-entropy over all held-out response tokens. Exact match: greedy completion "
     "equals the response."
 )
+#: The repository's comparison on a real model, which the toy comparison points to.
+REAL_MODEL_COMPARISON = "docs/results/compare-smollm2-cpu.md"
 _SETTINGS = ("model", "data", "eval_data", "rank", "alpha", "gamma", "learning_rate", "lr_scheduler_type",
              "warmup_ratio", "max_steps", "num_train_epochs", "per_device_train_batch_size",
              "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed",
@@ -200,6 +202,21 @@ def ordering_line(report: dict[str, Any]) -> str:
     return line
 
 
+def scope_line(report: dict[str, Any]) -> str:
+    """One sentence on what this comparison's task and budget can and cannot show (printed under the table)."""
+    s = report["settings"]
+    steps = max((v["steps"] for v in report["methods"].values()), default=0)
+    if s["model"] == "embedded":
+        what = (f"On the embedded default (a 0.6 M-parameter toy model, {steps} steps) this shows that "
+                "every method trains and how far each moves the weights (ΔΣ, ΔD), not which method is better on "
+                "a real model: one tiny model, one seed and a short budget cannot rank them")
+    else:
+        what = (f"This is one seed and {steps} steps on this data: the ordering says which method was ahead at "
+                "this budget, not how the methods rank after a full run (the paper's ordering is for whole "
+                "epochs on 7B models)")
+    return f"{what}; for a real model see {REAL_MODEL_COMPARISON}."
+
+
 def markdown(report: dict[str, Any]) -> str:
     """``compare.md``: settings, the summary table, the ordering, and every method's trajectory."""
     s = report["settings"]
@@ -217,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in _summary_rows(report)]
-    lines += ["", ordering_line(report), "", f"Parameters: {report['parameter_matching']}", "",
+    lines += ["", ordering_line(report), "", scope_line(report), "", f"Parameters: {report['parameter_matching']}", "",
               f"Definitions: {report['definitions']}", ""]
     if s.get("answer_pattern"):
         lines += [f"Exact match compares the answer extracted by `{s['answer_pattern']}` from completion and "
@@ -314,8 +331,8 @@ def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> tuple
             if "lr_sweep" in report:
                 files.append(plot_sweep(report, out))
         except ImportError:
-            note = ("no PNGs: they need matplotlib (pip install matplotlib, or the test extra: "
-                    "pip install 'sorsa-kernels[test]'); compare.json holds every number they show")
+            note = ("no PNGs: they need matplotlib (pip install matplotlib); "
+                    "compare.json holds every number they show")
     return files, note
 
 

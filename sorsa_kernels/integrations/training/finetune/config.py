@@ -89,13 +89,14 @@ class FinetuneConfig:
     model: str = option(EMBEDDED_NAME, "local path or Hub id of a causal LM, or a .gguf file (dequantized; its "
                         "tokenizer and chat template come from the same file)", group=_DATA)
     data: Optional[str] = option(None, "training data: .jsonl, .json or .parquet with prompt/response fields",
-                                 group=_DATA)
+                                 group=_DATA, shown="the embedded arithmetic problems; required with {model:flag}")
     eval_data: Optional[str] = option(None, "held-out data", group=_DATA,
                                       shown="{eval_fraction:flag} of {data:flag}")
     prompt_field: str = option("prompt", "name of the prompt field", group=_DATA)
     response_field: str = option("response", "name of the response field", group=_DATA)
     prompt_template: Optional[str] = option(
-        None, "layout for tokenizers without a chat template; must contain {{prompt}}", group=_DATA)
+        None, "layout for tokenizers without a chat template; must contain {{prompt}}", group=_DATA,
+        shown="Alpaca-style '### Instruction:' … '### Response:'")
     output_dir: Optional[str] = option(
         None, "where to write adapter/, merged/ …; refused if it holds anything but an unfinished run's leftovers",
         group=_DATA, shown="a new ./sorsa-output-<time>[-N]")
@@ -114,7 +115,8 @@ class FinetuneConfig:
                                            choices=tuple(DTYPES), shown="the weight's")
     adapter_dtype: Optional[str] = option(None, "dtype of U, S, V", group=_SORSA, choices=tuple(DTYPES),
                                           shown="float32")
-    quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",))
+    quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",),
+                                     shown="none: dense residuals")
     # ---- training
     learning_rate: Optional[float] = option(None, "peak learning rate", group=_TRAINING,
                                             flags=("--learning-rate", "--lr"), paper=3e-5, embedded=3e-3)
@@ -141,13 +143,13 @@ class FinetuneConfig:
     resume_from_checkpoint: Optional[str] = option(
         None, "continue from a complete checkpoint folder (or 'last': the newest under OUTPUT/checkpoints) with "
         "the same model, rank, targets, alpha and dtypes; writes into a new {output_dir:flag} or the checkpoint's "
-        "own run folder, never another run's", group=_TRAINING, metavar="DIR")
+        "own run folder, never another run's", group=_TRAINING, metavar="DIR", shown="none: a fresh start")
     # ---- logging, evaluation, saving
     logging_steps: Optional[int] = option(None, "log every N steps", group=_LOGGING, paper=10, embedded=25)
     eval_steps: Optional[int] = option(None, "held-out loss every N steps", group=_LOGGING,
                                        shown="only before and after")
     save_steps: Optional[int] = option(None, "checkpoint every N steps", group=_LOGGING, shown="no checkpoints")
-    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING)
+    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING, shown="all")
     eval_fraction: float = option(0.05, "held-out fraction of {data:flag}", group=_LOGGING)
     eval_samples: int = option(200, "held-out examples for exact match", group=_LOGGING)
     max_new_tokens: Optional[int] = option(None, "generation length for exact match", group=_LOGGING,
@@ -160,7 +162,8 @@ class FinetuneConfig:
     report_to: str = option("none", "Trainer loggers: none, tensorboard, wandb …", group=_LOGGING)
     pretrain_steps: Optional[int] = option(None, "embedded model only: in-process pretraining steps",
                                            group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}")
-    progress: bool = option(True, "no progress bars", group=_LOGGING, flags=("--quiet",))
+    progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
+                                    "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
     verbose: bool = option(False, "after the one-line adaptation summary, list every linear layer and fused "
                            "expert weight left unadapted", group=_LOGGING)
     # ---- Python only

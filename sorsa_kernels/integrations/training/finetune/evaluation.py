@@ -13,8 +13,9 @@ import re
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
-from .config import LAST_NUMBER, check_answer_pattern, distributed
+from .config import LAST_NUMBER, check_answer_pattern, distributed, is_main_process
 from .encoding import prompt_ids
 
 
@@ -78,8 +79,10 @@ def answers_match(completion: str, response: str, extract: Callable[[str], Optio
 @torch.no_grad()
 def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_template: bool,
                 max_new_tokens: int, batch_size: int = 32, synced: bool = False,
-                max_length: Optional[int] = None, answer_pattern: Optional[str] = None) -> float:
-    """Fraction of ``rows`` whose greedy completion, stripped, equals the response, stripped.
+                max_length: Optional[int] = None, progress: bool = False,
+                answer_pattern: Optional[str] = None) -> float:
+    """Fraction of ``rows`` whose greedy completion, stripped, equals the response, stripped
+    (with ``progress``, an ``exact match`` bar over the examples).
 
     With ``max_length`` (the job's ``--max-length``) a prompt longer than
     ``max_length − max_new_tokens`` tokens keeps only its last ones, as many as fit: the
@@ -101,6 +104,7 @@ def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_temp
     tokenizer.padding_side = "left"
     device = next(p for p in model.parameters()).device
     correct = 0
+    bar = tqdm(total=len(rows), desc="exact match", unit="example", leave=False, disable=not progress)
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -121,7 +125,9 @@ def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_temp
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
             texts = tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
             correct += sum(answers_match(t, r["response"], extract) for t, r in zip(texts, chunk))
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return correct / len(rows)
@@ -137,7 +143,7 @@ def evaluate(trainer, model, tokenizer, eval_ds, em_rows, cfg, use_chat, max_new
         out["exact_match"] = exact_match(
             trainer.model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
             cfg.eval_batch_size, synced=cfg.fsdp and distributed(), max_length=cfg.max_length,
-            answer_pattern=cfg.answer_pattern,
+            progress=cfg.progress and is_main_process(), answer_pattern=cfg.answer_pattern,
         )
     return out
 
