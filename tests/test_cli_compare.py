@@ -85,7 +85,7 @@ def test_compare_takes_the_finetune_flags_and_its_own():
     choices = build_parser()._subparsers._group_actions[0].choices
     finetune = {a.dest for a in choices["finetune"]._actions}
     compare = {a.dest for a in choices["compare"]._actions}
-    assert compare - finetune == {"methods", "full", "record_every", "plots"}
+    assert compare - finetune == {"methods", "full", "record_every", "plots", "lr_sweep"}
     assert finetune <= compare
     assert finetune - {"help"} <= set(FinetuneConfig.__dataclass_fields__)
 
