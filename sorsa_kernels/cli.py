@@ -38,6 +38,44 @@ __all__ = ["main", "build_parser", "config_from_args"]
 PROG = "sorsa-kernels"
 
 
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` that suggests the nearest option or command for a misspelt one
+    (``unrecognized arguments: --learnig-rate (did you mean --learning-rate?)``) and, in a
+    subcommand, reports an unknown option with that subcommand's own usage, not the top-level one.
+    (Python 3.14's ``suggest_on_error`` does the first half; this package supports 3.10+.)"""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subcommand:  # the top-level parser would report them with its own usage
+            self.error("unrecognized arguments: %s" % " ".join(extras))
+        return namespace, extras
+
+    _subcommand = False
+
+    def error(self, message: str):
+        return super().error(message + _suggestion(message, self))
+
+
+class _SubcommandParser(_Parser):
+    _subcommand = True
+
+
+def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """`` (did you mean X?)`` for the unknown option or command named in an argparse error message."""
+    import difflib
+    import re
+
+    if message.startswith("unrecognized arguments: "):
+        words = [w.split("=", 1)[0] for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+        known = [o for a in parser._actions for o in a.option_strings]
+    else:
+        m = re.match(r"argument \S+: invalid choice: '([^']*)'", message)
+        words = [m.group(1)] if m else []
+        known = [c for a in parser._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+    near = [hit for w in words for hit in difflib.get_close_matches(w, known, n=1, cutoff=0.6)]
+    return f" (did you mean {' '.join(near)}?)" if near else ""
+
+
 def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune",
@@ -173,8 +211,9 @@ def _add_model_commands(sub) -> None:
     p = sub.add_parser("analyze", help="ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG")
     p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
     p.add_argument("--adapter", required=True, nargs="+", help="adapter folder(s); several give a trajectory")
-    p.add_argument("--plot", default="singular_drift.png", help="PNG to write (default: singular_drift.png)")
-    p.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="table only")
+    p.add_argument("--plot", metavar="PNG",
+                   help="figure to write (default: singular_drift.png next to the (last) adapter)")
+    p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the adapter(s) to a base other than the one they were fitted to, on purpose")
     p.set_defaults(run=_analyze)
@@ -194,13 +233,13 @@ def _add_model_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sorsa-kernels`` argument parser (one subparser per command)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Fast SORSA fine-tuning.")
+    parser = _Parser(prog=PROG, description="Fast SORSA fine-tuning.")
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a failure (also accepted after the command)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
     _add_finetune(sub)
     _add_compare(sub)
@@ -227,15 +266,27 @@ def _config_from_args(args: argparse.Namespace, config_class: type):
     return config_class(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _bars_wanted() -> bool:
+    """Progress bars only for a person at a terminal: redirected to a file they are a wall of ``\\r``."""
+    return sys.stderr.isatty()  # tqdm draws on stderr
+
+
+def _job_config(args: argparse.Namespace) -> "FinetuneConfig":
+    cfg = config_from_args(args)
+    cfg.progress = cfg.progress and _bars_wanted()  # --quiet, or not a terminal: no bars
+    return cfg
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import run_finetune
     from .integrations.training.finetune.config import is_main_process
 
-    result = run_finetune(config_from_args(args))
+    result = run_finetune(_job_config(args))
     if not is_main_process():
         return 0
     print()
-    print(f"{'':24}{'before':>10}{'after':>10}")
+    if result.before or result.after:  # no empty table under --no-eval
+        print(f"{'':24}{'before':>10}{'after':>10}")
     for key, label, fmt in (("loss", "held-out loss", "{:10.4f}"), ("exact_match", "exact match", "{:9.1%} ")):
         if key in result.before or key in result.after:
             b = fmt.format(result.before[key]) if key in result.before else f"{'-':>10}"
@@ -252,14 +303,15 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .integrations.training.compare import run_compare
-    from .integrations.training.compare_report import ordering_line, summary_table
+    from .integrations.training.compare_report import ordering_line, scope_line, summary_table
 
-    args.finetune = config_from_args(args)
+    args.finetune = _job_config(args)
     result = run_compare(_config_from_args(args, _config_classes()[1]))
     report = result.report
     print()
     print(summary_table(report))
     print(ordering_line(report))
+    print(scope_line(report))
     print(f"setup {report['timing_s']['setup_s']:.1f} s, total {report['timing_s']['total_s']:.1f} s")
     for path in result.files:
         print(f"wrote {path}")
@@ -274,9 +326,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .integrations.training.finetune import analyze_job, plot_drift
+    from .integrations.training.finetune import analyze_job, default_plot_path, plot_drift
 
-    drift = analyze_job(args.base, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+    drift = analyze_job(args.base, args.adapter, progress=_bars_wanted(),
+                        allow_base_mismatch=args.allow_base_mismatch)
     for adapter, layers in drift:
         print(f"adapter {adapter}")
         width = max(len(n) for n in layers)
@@ -286,16 +339,16 @@ def _analyze(args: argparse.Namespace) -> int:
         n = len(layers)
         print(f"  {'mean':{width}}  {sum(d.delta_sigma for d in layers.values()) / n:12.4e}"
               f"  {sum(d.delta_d for d in layers.values()) / n:12.4e}")
-    if args.plot:
-        print(f"plot: {plot_drift(drift, args.plot)}")
+    if args.draw:
+        print(f"plot: {plot_drift(drift, args.plot or default_plot_path(args.adapter))}")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import merge_job
 
-    out = merge_job(args.base, args.adapter, args.output, allow_base_mismatch=args.allow_base_mismatch,
-                    allow_non_finite=args.allow_non_finite)
+    out = merge_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
+                    allow_base_mismatch=args.allow_base_mismatch, allow_non_finite=args.allow_non_finite)
     print(f"merged model: {out}")
     return 0
 
@@ -303,7 +356,8 @@ def _merge(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .integrations.training.finetune import export_lora_job
 
-    out = export_lora_job(args.base, args.adapter, args.output, allow_base_mismatch=args.allow_base_mismatch)
+    out = export_lora_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
+                          allow_base_mismatch=args.allow_base_mismatch)
     print(f"PEFT LoRA adapter: {out}")
     return 0
 

@@ -34,3 +34,13 @@ def test_model_drift_covers_every_layer_and_grows_with_training():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="one shape"):
         singular_drift(torch.randn(3, 4), torch.randn(4, 3))
+
+
+def test_model_drift_of_a_merged_model_says_to_analyze_a_copy_made_before_merging():
+    from sorsa_kernels import merge_sorsa
+
+    model = build_tiny_llama()
+    apply_sorsa(model, 4, progress=False)
+    merge_sorsa(model)
+    with pytest.raises(ValueError, match="no SORSA layers to analyze .*copy made before merging"):
+        model_singular_drift(model)

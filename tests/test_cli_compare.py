@@ -33,6 +33,16 @@ def test_compare_command_prints_the_summary_and_writes_the_report(tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md"]
 
 
+def test_compare_says_under_its_table_what_the_toy_run_cannot_show_and_where_a_real_model_is(tmp_path, capsys):
+    rc = main(["compare", *TINY, "--methods", "sorsa", "lora", "--no-plots", "--output-dir", str(tmp_path / "c")])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    at = next(i for i, l in enumerate(lines) if l.startswith("by held-out loss"))
+    scope = lines[at + 1]
+    assert scope.startswith("On the embedded default") and "not which method is better on a real model" in scope
+    assert scope.endswith("see docs/results/compare-smollm2-cpu.md.")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--record-every", "0"], "record-every must be a positive number of steps, got 0"),
     (["--record-every", "2", "--eval-steps", "3"], "eval-steps 3 must be a multiple of record-every 2"),
@@ -75,7 +85,7 @@ def test_compare_takes_the_finetune_flags_and_its_own():
     choices = build_parser()._subparsers._group_actions[0].choices
     finetune = {a.dest for a in choices["finetune"]._actions}
     compare = {a.dest for a in choices["compare"]._actions}
-    assert compare - finetune == {"methods", "full", "record_every", "plots"}
+    assert compare - finetune == {"methods", "full", "record_every", "plots", "lr_sweep"}
     assert finetune <= compare
     assert finetune - {"help"} <= set(FinetuneConfig.__dataclass_fields__)
 

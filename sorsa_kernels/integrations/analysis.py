@@ -56,10 +56,20 @@ def model_singular_drift(model: nn.Module) -> dict[str, SingularDrift]:
 
     The current weight is ``Wr + scale·U·diag(S)·Vᵀ`` and the initial one
     ``Wr + scale·U0·diag(S0)·V0ᵀ`` (for QSORSA ``Wr`` is the dequantized residual),
-    both assembled in float64 on the CPU.
+    both assembled in float64 on the CPU.  A model without SORSA layers is an error:
+    :func:`~sorsa_kernels.merge_sorsa` replaces them in place, so analyze a copy made before merging.
+
+    Example::
+
+        >>> adapted = copy.deepcopy(model); merge_sorsa(model)
+        >>> drift = model_singular_drift(adapted)      # {layer name: SingularDrift(delta_sigma, delta_d)}
     """
+    layers = sorsa_layers(model)
+    if not layers:
+        raise ValueError("the model has no SORSA layers to analyze (merge_sorsa works in place: "
+                         "analyze a copy made before merging)")
     out = {}
-    for name, layer in sorsa_layers(model).items():
+    for name, layer in layers.items():
         if layer.init_factors is None:
             raise ValueError(f"layer {name} has no initial factors")
         res = layer.dense_residual().detach().to("cpu", torch.float64)  # dequantized for QSORSA

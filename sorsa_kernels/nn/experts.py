@@ -18,16 +18,18 @@ from torch import Tensor, nn
 from ..ops import reference
 from ..ops.experts import sorsa_experts
 from .checks import check_dtype, check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
+from .factory import register_experts_class
 from .knobs import check_knob
 
-__all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK"]
+__all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK", "expert_chunks", "check_expert_stack"]
 
 #: Experts split (SVD, residual) or merged at a time: bounds the float32 temporaries of a
 #: 128-expert layer to a few experts' worth instead of the whole stack.
 DEFAULT_EXPERT_CHUNK = 8
 
 
-def _chunks(E: int, chunk: int):
+def expert_chunks(E: int, chunk: int):
+    """``slice`` s of at most ``chunk`` consecutive experts covering ``range(E)``."""
     for a in range(0, E, chunk):
         yield slice(a, min(a + chunk, E))
 
@@ -37,11 +39,20 @@ def _residual_stack(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: f
     """``Wr = W0 − scale·U0·diag(S0)·V0ᵀ`` per expert, in float32 a chunk of experts at a time,
     stored in ``dtype`` (the same computation at initialization and on load)."""
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    for sl in _chunks(weight.shape[0], chunk):
+    for sl in expert_chunks(weight.shape[0], chunk):
         out[sl] = reference.compute_residual(weight[sl], U0[sl], S0[sl], V0[sl], scale).to(dtype)
     return out
 
 
+def check_expert_stack(weight: Tensor, name: Optional[str]) -> None:
+    """A ValueError unless ``weight`` is a 3-D stack E×out×in of a supported dtype."""
+    if not isinstance(weight, Tensor) or weight.dim() != 3:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"expert weights must be a 3-D stack E×out×in, got {shape}{layer_suffix(name)}")
+    check_dtype(weight.dtype, "weight dtype" + layer_suffix(name))
+
+
+@register_experts_class
 class SORSAExperts(nn.Module):
     """E SORSA linears in one stack: per expert ``y_e = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ (+ b_e)``.
 
@@ -99,13 +110,6 @@ class SORSAExperts(nn.Module):
         self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _check_stack(weight: Tensor, name: Optional[str]) -> None:
-        if not isinstance(weight, Tensor) or weight.dim() != 3:
-            shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-            raise ValueError(f"expert weights must be a 3-D stack E×out×in, got {shape}{layer_suffix(name)}")
-        check_dtype(weight.dtype, "weight dtype" + layer_suffix(name))
-
     @classmethod
     def from_weight(
         cls,
@@ -130,7 +134,7 @@ class SORSAExperts(nn.Module):
         are those of :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`;
         ``bias`` (E×out) is kept frozen.
         """
-        cls._check_stack(weight, name)
+        check_expert_stack(weight, name)
         E, m, n = weight.shape
         validate_rank(rank, n, m, name)
         for knob, value in (("alpha", alpha), ("niter", niter), ("oversample", oversample)):
@@ -143,7 +147,7 @@ class SORSAExperts(nn.Module):
         S0 = torch.empty(E, rank, dtype=adapter_dtype, device=weight.device)
         V0 = torch.empty(E, n, rank, dtype=adapter_dtype, device=weight.device)
         with torch.no_grad():
-            for sl in _chunks(E, expert_chunk):
+            for sl in expert_chunks(E, expert_chunk):
                 u, s, v = reference.principal_split(
                     weight[sl], rank, svd=svd, niter=niter, oversample=oversample, dtype=svd_dtype
                 )
@@ -173,7 +177,7 @@ class SORSAExperts(nn.Module):
         The residual is recomputed from ``weight`` and ``(U0, S0, V0)`` by the same float32
         computation as at initialization, so a reloaded adapter reproduces training exactly.
         """
-        cls._check_stack(weight, name)
+        check_expert_stack(weight, name)
         E, m, n = weight.shape
         r = S0.shape[-1]
         expected = {"U0": (E, m, r), "S0": (E, r), "V0": (E, n, r)}
@@ -194,8 +198,7 @@ class SORSAExperts(nn.Module):
         dev = weight.device
         U0, S0, V0 = (t.to(dev) for t in (U0, S0, V0))
         with torch.no_grad():
-            res = _residual_stack(weight.detach(), U0, S0, V0, layer.scale, residual_dtype, expert_chunk)
-        layer.residual = nn.Parameter(res, requires_grad=False)
+            layer.store_residual(weight.detach(), U0, S0, V0, residual_dtype, expert_chunk)
         src = trained if trained is not None else (U0, S0, V0)
         layer.U = nn.Parameter(src[0].detach().to(dev, U0.dtype).clone())
         layer.S = nn.Parameter(src[1].detach().to(dev, U0.dtype).clone())
@@ -204,6 +207,13 @@ class SORSAExperts(nn.Module):
             layer.bias = nn.Parameter(bias.detach().to(dev, residual_dtype).clone(), requires_grad=False)
         layer.init_factors = tuple(t.detach().to("cpu").clone() for t in (U0, S0, V0))
         return layer
+
+    def store_residual(self, weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, dtype: torch.dtype,
+                       expert_chunk: int = DEFAULT_EXPERT_CHUNK) -> None:
+        """Store ``Wr = W0 − scale·U0·diag(S0)·V0ᵀ`` (computed in float32 a chunk of experts at a
+        time) as the frozen residual, in ``dtype``."""
+        res = _residual_stack(weight, U0, S0, V0, self.scale, dtype, expert_chunk)
+        self.residual = nn.Parameter(res, requires_grad=False)
 
     # ------------------------------------------------------------------ module API
     @property
@@ -219,15 +229,25 @@ class SORSAExperts(nn.Module):
         """The trainable stacks ``[U, S, V]``."""
         return [self.U, self.S, self.V]
 
+    def dense_residual(self, dtype: Optional[torch.dtype] = None, experts: Optional[slice] = None) -> Tensor:
+        """The residual of ``experts`` (default all) as a dense stack in ``dtype`` (default its own).
+
+        Example::
+
+            >>> Wr = layer.dense_residual(torch.float32, slice(0, 2))   # experts 0 and 1
+        """
+        res = self.residual if experts is None else self.residual[experts]
+        return res if dtype is None else res.to(dtype)
+
     def merged_weight(self, dtype: Optional[torch.dtype] = None, expert_chunk: int = DEFAULT_EXPERT_CHUNK) -> Tensor:
         """``Wr + scale·U·diag(S)·Vᵀ`` per expert (E×out×in), computed in float32 a chunk of
         experts at a time and stored in ``dtype`` (default: the residual's dtype)."""
         dtype = dtype or self.residual.dtype
-        out = torch.empty(self.residual.shape, dtype=dtype, device=self.residual.device)
+        out = torch.empty(self.residual.shape, dtype=dtype, device=self.U.device)
         with torch.no_grad():
-            for sl in _chunks(self.num_experts, expert_chunk):
-                out[sl] = reference.merged_weight(self.residual[sl], self.U[sl], self.S[sl], self.V[sl],
-                                                  self.scale).to(dtype)
+            for sl in expert_chunks(self.num_experts, expert_chunk):
+                out[sl] = reference.merged_weight(self.dense_residual(torch.float32, sl), self.U[sl], self.S[sl],
+                                                  self.V[sl], self.scale).to(dtype)
         return out
 
     def extra_repr(self) -> str:

@@ -17,15 +17,40 @@ from torch import nn
 
 from .knobs import check_knob
 
-__all__ = ["make_sorsa_linear", "register_layer_class", "layer_class", "quantize_modes"]
+__all__ = ["make_sorsa_linear", "register_layer_class", "layer_class", "quantize_modes",
+           "register_experts_class", "experts_class"]
 
 _LAYER_CLASSES: dict[Optional[str], type] = {}
+#: The same table for the fused experts of mixture-of-experts layers (``SORSAExperts`` /
+#: ``QSORSAExperts``), filled the same way.
+_EXPERTS_CLASSES: dict[Optional[str], type] = {}
 
 
 def register_layer_class(cls: type) -> type:
     """Record ``cls`` as the layer built for ``quantize=cls.quantize``; returns ``cls`` (a class decorator)."""
     _LAYER_CLASSES[cls.quantize] = cls
     return cls
+
+
+def register_experts_class(cls: type) -> type:
+    """Record ``cls`` as the experts layer built for ``quantize=cls.quantize`` (a class decorator)."""
+    _EXPERTS_CLASSES[cls.quantize] = cls
+    return cls
+
+
+def experts_class(quantize: Optional[str]) -> type:
+    """The SORSA experts class for ``quantize``; a ValueError lists the allowed values otherwise.
+
+    Example::
+
+        >>> experts_class("nf4").__name__
+        'QSORSAExperts'
+    """
+    if quantize not in _EXPERTS_CLASSES:
+        allowed = " or ".join(repr(k) if k is not None else "None" for k in
+                              (None, *sorted(k for k in _EXPERTS_CLASSES if k is not None)))
+        raise ValueError(f"quantize must be {allowed} for expert weights, got {quantize!r}")
+    return _EXPERTS_CLASSES[quantize]
 
 
 def quantize_modes() -> tuple[Optional[str], ...]:

@@ -16,6 +16,8 @@ which is why it sits in ``nn/``, above both; the error report stays in :mod:`sor
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
@@ -41,13 +43,16 @@ def error_reducing_split(
     oversample: int = 16,
     svd_dtype: torch.dtype = torch.float32,
     factor_dtype: torch.dtype = torch.float32,
+    on_iterate: Optional[Callable[[int, tuple[Tensor, Tensor, Tensor], float], None]] = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], list[float], int]:
     """Initial factors ``(U0, S0 = σ/scale, V0)`` after ``iters`` error-reducing iterations.
 
     Runs on ``weight``'s device (move the weight first to run the SVD elsewhere).  The
     factors come back in ``factor_dtype``; ``NF4(compute_residual(weight, U0, S0, V0, scale))``
     is the layer's residual.  Also returns the Frobenius error of each iterate
-    ``0..iters`` and the index of the one kept (the smallest).
+    ``0..iters`` and the index of the one kept (the smallest).  ``on_iterate(t, factors, err)``,
+    if given, sees every iterate (for analysis: one call with ``iters=T`` then gives what
+    ``iters=0..T`` would keep).
 
     Example::
 
@@ -66,6 +71,8 @@ def error_reducing_split(
 
     split = dict(svd=svd, niter=niter, oversample=oversample, dtype=svd_dtype)
     factors, deq, err = candidate(*reference.principal_split(w, rank, **split))
+    if on_iterate is not None:
+        on_iterate(0, factors, err)
     best, best_err, history = factors, err, [err]
     best_iter = 0
     for it in range(1, iters + 1):
@@ -73,6 +80,8 @@ def error_reducing_split(
         del deq
         factors, deq, err = candidate(*reference.principal_split(target, rank, **split))
         del target
+        if on_iterate is not None:
+            on_iterate(it, factors, err)
         history.append(err)
         if err < best_err:
             best, best_err, best_iter = factors, err, it

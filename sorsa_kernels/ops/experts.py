@@ -12,6 +12,11 @@ kernel that cannot compile or launch on the GPU falls back to the reference for 
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward.  The residual and the bias
 are frozen (a residual that requires grad is rejected).
+
+:func:`qsorsa_experts` is the same op with the residual stored per expert in NF4 (QSORSA):
+the *dequant path* dequantizes (bitsandbytes) a chunk of experts that have rows at a time —
+never the whole E×m×n stack, never an expert without rows — and runs the dense op's path
+(reference or grouped kernels) on that chunk's rows; backward dequantizes again for ``dx``.
 """
 from __future__ import annotations
 
@@ -21,10 +26,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
 from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
 
-__all__ = ["sorsa_experts"]
+__all__ = ["sorsa_experts", "qsorsa_experts", "dequantize_experts"]
 
 _FORWARD = "sorsa_experts forward"
 _BACKWARD = "sorsa_experts backward"
@@ -158,3 +164,109 @@ def sorsa_experts(
     """
     _check(x, counts, residual, U, S, V, bias)
     return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale), _decide(x, residual, U, S, V, bias))
+
+
+# --------------------------------------------------------------------------- NF4 experts
+def dequantize_experts(nf4: tuple[Tensor, ...], shape: tuple[int, int], experts, dtype: torch.dtype,
+                       blocksize: int = 64, nested_blocksize: int = 256) -> Tensor:
+    """``deq(Q_e)`` of each expert in ``experts`` (indices), stacked len×m×n in ``dtype``.
+
+    ``nf4`` is ``(packed E×P, absmax E×B, nested_absmax E×N float32, nested_code, offset (E,),
+    code)``: each expert's matrix quantized on its own, in the bitsandbytes layout.
+    Dequantization is bitsandbytes' (float64 goes through float32, bitsandbytes' widest).
+    """
+    packed, absmax, nested_absmax, nested_code, offset, code = nf4
+    dq = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    out = torch.empty((len(experts), *shape), dtype=dtype, device=packed.device)
+    for i, e in enumerate(experts):
+        q = NF4Weight(packed=packed[e].reshape(-1, 1), absmax=absmax[e], nested_absmax=nested_absmax[e],
+                      nested_code=nested_code, offset=offset[e], code=code, shape=torch.Size(shape), dtype=dq,
+                      blocksize=blocksize, nested_blocksize=nested_blocksize)
+        out[i] = dequantize_nf4_bnb(q, dq)
+    return out
+
+
+def _active_chunks(counts: list[int], chunk: int):
+    """``(experts, rows)``: up to ``chunk`` experts that have rows, and the slice of their rows
+    (consecutive: the experts between them have none)."""
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    active = [e for e, c in enumerate(counts) if c > 0]
+    for i in range(0, len(active), chunk):
+        idx = active[i:i + chunk]
+        yield idx, slice(starts[idx[0]], starts[idx[-1] + 1])
+
+
+class _QSORSAExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, U, S, V, bias, scale, kernel, meta, *nf4):
+        shape, blocksize, nested_blocksize, chunk = meta
+        groups = reference.counts_list(counts)
+        M, (m, r) = x.shape[0], (U.shape[1], U.shape[2])
+        y, u = x.new_empty(M, m), x.new_empty(M, r)
+        for idx, rows in _active_chunks(groups, chunk):
+            res = dequantize_experts(nf4, shape, idx, x.dtype, blocksize, nested_blocksize)
+            sub = torch.tensor([groups[e] for e in idx], device=x.device)
+            y[rows], u[rows] = _experts_forward(x[rows], sub, res, U[idx], S[idx], V[idx],
+                                                None if bias is None else bias[idx], scale, kernel)
+            del res
+        ctx.save_for_backward(x, u, U, S, V, *nf4)
+        ctx.groups, ctx.scale, ctx.meta, ctx.kernel = groups, scale, meta, kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, U, S, V, *nf4 = ctx.saved_tensors
+        shape, blocksize, nested_blocksize, chunk = ctx.meta
+        needs_dx = ctx.needs_input_grad[0]
+        dy = dy.contiguous()
+        dx = torch.zeros_like(x) if needs_dx else None
+        dU, dS, dV = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
+        for idx, rows in _active_chunks(ctx.groups, chunk):
+            res = dequantize_experts(nf4, shape, idx, dy.dtype, blocksize, nested_blocksize) if needs_dx else None
+            sub = torch.tensor([ctx.groups[e] for e in idx], device=dy.device)
+            d, dU[idx], dS[idx], dV[idx] = _experts_backward(dy[rows], x[rows], u[rows], sub, res, U[idx], S[idx],
+                                                            V[idx], ctx.scale, needs_dx, ctx.kernel)
+            if needs_dx:
+                dx[rows] = d
+            del res
+        return (dx, None, dU, dS, dV, None, None, None, None) + (None,) * len(nf4)
+
+
+def qsorsa_experts(
+    x: Tensor,
+    counts: Tensor,
+    nf4: tuple[Tensor, ...],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    *,
+    blocksize: int = 64,
+    nested_blocksize: int = 256,
+    expert_chunk: int = 8,
+) -> Tensor:
+    """:func:`sorsa_experts` with each expert's residual in NF4; returns ``y`` (M×m).
+
+    ``nf4`` is ``(packed E×P uint8, absmax E×B uint8, nested_absmax E×N float32,
+    nested_code (256,), offset (E,), code (16,))`` (see :func:`dequantize_experts`).  At most
+    ``expert_chunk`` experts are dequantized (in ``x.dtype``) at a time, only experts with rows.
+
+    Example::
+
+        >>> y = qsorsa_experts(x, counts, layer.nf4_tensors(), layer.U, layer.S, layer.V)
+    """
+    _check(x, counts, None, U, S, V, bias)
+    E, m, _ = U.shape
+    n = V.shape[1]
+    packed = nf4[0]
+    if packed.dim() != 2 or packed.shape[0] != E or packed.shape[1] != (m * n + 1) // 2:
+        raise ValueError(f"packed NF4 experts have shape {tuple(packed.shape)}, expected ({E}, {(m * n + 1) // 2})")
+    if isinstance(expert_chunk, bool) or not isinstance(expert_chunk, int) or expert_chunk < 1:
+        raise ValueError(f"expert_chunk must be a positive int (experts dequantized at a time), got {expert_chunk!r}")
+    meta = ((m, n), int(blocksize), int(nested_blocksize), expert_chunk)
+    # One decision per call (the dequantized residual chunks have x's dtype).
+    kernel = kernel_path(x, U, S, V)
+    return _QSORSAExperts.apply(x, counts, U, S, V, bias, float(scale), kernel, meta, *nf4)

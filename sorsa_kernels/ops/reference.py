@@ -33,6 +33,7 @@ __all__ = [
     "experts_forward",
     "experts_backward",
     "experts_dense",
+    "counts_list",
 ]
 
 
@@ -281,8 +282,11 @@ def ortho_value_and_grad_(
 # so these loop over the groups and call :func:`linear_forward` / :func:`linear_backward`:
 # one formula per gradient, shared.  No E×m×n (nor m×n) tensor is formed when the residual
 # has the compute dtype; a residual of another dtype is cast one expert at a time.
-def _groups(counts) -> list[int]:
+def counts_list(counts) -> list[int]:
+    """Rows per expert as a Python list (one host sync for a tensor)."""
     return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+
+
 
 
 def experts_forward(
@@ -304,7 +308,7 @@ def experts_forward(
     y = x.new_empty(x.shape[0], m)
     u = x.new_empty(x.shape[0], r)
     start = 0
-    for e, c in enumerate(_groups(counts)):
+    for e, c in enumerate(counts_list(counts)):
         if c == 0:
             continue
         rows = slice(start, start + c)
@@ -336,7 +340,7 @@ def experts_backward(
     dU, dS, dV = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
     dx = x.new_empty(x.shape) if needs_dx else None
     start = 0
-    for e, c in enumerate(_groups(counts)):
+    for e, c in enumerate(counts_list(counts)):
         if c == 0:
             continue
         rows = slice(start, start + c)
@@ -356,7 +360,7 @@ def experts_dense(
     """The expert formula written the obvious way (each expert's ΔW formed), for autograd oracles in tests."""
     out = []
     start = 0
-    for e, c in enumerate(_groups(counts)):
+    for e, c in enumerate(counts_list(counts)):
         xe = x[start:start + c]
         out.append(linear_dense(xe, residual[e], U[e], S[e], V[e], None if bias is None else bias[e], scale))
         start += c

@@ -136,3 +136,15 @@ def test_from_model_collects_layer_reports_by_module_name():
     model[1].quant_report = _rep("", 1.0, 2.0, None, None)
     rep = QuantReport.from_model(model)
     assert list(rep.layers) == ["1"] and math.isclose(rep.total()["fro_reduction"], 0.5)
+
+
+def test_on_iterate_sees_every_iterate_and_each_iters_keeps_the_best_so_far():
+    torch.manual_seed(3)
+    W = torch.randn(48, 40) @ torch.diag(torch.logspace(0, -2, 40))
+    seen = []
+    _, history, _ = error_reducing_split(W, 6, iters=3, on_iterate=lambda t, f, e: seen.append((t, f, e)))
+    assert [t for t, _, _ in seen] == [0, 1, 2, 3] and [e for _, _, e in seen] == history
+    for k in range(4):
+        (U0, S0, V0), _, best = error_reducing_split(W, 6, iters=k)
+        kept = min(range(k + 1), key=lambda t: history[t])
+        assert best == kept and torch.equal(U0, seen[kept][1][0]) and torch.equal(S0, seen[kept][1][1])

@@ -524,11 +524,24 @@ def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dic
         scale = 1.0 if alpha is None else float(alpha) / lc["rank"]
         U0, S0, V0 = (tensors[f"{name}.{k}"] for k in ("U0", "S0", "V0"))
         check_base_matches(name, weight, U0, S0, V0, scale, lc["quantize"], f"adapter {source}")
+    for name, ec in config.get("experts", {}).items():  # each expert's matrix like a layer's
+        module = base_model.get_submodule(name)
+        scale = 1.0 if alpha is None else float(alpha) / ec["rank"]
+        for attr in ec["projections"]:
+            w = getattr(module, attr)
+            w = w.mT if getattr(module, "is_transposed", False) else w  # experts × out × in
+            if allow_mismatch and w.device.type != "meta":
+                continue
+            U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in ("U0", "S0", "V0"))
+            for e in range(w.shape[0]):
+                check_base_matches(f"{name}.{attr}[expert {e}]", w[e], U0[e], S0[e], V0[e], scale,
+                                   ec.get("quantize"), f"adapter {source}")
 
 
 # ---------------------------------------------------------------------------------- experts
 # A mixture-of-experts model's adapted experts modules are listed under the config key
-# "experts": {module name: {"num_experts", "rank", "residual_dtype", "projections":
+# "experts": {module name: {"num_experts", "rank", "residual_dtype", "quantize" (null or "nf4";
+# absent in files written before QSORSA experts: null), "projections":
 # {"gate_up_proj": {"in_features", "out_features", "bias"}, "down_proj": {...}}}}, and their
 # factor stacks stored as tensors "<module>.<projection>.<U|S|V|U0|S0|V0>" (E×out×r, E×r,
 # E×in×r).  Loading rebuilds each SORSAExperts from the saved initial factors: no SVD.
@@ -545,7 +558,8 @@ def _add_experts(experts: dict[str, nn.Module], config: dict[str, Any], tensors:
             projections[attr] = {"in_features": layer.in_features, "out_features": layer.out_features,
                                  "bias": layer.bias is not None}
         cfg[name] = {"num_experts": layer.num_experts, "rank": layer.rank,
-                     "residual_dtype": _dtype_name(layer.residual.dtype), "projections": projections}
+                     "residual_dtype": _dtype_name(layer.residual.dtype), "quantize": layer.quantize,
+                     "projections": projections}
     config["experts"] = cfg
 
 
@@ -560,6 +574,8 @@ def _check_experts_config(config: dict[str, Any], source: Path) -> None:
         for field in ("num_experts", "rank"):
             if not _is_int(ec.get(field)) or ec[field] <= 0:
                 raise AdapterError(f"{where}: {field} must be a positive integer, got {ec.get(field)!r}")
+        if ec.get("quantize") not in _QUANTIZE:
+            raise AdapterError(f"{where}: quantize must be null or 'nf4', got {ec.get('quantize')!r}")
         if ec.get("residual_dtype") not in _DTYPE_NAMES:
             raise AdapterError(f"{where}: residual_dtype {ec.get('residual_dtype')!r} is not a known dtype; "
                                f"allowed: {', '.join(_DTYPE_NAMES)}")
@@ -628,4 +644,4 @@ def _load_experts(base_model: nn.Module, config: dict[str, Any], tensors: dict[s
             U, S, V, U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in _FACTORS)
             factors[attr] = {"U0": U0, "S0": S0, "V0": V0, "trained": (U, S, V)}
         adapt_experts(base_model.get_submodule(name), ec["rank"], name=name, factors=factors,
-                      alpha=config.get("alpha"), residual_dtype=_DTYPE_NAMES[ec["residual_dtype"]])
+                      quantize=ec.get("quantize"), alpha=config.get("alpha"), residual_dtype=_DTYPE_NAMES[ec["residual_dtype"]])

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...nn.checks import validate_rank
 from ...nn.experts import SORSAExperts
+from ...nn.factory import experts_class
 from .targets import default_target_modules, is_all_linear
 
 logger = logging.getLogger(__name__)
@@ -129,11 +130,13 @@ def _orient(module: nn.Module, w: Tensor) -> Tensor:
 
 
 def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
-                  factors: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+                  factors: Optional[dict[str, Any]] = None, quantize: Optional[str] = None,
+                  **kwargs: Any) -> None:
     """Replace the 3-D expert weights of ``module`` by :class:`SORSAExperts`, in place.
 
-    ``kwargs`` go to :meth:`SORSAExperts.from_weight` (``svd``, ``alpha``, ``residual_dtype``,
-    …).  ``factors`` (used by :func:`sorsa_kernels.load_adapter`) maps each projection name to
+    ``quantize="nf4"`` builds :class:`~sorsa_kernels.nn.qexperts.QSORSAExperts` (each expert's
+    residual in NF4; ``quant_iters`` error-reducing iterations).  ``kwargs`` go to
+    ``from_weight`` (``svd``, ``alpha``, ``residual_dtype``, ``quant_iters``, …).  ``factors`` (used by :func:`sorsa_kernels.load_adapter`) maps each projection name to
     ``dict(U0=..., S0=..., V0=..., trained=(U, S, V))``: the layer is then rebuilt without SVD.
 
     Example::
@@ -151,6 +154,9 @@ def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
             "or leave the experts out of target_modules"
         )
     kwargs.pop("dropout", None)
+    cls = experts_class(quantize)
+    if quantize is None:
+        kwargs.pop("quant_iters", None)
     new = {}
     for attr in expert_weight_names(module):
         full = f"{name}.{attr}" if name else attr
@@ -159,11 +165,11 @@ def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
         if factors is not None:
             f = factors[attr]
             allowed = {k: v for k, v in kwargs.items() if k in ("alpha", "residual_dtype")}
-            new[attr] = SORSAExperts.from_factors(
+            new[attr] = cls.from_factors(
                 w, f["U0"], f["S0"], f["V0"], trained=f.get("trained"), bias=bias, name=full, **allowed
             )
         else:
-            new[attr] = SORSAExperts.from_weight(w, rank, bias=bias, name=full, **kwargs)
+            new[attr] = cls.from_weight(w, rank, bias=bias, name=full, **kwargs)
     for attr, layer in new.items():  # swap only once both are built
         delattr(module, attr)
         setattr(module, attr, layer)
@@ -172,20 +178,32 @@ def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
     module.forward = sorsa_experts_forward.__get__(module)
 
 
-def merge_experts(module: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
-    """Put ``Wr + scale·U·diag(S)·Vᵀ`` back as the module's fused 3-D parameters, in place,
-    and restore the class's own forward."""
+def merged_stacks(module: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+    """``Wr + scale·U·diag(S)·Vᵀ`` of each projection of an adapted experts module, in the
+    module's own layout (``is_transposed`` honoured); the module is not changed."""
+    stacks = {}
     for attr in expert_weight_names(module):
-        layer = getattr(module, attr)
-        w = layer.merged_weight(dtype)
-        if getattr(module, "is_transposed", False):
-            w = w.mT.contiguous()
-        bias = layer.bias
+        w = getattr(module, attr).merged_weight(dtype)
+        stacks[attr] = w.mT.contiguous() if getattr(module, "is_transposed", False) else w
+    return stacks
+
+
+def install_merged(module: nn.Module, stacks: dict[str, Tensor]) -> None:
+    """Put the merged stacks (:func:`merged_stacks`) back as the module's fused 3-D parameters,
+    in place, and restore the class's own forward."""
+    for attr, w in stacks.items():
+        bias = getattr(module, attr).bias
         delattr(module, attr)
         setattr(module, attr, nn.Parameter(w, requires_grad=False))
         if bias is not None:
             setattr(module, f"{attr}_bias", nn.Parameter(bias.detach().to(w.dtype), requires_grad=False))
     module.__dict__.pop("forward", None)
+
+
+def merge_experts(module: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+    """Put ``Wr + scale·U·diag(S)·Vᵀ`` back as the module's fused 3-D parameters, in place,
+    and restore the class's own forward."""
+    install_merged(module, merged_stacks(module, dtype))
 
 
 def sorsa_experts_forward(
@@ -224,7 +242,7 @@ def plan_experts(model: nn.Module, rank: int, target_modules: Any = None, *,
     :data:`~sorsa_kernels.integrations.adapters.targets.TARGETS_BY_MODEL_TYPE` names
     ``"experts"`` for the MoE models); ``"all-linear"``: none (as PEFT's option, linear
     modules only).  With the default targets, experts are adapted unless the run asks for
-    what SORSA experts do not support yet (``quantize`` or ``dropout``): they then stay
+    what SORSA experts do not support (``dropout``): they then stay
     frozen, with a warning.  Named explicitly, such a request is a ValueError.  Every
     expert's rank is checked.
     """
@@ -232,15 +250,16 @@ def plan_experts(model: nn.Module, rank: int, target_modules: Any = None, *,
         return []
     targets = list(default_target_modules(model)) if target_modules is None else target_modules
     names = find_expert_targets(model, targets, tuple(exclude))
-    if names and (quantize is not None or dropout):
-        what = f"quantize={quantize!r}" if quantize is not None else f"dropout={dropout}"
+    experts_class(quantize)  # an unknown storage fails before anything is touched
+    if names and dropout:
+        what = f"dropout={dropout}"
         if target_modules is None:
             logger.warning("routed experts (%d modules) left frozen: SORSA experts do not support %s yet",
                            len(names), what)
             return []
         raise ValueError(
             f"{what} is not supported on expert weights ({names[0]}); leave the experts out of target_modules "
-            "or use a dense residual without dropout"
+            "or use dropout=0"
         )
     for name in names:
         module = model.get_submodule(name)
@@ -253,18 +272,28 @@ def plan_experts(model: nn.Module, rank: int, target_modules: Any = None, *,
 def apply_experts(model: nn.Module, names: list[str], rank: int, *, svd: str = "full", niter: int = 2,
                   oversample: int = 16, svd_dtype: torch.dtype = torch.float32,
                   residual_dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None,
-                  alpha: Optional[float] = None) -> None:
+                  alpha: Optional[float] = None, quantize: Optional[str] = None, quant_iters: int = 1) -> None:
     """:func:`adapt_experts` on each experts module of ``names`` (from :func:`plan_experts`)."""
     for name in names:
         adapt_experts(
             model.get_submodule(name), rank, name=name, svd=svd, niter=niter, oversample=oversample,
             svd_dtype=svd_dtype, residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha,
+            quantize=quantize, quant_iters=quant_iters,
         )
 
 
-def merge_all_experts(model: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
-    """:func:`merge_experts` on every adapted experts module; returns how many were merged."""
+def merge_all_experts(model: nn.Module, dtype: Optional[torch.dtype] = None,
+                      check: Optional[Callable[[str, Tensor], None]] = None) -> int:
+    """:func:`merge_experts` on every adapted experts module; returns how many were merged.
+
+    All or nothing: every merged stack is computed (and passed to ``check(name, stack)``,
+    which may raise) before any module is changed."""
     found = adapted_experts(model)
-    for module in found.values():
-        merge_experts(module, dtype)
+    planned = {name: merged_stacks(module, dtype) for name, module in found.items()}
+    if check is not None:
+        for name, stacks in planned.items():
+            for attr, w in stacks.items():
+                check(f"{name}.{attr}", w)
+    for name, module in found.items():
+        install_merged(module, planned[name])
     return len(found)

@@ -209,11 +209,12 @@ def apply_sorsa(
     fused 3-D weights, are adapted too with the default targets (their rows of the table name
     ``"experts"``; ``"experts"`` in ``target_modules`` names them; ``"all-linear"`` leaves them
     frozen, as PEFT's option does): each expert's ``gate_up_proj`` and ``down_proj`` is split by its own
-    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`), the routing is untouched.
+    SVD (:class:`~sorsa_kernels.nn.experts.SORSAExperts`; with ``quantize="nf4"`` each expert's
+    residual is NF4, :class:`~sorsa_kernels.nn.qexperts.QSORSAExperts`), the routing is untouched.
 
     Example::
 
-        >>> model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+        >>> model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         >>> apply_sorsa(model, rank=128)                          # q,k,v,o,gate,up,down
         >>> apply_sorsa(model, rank=16, target_modules="all-linear")
         >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
@@ -251,7 +252,8 @@ def apply_sorsa(
             done.append((linear, layer))
             del linear
         apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
-                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha)
+                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
+                      quant_iters=quant_iters)
         wrap_modules_to_save(model, saved)
     except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
         _undo(model, done, aliases)
@@ -286,15 +288,19 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
     layers = sorsa_layers(model)
     aliases = module_aliases(model)
     done: list[tuple[nn.Module, nn.Module]] = []
+
+    def check(name: str, weight: torch.Tensor) -> None:
+        if not allow_non_finite:
+            check_finite(weight, f"the merged weight of layer {name}", "merge",
+                         " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
+
     try:
         for name, layer in layers.items():
             merged = layer.merge(dtype)
-            if not allow_non_finite:
-                check_finite(merged.weight, f"the merged weight of layer {name}", "merge",
-                             " (the adapter diverged or the dtype overflows); allow_non_finite=True keeps them")
+            check(name, merged.weight)
             replace_everywhere(model, layer, merged, aliases)
             done.append((layer, merged))
-        merged_experts = merge_all_experts(model, dtype)
+        merged_experts = merge_all_experts(model, dtype, check)
     except BaseException:
         _undo(model, done, aliases)
         raise

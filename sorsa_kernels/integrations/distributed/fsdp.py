@@ -9,7 +9,9 @@ for more than the layer being computed.  Parameters of several dtypes in one lay
 (uint8 bytes, int32-cast absmax scales, fp32 adapters) are gathered in one collective:
 FSDP2 (torch ≥ 2.6) falls back to a uint8 all-gather buffer and views each piece back.
 The small constant tables (``nf4_code``, ``nf4_nested_code``, ``nf4_offset``) are
-buffers and stay replicated.
+buffers and stay replicated.  The routed experts of a MoE model (``SORSAExperts`` /
+``QSORSAExperts``) hold their stacks (packed NF4 bytes E×P, absmax, nested absmax, U, S, V)
+as parameters too: ``fully_shard`` splits them on the expert dimension.
 
 The API path::
 
@@ -34,7 +36,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ...nn.experts import SORSAExperts
 from ...nn.linear import SORSALinear
+from ..adapters.experts import adapted_experts, expert_weight_names
 from ..adapters.surgery import sorsa_layers
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "unsharded",
     "local_nbytes",
     "gathered_layer",
+    "gathered_experts",
     "merged_state_dict",
     "save_merged",
 ]
@@ -168,13 +173,14 @@ def local_nbytes(model: nn.Module) -> dict[str, int]:
         t = _local(t)
         return t.numel() * t.element_size()
 
-    for layer in sorsa_layers(model).values():
+    experts = [getattr(m, a) for m in adapted_experts(model).values() for a in expert_weight_names(m)]
+    for layer in [*sorsa_layers(model).values(), *experts]:
         if layer.quantize == "nf4":
             out["residual"] += nbytes(layer.nf4_packed)
             out["quant_state"] += nbytes(layer.nf4_absmax) + nbytes(layer.nf4_nested_absmax)
             out["quant_tables"] += sum(nbytes(getattr(layer, n)) for n in ("nf4_nested_code", "nf4_offset", "nf4_code"))
         else:
-            out["residual"] += nbytes(layer.residual)
+            out["residual"] += nbytes(layer.residual if isinstance(layer, SORSALinear) else layer.dense_residual())
         out["adapters"] += sum(nbytes(p) for p in (layer.U, layer.S, layer.V))
         out["bias"] += nbytes(layer.bias)
     return out
@@ -207,22 +213,41 @@ def gathered_layer(layer: SORSALinear, *, all_ranks: bool = False) -> Optional[S
     return plain
 
 
+def gathered_experts(layer: SORSAExperts, *, all_ranks: bool = False) -> Optional[SORSAExperts]:
+    """A plain (unsharded) CPU copy of one SORSA experts projection, gathered from its shards.
+
+    Every rank must call it; the copy comes back on rank 0 (every rank with ``all_ranks``).
+    """
+    state = {k: full_tensor(v).detach().to("cpu") for k, v in layer.state_dict().items()}
+    if not all_ranks and process_rank() != 0:
+        return None
+    plain = type(layer)(layer.num_experts, layer.in_features, layer.out_features, layer.rank,
+                        bias=layer.bias is not None, alpha=layer.alpha, residual_dtype=layer.residual.dtype,
+                        adapter_dtype=layer.U.dtype, device="meta")
+    plain.load_state_dict(state, assign=True)
+    plain.init_factors = layer.init_factors
+    return plain
+
+
 def merged_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
     """The state dict ``merge_sorsa(model).state_dict()`` would have, on the CPU of rank 0.
 
     Works on a sharded model (every rank must call it; the others get ``{}``) and on a
     plain one.  SORSA layers are gathered and merged one at a time (``QSORSALinear.merge``:
     ``deq(Q) + scale·U·diag(S)·Vᵀ`` in float32, cast to ``dtype``, default the compute
-    dtype), so a rank never holds more than one layer's full storage beyond its shards.
+    dtype), so a rank never holds more than one layer's full storage beyond its shards;
+    SORSA experts likewise, one projection's stack at a time, back into the fused 3-D parameters.
     """
     layers = sorsa_layers(model)
-    if not layers:
+    experts = adapted_experts(model)
+    if not layers and not experts:
         raise ValueError("the model has no SORSA layers to merge")
     main = process_rank() == 0
     out: dict[str, Tensor] = {}
+    owners = set(layers) | {f"{n}.{a}" for n, m in experts.items() for a in expert_weight_names(m)}
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
-        while owner and owner not in layers:
+        while owner and owner not in owners:
             owner = owner.rpartition(".")[0]
         if owner:
             continue
@@ -236,6 +261,14 @@ def merged_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> 
             out[f"{name}.weight"] = lin.weight.detach()
             if lin.bias is not None:
                 out[f"{name}.bias"] = lin.bias.detach()
+    for name, module in experts.items():
+        for attr in expert_weight_names(module):
+            plain = gathered_experts(getattr(module, attr))
+            if main:
+                w = plain.merged_weight(dtype)
+                out[f"{name}.{attr}"] = w.mT.contiguous() if getattr(module, "is_transposed", False) else w
+                if plain.bias is not None:
+                    out[f"{name}.{attr}_bias"] = plain.bias.detach().to(w.dtype)
     return out
 
 

@@ -19,6 +19,11 @@ difference is ``1/(m+n)`` (0.4 % on the embedded model).  Scales match too: SORS
 is ``alpha/r`` (1 without ``--alpha``) and LoRA/PiSSA get ``lora_alpha = alpha`` (``r``
 without ``--alpha``), i.e. the same scaling — the PiSSA paper's ``lora_alpha = r``.
 
+With ``--lr-sweep LR[,LR...]`` every method is trained at every learning rate with the same
+budget, and each is reported at its own best one — the lowest final held-out loss (papers
+tune each method; one shared learning rate favours one of them).  The sweep itself goes to
+``compare.json`` (``lr_sweep``), ``compare.md`` and ``compare_lr_sweep.png``.
+
 Every ``--record-every`` steps a :class:`~sorsa_kernels.TrajectoryCallback` records the
 training loss, orthonormality, ΔΣ/ΔD against the pretrained weights, and (every
 ``--eval-steps``) the held-out loss — the mean token cross-entropy over all held-out
@@ -56,11 +61,12 @@ from .finetune.config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FinetuneConfi
 from .finetune.encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .finetune.evaluation import default_max_new_tokens, exact_match
 from .finetune.model import apply_config_sorsa, load_base
+from .progress import library_bars
 from .finetune.training import training_arguments
 from .options import ConfigError
 from ..adapters.surgery import find_targets
 
-__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "load_splits"]
+__all__ = ["METHODS", "CompareConfig", "CompareResult", "run_compare", "load_splits", "best_learning_rate"]
 
 #: ``--full`` trains every target weight with AdamW (weights, grads and two moments):
 #: refused above this many parameters in the whole model.
@@ -200,10 +206,57 @@ def _evaluator(tokenizer, held_ds, em_rows, cfg: FinetuneConfig, use_chat: bool,
         out = {"heldout_loss": total / max(count, 1)}
         if em_rows:
             out["exact_match"] = exact_match(model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
-                                             cfg.eval_batch_size, max_length=cfg.max_length)
+                                             cfg.eval_batch_size, max_length=cfg.max_length,
+                                             answer_pattern=cfg.answer_pattern)
         return out
 
     return evaluate
+
+
+# ---------------------------------------------------------------------- learning-rate sweep
+def best_learning_rate(by_lr: dict[float, dict[str, Any]]) -> float:
+    """The learning rate whose run ends with the lowest held-out loss.
+
+    A diverged run (no finite final held-out loss) never wins unless every run diverged;
+    ties go to the smaller learning rate.
+
+    Example::
+
+        >>> best_learning_rate({1e-4: run_a, 1e-3: run_b})
+        0.001
+    """
+    def key(lr: float):
+        loss = by_lr[lr]["records"][-1].get("heldout_loss")
+        finite = loss is not None and math.isfinite(loss)
+        return (not finite, loss if finite else 0.0, lr)
+
+    return min(by_lr, key=key)
+
+
+def _train_sweep(model, lrs: tuple[float, ...], cfg: FinetuneConfig,
+                 train_one) -> tuple[dict[float, dict[str, Any]], dict[float, str]]:
+    """``({lr: run}, {lr: why it failed})`` of one prepared ``model`` trained from its initial state
+    at every learning rate.
+
+    ``train_one(model, cfg)`` trains and returns the run's dict, or raises
+    :class:`MethodFailed`; each learning rate but the last trains a copy, so every run starts
+    from the same initialization.  A learning rate that diverges is left out of the choice;
+    the method fails only when every one does (with one learning rate: its own message).
+    """
+    runs, failed = {}, {}
+    for i, lr in enumerate(lrs):
+        trial = model if i == len(lrs) - 1 else copy.deepcopy(model)
+        try:
+            runs[lr] = train_one(trial, dataclasses.replace(cfg, learning_rate=lr))
+            runs[lr]["learning_rate"] = lr
+        except MethodFailed as e:
+            if len(lrs) == 1:
+                raise
+            failed[lr] = str(e)
+        del trial
+    if not runs:
+        raise MethodFailed("every learning rate failed: " + "; ".join(f"lr {lr:g}: {why}" for lr, why in failed.items()))
+    return runs, failed
 
 
 def run_compare(config: CompareConfig) -> CompareResult:
@@ -218,15 +271,16 @@ def run_compare(config: CompareConfig) -> CompareResult:
     check_compare_environment(config)
     out = Path(cfg.output_dir or time.strftime("sorsa-compare-%Y%m%d-%H%M%S"))
     check_output_dir(out, hint=" --output-dir")
-    if not cfg.embedded:
-        return _run(config, cfg, out)
-    # As in the finetune job: one thread for the tiny model (faster, and bit-reproducible).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(config, cfg, out)
-    finally:
-        torch.set_num_threads(threads)
+    with library_bars(cfg.progress):  # progress=False: transformers' own bars off too
+        if not cfg.embedded:
+            return _run(config, cfg, out)
+        # As in the finetune job: one thread for the tiny model (faster, and bit-reproducible).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run(config, cfg, out)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult:
@@ -259,6 +313,9 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
 
     runs: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    sweep: dict[str, dict[float, dict[str, Any]]] = {}
+    sweep_failed: dict[str, dict[float, str]] = {}
+    lrs = tuple(config.lr_sweep) if config.lr_sweep else (cfg.learning_rate,)
     with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, _quiet_transformers():
         for method in config.method_list:
             t0 = time.perf_counter()
@@ -269,13 +326,22 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
             torch.manual_seed(cfg.seed)  # LoRA's A init; the data order has its own seeded sampler
             try:  # one method diverging must not lose the others' results
                 model = _prepare(method, model, cfg, targets)
-                runs[method] = _train(method, model, tokenizer, cfg, train_ex, Path(scratch) / method,
-                                      TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
-                                                         evaluate=evaluate, evaluate_every=evaluate_every),
-                                      t0)
-                _check_diverged(runs[method])
+                prepare_s = time.perf_counter() - t0
+
+                def train_one(trial, trial_cfg, method=method, prepare_s=prepare_s):
+                    recorder = TrajectoryCallback(record_every, pretrained=pretrained, target_modules=targets,
+                                                  evaluate=evaluate, evaluate_every=evaluate_every)
+                    run = _train(method, trial, tokenizer, trial_cfg, train_ex,
+                                 Path(scratch) / method / f"lr{trial_cfg.learning_rate:g}", recorder,
+                                 time.perf_counter() - prepare_s)
+                    _check_diverged(run)
+                    return run
+
+                sweep[method], sweep_failed[method] = _train_sweep(model, lrs, cfg, train_one)
+                runs[method] = sweep[method][best_learning_rate(sweep[method])]
             except MethodFailed as e:
                 runs.pop(method, None)
+                sweep.pop(method, None)
                 failed[method] = str(e)
             del model
     if not cfg.embedded:
@@ -284,6 +350,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
         raise ValueError("every method failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = build_report(config, cfg, runs, record_every=record_every, evaluate_every=evaluate_every,
+                          sweep=sweep if config.lr_sweep else None, sweep_failed=sweep_failed,
                           timing={"setup_s": setup_s, "total_s": time.perf_counter() - t_start},
                           machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                    "load_avg_start": load_start, "load_avg_end": load_end})

@@ -15,7 +15,8 @@ from typing import Optional
 from .finetune.config import FinetuneConfig, distributed
 from .options import ConfigError, check_fields, field_default, option
 
-__all__ = ["ADAPTER_METHODS", "METHODS", "CompareConfig", "check_compare_environment", "check_eval_every"]
+__all__ = ["ADAPTER_METHODS", "METHODS", "CompareConfig", "check_compare_environment", "check_eval_every",
+           "parse_lr_sweep"]
 
 #: The adapters ``--methods`` picks from, and every method a report can hold, in report order.
 ADAPTER_METHODS = ("sorsa", "pissa", "lora")
@@ -64,6 +65,10 @@ class CompareConfig:
         None, "record every N steps; {eval_steps:flag}, a multiple of N, sets how often held-out loss and exact "
         "match are measured (by default at every record)", group=_COMPARISON, metavar="N", shown="a tenth of the steps")
     plots: bool = option(True, "compare.json and compare.md only", group=_COMPARISON, flags=("--no-plots",))
+    lr_sweep: Optional[tuple[float, ...]] = option(
+        None, "train every method at each of these learning rates (same budget) and report each at its own best "
+        "final held-out loss; replaces {learning_rate:flag}", group=_COMPARISON, metavar="LR[,LR...]",
+        shown="one run per method at {learning_rate:flag}")
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -81,6 +86,11 @@ class CompareConfig:
         if not given.embedded and given.data is not None and given.eval_data is None and given.eval_fraction <= 0:
             raise ConfigError("compare needs held-out data: set {eval_fraction:flag} above 0 or pass "
                               "{eval_data:flag}", given)
+        if self.lr_sweep is not None:
+            self.lr_sweep = parse_lr_sweep(self.lr_sweep)
+            if given.learning_rate is not None:
+                raise ConfigError("compare takes {learning_rate:flag} or {lr_sweep:flag}, not both: the sweep "
+                                  "gives every learning rate", self)
 
     @property
     def method_list(self) -> list[str]:
@@ -88,6 +98,35 @@ class CompareConfig:
         if self.full and "full" not in chosen:
             chosen.append("full")
         return [m for m in METHODS if m in chosen]
+
+
+def parse_lr_sweep(value) -> tuple[float, ...]:
+    """``lr_sweep`` as a tuple of floats: from ``"1e-4,3e-4"`` (the command line) or a sequence of numbers.
+
+    Raises a one-line ConfigError unless it names distinct positive finite learning rates.
+
+    Example::
+
+        >>> parse_lr_sweep("1e-4, 3e-4")
+        (0.0001, 0.0003)
+    """
+    import math
+
+    if isinstance(value, str):
+        try:
+            value = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ConfigError("{lr_sweep} {v!r} is not a comma-separated list of learning rates, e.g. "
+                              "1e-4,3e-4,1e-3", v=value) from None
+    lrs = tuple(value)
+    if not lrs:
+        raise ConfigError("{lr_sweep} needs at least one learning rate, e.g. 1e-4,3e-4,1e-3")
+    for lr in lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError("{lr_sweep}: every learning rate must be a positive finite number, got {v!r}", v=lr)
+    if len(set(lrs)) != len(lrs):
+        raise ConfigError("{lr_sweep} lists a learning rate twice: {v}", v=", ".join(f"{lr:g}" for lr in lrs))
+    return tuple(float(lr) for lr in lrs)
 
 
 def check_eval_every(eval_steps: Optional[int], record_every: int) -> None:

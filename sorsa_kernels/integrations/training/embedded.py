@@ -158,8 +158,7 @@ def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS, seed: int = 0, progr
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)  # no loss shown: reading it back every step costs a sync and says little
     bar.close()
     model.eval()
     for p in model.parameters():

@@ -6,10 +6,9 @@ steps with the regularizer → save → load on a fresh copy of the base → mer
 ``peft`` → QSORSA applied and trained.  Each check is its own test reading that run.  One thread.
 
 The MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) adapt their fused routed experts with the default
-targets (``SORSAExperts``).  Two checks differ for them, as the experts are built: ``export_peft_lora``
-refuses SORSA experts with an error naming ``merge_sorsa`` (checked here; the merge check is the way out),
-and under ``quantize="nf4"`` the experts stay frozen with a warning (checked here) while the linear layers
-are QSORSA and train.
+targets (``SORSAExperts``); ``export_peft_lora`` writes them as LoRA on PEFT's ``target_parameters``,
+which ``peft`` loads (checked here), and under ``quantize="nf4"`` the experts are QSORSA experts (NF4
+residual per expert) and train with the linear layers.
 
 ``python tests/integrations/adapters/test_zoo.py`` prints the table of checks and max |Δlogits|.
 """
@@ -38,6 +37,7 @@ from sorsa_kernels import (  # noqa: E402
 )
 from sorsa_kernels.integrations.adapters.experts import adapted_experts, find_fused_experts  # noqa: E402
 from sorsa_kernels.integrations.adapters.modules_to_save import SavedModule  # noqa: E402
+from sorsa_kernels.nn.qexperts import QSORSAExperts  # noqa: E402
 from sorsa_kernels.nn.checks import is_conv1d  # noqa: E402
 from sorsa_kernels.integrations.adapters.surgery import sorsa_layers  # noqa: E402
 from sorsa_kernels.integrations.adapters.targets import EXPERTS, TARGETS_BY_MODEL_TYPE, is_linear_like  # noqa: E402
@@ -229,10 +229,6 @@ def run_zoo(arch: str, tmp: str) -> dict:
             return d
 
         def peft_export():
-            if ZOO[arch][4]:  # SORSA experts have no PEFT export: a clear error naming merge (checked above)
-                with pytest.raises(ValueError, match=r"SORSA experts .*merge_sorsa"):
-                    export_peft_lora(model, tmp / "lora")
-                return "refused: merge"
             export_peft_lora(model, tmp / "lora")
             lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / "lora").eval()
             d = _maxdiff(_logits(lora, inputs), trained_logits["y"])
@@ -248,15 +244,18 @@ def run_zoo(arch: str, tmp: str) -> dict:
                 apply_sorsa(q, RANK, quantize="nf4", quant_report=None, progress=False)
             finally:
                 log.removeHandler(warned)
-            # routed experts are not quantized yet: default targets leave them frozen (dense), with a warning
-            frozen = find_fused_experts(q) if ZOO[arch][4] else []
-            assert not adapted_experts(q) and len(adaptation_summary(q).fused_experts) == 2 * len(frozen)
-            assert any("routed experts" in m and "left frozen" in m for m in warned.messages) == ZOO[arch][4]
+            # routed experts are adapted as QSORSA experts (NF4 residual per expert), no warning, and train
+            experts = adapted_experts(q)
+            assert sorted(experts) == sorted(find_fused_experts(base) if ZOO[arch][4] else []), sorted(experts)
+            assert all(isinstance(m.down_proj, QSORSAExperts) for m in experts.values())
+            assert not adaptation_summary(q).fused_experts
+            assert not any("routed experts" in m for m in warned.messages), warned.messages
             d = _maxdiff(_logits(q, inputs), ref)
-            before = [p.detach().clone() for p in q.parameters() if p.requires_grad]
+            before = {n: p.detach().clone() for n, p in q.named_parameters() if p.requires_grad}
             _train(q, inputs, steps=1)
-            after = [p for p in q.parameters() if p.requires_grad]
-            assert any(not torch.equal(a, b) for a, b in zip(after, before))
+            changed = {n for n, p in q.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+            assert changed
+            assert any(".experts." in n for n in changed) == ZOO[arch][4]  # the QSORSA experts' factors train
             assert torch.isfinite(_logits(q, inputs)).all()
             return d  # the NF4 quantization error at init (not a defect)
 

@@ -37,7 +37,7 @@ from .config import (
 from ..options import ConfigError
 from .encoding import ResponseOnlyCollator, encode_example
 from .evaluation import exact_match
-from .jobs import analyze_job, export_lora_job, merge_job, plot_drift, shutdown_distributed
+from .jobs import analyze_job, default_plot_path, export_lora_job, merge_job, plot_drift, shutdown_distributed
 from .model import load_base
 from .outputs import FinetuneResult
 from .training import run_finetune
@@ -59,5 +59,6 @@ __all__ = [
     "export_lora_job",
     "analyze_job",
     "plot_drift",
+    "default_plot_path",
     "shutdown_distributed",
 ]

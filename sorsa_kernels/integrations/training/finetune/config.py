@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -85,15 +86,17 @@ class FinetuneConfig:
     """
 
     # ---- model and data
-    model: str = option(EMBEDDED_NAME, "local path or Hub id of a causal LM", group=_DATA)
+    model: str = option(EMBEDDED_NAME, "local path or Hub id of a causal LM, or a .gguf file (dequantized; its "
+                        "tokenizer and chat template come from the same file)", group=_DATA)
     data: Optional[str] = option(None, "training data: .jsonl, .json or .parquet with prompt/response fields",
-                                 group=_DATA)
+                                 group=_DATA, shown="the embedded arithmetic problems; required with {model:flag}")
     eval_data: Optional[str] = option(None, "held-out data", group=_DATA,
                                       shown="{eval_fraction:flag} of {data:flag}")
     prompt_field: str = option("prompt", "name of the prompt field", group=_DATA)
     response_field: str = option("response", "name of the response field", group=_DATA)
     prompt_template: Optional[str] = option(
-        None, "layout for tokenizers without a chat template; must contain {{prompt}}", group=_DATA)
+        None, "layout for tokenizers without a chat template; must contain {{prompt}}", group=_DATA,
+        shown="Alpaca-style '### Instruction:' … '### Response:'")
     output_dir: Optional[str] = option(
         None, "where to write adapter/, merged/ …; refused if it holds anything but an unfinished run's leftovers",
         group=_DATA, shown="a new ./sorsa-output-<time>[-N]")
@@ -112,7 +115,8 @@ class FinetuneConfig:
                                            choices=tuple(DTYPES), shown="the weight's")
     adapter_dtype: Optional[str] = option(None, "dtype of U, S, V", group=_SORSA, choices=tuple(DTYPES),
                                           shown="float32")
-    quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",))
+    quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",),
+                                     shown="none: dense residuals")
     # ---- training
     learning_rate: Optional[float] = option(None, "peak learning rate", group=_TRAINING,
                                             flags=("--learning-rate", "--lr"), paper=3e-5, embedded=3e-3)
@@ -139,22 +143,27 @@ class FinetuneConfig:
     resume_from_checkpoint: Optional[str] = option(
         None, "continue from a complete checkpoint folder (or 'last': the newest under OUTPUT/checkpoints) with "
         "the same model, rank, targets, alpha and dtypes; writes into a new {output_dir:flag} or the checkpoint's "
-        "own run folder, never another run's", group=_TRAINING, metavar="DIR")
+        "own run folder, never another run's", group=_TRAINING, metavar="DIR", shown="none: a fresh start")
     # ---- logging, evaluation, saving
     logging_steps: Optional[int] = option(None, "log every N steps", group=_LOGGING, paper=10, embedded=25)
     eval_steps: Optional[int] = option(None, "held-out loss every N steps", group=_LOGGING,
                                        shown="only before and after")
     save_steps: Optional[int] = option(None, "checkpoint every N steps", group=_LOGGING, shown="no checkpoints")
-    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING)
+    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING, shown="all")
     eval_fraction: float = option(0.05, "held-out fraction of {data:flag}", group=_LOGGING)
     eval_samples: int = option(200, "held-out examples for exact match", group=_LOGGING)
     max_new_tokens: Optional[int] = option(None, "generation length for exact match", group=_LOGGING,
                                            shown="from responses")
+    answer_pattern: Optional[str] = option(
+        None, "exact match compares the answer this regular expression extracts (its group, e.g. '#### (\\S+)'), "
+        "or 'last-number', from completion and response: for chain-of-thought data", group=_LOGGING,
+        metavar="REGEX", shown="the whole response")
     evaluate: bool = option(True, "skip the before/after evaluation", group=_LOGGING, flags=("--no-eval",))
     report_to: str = option("none", "Trainer loggers: none, tensorboard, wandb …", group=_LOGGING)
     pretrain_steps: Optional[int] = option(None, "embedded model only: in-process pretraining steps",
                                            group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}")
-    progress: bool = option(True, "no progress bars", group=_LOGGING, flags=("--quiet",))
+    progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
+                                    "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
     verbose: bool = option(False, "after the one-line adaptation summary, list every linear layer and fused "
                            "expert weight left unadapted", group=_LOGGING)
     # ---- Python only
@@ -167,6 +176,7 @@ class FinetuneConfig:
         self._check_arithmetic()
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template)
+        check_answer_pattern(self.answer_pattern, self)
         target_spec(self)
         if self.embedded and self.data is None and self.eval_data is not None:
             raise ConfigError("{eval_data:flag} needs {data:flag} (the embedded data set brings its own "
@@ -246,6 +256,24 @@ def target_spec(cfg: FinetuneConfig):
     return targets
 
 
+#: ``answer_pattern`` value that compares the last number of each text.
+LAST_NUMBER = "last-number"
+
+
+def check_answer_pattern(pattern: Optional[str], config: Any = None) -> None:
+    """Raise a one-line ConfigError unless ``pattern`` is None, ``last-number`` or a regex with at most one group."""
+    if pattern is None or pattern == LAST_NUMBER:
+        return
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as e:
+        raise ConfigError("{answer_pattern} {p!r} is not a valid regular expression ({e}); pass one such as "
+                          "'#### (\\S+)' or {last}", config, p=pattern, e=e, last=LAST_NUMBER) from None
+    if groups > 1:
+        raise ConfigError("{answer_pattern} {p!r} has {n} groups; it may have at most one (the answer), "
+                          "e.g. '#### (\\S+)'", config, p=pattern, n=groups)
+
+
 def check_prompt_template(template: str) -> None:
     """Raise a one-line ValueError unless ``template`` formats with ``prompt`` alone."""
     if "{prompt}" not in template:
@@ -270,13 +298,15 @@ def looks_like_path(name: str) -> bool:
 
 
 def check_model_path(name: str) -> None:
-    """Raise ``cannot load model: no such model folder: PATH`` for a local path that does not exist."""
+    """Raise ``cannot load model: no such model folder: PATH`` for a local path that does not exist
+    (``no such GGUF file`` for a missing ``.gguf`` file; a ``.gguf`` file is the one file accepted)."""
     if name != EMBEDDED_NAME and looks_like_path(name):
         path = Path(name).expanduser()
+        gguf = str(name).lower().endswith(".gguf")
         if not path.exists():
-            raise ValueError(f"cannot load model: no such model folder: {name}")
-        if not path.is_dir():
-            raise ValueError(f"cannot load model: {name} is a file, not a model folder")
+            raise ValueError(f"cannot load model: no such {'GGUF file' if gguf else 'model folder'}: {name}")
+        if not path.is_dir() and not (gguf and path.is_file()):
+            raise ValueError(f"cannot load model: {name} is a file, not a model folder or a .gguf file")
 
 
 def check_output_dir(path: Path, allow_existing: bool = False, hint: str = "") -> None:

@@ -1,29 +1,94 @@
 """Held-out evaluation before and after fine-tuning: loss and greedy exact-match accuracy.
 
 :func:`exact_match` generates greedily (left-padded, optionally synced across FSDP ranks)
-and compares stripped completions to the responses; :func:`evaluate` combines it with the
-Trainer's held-out loss; :func:`default_max_new_tokens` sizes generation from the
-responses and :func:`metrics_line` prints the result.
+and compares stripped completions to the responses — or, with an answer pattern
+(``--answer-pattern``, for chain-of-thought data where a worked solution precedes the
+number), the answers :func:`answer_extractor` pulls out of both; :func:`evaluate` combines
+it with the Trainer's held-out loss; :func:`default_max_new_tokens` sizes generation from
+the responses and :func:`metrics_line` prints the result.
 """
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
-from .config import distributed
+from .config import LAST_NUMBER, check_answer_pattern, distributed, is_main_process
 from .encoding import prompt_ids
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _canonical(answer: str) -> str:
+    """``answer`` stripped; a number loses thousands separators, a trailing dot and zero decimals."""
+    text = answer.strip().rstrip(".").replace("$", "")
+    if _NUMBER.fullmatch(text):
+        text = text.replace(",", "")
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+    return answer.strip()
+
+
+def answer_extractor(pattern: Optional[str]) -> Callable[[str], Optional[str]]:
+    """A function from a text to the answer compared by :func:`exact_match` (None: no answer found).
+
+    ``None``: the whole text, stripped.  ``"last-number"``: the last number in the text.
+    Otherwise a regular expression: its first match's group (or the whole match without a
+    group).  Numbers are compared without thousands separators and trailing zero decimals.
+
+    Example::
+
+        >>> answer_extractor("#### (\\S+)")("18 - 9 = 9 eggs\n#### 9")
+        '9'
+        >>> answer_extractor("last-number")("so she has 1,200.0 dollars.")
+        '1200'
+    """
+    check_answer_pattern(pattern)
+    if pattern is None:
+        return lambda text: text.strip()
+    if pattern == LAST_NUMBER:
+        def last_number(text: str) -> Optional[str]:
+            numbers = _NUMBER.findall(text)
+            return _canonical(numbers[-1]) if numbers else None
+
+        return last_number
+    regex = re.compile(pattern)
+
+    def search(text: str) -> Optional[str]:
+        m = regex.search(text)
+        if m is None:
+            return None
+        return _canonical(m.group(1) if regex.groups else m.group(0))
+
+    return search
+
+
+def answers_match(completion: str, response: str, extract: Callable[[str], Optional[str]]) -> bool:
+    """Whether the completion's extracted answer equals the response's (the whole response when it has none)."""
+    expected = extract(response)
+    if expected is None:
+        expected = _canonical(response)
+    got = extract(completion)
+    return got is not None and got == expected
 
 
 @torch.no_grad()
 def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_template: bool,
                 max_new_tokens: int, batch_size: int = 32, synced: bool = False,
-                max_length: Optional[int] = None) -> float:
-    """Fraction of ``rows`` whose greedy completion, stripped, equals the response, stripped.
+                max_length: Optional[int] = None, progress: bool = False,
+                answer_pattern: Optional[str] = None) -> float:
+    """Fraction of ``rows`` whose greedy completion, stripped, equals the response, stripped
+    (with ``progress``, an ``exact match`` bar over the examples).
 
     With ``max_length`` (the job's ``--max-length``) a prompt longer than
     ``max_length − max_new_tokens`` tokens keeps only its last ones, as many as fit: the
-    sequence generated is never longer than the model was trained on.
+    sequence generated is never longer than the model was trained on.  With
+    ``answer_pattern`` (see :func:`answer_extractor`) the answers extracted from the
+    completion and the response are compared instead of the whole texts.
 
     Example::
 
@@ -32,12 +97,14 @@ def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_temp
     """
     if not rows:
         return float("nan")
+    extract = answer_extractor(answer_pattern)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(p for p in model.parameters()).device
     correct = 0
+    bar = tqdm(total=len(rows), desc="exact match", unit="example", leave=False, disable=not progress)
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -57,8 +124,10 @@ def exact_match(model, tokenizer, rows: list[dict], template: str, use_chat_temp
                 gen_kwargs["synced_gpus"] = True
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
             texts = tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
-            correct += sum(t.strip() == r["response"].strip() for t, r in zip(texts, chunk))
+            correct += sum(answers_match(t, r["response"], extract) for t, r in zip(texts, chunk))
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return correct / len(rows)
@@ -74,6 +143,7 @@ def evaluate(trainer, model, tokenizer, eval_ds, em_rows, cfg, use_chat, max_new
         out["exact_match"] = exact_match(
             trainer.model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
             cfg.eval_batch_size, synced=cfg.fsdp and distributed(), max_length=cfg.max_length,
+            progress=cfg.progress and is_main_process(), answer_pattern=cfg.answer_pattern,
         )
     return out
 

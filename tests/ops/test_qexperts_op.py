@@ -1,0 +1,133 @@
+"""``qsorsa_experts``: the SORSA experts op with each expert's residual in NF4 (QSORSA experts).
+
+Checked against ``reference.experts_dense`` on the dequantized residual, differentiated by
+PyTorch in float64, on uneven counts with empty experts (forward and every gradient); the
+dequant path must dequantize at most ``expert_chunk`` experts at a time, and none without rows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sorsa_kernels.ops import experts as experts_op
+from sorsa_kernels.ops import reference
+from sorsa_kernels.ops.experts import dequantize_experts, qsorsa_experts
+from sorsa_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
+from tests.conftest import rel_err
+from tests.ops.test_experts_op import _LargestOutput
+
+COUNTS = [4, 0, 9, 1, 0]  # uneven, two experts without rows
+
+
+def _nf4_stack(E=5, m=22, n=18, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qs = [quantize_nf4(torch.randn(m, n, generator=g)) for _ in range(E)]
+    st = lambda f: torch.stack([getattr(q, f).reshape(-1) for q in qs])  # noqa: E731
+    nf4 = (st("packed"), st("absmax"), st("nested_absmax"), qs[0].nested_code, st("offset").reshape(E), qs[0].code)
+    dense = torch.stack([dequantize_nf4(q, torch.float32) for q in qs])
+    return nf4, dense
+
+
+def _factors(E=5, m=22, n=18, r=3, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return mk(E, m, r).requires_grad_(), (mk(E, r).abs() + 0.5).requires_grad_(), mk(E, n, r).requires_grad_()
+
+
+def test_dequantize_experts_equals_each_experts_bitsandbytes_dequantization():
+    nf4, dense = _nf4_stack()
+    got = dequantize_experts(nf4, (22, 18), [4, 0, 2], torch.float32)
+    assert torch.equal(got, dense[[4, 0, 2]])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_forward_and_every_gradient_match_dense_oracle_float64_uneven_counts(chunk, bias):
+    nf4, dense = _nf4_stack()
+    U, S, V = _factors()
+    b = torch.randn(5, 22, dtype=torch.float64) if bias else None
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(14, 18, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(14, 22, dtype=torch.float64)
+    y = qsorsa_experts(x, counts, nf4, U, S, V, b, scale=0.7, expert_chunk=chunk)
+    got = torch.autograd.grad(y, (x, U, S, V), dy)
+    want_y = reference.experts_dense(x, counts, dense.double(), U, S, V, b, 0.7)
+    want = torch.autograd.grad(want_y, (x, U, S, V), dy)
+    assert rel_err(y, want_y) < 1e-12
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+    assert float(got[1][1].abs().sum()) == 0.0 and float(got[3][4].abs().sum()) == 0.0  # empty experts
+
+
+def test_float32_matches_float64_oracle():
+    nf4, dense = _nf4_stack()
+    U, S, V = _factors(dtype=torch.float32)
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(14, 18, requires_grad=True)
+    dy = torch.randn(14, 22)
+    y = qsorsa_experts(x, counts, nf4, U, S, V)
+    got = torch.autograd.grad(y, (x, U, S, V), dy)
+    x64, U64, S64, V64 = (t.detach().double().requires_grad_() for t in (x, U, S, V))
+    want_y = reference.experts_dense(x64, counts, dense.double(), U64, S64, V64, None, 1.0)
+    want = torch.autograd.grad(want_y, (x64, U64, S64, V64), dy.double())
+    assert rel_err(y, want_y) < 1e-5
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_dequant_path_holds_one_expert_at_a_time_and_skips_empty_experts(monkeypatch):
+    nf4, _ = _nf4_stack(E=4, m=48, n=40)
+    U, S, V = _factors(E=4, m=48, n=40, r=4, dtype=torch.float32)
+    seen = []
+    deq = experts_op.dequantize_experts
+
+    def spy(nf4_, shape, experts, *a, **kw):
+        seen.append(list(experts))
+        return deq(nf4_, shape, experts, *a, **kw)
+
+    monkeypatch.setattr(experts_op, "dequantize_experts", spy)
+    x = torch.randn(12, 40, requires_grad=True)
+    with _LargestOutput() as mode:
+        y = qsorsa_experts(x, torch.tensor([5, 0, 7, 0]), nf4, U, S, V, expert_chunk=1)
+        y.backward(torch.randn_like(y))
+    assert seen == [[0], [2], [0], [2]]  # forward, then backward for dx; experts 1 and 3 never
+    assert mode.largest <= 48 * 40 < 2 * 48 * 40  # one expert's matrix, never the stack
+
+
+def test_chunk_of_experts_dequantized_together():
+    nf4, _ = _nf4_stack(E=4, m=48, n=40)
+    U, S, V = _factors(E=4, m=48, n=40, r=4, dtype=torch.float32)
+    x = torch.randn(16, 40)
+    with _LargestOutput() as mode:
+        qsorsa_experts(x, torch.tensor([4, 4, 4, 4]), nf4, U, S, V, expert_chunk=2)
+    assert mode.largest == 2 * 48 * 40
+
+
+def test_bad_expert_chunk_named():
+    nf4, _ = _nf4_stack()
+    U, S, V = _factors()
+    with pytest.raises(ValueError, match="expert_chunk must be a positive int"):
+        qsorsa_experts(torch.randn(14, 18, dtype=torch.float64), torch.tensor(COUNTS), nf4, U, S, V, expert_chunk=0)
+
+
+def test_packed_storage_of_the_wrong_shape_named():
+    nf4, _ = _nf4_stack()
+    U, S, V = _factors(E=4)
+    with pytest.raises(ValueError, match=r"packed NF4 experts have shape \(5, 198\), expected \(4, 198\)"):
+        qsorsa_experts(torch.randn(14, 18, dtype=torch.float64), torch.tensor([4, 0, 9, 1]), nf4, U, S, V)
+
+
+def test_triton_backend_runs_the_grouped_kernels_on_each_chunk_like_the_reference(backend):
+    nf4, _ = _nf4_stack()
+    U, S, V = _factors(dtype=torch.float32)
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(14, 18)
+    dy = torch.randn(14, 22)
+    out = {}
+    for name in ("reference", "triton"):
+        backend(name)
+        xx = x.clone().requires_grad_()
+        y = qsorsa_experts(xx, counts, nf4, U, S, V, scale=0.5, expert_chunk=2)
+        out[name] = (y, *torch.autograd.grad(y, (xx, U, S, V), dy))
+    for g, w in zip(out["triton"], out["reference"]):
+        assert rel_err(g, w) < 1e-5
