@@ -179,6 +179,26 @@ def test_experts_backward_ptxas_error_falls_back_to_the_reference_gradients(monk
     assert len(calls) == 1
 
 
+def test_qsorsa_experts_out_of_resources_falls_back_to_the_reference(monkeypatch):
+    from sorsa_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.grouped_sorsa", "_grouped_residual_lowrank_gemm_kernel",
+                   OutOfResources(131072, 101376, "shared memory"))
+    x, counts, _, U, S, V = _experts_inputs()
+    g = torch.Generator().manual_seed(4)
+    qs = [quantize_nf4(torch.randn(12, 20, generator=g)) for _ in range(3)]
+    st = lambda f: torch.stack([getattr(q, f).reshape(-1) for q in qs])  # noqa: E731
+    nf4 = (st("packed"), st("absmax"), st("nested_absmax"), qs[0].nested_code, st("offset").reshape(3), qs[0].code)
+    dense = torch.stack([dequantize_nf4(q, torch.float32) for q in qs])
+    with pytest.warns(RuntimeWarning, match="_grouped_residual_lowrank_gemm_kernel"):
+        y = eop.qsorsa_experts(x, counts, nf4, U, S, V, scale=0.5, expert_chunk=1)
+        y.sum().backward()
+    want, grads = _experts_expected(x, counts, dense, U, S, V, 0.5)
+    assert rel_err(y, want) < 1e-5
+    for got, expected in zip((x.grad, U.grad, S.grad, V.grad), grads):
+        assert rel_err(got, expected) < 1e-5
+
+
 def test_experts_error_that_is_no_launch_failure_is_raised(monkeypatch):
     _fail_launches(monkeypatch, "sorsa_kernels.kernels.grouped_sorsa", "_grouped_residual_lowrank_gemm_kernel",
                    ValueError("a real bug"))
