@@ -22,9 +22,10 @@ an expert with no rows writes zeros.  Nothing of size E×m×n (or one expert's m
 
 The math is :func:`sorsa_kernels.ops.reference.experts_forward` / ``experts_backward``.
 
-Tile configs are untuned starting points (the dense GEMM's tiles, Triton matmul tutorial);
-``_ROW_BLOCK`` is fixed (not tuned) because the tile table is built with it.  No GPU was
-available when this was written: measure with ``bench/`` before trusting any of them.
+Configs and their device prunes (shared memory per block, accumulators per thread) sit
+beside this file in :mod:`sorsa_kernels.kernels.grouped_sorsa_configs`; the row tile
+(``ROW_BLOCK``) is fixed (not tuned) because the tile table is built with it.  No GPU was
+available when this was written: measure with ``bench/`` before trusting any of the tiles.
 """
 from __future__ import annotations
 
@@ -33,41 +34,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, device_guard, input_precision
+from . import grouped_sorsa_configs as configs
+from ._launch import device_guard, input_precision
+from .grouped_sorsa_configs import ROW_BLOCK
 
 __all__ = ["grouped_forward", "grouped_backward", "tile_table"]
 
-# Rows per tile of the grouped GEMMs (the tile table's row step) and per step of the
-# weight-gradient loops: 64 fills a wgmma tile on Hopper and wastes at most 63 rows per
-# expert; 16 under the interpreter keeps CI small while still splitting experts into tiles.
-_ROW_BLOCK = 16 if INTERPRET else 64
-
-
-def _gemm_configs(interpret: bool = INTERPRET) -> list:
-    if interpret:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16})]
-    cfg = triton.Config
-    return [  # untuned starting points (see the module docstring)
-        cfg({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    ]
-
-
-def _weight_grad_configs(interpret: bool = INTERPRET) -> list:
-    if interpret:
-        return [triton.Config({"BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
-    ]
-
-
 # =============================================================================== kernels
-@triton.autotune(configs=_gemm_configs(), key=["N", "K1", "K2", "HAS_RESIDUAL", "HAS_SCALE", "HAS_BIAS"])
+@triton.autotune(configs=configs.gemm_configs(), key=["N", "K1", "K2", "HAS_RESIDUAL", "HAS_SCALE", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": configs.prune_gemm_configs})
 @triton.jit
 def _grouped_residual_lowrank_gemm_kernel(
     tiles_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, scale_ptr, bias_ptr, c_ptr,
@@ -135,7 +110,8 @@ def _grouped_residual_lowrank_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_weight_grad_configs(), key=["K", "R"])
+@triton.autotune(configs=configs.weight_grad_configs(), key=["K", "R"],
+                 prune_configs_by={"early_config_prune": configs.prune_weight_grad_configs})
 @triton.jit
 def _grouped_weight_grad_kernel(
     ranges_ptr, a_ptr, b_ptr, scale_ptr, out_ptr,
@@ -215,7 +191,7 @@ def _ranges(counts: Tensor) -> Tensor:
     return torch.stack([ends - counts, ends], 1).to(torch.int32).contiguous()
 
 
-def tile_table(counts: Tensor, M: int, block_m: int = _ROW_BLOCK) -> Tensor:
+def tile_table(counts: Tensor, M: int, block_m: int = ROW_BLOCK) -> Tensor:
     """(T, 3) int32 ``(expert, first row, end row)`` of every row tile, T = ``cdiv(M, block_m) + E``.
 
     Built on ``counts``' device without synchronizing; entries past the last real tile have
@@ -260,7 +236,7 @@ def _launch_gemm(tiles: Tensor, a1, b1_ekn, a2: Tensor, b2_ekn, scale, bias, out
         sc.stride(0) if scale is not None else 0, sc.stride(1) if scale is not None else 0,
         bi.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
         HAS_RESIDUAL=has_res, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=input_precision(a2.dtype), BLOCK_M=_ROW_BLOCK,
+        INPUT_PRECISION=input_precision(a2.dtype), BLOCK_M=ROW_BLOCK,
     )
 
 
@@ -277,7 +253,7 @@ def _launch_weight_grad(ranges: Tensor, a: Tensor, b: Tensor, sigma: Tensor, dty
         ranges, a, b, sigma, out, K, r,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), sigma.stride(0), sigma.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        INPUT_PRECISION=input_precision(a.dtype), BLOCK_M=_ROW_BLOCK, BLOCK_R=_block_r(r),
+        INPUT_PRECISION=input_precision(a.dtype), BLOCK_M=ROW_BLOCK, BLOCK_R=_block_r(r),
     )
     return out
 
@@ -340,6 +316,6 @@ def grouped_backward(dy: Tensor, x: Tensor, u: Tensor, counts: Tensor, residual,
         _grouped_rowdot_kernel[(E,)](
             ranges, u, s, dS, r, float(scale),
             u.stride(0), u.stride(1), s.stride(0), s.stride(1), dS.stride(0),
-            BLOCK_M=_ROW_BLOCK, BLOCK_R=_block_r(r),
+            BLOCK_M=ROW_BLOCK, BLOCK_R=_block_r(r),
         )
     return dx, dU, dS, dV

@@ -46,10 +46,15 @@ _DEQUANT_TILE_BYTES = 14
 
 
 def prune_nf4_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The fused NF4 kernel's configs that fit the device's shared memory per block."""
+    """The fused NF4 kernel's configs that fit the device's shared memory per block; under
+    fp32 ``highest`` (IEEE FMA dots) only A tiles of at most 32 × 32 per K step (64 × 32 and
+    16 × 64 spilled 0.8-1.4 KB per thread on sm_80, 32 × 32 nothing: compile facts)."""
     a = named_args["a_ptr"]
     esz = a.element_size()
-    return fit_smem(configs, device_target(a.device),
+    kept = configs
+    if esz == 4 and kwargs.get("INPUT_PRECISION") == "ieee":  # 16-bit operands pass "ieee" too: ignored
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_K"] <= 32] or configs
+    return fit_smem(kept, device_target(a.device),
                     lambda c: c.kwargs["BLOCK_K"] * (esz * c.kwargs["BLOCK_M"] + _DEQUANT_TILE_BYTES * c.kwargs["BLOCK_N"]),
                     lambda c: False)  # gathered B tiles: num_stages − 1 buffers on sm_90 too (compile facts)
 

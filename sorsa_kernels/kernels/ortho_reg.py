@@ -31,10 +31,10 @@ moved only rewrites the table's grad-address column (one small host-to-device co
 pinned memory, no synchronization, no rebuild).
 
 The k-split is a two-phase reduction (partials, then a per-matrix sum) rather than
-atomics, and both its chunk size (``k_chunk``) and the step inside a chunk
-(configs.GRAM_STEP_K) are fixed — the autotuner picks only warps and stages — so the result is
-bit-for-bit reproducible whichever config the autotuner picked, and nothing has to be zeroed
-between steps.
+atomics, and both its chunk size (``k_chunk``) and the step inside a chunk (``gram_step_k``
+of configs.fixed_launch_params, per GPU family and precision) are fixed — the autotuner
+picks only warps and stages — so the result is bit-for-bit reproducible whichever config
+the autotuner picked, and nothing has to be zeroed between steps.
 
 Precision: every accumulator is float32.  Sets with a float32 matrix use ``tf32x3`` dots
 (three tensor-core tf32 products per dot, about float32 accuracy: the reference uses full
@@ -557,12 +557,12 @@ def grouped_ortho_value_and_grad_(
     value = torch.empty((), dtype=torch.float32, device=mats[0].device)
     n_gram = plan.gram_items.shape[0]
     n_update = plan.update_items.shape[0]
-    fixed = configs.fixed_launch_params(device_target(mats[0].device), plan.block_r)
+    fixed = configs.fixed_launch_params(device_target(mats[0].device), plan.block_r, plan.dot_precision)
     with device_guard(mats[0]):
         if n_gram:
             _ortho_gram_partial_kernel[(n_gram,)](
                 plan.table, plan.gram_items, plan.ws, plan.k_chunk,
-                BLOCK_R=plan.block_r, BLOCK_K=configs.GRAM_STEP_K, COMBOS=plan.combos,
+                BLOCK_R=plan.block_r, BLOCK_K=fixed.gram_step_k, COMBOS=plan.combos,
                 DOT_PRECISION=plan.dot_precision, ALIGNED=plan.aligned, TABLE_COLS=_TABLE_COLS,
                 NATIVE_DOT=plan.native_dot,
             )

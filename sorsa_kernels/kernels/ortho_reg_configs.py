@@ -7,7 +7,7 @@ choices come from the compile facts (tests/kernels/compile_facts.py, docs/compil
 
 Launch 1 (partial Grams) is idempotent, so the autotuner may re-run it: warps and stages
 are tuned, and pruned to the device's shared memory.  Its step through the rows of A
-(GRAM_STEP_K, the K of each tl.dot) is fixed so that the summation order never depends on
+(the K of each tl.dot, per GPU family: :func:`fixed_launch_params`) is fixed so that the summation order never depends on
 the tuned config.  Launches 2 and 3 update buffers in place (launch 2 overwrites chunk 0 of
 the workspace with G − I; launch 3 adds into .grad), so the autotuner cannot re-run them:
 they take fixed parameters per GPU family (:func:`fixed_launch_params`).
@@ -21,10 +21,14 @@ import triton
 
 from ._launch import INTERPRET, Target, device_target, fit_smem
 
-__all__ = ["GRAM_STEP_K", "UPDATE_BLOCK_K", "DEFAULT_K_CHUNK", "MEAN_BLOCK", "gram_configs",
+__all__ = ["GRAM_STEP_K", "GPU_GRAM_STEP_K", "UPDATE_BLOCK_K", "DEFAULT_K_CHUNK", "MEAN_BLOCK", "gram_configs",
            "prune_gram_configs", "FixedParams", "fixed_launch_params"]
 
-GRAM_STEP_K = 32 if INTERPRET else 64
+# The step through the rows of A of launch 1 (the K of each Gram tl.dot); fixed per GPU
+# family and precision, never tuned (:func:`fixed_launch_params`: 64 on a GPU, 32 for fp32
+# sets below sm_90); GRAM_STEP_K where no GPU family is known (32 in the interpreter).
+GPU_GRAM_STEP_K = 64
+GRAM_STEP_K = 32 if INTERPRET else GPU_GRAM_STEP_K
 
 # Rows of A per program of launch 3.  It shapes the work table, so it is fixed per call.
 # 128 rows (GPU) read each fp32 tile of D = G − I once per 128 rows of A instead of per 64.
@@ -40,8 +44,9 @@ MEAN_BLOCK = 1024
 def gram_configs(interpret: bool = INTERPRET) -> list:
     """Warps × stages of launch 1 (the interpreter ignores both: one config, no benchmarking).
 
-    8 warps at 2 stages is the fp32 (tf32x3) 128-wide config of the 99 KB cards: 64 KB and no
-    spills on sm_86, where 3 stages need 128 KB (compile facts)."""
+    8 warps at 2 or 3 stages are the fp32 (tf32x3) 128-wide configs below sm_90: with the
+    32-row step there (:func:`fixed_launch_params`) 64 KB and no spills on sm_80/86/89
+    (compile facts)."""
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 3), (4, 2), (8, 4), (8, 2))]
     return configs[:1] if interpret else configs
 
@@ -69,10 +74,19 @@ class FixedParams:
     update_r_step: int
     update_warps: int
     update_stages: int
+    gram_step_k: int = GRAM_STEP_K
 
 
-def fixed_launch_params(target: Optional[Target], block_r: int) -> FixedParams:
-    """Per GPU family, the parameters of launches 2 and 3 for Gram tiles ``block_r`` wide.
+def fixed_launch_params(target: Optional[Target], block_r: int, dot_precision: str = "tf32") -> FixedParams:
+    """Per GPU family, the parameters of launches 2 and 3 for Gram tiles ``block_r`` wide,
+    and launch 1's step through the rows of A (``gram_step_k``, fixed so that the summation
+    order does not depend on the tuned config).
+
+    Launch 1 in fp32 (tf32x3) at 128-wide tiles, 7B adapter set, r = 128 and 256 (compile
+    facts): 64-row steps spilled 484 B (8 warps, 3 stages) and 1.3 KB (8 warps, 2 stages)
+    per thread on sm_80 and sat at 255 registers on sm_86/89; 32-row steps spill nothing
+    on sm_80/86/89 (238 registers, 64 KB of shared memory at 2 and 3 stages).  sm_90 keeps
+    64 (no spills there).
 
     The update's step through r (``R_STEP``, the K of its tl.dot) at 128-row blocks and 8
     warps in fp32 (tf32x3), 7B adapter set, r = 128 (compile facts): 64 spills nothing on
@@ -90,4 +104,11 @@ def fixed_launch_params(target: Optional[Target], block_r: int) -> FixedParams:
     else:
         step = 16
     warps = 8 if wide else 4
-    return FixedParams(norm_warps=warps, update_r_step=min(block_r, step), update_warps=warps, update_stages=2)
+    if target is None:
+        gram_step = GRAM_STEP_K
+    elif target.capability < 90 and dot_precision == "tf32x3" and wide:
+        gram_step = 32
+    else:
+        gram_step = GPU_GRAM_STEP_K
+    return FixedParams(norm_warps=warps, update_r_step=min(block_r, step), update_warps=warps, update_stages=2,
+                       gram_step_k=gram_step)

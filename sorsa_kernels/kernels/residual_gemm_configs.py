@@ -49,13 +49,20 @@ def gemm_configs(interpret: bool = INTERPRET) -> list:
 def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Configs that fit the device's shared memory, less BLOCK_M < 64 configs when M ≥ SMALL_TILE_MAX_M (they only help small M), and for
     fp32 operands (mma.sync tf32, no wgmma) those above 64 fp32 accumulators per thread:
-    they spilled 0.8-140 KB per thread on sm_90 (compile facts), the others spill nothing."""
+    they spilled 0.8-140 KB per thread on sm_90 (compile facts), the others spill nothing.
+    fp32 under ``highest`` (IEEE: FMA dots, the K step's operands in registers) keeps K steps
+    ≤ 32: 64-deep ones spilled 10-60 KB per thread on sm_80 (compile facts)."""
     kept = configs
     if named_args["M"] >= SMALL_TILE_MAX_M:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
-    if named_args["a2_ptr"].element_size() == 4:
+    # The precision only matters for fp32 operands (tl.dot ignores it for 16-bit ones, which
+    # the NF4 path passes as "ieee").
+    fp32 = named_args["a2_ptr"].element_size() == 4
+    prec = kwargs.get("INPUT_PRECISION", "tf32") if fp32 else "tf32"
+    if fp32:
         kept = [c for c in kept if acc_per_thread(c, c.kwargs["BLOCK_N"]) <= 64] or kept
-    prec = kwargs.get("INPUT_PRECISION", "tf32")
+    if prec == "ieee":
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] <= 32] or kept
     return fit_smem(kept, device_target(named_args["a2_ptr"].device), _step_bytes(named_args),
                     lambda c: wgmma_rows(c, c.kwargs["BLOCK_M"], prec))
 

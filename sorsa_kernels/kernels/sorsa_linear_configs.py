@@ -66,14 +66,16 @@ SKINNY_NOMINAL_M = 128
 def prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Configs of the skinny kernels that fit the device's shared memory; for fp32 inputs
     also K steps ≤ 64 and ≤ 64 accumulators per thread (the rest spilled on sm_90 at
-    r = 128, compile facts)."""
+    r = 128, compile facts); under ``highest`` (IEEE FMA dots) K steps ≤ 32 (64 spilled 5 KB
+    per thread on sm_80)."""
     x = named_args["x_ptr"]
     block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
     kept = configs
     if x.element_size() == 4:
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64 and acc_per_thread(c, block_r) <= 64] or configs
+        max_k = 32 if prec == "ieee" else 64
+        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max_k and acc_per_thread(c, block_r) <= 64] or configs
     esz = x.element_size()
-    prec = kwargs.get("INPUT_PRECISION", "tf32")
     return fit_smem(kept, device_target(x.device),
                     lambda c: esz * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r),
                     lambda c: wgmma_rows(c, c.kwargs["BLOCK_M"], prec))
@@ -120,15 +122,17 @@ def prune_up_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
 def prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Configs of the weight-gradient kernel that fit the device's shared memory; for fp32
     inputs also ≤ 64 fp32 accumulators per thread of the BLOCK_K × BLOCK_R output tile (128
-    spilled about 11 KB at r = 128 on sm_90, compile facts; the others none)."""
+    spilled about 11 KB at r = 128 on sm_90, compile facts; the others none); ≤ 32 under
+    ``highest`` (IEEE FMA dots: 64 spilled 3.9 KB per thread on sm_80)."""
     a = named_args["a_ptr"]
     block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
     kept = configs
     if a.element_size() == 4:
-        kept = [c for c in configs if acc_per_thread(c, block_r, rows="BLOCK_K") <= 64] or configs
+        max_acc = 32 if prec == "ieee" else 64
+        kept = [c for c in configs if acc_per_thread(c, block_r, rows="BLOCK_K") <= max_acc] or configs
     esz = a.element_size()
     step = kwargs.get("BLOCK_M", WG_STEP_M)
-    prec = kwargs.get("INPUT_PRECISION", "tf32")
     return fit_smem(kept, device_target(a.device), lambda c: esz * step * (c.kwargs["BLOCK_K"] + block_r),
                     lambda c: wgmma_rows(c, c.kwargs["BLOCK_K"], prec))
 

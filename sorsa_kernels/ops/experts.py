@@ -5,7 +5,10 @@ expert ``y_e = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ + b_e``.  Neither
 backward forms an expert's dense ``ΔW`` (let alone the E×m×n stack): the math is
 :func:`sorsa_kernels.ops.reference.experts_forward` / ``experts_backward``, and on the Triton
 path the grouped kernels of :mod:`sorsa_kernels.kernels.grouped_sorsa` (one launch over all
-experts per GEMM).  :func:`~sorsa_kernels.ops.dispatch.use_triton` picks the path.
+experts per GEMM).  The kernel-or-reference decision is made once per call
+(:func:`sorsa_kernels.ops.dispatch.kernel_path`) and used by the forward and the backward; a
+kernel that cannot compile or launch on the GPU falls back to the reference for that shape
+(:func:`~sorsa_kernels.ops.dispatch.run_with_fallback`).
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward.  The residual and the bias
 are frozen (a residual that requires grad is rejected).
@@ -17,6 +20,7 @@ never the whole E×m×n stack, never an expert without rows — and runs the den
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,38 +28,80 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import use_triton
+from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
 
 __all__ = ["sorsa_experts", "qsorsa_experts", "dequantize_experts"]
 
-# Compute dtypes the Triton kernels cover; anything else (float64) runs the reference.
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FORWARD = "sorsa_experts forward"
+_BACKWARD = "sorsa_experts backward"
 
 
-def _impls(t: Tensor, *params: Optional[Tensor]):
-    if use_triton(t) and all(p is None or p.dtype in _KERNEL_DTYPES for p in (t, *params)):
-        from ..kernels import grouped_sorsa as kernels
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """kernels/grouped_sorsa.py, imported on the first kernel call (it needs Triton)."""
+    from ..kernels import grouped_sorsa
 
-        return kernels.grouped_forward, kernels.grouped_backward
-    return reference.experts_forward, reference.experts_backward
+    return grouped_sorsa
+
+
+def _key(x: Tensor, residual: Optional[Tensor], U: Tensor, bias: Optional[Tensor]) -> tuple:
+    """The fallback key of a call: device, dtype, rows (bucketed), in_features, (E, m, r)."""
+    return (x.device, x.dtype, pow2_bucket(x.shape[0]), x.shape[1], *U.shape,
+            residual is not None, bias is not None)
+
+
+def _shape(x: Tensor, U: Tensor) -> str:
+    return f"x {tuple(x.shape)} {str(x.dtype)[6:]}, (experts, out, r) = {tuple(U.shape)}"
+
+
+def _experts_forward(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+                     bias: Optional[Tensor], scale: float, kernel: bool) -> tuple[Tensor, Tensor]:
+    """``(y, u)`` by the grouped kernels (``kernel``: the call's decision) or the reference."""
+    key = _key(x, residual, U, bias)
+
+    def ref():
+        return reference.experts_forward(x, counts, residual, U, S, V, bias, scale)
+
+    if kernel and not fallen_back(_FORWARD, key):
+        return run_with_fallback(_FORWARD, key, x.device, _shape(x, U),
+                                 lambda: _kernels().grouped_forward(x, counts, residual, U, S, V, bias, scale), ref)
+    return ref()
+
+
+def _experts_backward(dy: Tensor, x: Tensor, u: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor,
+                      S: Tensor, V: Tensor, scale: float, needs_dx: bool, kernel: bool):
+    """``(dx, dU, dS, dV)`` by the grouped kernels (``kernel``: the forward's decision) or the reference."""
+    key = _key(x, residual, U, None)
+    args = (dy, x, u, counts, residual, U, S, V, scale, needs_dx)
+
+    def ref():
+        return reference.experts_backward(*args)
+
+    if kernel and not fallen_back(_BACKWARD, key):
+        return run_with_fallback(_BACKWARD, key, dy.device, _shape(x, U), lambda: _kernels().grouped_backward(*args), ref)
+    return ref()
 
 
 class _SORSAExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, residual, U, S, V, bias, scale):
-        forward, _ = _impls(x, residual, U, S, V)
-        y, u = forward(x, counts, residual, U, S, V, bias, scale)
+    def forward(ctx, x, counts, residual, U, S, V, bias, scale, kernel):
+        y, u = _experts_forward(x, counts, residual, U, S, V, bias, scale, kernel)
         ctx.save_for_backward(x, counts, u, residual, U, S, V)
         ctx.scale = scale
+        ctx.kernel = kernel
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, counts, u, residual, U, S, V = ctx.saved_tensors
-        _, backward = _impls(dy, residual, U, S, V)
-        needs_dx = ctx.needs_input_grad[0]
-        dx, dU, dS, dV = backward(dy.contiguous(), x, u, counts, residual, U, S, V, ctx.scale, needs_dx)
-        return dx, None, None, dU, dS, dV, None, None
+        dx, dU, dS, dV = _experts_backward(dy.contiguous(), x, u, counts, residual, U, S, V, ctx.scale,
+                                           ctx.needs_input_grad[0], ctx.kernel)
+        return dx, None, None, dU, dS, dV, None, None, None
+
+
+def _decide(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor]) -> bool:
+    """The call's dispatch decision: the kernels, unless this shape's forward failed before."""
+    return kernel_path(x, residual, U, S, V) and not fallen_back(_FORWARD, _key(x, residual, U, bias))
 
 
 def _check(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
@@ -117,7 +163,7 @@ def sorsa_experts(
         >>> y = sorsa_experts(x, counts, layer.residual, layer.U, layer.S, layer.V)
     """
     _check(x, counts, residual, U, S, V, bias)
-    return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale))
+    return _SORSAExperts.apply(x, counts, residual, U, S, V, bias, float(scale), _decide(x, residual, U, S, V, bias))
 
 
 # --------------------------------------------------------------------------- NF4 experts
@@ -154,7 +200,7 @@ def _active_chunks(counts: list[int], chunk: int):
 
 class _QSORSAExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, U, S, V, bias, scale, meta, *nf4):
+    def forward(ctx, x, counts, U, S, V, bias, scale, kernel, meta, *nf4):
         shape, blocksize, nested_blocksize, chunk = meta
         groups = reference.counts_list(counts)
         M, (m, r) = x.shape[0], (U.shape[1], U.shape[2])
@@ -162,12 +208,11 @@ class _QSORSAExperts(torch.autograd.Function):
         for idx, rows in _active_chunks(groups, chunk):
             res = dequantize_experts(nf4, shape, idx, x.dtype, blocksize, nested_blocksize)
             sub = torch.tensor([groups[e] for e in idx], device=x.device)
-            forward, _ = _impls(x, res, U, S, V)
-            y[rows], u[rows] = forward(x[rows], sub, res, U[idx], S[idx], V[idx],
-                                       None if bias is None else bias[idx], scale)
+            y[rows], u[rows] = _experts_forward(x[rows], sub, res, U[idx], S[idx], V[idx],
+                                                None if bias is None else bias[idx], scale, kernel)
             del res
         ctx.save_for_backward(x, u, U, S, V, *nf4)
-        ctx.groups, ctx.scale, ctx.meta = groups, scale, meta
+        ctx.groups, ctx.scale, ctx.meta, ctx.kernel = groups, scale, meta, kernel
         return y
 
     @staticmethod
@@ -181,13 +226,12 @@ class _QSORSAExperts(torch.autograd.Function):
         for idx, rows in _active_chunks(ctx.groups, chunk):
             res = dequantize_experts(nf4, shape, idx, dy.dtype, blocksize, nested_blocksize) if needs_dx else None
             sub = torch.tensor([ctx.groups[e] for e in idx], device=dy.device)
-            _, backward = _impls(dy, res, U, S, V)
-            d, dU[idx], dS[idx], dV[idx] = backward(dy[rows], x[rows], u[rows], sub, res, U[idx], S[idx], V[idx],
-                                                   ctx.scale, needs_dx)
+            d, dU[idx], dS[idx], dV[idx] = _experts_backward(dy[rows], x[rows], u[rows], sub, res, U[idx], S[idx],
+                                                            V[idx], ctx.scale, needs_dx, ctx.kernel)
             if needs_dx:
                 dx[rows] = d
             del res
-        return (dx, None, dU, dS, dV, None, None, None) + (None,) * len(nf4)
+        return (dx, None, dU, dS, dV, None, None, None, None) + (None,) * len(nf4)
 
 
 def qsorsa_experts(
@@ -223,4 +267,6 @@ def qsorsa_experts(
     if isinstance(expert_chunk, bool) or not isinstance(expert_chunk, int) or expert_chunk < 1:
         raise ValueError(f"expert_chunk must be a positive int (experts dequantized at a time), got {expert_chunk!r}")
     meta = ((m, n), int(blocksize), int(nested_blocksize), expert_chunk)
-    return _QSORSAExperts.apply(x, counts, U, S, V, bias, float(scale), meta, *nf4)
+    # One decision per call (the dequantized residual chunks have x's dtype).
+    kernel = kernel_path(x, U, S, V)
+    return _QSORSAExperts.apply(x, counts, U, S, V, bias, float(scale), kernel, meta, *nf4)

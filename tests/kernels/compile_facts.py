@@ -2,7 +2,7 @@
 
 Run as a script in a process *without* ``TRITON_INTERPRET`` (no GPU needed)::
 
-    PYTHONPATH=. python tests/kernels/compile_facts.py --arch 86 [--quick] [--json OUT] [--md OUT]
+    PYTHONPATH=. python tests/kernels/compile_facts.py --arch 86 [--quick] [--cases A,B] [--json OUT] [--md OUT [--update]]
 
 1. The launchers run on CPU tensors of real training shapes (Llama-7B layers, M = 4096 tokens)
    with ``Autotuner.run`` / ``JITFunction.run`` replaced by a recorder, so the exact launch
@@ -18,7 +18,8 @@ Run as a script in a process *without* ``TRITON_INTERPRET`` (no GPU needed)::
    whether the PTX has ``wgmma`` / ``mma.sync`` and the SASS has ``HGMMA``.
 
 Prints a markdown table; ``--md`` writes the committed form (docs/compile-facts-sm*.md),
-``--json`` the rows.  tests/kernels/test_compile_facts.py runs the quick set and checks the
+``--json`` the rows; ``--update`` replaces only the ``--cases`` launch classes' rows of an
+existing ``--md`` table (a new class, or one whose configs changed, without recompiling the rest).  tests/kernels/test_compile_facts.py runs the quick set and checks the
 committed tables.
 """
 from __future__ import annotations
@@ -186,12 +187,12 @@ def _sorsa_launches(M: int, n: int, m: int, r: int, cd: torch.dtype, *, bias: bo
     return [(k, {**a, "_phase": "fwd"}, kw) for k, a, kw in fwd] + [(k, {**a, "_phase": "bwd"}, kw) for k, a, kw in bwd]
 
 
-def _fp32_high_launches(M: int, n: int, m: int, r: int) -> list:
-    """fp32 under ``torch.set_float32_matmul_precision("high")`` (tf32 dots)."""
+def _fp32_high(thunk) -> list:
+    """``thunk()`` under ``torch.set_float32_matmul_precision("high")`` (fp32 with tf32 dots)."""
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        return _sorsa_launches(M, n, m, r, torch.float32)
+        return thunk()
     finally:
         torch.set_float32_matmul_precision(old)
 
@@ -253,6 +254,21 @@ def _ortho_launches(dtype: torch.dtype, r: int = 128, adapters: bool = False) ->
     return out
 
 
+def _experts_launches(M: int, E: int, n: int, m: int, r: int, cd: torch.dtype) -> list:
+    """grouped_forward + grouped_backward of a MoE layer's experts (kernels/grouped_sorsa.py):
+    M routed rows spread evenly over E experts, fp32 adapters, a frozen residual, no bias."""
+    from sorsa_kernels.kernels import grouped_sorsa as K
+
+    e = lambda *s, dtype=cd: torch.empty(*s, dtype=dtype)  # noqa: E731
+    counts = torch.full((E,), M // E, dtype=torch.int64)
+    x, dy, u = e(M, n), e(M, m), e(M, r)
+    res = e(E, m, n)
+    U, S, V = e(E, m, r, dtype=torch.float32), e(E, r, dtype=torch.float32), e(E, n, r, dtype=torch.float32)
+    fwd = capture(lambda: K.grouped_forward(x, counts, res, U, S, V, None, 1.0))
+    bwd = capture(lambda: K.grouped_backward(dy, x, u, counts, res, U, S, V, 1.0, True))
+    return [(k, {**a, "_phase": "fwd"}, kw) for k, a, kw in fwd] + [(k, {**a, "_phase": "bwd"}, kw) for k, a, kw in bwd]
+
+
 def _label(kernel, args, kwargs) -> str:
     name = _jit_fn(kernel).__name__
     flags = []
@@ -281,6 +297,7 @@ def launch_classes(arch: int, quick: bool = False) -> list:
         (f"nf4 {hn} M64 4096x4096 r64", lambda: _nf4_launches(64, 4096, 4096, 64, h)),
         (f"nf4 {hn} M4096 4096x4096 r64", lambda: _nf4_launches(4096, 4096, 4096, 64, h)[:1]),
         (f"ortho {hn} 7B mixed r128", lambda: _ortho_launches(h)),
+        (f"experts {hn} M8192 E8 4096->14336 r128", lambda: _experts_launches(8192, 8, 4096, 14336, 128, h)),
     ]
     if arch == 90:
         out.insert(1, (f"{hn} M4096 4096x4096 r128 TMA", lambda: _sorsa_tma_launches(4096, 4096, 4096, 128, h)))
@@ -293,12 +310,14 @@ def launch_classes(arch: int, quick: bool = False) -> list:
         (f"{hn} M4096 4096x4096 r128 dropout", lambda: _sorsa_launches(4096, 4096, 4096, 128, h, bias=False,
                                                                          residual=False)),
         ("fp32-highest M4096 4096x4096 r128", lambda: _sorsa_launches(4096, 4096, 4096, 128, f32)),
-        ("fp32-high M4096 4096x4096 r128", lambda: _fp32_high_launches(4096, 4096, 4096, 128)),
+        ("fp32-high M4096 4096x4096 r128", lambda: _fp32_high(lambda: _sorsa_launches(4096, 4096, 4096, 128, f32))),
         ("nf4 fp32 M64 4096x4096 r64", lambda: _nf4_launches(64, 4096, 4096, 64, f32)),
         ("nf4 fp32 M4096 4096x4096 r64", lambda: _nf4_launches(4096, 4096, 4096, 64, f32)[:1]),
         (f"ortho {hn} 7B adapters r128", lambda: _ortho_launches(h, 128, adapters=True)),
         ("ortho fp32 7B adapters r128", lambda: _ortho_launches(f32, 128, adapters=True)),
         ("ortho fp32 7B adapters r256", lambda: _ortho_launches(f32, 256, adapters=True)),
+        ("experts fp32-high M8192 E8 4096->14336 r128", lambda: _fp32_high(
+            lambda: _experts_launches(8192, 8, 4096, 14336, 128, f32))),
     ]
     if arch >= 80:  # sm_75 has no bf16: the 16-bit cases above are already fp16
         out.insert(0, ("fp16 M4096 4096x4096 r128", lambda: _sorsa_launches(4096, 4096, 4096, 128, torch.float16)))
@@ -306,14 +325,19 @@ def launch_classes(arch: int, quick: bool = False) -> list:
     return out
 
 
+def selected(case: str, cases: str) -> bool:
+    """Whether launch class ``case`` is named by ``cases`` (comma-separated name parts; "" names all)."""
+    return any(part.strip() in case for part in cases.split(","))
+
+
 def collect(arch: int = 90, quick: bool = False, compile_kept: bool = True, cases: str = "") -> list[dict]:
     """One row per (launch, config): the configs the prune kept (compiled, unless
     ``compile_kept`` is False) and the ones it dropped (``pruned``, not compiled).
-    ``cases``: only the launch classes whose name contains it."""
+    ``cases``: only the launch classes whose name contains one of its comma-separated parts."""
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
     rows, seen = [], set()
     for case, thunk in launch_classes(arch, quick):
-        if cases not in case:
+        if not selected(case, cases):
             continue
         with compile_target(arch):
             launches = thunk()
@@ -399,24 +423,48 @@ def summary(rows: list[dict], arch: int) -> dict:
     )
 
 
-def to_markdown(rows: list[dict], arch: int, quick: bool = False) -> str:
+COMMAND = "PYTHONPATH=. python tests/kernels/compile_facts.py"
+
+
+def command(arch: int, quick: bool = False, cases: str = "", update: bool = False) -> str:
+    """The command line that makes (``update``: adds to) the committed table for ``arch``."""
+    out = f"{COMMAND} --arch {arch}{' --quick' if quick else ''}"
+    if cases:
+        out += f" --cases '{cases}'"
+    return out + f" --md docs/compile-facts-sm{arch}.md" + (" --update" if update else "")
+
+
+def made_with(text: str) -> list[str]:
+    """The commands a committed table records it was made with."""
+    return re.findall(r"`(" + re.escape(COMMAND) + r"[^`]*)`", text.split("\n\n|", 1)[0])
+
+
+def merge_rows(old: list[dict], new: list[dict], arch: int) -> list[dict]:
+    """``old`` table rows with the launch classes of ``new`` replaced by ``new``'s rows, in
+    :func:`launch_classes` order (classes no longer there are dropped)."""
+    fresh = {r["case"] for r in new}
+    by_case: dict = {}
+    for r in [r for r in old if r["case"] not in fresh] + new:
+        by_case.setdefault(r["case"], []).append(r)
+    return [r for case, _ in launch_classes(arch) for r in by_case.get(case, [])]
+
+
+def to_markdown(rows: list[dict], arch: int, commands: list[str]) -> str:
+    """The committed table (docs/compile-facts-sm{arch}.md) of ``rows``, made by ``commands``."""
     s = summary(rows, arch)
-    scope = ("the 16-bit training subset (`--quick`: the M = 4096 layer with and without split-K"
-             + (", the TMA GEMM" if arch == 90 else "") + ", NF4 at M = 64 and 4096, the regularizer)"
-             if quick else "Llama-7B layers at M = 4096 tokens, r = 128 (4096→11008 at r = 64; M = 64; "
-             "fp16, bf16, fp32 under `high` and `highest`, no bias, dropout), the NF4 paths (16-bit and "
-             "fp32) and the regularizer over the 7B adapter set (16-bit and fp32 k×r adapters at r = 128 "
-             "and 256)")
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    made = "; then ".join(f"`{c}`" for c in commands)
     lines = [
         f"# sm_{arch} compile facts of every kernel and autotune config",
         "",
-        f"Made with `PYTHONPATH=. python tests/kernels/compile_facts.py --arch {arch} --md "
-        f"docs/compile-facts-sm{arch}.md{' --quick' if quick else ''}` (no GPU: Triton {triton.__version__}, torch {torch.__version__}, "
+        f"Made with {made} (no GPU: Triton {triton.__version__}, torch {torch.__version__}, "
         f"`triton.compile` for `GPUTarget(\"cuda\", {arch}, 32)` with the runtime's specialisation, after each "
         f"autotuner's `early_config_prune` under `compile_target({arch})`, i.e. against "
         f"{SMEM_PER_BLOCK[arch] // 1024} KB of shared memory per block; ptxas `-v` for registers and spills). "
-        f"Launch classes: {scope}. `pruned` rows are configs the prune dropped for this GPU family (not "
-        "compiled). tests/kernels/test_compile_facts.py checks these tables.",
+        f"`--quick` is the 16-bit training subset CI compiles; the other classes are fp16 / fp32 (`high`: tf32 "
+        "dots, `highest`: IEEE), no bias, dropout, M = 64, NF4 and the regularizer over fp32 k×r adapters. "
+        f"Launch classes here ({len(cases)}): {'; '.join(cases)}. `pruned` rows are configs the prune dropped "
+        "for this GPU family (not compiled). tests/kernels/test_compile_facts.py checks these tables.",
         "",
         "These are compiler facts, not timings.",
         "",
@@ -436,8 +484,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the 16-bit cases the CI test compiles")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--md", help="write the committed markdown table here")
-    ap.add_argument("--cases", default="", help="only the launch classes whose name contains this")
+    ap.add_argument("--cases", default="",
+                    help="only the launch classes whose name contains one of these comma-separated parts")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these launch classes' rows in the existing --md table, keep the rest")
     a = ap.parse_args()
+    if a.update and not (a.md and os.path.exists(a.md)):
+        ap.error("--update needs an existing --md table to add to")
     rows = collect(a.arch, a.quick, cases=a.cases)
     print(HEADER)
     for row in rows:
@@ -447,8 +500,14 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.md:
+        commands = [command(a.arch, a.quick, a.cases)]
+        if a.update:
+            with open(a.md) as f:
+                old = f.read()
+            rows = merge_rows(parse_md(old), rows, a.arch)
+            commands = made_with(old) + [command(a.arch, a.quick, a.cases, update=True)]
         with open(a.md, "w") as f:
-            f.write(to_markdown(rows, a.arch, a.quick))
+            f.write(to_markdown(rows, a.arch, commands))
 
 
 if __name__ == "__main__":

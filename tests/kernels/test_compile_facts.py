@@ -7,8 +7,9 @@ Three levels, kept within CI's time:
   config after the device prune, and where a committed table (docs/compile-facts-sm*.md)
   holds the facts of a kept config, it fits the family's shared memory and spills ≤ 256 B
   (sm_75 excepted from the spill bound: Triton emits FMA dots there, see bench/README);
-* sm_90, compiled (the 16-bit quick set): every kept config compiles, fits 227 KB, spills
-  nothing but the accepted norm kernel, the bf16 GEMM uses wgmma;
+* sm_90, compiled (the 16-bit quick set, the MoE experts' grouped kernels included): every
+  kept config compiles, fits 227 KB, spills nothing but the accepted norm kernel, the bf16
+  GEMM uses wgmma;
 * sm_86, compiled: the regularizer over fp32 k×r adapters at r = 128 (once a crash on every
   99 KB card) keeps only fitting, non-spilling configs.
 

@@ -113,3 +113,34 @@ def test_op_on_triton_backend_matches_reference_backend(dtype, backend):
     got = run()
     for name, a, e in zip(("y", "dx", "dU", "dS", "dV"), got, want):
         assert rel_err(a, e) < TOL[dtype], name
+
+
+def _gemm_args(act: torch.dtype, adapter: torch.dtype) -> dict:
+    a, b = torch.empty(1, 1, dtype=act), torch.empty(1, 1, 1, dtype=adapter)
+    return dict(a1_ptr=a, b1_ptr=torch.empty(1, 1, 1, dtype=act), a2_ptr=a, b2_ptr=b)
+
+
+def test_gemm_prune_drops_configs_over_a_99kb_card_and_keeps_them_on_hopper():
+    from sorsa_kernels.kernels import grouped_sorsa_configs as C
+    from sorsa_kernels.kernels._launch import compile_target
+
+    configs = C.gemm_configs(interpret=False)
+    args = _gemm_args(torch.bfloat16, torch.float32)  # bf16 activations, fp32 adapters
+    with compile_target(86):
+        kept = C.prune_gemm_configs(configs, args, BLOCK_M=64)
+    # 64×64 bf16 A + 64×128 fp32 B per K step, 3 buffers: 120 KB > 99 KB.
+    big = configs[0]
+    assert (big.kwargs["BLOCK_N"], big.kwargs["BLOCK_K"], big.num_stages) == (128, 64, 4)
+    assert big not in kept and configs[-1] in kept
+    with compile_target(90):
+        assert C.prune_gemm_configs(configs, args, BLOCK_M=64) == configs
+
+
+def test_weight_grad_prune_limits_fp32_accumulators_per_thread():
+    from sorsa_kernels.kernels import grouped_sorsa_configs as C
+
+    configs = C.weight_grad_configs(interpret=False)
+    f32 = torch.empty(1, 1)
+    kept = C.prune_weight_grad_configs(configs, dict(a_ptr=f32, b_ptr=f32), BLOCK_R=128, BLOCK_M=64)
+    assert kept and all(c.kwargs["BLOCK_K"] * 128 // (32 * c.num_warps) <= 64 for c in kept)
+    assert len(kept) < len(configs)

@@ -173,3 +173,15 @@ def test_small_M_keeps_the_fused_dequant_kernel(monkeypatch):
     x = mk(9, 100)
     y = k.nf4_lowrank_forward(x, q.tensors(), q.shape)
     assert rel_err(y, x.double() @ dequantize_nf4(q).double().T) < 1e-5
+
+
+def test_nf4_prune_keeps_only_32x32_a_tiles_for_ieee_fp32():
+    # fp32 under "highest" (FMA dots): 64×32 and 16×64 A tiles spilled 0.8-1.4 KB per thread on sm_80.
+    cfgs = pytest.importorskip("sorsa_kernels.kernels.nf4_gemm_configs")
+    f32 = torch.empty(1, dtype=torch.float32)
+    every = cfgs.GPU_CONFIGS
+    assert cfgs.prune_nf4_configs(every, dict(a_ptr=f32), INPUT_PRECISION="tf32") == every
+    kept = cfgs.prune_nf4_configs(every, dict(a_ptr=f32), INPUT_PRECISION="ieee")
+    assert kept and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_K"] <= 32 for c in kept)
+    bf16 = torch.empty(1, dtype=torch.bfloat16)  # the launcher passes "ieee" for 16-bit operands too
+    assert cfgs.prune_nf4_configs(every, dict(a_ptr=bf16), INPUT_PRECISION="ieee") == every

@@ -198,6 +198,19 @@ def test_every_gram_config_gives_identical_bits(monkeypatch, k_sequential_dot):
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1])), cfg
 
 
+@pytest.mark.parametrize("capability, precision, block_r, step", [
+    (80, "tf32x3", 128, 32), (86, "tf32x3", 128, 32), (89, "tf32x3", 128, 32),  # fp32 below Hopper: 32 rows
+    (90, "tf32x3", 128, 64), (80, "tf32", 128, 64), (80, "tf32x3", 64, 64),
+])
+def test_gram_step_is_fixed_per_gpu_family_and_precision(capability, precision, block_r, step):
+    # 64-row steps spilled 484 B-1.3 KB per thread on sm_80 for fp32 sets at r = 128 (compile facts).
+    from sorsa_kernels.kernels._launch import SMEM_PER_BLOCK, Target
+
+    params = ortho_reg_configs.fixed_launch_params(Target(capability, SMEM_PER_BLOCK[capability]), block_r, precision)
+    assert params.gram_step_k == step
+    assert ortho_reg_configs.fixed_launch_params(None, block_r, precision).gram_step_k == ortho_reg_configs.GRAM_STEP_K
+
+
 # --------------------------------------------------------------------------- the plan cache
 def test_same_matrices_reuse_the_cached_plan():
     mats, flags = _matrices(SMALL, torch.float32, seed=12, grad=0.1)

@@ -533,6 +533,23 @@ def test_skinny_prune_keeps_only_non_spilling_fp32_configs():
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
 
 
+def test_ieee_fp32_prunes_keep_only_32_deep_k_steps():
+    # fp32 under "highest" runs FMA dots: 64-deep K steps spilled 3.9-60 KB per thread on sm_80.
+    f32 = torch.empty(1, dtype=torch.float32)
+    gemm_cfgs = gcfg.gemm_configs(interpret=False)
+    tf32 = gcfg.prune_gemm_configs(gemm_cfgs, dict(M=4096, a2_ptr=f32), INPUT_PRECISION="tf32")
+    ieee = gcfg.prune_gemm_configs(gemm_cfgs, dict(M=4096, a2_ptr=f32), INPUT_PRECISION="ieee")
+    assert ieee and all(c.kwargs["BLOCK_K"] <= 32 for c in ieee) and any(c.kwargs["BLOCK_K"] > 32 for c in tf32)
+    bf = torch.empty(1, dtype=torch.bfloat16)  # the NF4 path passes "ieee" for 16-bit operands: ignored
+    assert gcfg.prune_gemm_configs(gemm_cfgs, dict(M=512, a2_ptr=bf), INPUT_PRECISION="ieee") == gemm_cfgs
+    skinny = kcfg.prune_skinny_configs(kcfg.skinny_configs(interpret=False), dict(x_ptr=f32), BLOCK_R=128,
+                                       INPUT_PRECISION="ieee")
+    assert skinny and all(c.kwargs["BLOCK_K"] <= 32 for c in skinny)
+    wg = kcfg.prune_weight_grad_configs(kcfg.weight_grad_configs(interpret=False), dict(a_ptr=f32), BLOCK_R=128,
+                                        INPUT_PRECISION="ieee")
+    assert wg and all(c.kwargs["BLOCK_K"] * 128 <= 32 * 32 * c.num_warps for c in wg)
+
+
 # ----------------------------------------------------------------------------- persistent TMA GEMM
 TMA_SHAPES = [(33, 24, 72, 16), (70, 40, 72, 24), (5, 104, 40, 8)]
 

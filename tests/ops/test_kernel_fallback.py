@@ -23,6 +23,7 @@ from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 dispatch = importlib.import_module("sorsa_kernels.ops.dispatch")
 op = importlib.import_module("sorsa_kernels.ops.sorsa_linear")
 qop = importlib.import_module("sorsa_kernels.ops.qsorsa_linear")
+eop = importlib.import_module("sorsa_kernels.ops.experts")
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +122,97 @@ def test_qsorsa_forward_out_of_resources_falls_back_to_the_reference(monkeypatch
         y = qop.qsorsa_linear(x, q, U, S, V, scale=0.5)
     monkeypatch.setenv("SORSA_KERNELS_BACKEND", "reference")
     assert rel_err(y, qop.qsorsa_linear(x, q, U, S, V, scale=0.5)) < 1e-6
+
+
+def _experts_inputs(counts=(4, 0, 7), m=12, n=20, r=3):
+    g = torch.Generator().manual_seed(3)
+    E = len(counts)
+    x = torch.randn(sum(counts), n, generator=g).requires_grad_()
+    res = torch.randn(E, m, n, generator=g)
+    U, V = torch.randn(E, m, r, generator=g).requires_grad_(), torch.randn(E, n, r, generator=g).requires_grad_()
+    S = (torch.rand(E, r, generator=g) + 0.5).requires_grad_()
+    return x, torch.tensor(counts), res, U, S, V
+
+
+def _experts_expected(x, counts, res, U, S, V, scale):
+    """y and the gradients of y.sum() by the dense per-expert formula in float64."""
+    xd, Ud, Sd, Vd = (t.detach().double().requires_grad_() for t in (x, U, S, V))
+    y = reference.experts_dense(xd, counts, res.double(), Ud, Sd, Vd, None, scale)
+    y.sum().backward()
+    return y.detach(), (xd.grad, Ud.grad, Sd.grad, Vd.grad)
+
+
+def test_experts_forward_out_of_resources_falls_back_once_with_one_warning(monkeypatch):
+    calls = _fail_launches(monkeypatch, "sorsa_kernels.kernels.grouped_sorsa",
+                           "_grouped_residual_lowrank_gemm_kernel", OutOfResources(131072, 101376, "shared memory"))
+    x, counts, res, U, S, V = _experts_inputs()
+    with pytest.warns(RuntimeWarning) as record:
+        y = eop.sorsa_experts(x, counts, res, U, S, V, scale=0.5)
+    messages = [str(w.message) for w in record if "failed to compile or launch" in str(w.message)]
+    assert len(messages) == 1
+    assert all(w in messages[0] for w in ("_grouped_residual_lowrank_gemm_kernel", "cpu", "sorsa_experts forward",
+                                          "(11, 20)", "(3, 12, 3)"))
+    want, grads = _experts_expected(x, counts, res, U, S, V, 0.5)
+    assert rel_err(y, want) < 1e-5
+    with pytest.warns(RuntimeWarning, match="sorsa_experts backward"):  # its kernels use the same GEMM
+        y.sum().backward()
+    for got, expected in zip((x.grad, U.grad, S.grad, V.grad), grads):
+        assert rel_err(got, expected) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same shape again: no warning, no new attempt
+        eop.sorsa_experts(x, counts, res, U, S, V, scale=0.5).sum().backward()
+    assert len(calls) == 2
+
+
+def test_experts_backward_ptxas_error_falls_back_to_the_reference_gradients(monkeypatch):
+    calls = _fail_launches(monkeypatch, "sorsa_kernels.kernels.grouped_sorsa", "_grouped_weight_grad_kernel",
+                           PTXASError("ptxas fatal: Entry function uses too much shared data"))
+    x, counts, res, U, S, V = _experts_inputs()
+    y = eop.sorsa_experts(x, counts, res, U, S, V, scale=0.5)  # the forward's kernels run
+    with pytest.warns(RuntimeWarning, match="_grouped_weight_grad_kernel") as record:
+        y.sum().backward()
+    assert len([w for w in record if "failed to compile or launch" in str(w.message)]) == 1
+    want, grads = _experts_expected(x, counts, res, U, S, V, 0.5)
+    assert rel_err(y, want) < 1e-5
+    for got, expected in zip((x.grad, U.grad, S.grad, V.grad), grads):
+        assert rel_err(got, expected) < 1e-5
+    assert len(calls) == 1
+
+
+def test_qsorsa_experts_out_of_resources_falls_back_to_the_reference(monkeypatch):
+    from sorsa_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.grouped_sorsa", "_grouped_residual_lowrank_gemm_kernel",
+                   OutOfResources(131072, 101376, "shared memory"))
+    x, counts, _, U, S, V = _experts_inputs()
+    g = torch.Generator().manual_seed(4)
+    qs = [quantize_nf4(torch.randn(12, 20, generator=g)) for _ in range(3)]
+    st = lambda f: torch.stack([getattr(q, f).reshape(-1) for q in qs])  # noqa: E731
+    nf4 = (st("packed"), st("absmax"), st("nested_absmax"), qs[0].nested_code, st("offset").reshape(3), qs[0].code)
+    dense = torch.stack([dequantize_nf4(q, torch.float32) for q in qs])
+    with pytest.warns(RuntimeWarning, match="_grouped_residual_lowrank_gemm_kernel"):
+        y = eop.qsorsa_experts(x, counts, nf4, U, S, V, scale=0.5, expert_chunk=1)
+        y.sum().backward()
+    want, grads = _experts_expected(x, counts, dense, U, S, V, 0.5)
+    assert rel_err(y, want) < 1e-5
+    for got, expected in zip((x.grad, U.grad, S.grad, V.grad), grads):
+        assert rel_err(got, expected) < 1e-5
+
+
+def test_experts_error_that_is_no_launch_failure_is_raised(monkeypatch):
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.grouped_sorsa", "_grouped_residual_lowrank_gemm_kernel",
+                   ValueError("a real bug"))
+    x, counts, res, U, S, V = _experts_inputs()
+    with pytest.raises(ValueError, match="a real bug"):
+        eop.sorsa_experts(x, counts, res, U, S, V)
+
+
+def test_experts_bfloat16_on_a_pre_ampere_gpu_is_an_error_naming_float16(monkeypatch):
+    monkeypatch.setattr(dispatch, "_capability", lambda device: 75)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    x, counts, res, U, S, V = _experts_inputs()
+    with pytest.raises(TypeError, match=r"bfloat16 needs .*sm_75.*float16"):
+        eop.sorsa_experts(x.detach().bfloat16(), counts, res.bfloat16(), U, S, V)
 
 
 def test_bfloat16_on_a_pre_ampere_gpu_is_an_error_naming_float16(monkeypatch):
