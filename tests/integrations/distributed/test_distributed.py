@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+from tests.integrations.distributed.launch import process_env
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux",
                                 reason="needs torch.distributed")
@@ -20,22 +21,16 @@ pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platfor
 STEPS = ("--pretrain-steps", "20", "--max-steps", "4", "--logging-steps", "1", "--no-eval", "--quiet")
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
 
 def _torchrun(args, tmp_path, timeout=180):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29500 + os.getpid() % 1000), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=tmp_path)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=process_env(), cwd=tmp_path)
 
 
 def _single(args, tmp_path, timeout=180):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env(), cwd=tmp_path)
+                          env=process_env(), cwd=tmp_path)
 
 
 def _losses(out_dir):

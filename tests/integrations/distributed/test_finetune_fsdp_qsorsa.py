@@ -20,6 +20,7 @@ from sorsa_kernels import load_adapter, merge_sorsa
 from sorsa_kernels.integrations.training.embedded import build_tokenizer
 from sorsa_kernels.integrations.training.finetune import FinetuneConfig
 from tests.conftest import rel_err
+from tests.integrations.distributed.launch import process_env
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs torch.distributed (gloo)")
 
@@ -69,12 +70,6 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
@@ -89,7 +84,7 @@ def job(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", str(29400 + os.getpid() % 1000), str(d / "run.py"), str(d / "base"), str(d / "out")],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=d)
+        capture_output=True, text=True, timeout=300, env=process_env(), cwd=d)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return d, json.loads((d / "out" / "report.json").read_text())
 

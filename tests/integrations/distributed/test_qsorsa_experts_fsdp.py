@@ -5,9 +5,6 @@ regularizer, global batch 4, one CPU thread per process) on a tiny Mixtral saved
 ``save_pretrained``, adapted with ``apply_sorsa(quantize="nf4")``: the routed experts are
 QSORSA experts whose packed NF4 stacks FSDP2 shards by expert.
 """
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -18,6 +15,7 @@ import transformers
 from sorsa_kernels import apply_sorsa, load_adapter, merge_sorsa
 from sorsa_kernels.integrations.distributed import fsdp
 from tests.conftest import rel_err
+from tests.integrations.distributed.launch import one_and_two_process_runs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs torch.distributed (gloo)")
 
@@ -35,12 +33,6 @@ def _tiny_mixtral(seed=0):
                 p.normal_(0, 0.5)
     return model
 
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 _SCRIPT = textwrap.dedent('''
@@ -115,18 +107,8 @@ _SCRIPT = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("qsorsa_experts_fsdp")
-    _tiny_mixtral().save_pretrained(d / "base")
-    (d / "run.py").write_text(_SCRIPT)
-    single = subprocess.run([sys.executable, str(d / "run.py"), str(d / "base"), str(d / "one")],
-                            capture_output=True, text=True, timeout=240, env=_env(), cwd=d)
-    assert single.returncode == 0, single.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(28600 + os.getpid() % 1000), str(d / "run.py"), str(d / "base"), str(d / "two")],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=d)
-    assert two.returncode == 0, two.stderr[-3000:]
-    read = lambda run: json.loads((d / run / "result.json").read_text())  # noqa: E731
-    return d, read("one"), read("two")
+    one, two = one_and_two_process_runs(d, _tiny_mixtral(), _SCRIPT, 28600)
+    return d, one, two
 
 
 def test_sharded_qsorsa_experts_losses_equal_single_process_losses(runs):

@@ -6,9 +6,6 @@ regularizer, global batch 4, one CPU thread per process) on a tiny Llama saved w
 (sharding as it loads) and checks that its shards equal those of the API path.
 """
 import json
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
 import weakref
@@ -24,6 +21,7 @@ from sorsa_kernels import (
 from sorsa_kernels.integrations.distributed import fsdp, streaming
 from sorsa_kernels.integrations.distributed.streaming import load_sorsa_streaming
 from tests.conftest import rel_err
+from tests.integrations.distributed.launch import one_and_two_process_runs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs torch.distributed (gloo)")
 
@@ -38,12 +36,6 @@ def _tiny_llama(seed=0, **kw):
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 _SCRIPT = textwrap.dedent('''
@@ -137,18 +129,8 @@ _SCRIPT = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("qsorsa_fsdp")
-    _tiny_llama().save_pretrained(d / "base")
-    (d / "run.py").write_text(_SCRIPT)
-    single = subprocess.run([sys.executable, str(d / "run.py"), str(d / "base"), str(d / "one")],
-                            capture_output=True, text=True, timeout=240, env=_env(), cwd=d)
-    assert single.returncode == 0, single.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(29600 + os.getpid() % 1000), str(d / "run.py"), str(d / "base"), str(d / "two")],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=d)
-    assert two.returncode == 0, two.stderr[-3000:]
-    read = lambda run: json.loads((d / run / "result.json").read_text())  # noqa: E731
-    return d, read("one"), read("two")
+    one, two = one_and_two_process_runs(d, _tiny_llama(), _SCRIPT, 29600)
+    return d, one, two
 
 
 def test_sharded_losses_equal_single_process_losses(runs):
