@@ -88,7 +88,7 @@ class SORSAExperts(nn.Module):
     ) -> None:
         super().__init__()
         validate_rank(rank, in_features, out_features)
-        check_dtype(residual_dtype, "residual_dtype")
+        self.check_residual_dtype(residual_dtype)
         check_dtype(adapter_dtype, "adapter_dtype")
         check_knob("alpha", alpha)
         self.num_experts = num_experts
@@ -99,7 +99,7 @@ class SORSAExperts(nn.Module):
         self.scale = 1.0 if alpha is None else float(alpha) / rank
         E, m, n, r = num_experts, out_features, in_features, rank
         fk = dict(device=device)
-        self.residual = nn.Parameter(torch.zeros(E, m, n, dtype=residual_dtype, **fk), requires_grad=False)
+        self.allocate_residual(residual_dtype, device)
         self.U = nn.Parameter(torch.zeros(E, m, r, dtype=adapter_dtype, **fk))
         self.S = nn.Parameter(torch.zeros(E, r, dtype=adapter_dtype, **fk))
         self.V = nn.Parameter(torch.zeros(E, n, r, dtype=adapter_dtype, **fk))
@@ -108,6 +108,18 @@ class SORSAExperts(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    # ------------------------------------------------------------------ residual storage
+    @staticmethod
+    def check_residual_dtype(dtype: torch.dtype) -> None:
+        """Refuse a residual dtype this class cannot store (one-line error)."""
+        check_dtype(dtype, "residual_dtype")
+
+    def allocate_residual(self, dtype: torch.dtype, device: Optional[Union[str, torch.device]]) -> None:
+        """The frozen residual's (zero) storage: a dense E×out×in parameter."""
+        self.residual = nn.Parameter(
+            torch.zeros(self.num_experts, self.out_features, self.in_features, dtype=dtype, device=device),
+            requires_grad=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -22,7 +22,7 @@ from ..ops import reference
 from ..ops.experts import dequantize_experts, qsorsa_experts
 from ..quant.dense_view import NF4DenseView
 from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, quantize_nf4
-from .checks import check_dtype, check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
+from .checks import check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
 from .experts import DEFAULT_EXPERT_CHUNK, SORSAExperts, check_expert_stack, expert_chunks
 from .factory import register_experts_class
 from .knobs import check_knob
@@ -98,32 +98,18 @@ class QSORSAExperts(SORSAExperts):
 
     quantize = "nf4"
 
-    def __init__(
-        self,
-        num_experts: int,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = False,
-        *,
-        alpha: Optional[float] = None,
-        residual_dtype: torch.dtype = torch.float32,
-        adapter_dtype: torch.dtype = torch.float32,
-        device: Optional[Union[str, torch.device]] = None,
-    ) -> None:
-        nn.Module.__init__(self)  # SORSAExperts.__init__ would allocate a dense residual
-        validate_rank(rank, in_features, out_features)
-        _check_nf4_dtype(residual_dtype, None)
-        check_dtype(adapter_dtype, "adapter_dtype")
-        check_knob("alpha", alpha)
-        self.num_experts, self.in_features, self.out_features, self.rank = num_experts, in_features, out_features, rank
-        self.alpha = alpha
-        self.scale = 1.0 if alpha is None else float(alpha) / rank
-        self.compute_dtype = residual_dtype
+    @staticmethod
+    def check_residual_dtype(dtype: torch.dtype) -> None:
+        """The compute dtype of the NF4 residual: one of the NF4 layer's dtypes."""
+        _check_nf4_dtype(dtype, None)
+
+    def allocate_residual(self, dtype: torch.dtype, device: Optional[Union[str, torch.device]]) -> None:
+        """The NF4 storage per expert (bitsandbytes layout, zeros): packed bytes, absmax codes and
+        nested absmax as frozen parameters (so FSDP2 shards them), offsets and code tables as buffers."""
+        self.compute_dtype = dtype
         self.blocksize, self.nested_blocksize = BLOCKSIZE, NESTED_BLOCKSIZE
         self.expert_chunk = DEFAULT_EXPERT_CHUNK
-        E, m, n, r = num_experts, out_features, in_features, rank
-        numel = m * n
+        E, numel = self.num_experts, self.out_features * self.in_features
         nblocks = -(-numel // BLOCKSIZE)
         fk = dict(device=device)
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
@@ -133,14 +119,6 @@ class QSORSAExperts(SORSAExperts):
         self.register_buffer("nf4_offset", torch.zeros(E, dtype=torch.int32, **fk))
         self.register_buffer("nf4_nested_code", torch.zeros(256, dtype=torch.int32, **fk))
         self.register_buffer("nf4_code", torch.zeros(16, dtype=torch.int32, **fk))
-        self.U = nn.Parameter(torch.zeros(E, m, r, dtype=adapter_dtype, **fk))
-        self.S = nn.Parameter(torch.zeros(E, r, dtype=adapter_dtype, **fk))
-        self.V = nn.Parameter(torch.zeros(E, n, r, dtype=adapter_dtype, **fk))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(E, m, dtype=residual_dtype, **fk), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     # ------------------------------------------------------------------ NF4 storage
     def nf4_tensors(self) -> tuple[Tensor, ...]:
