@@ -56,3 +56,14 @@ def k_sequential_dot(monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
     return np
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a fine-tuning job loads a model (the checks must come first); the
+    calls made are listed in the returned list."""
+    from sorsa_kernels.integrations.training.finetune import training
+
+    calls = []
+    monkeypatch.setattr(training, "load_base", lambda *a, **k: calls.append(a) or pytest.fail("model loaded"))
+    return calls

@@ -17,32 +17,8 @@ import torch
 
 from sorsa_kernels.cli import main
 from sorsa_kernels.integrations.training.finetune import rundir as R
-from sorsa_kernels.integrations.training.finetune import training as T
 from sorsa_kernels.integrations.training.trainer import SORSACallback
-
-FAST = ("--pretrain-steps", "0", "--max-steps", "2", "--batch-size", "2", "--no-eval", "--quiet",
-        "--logging-steps", "1")
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_line_error(rc, err):
-    lines = [l for l in err.splitlines() if l.startswith("sorsa-kernels: error:")]
-    assert rc == 1, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the job loads a model (the checks must come first)."""
-    calls = []
-    monkeypatch.setattr(T, "load_base", lambda *a, **k: calls.append(a) or pytest.fail("model loaded"))
-    return calls
+from tests.cli_helpers import FAST, one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +53,8 @@ def _hidden(folder):
     ("--batch-size", "0", "batch-size must be a positive integer, got 0"),
 ])
 def test_bad_knob_is_one_line_before_the_model_loads(flag, value, message, tmp_path, capsys, no_model_load):
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, flag, value)
-    assert message in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, flag, value)
+    assert message in one_line_error(rc, err)
     assert not no_model_load and not (tmp_path / "o").exists()
 
 
@@ -88,8 +64,8 @@ def test_bad_knob_is_one_line_before_the_model_loads(flag, value, message, tmp_p
     (("--model", "/no/such/path", "--data", "x.jsonl"), "no such model folder: /no/such/path"),
 ])
 def test_bad_regex_template_or_model_path_is_one_line(args, message, tmp_path, capsys, no_model_load):
-    rc, _, err = _run(capsys, "finetune", *args, "--output-dir", tmp_path / "o", *FAST)
-    assert message in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", *args, "--output-dir", tmp_path / "o", *FAST)
+    assert message in one_line_error(rc, err)
     assert not no_model_load and not (tmp_path / "o").exists()
 
 
@@ -107,8 +83,8 @@ def test_bad_regex_template_or_model_path_is_one_line(args, message, tmp_path, c
 ])
 def test_config_errors_name_the_flags_on_the_command_line(args, message, tmp_path, capsys, no_model_load):
     """The config names its fields (tests/integrations/training/test_finetune.py); the CLI shows flags."""
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, *args)
-    assert message in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, *args)
+    assert message in one_line_error(rc, err)
     assert not no_model_load and not (tmp_path / "o").exists()
 
 
@@ -122,8 +98,8 @@ def test_unknown_dtype_is_refused_by_the_parser_listing_the_names(capsys):
 def test_non_utf8_data_names_file_and_line(tmp_path, capsys, no_model_load):
     data = tmp_path / "d.jsonl"
     data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
-    rc, _, err = _run(capsys, "finetune", "--data", data, "--output-dir", tmp_path / "o", *FAST)
-    assert f"{data}: line 2 is not UTF-8 text" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--data", data, "--output-dir", tmp_path / "o", *FAST)
+    assert f"{data}: line 2 is not UTF-8 text" in one_line_error(rc, err)
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -146,23 +122,23 @@ def _interrupt_at(monkeypatch, step):
 def test_interrupted_run_leaves_nothing_and_the_same_command_reruns(tmp_path, capsys, monkeypatch):
     argv = ("finetune", "--output-dir", tmp_path / "o", *FAST)
     _interrupt_at(monkeypatch, 1)
-    rc, _, err = _run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
     monkeypatch.undo()
-    assert _run(capsys, *argv)[0] == 0
+    assert run_cli(capsys, *argv)[0] == 0
     assert (tmp_path / "o" / "metrics.json").is_file()
 
 
 def test_interrupted_run_with_a_checkpoint_resumes_with_the_advice_given(tmp_path, capsys, monkeypatch):
     argv = ("finetune", "--output-dir", tmp_path / "o", "--save-steps", "1", *FAST)
     _interrupt_at(monkeypatch, 1)  # after checkpoint-1 is saved
-    assert _run(capsys, *argv)[0] == 130
+    assert run_cli(capsys, *argv)[0] == 130
     assert os.listdir(tmp_path / "o" / "checkpoints") == ["checkpoint-1"]
     monkeypatch.undo()
-    rc, _, err = _run(capsys, *argv)
-    assert "continue it with --resume-from-checkpoint last" in _one_line_error(rc, err)
-    assert _run(capsys, *argv, "--resume-from-checkpoint", "last")[0] == 0
+    rc, _, err = run_cli(capsys, *argv)
+    assert "continue it with --resume-from-checkpoint last" in one_line_error(rc, err)
+    assert run_cli(capsys, *argv, "--resume-from-checkpoint", "last")[0] == 0
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert max(s for s, _ in m["train_losses"]) == 2
 
@@ -177,18 +153,18 @@ def test_diverged_run_saves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
         return out
 
     monkeypatch.setattr(SORSACallback, "on_pre_optimizer_step", poison)
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)
-    assert "training diverged: model.layers.0.self_attn.q_proj.U holds NaN/Inf after step" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)
+    assert "training diverged: model.layers.0.self_attn.q_proj.U holds NaN/Inf after step" in one_line_error(rc, err)
     assert not (tmp_path / "o").exists()
 
 
 def test_bogus_resume_folder_is_one_line_and_writes_nothing(tmp_path, capsys, no_model_load):
     (tmp_path / "bogus").mkdir()
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", "--resume-from-checkpoint",
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", "--resume-from-checkpoint",
                       tmp_path / "bogus", *FAST)
-    assert "bogus is not a complete checkpoint (no trainer_state.json)" in _one_line_error(rc, err)
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", "--resume-from-checkpoint", "last", *FAST)
-    assert "no complete checkpoint under" in _one_line_error(rc, err)
+    assert "bogus is not a complete checkpoint (no trainer_state.json)" in one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", "--resume-from-checkpoint", "last", *FAST)
+    assert "no complete checkpoint under" in one_line_error(rc, err)
     assert not (tmp_path / "o").exists()
 
 
@@ -226,8 +202,8 @@ def test_full_disk_while_saving_is_one_line_and_leaves_whole_artifacts(artifact,
 
     out = tmp_path / "o"
     _full_disk_in(monkeypatch, artifact)
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, *FAST)
-    line = _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, *FAST)
+    line = one_line_error(rc, err)
     assert f"cannot write {out / artifact}: No space left on device" in line
     assert not (out / artifact).exists() and _hidden(out) == []
     earlier = {"base": ["adapter"], "merged": ["adapter", "base"], "metrics.json": ["adapter", "base", "merged"]}
@@ -236,7 +212,7 @@ def test_full_disk_while_saving_is_one_line_and_leaves_whole_artifacts(artifact,
         load_adapter(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
     monkeypatch.undo()
     if artifact == "merged":  # an unfinished folder does not block the same command
-        assert _run(capsys, "finetune", "--output-dir", out, *FAST)[0] == 0
+        assert run_cli(capsys, "finetune", "--output-dir", out, *FAST)[0] == 0
         assert (out / "metrics.json").is_file()
 
 
@@ -244,8 +220,8 @@ def test_full_disk_while_resuming_keeps_the_published_merged_model(finished, tmp
     out = _copy(finished, tmp_path / "o")
     before = (out / "merged" / "model.safetensors").read_bytes()
     _full_disk_in(monkeypatch, "merged")
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, "--resume-from-checkpoint", "last", *FAST)
-    assert "No space left on device" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, "--resume-from-checkpoint", "last", *FAST)
+    assert "No space left on device" in one_line_error(rc, err)
     assert (out / "merged" / "model.safetensors").read_bytes() == before
     assert R.inspect_output_dir(out).kind == "resumable"  # not "finished" with a mix of old and new
 
@@ -292,25 +268,25 @@ def test_kill_while_writing_merged_leaves_the_previous_merged_loadable(finished,
 def test_rerun_or_foreign_resume_into_a_finished_run_is_refused(finished, tmp_path, capsys, no_model_load):
     a, b = _copy(finished, tmp_path / "a"), _copy(finished, tmp_path / "b")
     metrics = (a / "metrics.json").read_bytes()
-    rc, _, err = _run(capsys, "finetune", "--output-dir", a, "--save-steps", "1", *FAST)
-    assert "holds a finished run (metrics.json)" in _one_line_error(rc, err)
-    rc, _, err = _run(capsys, "finetune", "--output-dir", a, "--resume-from-checkpoint",
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", a, "--save-steps", "1", *FAST)
+    assert "holds a finished run (metrics.json)" in one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", a, "--resume-from-checkpoint",
                       b / "checkpoints" / "checkpoint-1", *FAST)
-    assert "holds a finished run; resuming from" in _one_line_error(rc, err)
+    assert "holds a finished run; resuming from" in one_line_error(rc, err)
     assert (a / "metrics.json").read_bytes() == metrics
 
 
 def test_resume_with_another_rank_is_refused_before_the_model_loads(finished, tmp_path, capsys, no_model_load):
     out = _copy(finished, tmp_path / "o")
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, "--resume-from-checkpoint", "last", "--rank", "8", *FAST)
-    assert "it was trained with --rank 16, this run has --rank 8" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, "--resume-from-checkpoint", "last", "--rank", "8", *FAST)
+    assert "it was trained with --rank 16, this run has --rank 8" in one_line_error(rc, err)
 
 
 def test_resume_onto_another_base_is_refused(finished, tmp_path, capsys):
     out = _copy(finished, tmp_path / "o")
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, "--resume-from-checkpoint", "last",
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, "--resume-from-checkpoint", "last",
                       *FAST, "--pretrain-steps", "1")
-    assert "the base model's weights differ from those it was trained on" in _one_line_error(rc, err)
+    assert "the base model's weights differ from those it was trained on" in one_line_error(rc, err)
     assert R.inspect_output_dir(out).kind == "finished"
 
 
@@ -318,7 +294,7 @@ def test_two_runs_in_the_same_second_get_different_default_folders(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(R.time, "strftime", lambda fmt: "sorsa-output-same")
     for _ in range(2):
-        assert _run(capsys, "finetune", *FAST)[0] == 0
+        assert run_cli(capsys, "finetune", *FAST)[0] == 0
     assert sorted(os.listdir(tmp_path)) == ["sorsa-output-same", "sorsa-output-same-2"]
     for name in os.listdir(tmp_path):
         assert (tmp_path / name / "adapter" / "adapter.safetensors").is_file()
@@ -327,9 +303,9 @@ def test_two_runs_in_the_same_second_get_different_default_folders(tmp_path, cap
 # ---------------------------------------------------------------------- merge / export-lora / corrupt base
 def test_full_disk_in_merge_leaves_no_folder(finished, tmp_path, capsys, monkeypatch):
     _full_disk_in(monkeypatch, "m")
-    rc, _, err = _run(capsys, "merge", "--base", finished / "base", "--adapter", finished / "adapter",
+    rc, _, err = run_cli(capsys, "merge", "--base", finished / "base", "--adapter", finished / "adapter",
                       "--output", tmp_path / "m")
-    assert f"cannot write {tmp_path / 'm'}: No space left on device" in _one_line_error(rc, err)
+    assert f"cannot write {tmp_path / 'm'}: No space left on device" in one_line_error(rc, err)
     assert os.listdir(tmp_path) == []
 
 
@@ -341,9 +317,9 @@ def test_full_disk_in_export_lora_leaves_no_folder(finished, tmp_path, capsys, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(peft_export, "export_peft_lora", export)
-    rc, _, err = _run(capsys, "export-lora", "--base", finished / "base", "--adapter", finished / "adapter",
+    rc, _, err = run_cli(capsys, "export-lora", "--base", finished / "base", "--adapter", finished / "adapter",
                       "--output", tmp_path / "lora")
-    assert "No space left on device" in _one_line_error(rc, err)
+    assert "No space left on device" in one_line_error(rc, err)
     assert os.listdir(tmp_path) == []
 
 
@@ -351,6 +327,6 @@ def test_truncated_base_weights_are_one_line(finished, tmp_path, capsys):
     base = _copy(finished / "base", tmp_path / "base")
     weights = base / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    rc, _, err = _run(capsys, "merge", "--base", base, "--adapter", finished / "adapter", "--output", tmp_path / "m")
-    assert f"cannot load model '{base}'" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", finished / "adapter", "--output", tmp_path / "m")
+    assert f"cannot load model '{base}'" in one_line_error(rc, err)
     assert not (tmp_path / "m").exists()

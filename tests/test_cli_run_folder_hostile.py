@@ -9,34 +9,12 @@ import os
 import pytest
 
 from sorsa_kernels import apply_sorsa, save_adapter
-from sorsa_kernels.cli import main
 from sorsa_kernels.integrations.training import compare as CMP
 from sorsa_kernels.integrations.training.finetune import rundir as R
 from sorsa_kernels.integrations.training.finetune import training as T
 
 from .integrations.conftest import build_tiny_llama
-
-FAST = ("--pretrain-steps", "0", "--max-steps", "2", "--batch-size", "2", "--no-eval", "--quiet",
-        "--logging-steps", "1")
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_line_error(rc, err):
-    lines = [l for l in err.splitlines() if l.startswith("sorsa-kernels: error:")]
-    assert rc == 1, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the job loads a model (the checks must come first)."""
-    monkeypatch.setattr(T, "load_base", lambda *a, **k: pytest.fail("model loaded"))
+from tests.cli_helpers import FAST, one_line_error, run_cli
 
 
 def _sha1(path):
@@ -54,8 +32,8 @@ def _plain_trainer_checkpoint(out, step=100):
 
 def test_a_plain_trainer_checkpoint_is_refused_before_the_model_loads_and_kept(tmp_path, capsys, no_model_load):
     ck = _plain_trainer_checkpoint(tmp_path / "o")
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)
-    assert "it holds checkpoints/checkpoint-100 (no sorsa_run.json)" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)
+    assert "it holds checkpoints/checkpoint-100 (no sorsa_run.json)" in one_line_error(rc, err)
     assert (ck / "optimizer.pt").read_bytes() == b"adam state"
 
 
@@ -70,8 +48,8 @@ def test_a_failed_run_keeps_the_checkpoints_that_were_there_before_it(tmp_path, 
         raise ValueError(f"training diverged: the loss is nan at step {step}; nothing was saved")
 
     monkeypatch.setattr(T, "_check_finite", diverge)
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, "--save-steps", "1", *FAST)
-    assert "training diverged" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, "--save-steps", "1", *FAST)
+    assert "training diverged" in one_line_error(rc, err)
     assert (old / "optimizer.pt").read_bytes() == b"partial"
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-1", "checkpoint-2", "checkpoint-7"]
 
@@ -90,16 +68,16 @@ def test_cleanup_removes_only_checkpoints_created_after_the_snapshot(tmp_path):
 def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path, capsys, no_model_load):
     lock = R.claim_run_folder(tmp_path / "o")  # run A, still running
     try:
-        rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)
+        rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)
         assert f"output folder {tmp_path / 'o'} is in use by another run (pid {os.getpid()})" in \
-            _one_line_error(rc, err)
+            one_line_error(rc, err)
         assert os.listdir(tmp_path / "o") == [R.LOCK_FILE]  # run B wrote nothing
     finally:
         lock.release()
 
 
 def test_the_lock_is_free_again_after_a_run_and_the_folder_holds_only_its_artifacts(tmp_path, capsys):
-    assert _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)[0] == 0
+    assert run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST)[0] == 0
     assert sorted(os.listdir(tmp_path / "o")) == ["adapter", "base", "merged", "metrics.json"]
     R.claim_run_folder(tmp_path / "o").release()
 
@@ -109,8 +87,8 @@ def test_a_folder_holding_a_save_adapter_output_is_not_overwritten(tmp_path, cap
     out = tmp_path / "o"
     save_adapter(apply_sorsa(build_tiny_llama(), 2, ["q_proj"], progress=False), out / "adapter")
     before = _sha1(out / "adapter" / "adapter.safetensors")
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, *FAST)
-    assert "it holds adapter/ (not written by a run)" in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, *FAST)
+    assert "it holds adapter/ (not written by a run)" in one_line_error(rc, err)
     assert _sha1(out / "adapter" / "adapter.safetensors") == before
 
 
@@ -126,8 +104,8 @@ def test_a_symlinked_or_file_typed_run_entry_is_refused_before_the_model_loads(t
     out.mkdir()
     (tmp_path / "elsewhere").mkdir()
     make(out / entry, tmp_path / "elsewhere")
-    rc, _, err = _run(capsys, "finetune", "--output-dir", out, *FAST)
-    assert problem in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", out, *FAST)
+    assert problem in one_line_error(rc, err)
     assert os.listdir(tmp_path / "elsewhere") == []
 
 
@@ -139,8 +117,8 @@ def test_a_symlinked_or_file_typed_run_entry_is_refused_before_the_model_loads(t
 ])
 def test_gamma_and_alpha_the_arithmetic_cannot_hold_are_refused_before_the_model_loads(
         tmp_path, capsys, no_model_load, flags, message):
-    rc, _, err = _run(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, *flags)
-    assert message in _one_line_error(rc, err)
+    rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, *flags)
+    assert message in one_line_error(rc, err)
     assert not (tmp_path / "o").exists()
 
 
@@ -153,9 +131,9 @@ def _data(path, n_long, n_short):
 
 def test_a_run_that_would_drop_most_of_its_data_stops_with_advice(tmp_path, capsys):
     data = _data(tmp_path / "d.jsonl", 90, 10)
-    rc, _, err = _run(capsys, "finetune", "--data", data, "--eval-fraction", "0", "--max-length", "64",
+    rc, _, err = run_cli(capsys, "finetune", "--data", data, "--eval-fraction", "0", "--max-length", "64",
                       "--output-dir", tmp_path / "o", *FAST)
-    line = _one_line_error(rc, err)
+    line = one_line_error(rc, err)
     assert "90 of 100 training examples would be dropped: their prompt fills --max-length 64" in line
     assert "raise --max-length (the longest training example is" in line
     assert not (tmp_path / "o").exists()
@@ -163,7 +141,7 @@ def test_a_run_that_would_drop_most_of_its_data_stops_with_advice(tmp_path, caps
 
 def test_dropped_and_truncated_records_are_counted_and_reported(tmp_path, capsys):
     data = _data(tmp_path / "d.jsonl", 3, 17)
-    rc, out, err = _run(capsys, "finetune", "--data", data, "--eval-fraction", "0", "--max-length", "64",
+    rc, out, err = run_cli(capsys, "finetune", "--data", data, "--eval-fraction", "0", "--max-length", "64",
                         "--output-dir", tmp_path / "o", *FAST)
     assert rc == 0, err
     assert "training data: 3 of 20 examples dropped (prompt fills --max-length 64), 0 truncated" in out
@@ -175,9 +153,9 @@ def test_dropped_and_truncated_records_are_counted_and_reported(tmp_path, capsys
 def test_a_lone_surrogate_in_a_record_names_file_record_and_field(tmp_path, capsys, no_model_load):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "ok", "response": "1"}\n{"prompt": "a\\ud800b", "response": "2"}\n')
-    rc, _, err = _run(capsys, "finetune", "--data", data, "--output-dir", tmp_path / "o", *FAST)
+    rc, _, err = run_cli(capsys, "finetune", "--data", data, "--output-dir", tmp_path / "o", *FAST)
     assert "d.jsonl: record 1 field 'prompt' holds a lone surrogate '\\ud800' at character 1" in \
-        _one_line_error(rc, err)
+        one_line_error(rc, err)
 
 
 # ---------------------------------------------------------------------- 15, 16: compare
@@ -199,8 +177,8 @@ def test_compare_keeps_the_finished_methods_and_names_the_one_that_diverged(tmp_
 
     monkeypatch.setattr(CMP, "_prepare", poison_lora)
     out = tmp_path / "cmp"
-    rc, stdout, err = _run(capsys, "compare", *TINY, "--methods", "sorsa", "lora", "--output-dir", out)
-    line = _one_line_error(rc, err)
+    rc, stdout, err = run_cli(capsys, "compare", *TINY, "--methods", "sorsa", "lora", "--output-dir", out)
+    line = one_line_error(rc, err)
     assert "compare: method lora failed at step" in line and str(out / "compare.json") in line
     report = json.loads((out / "compare.json").read_text())
     assert list(report["methods"]) == ["sorsa"] and "lora" in report["failed"]
