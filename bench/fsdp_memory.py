@@ -102,7 +102,8 @@ def build(setup: dict, model_cfg: dict = LLAMA_7B) -> nn.Module:
     return model
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def local_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the tensor this rank holds (its local shard for a DTensor)."""
     from torch.distributed.tensor import DTensor
 
     t = t.to_local() if isinstance(t, DTensor) else t
@@ -117,7 +118,7 @@ def per_rank_bytes(model: nn.Module) -> dict[str, int]:
     for layer in adapted:
         for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
             seen.add(id(t))
-            b = _nbytes(t)
+            b = local_nbytes(t)
             if name in ("nf4_packed", "weight"):
                 out["residual"] += b
             elif name in ("nf4_absmax", "nf4_nested_absmax", "absmax", "nested_absmax"):
@@ -132,12 +133,14 @@ def per_rank_bytes(model: nn.Module) -> dict[str, int]:
                 raise AssertionError(f"unclassified tensor {name}")
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
-            out["rest_of_model"] += _nbytes(t)
+            out["rest_of_model"] += local_nbytes(t)
     return out
 
 
-def measure(worlds=WORLDS, setups=SETUPS, model_cfg: dict = LLAMA_7B) -> dict[str, dict[int, dict[str, int]]]:
-    """``{setup: {world: per-rank bytes}}`` from fully_shard over a fake process group."""
+def measure(worlds=WORLDS, setups=SETUPS, model_cfg: dict = LLAMA_7B, *, build=build,
+            per_rank_bytes=per_rank_bytes) -> dict[str, dict[int, dict[str, int]]]:
+    """``{setup: {world: per_rank_bytes(model)}}``, each model made by ``build(setup, model_cfg)`` and
+    fully_shard-ed over a fake process group of that world size (``bench/moe_memory.py`` passes its own)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore

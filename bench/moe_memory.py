@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.fsdp_memory import QLoRAShape
+from bench import fsdp_memory
+from bench.fsdp_memory import QLoRAShape, local_nbytes
 from sorsa_kernels.nn.qexperts import QSORSAExperts
 from sorsa_kernels.nn.qlinear import QSORSALinear
 
@@ -123,13 +124,6 @@ def build(setup: dict, model_cfg: dict = QWEN3_30B_A3B) -> nn.Module:
     return model
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    t = t.to_local() if isinstance(t, DTensor) else t
-    return t.numel() * t.element_size()
-
-
 _FROZEN = {"nf4_packed", "weight", "base_weight"}
 _QUANT = {"nf4_absmax", "nf4_nested_absmax", "absmax", "nested_absmax", "nf4_code", "nf4_nested_code", "nf4_offset",
           "code", "nested_code", "offset"}
@@ -144,7 +138,7 @@ def per_rank_bytes(model: nn.Module) -> dict[str, int]:
             continue
         for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
             seen.add(id(t))
-            b = _nbytes(t)
+            b = local_nbytes(t)
             if name in _FROZEN:
                 out["frozen"] += b
             elif name in _QUANT:
@@ -157,7 +151,7 @@ def per_rank_bytes(model: nn.Module) -> dict[str, int]:
                 raise AssertionError(f"unclassified tensor {name}")
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
-            out["rest_of_model"] += _nbytes(t)
+            out["rest_of_model"] += local_nbytes(t)
     return out
 
 
@@ -168,24 +162,7 @@ def peft_transient_bytes(model_cfg: dict = QWEN3_30B_A3B) -> int:
 
 def measure(worlds=WORLDS, setups=SETUPS, model_cfg: dict = QWEN3_30B_A3B) -> dict[str, dict[int, dict[str, int]]]:
     """``{setup: {world: per-rank bytes}}`` from fully_shard over a fake process group."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from sorsa_kernels.integrations.distributed.fsdp import shard_model
-
-    results: dict[str, dict[int, dict[str, int]]] = {}
-    for label, setup in setups.items():
-        results[label] = {}
-        for world in worlds:
-            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-            try:
-                model = build(setup, model_cfg)
-                shard_model(model, init_device_mesh("cpu", (world,)))
-                results[label][world] = per_rank_bytes(model)
-            finally:
-                dist.destroy_process_group()
-    return results
+    return fsdp_memory.measure(worlds, setups, model_cfg, build=build, per_rank_bytes=per_rank_bytes)
 
 
 def table(results, model_cfg: dict = QWEN3_30B_A3B) -> str:
