@@ -110,21 +110,21 @@ def local_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def per_rank_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes rank 0 holds for the adapted layers, by category (see the module docstring)."""
-    out = dict(residual=0, quant_state=0, tables=0, adapters=0, grads=0, adamw=0, rest_of_model=0)
-    adapted = [m for m in model.modules() if isinstance(m, (QSORSALinear, QLoRAShape))]
+def bytes_by_category(model: nn.Module, layer_types: tuple, frozen: dict[str, set[str]]) -> dict[str, int]:
+    """Bytes rank 0 holds in the ``layer_types`` modules of ``model``, by category: each frozen
+    tensor under the category whose name set holds its name (``frozen``), each trainable one as
+    adapters + its gradient shard + AdamW's m and v (same dtype); everything else is ``rest_of_model``."""
+    out = dict.fromkeys([*frozen, "adapters", "grads", "adamw", "rest_of_model"], 0)
     seen = set()
-    for layer in adapted:
+    for layer in model.modules():
+        if not isinstance(layer, layer_types):
+            continue
         for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
             seen.add(id(t))
             b = local_nbytes(t)
-            if name in ("nf4_packed", "weight"):
-                out["residual"] += b
-            elif name in ("nf4_absmax", "nf4_nested_absmax", "absmax", "nested_absmax"):
-                out["quant_state"] += b
-            elif name in ("nf4_code", "nf4_nested_code", "nf4_offset", "code", "nested_code", "offset"):
-                out["tables"] += b
+            category = next((c for c, names in frozen.items() if name in names), None)
+            if category is not None:
+                out[category] += b
             elif t.requires_grad:
                 out["adapters"] += b
                 out["grads"] += b       # one gradient shard, same dtype
@@ -135,6 +135,15 @@ def per_rank_bytes(model: nn.Module) -> dict[str, int]:
         if id(t) not in seen:
             out["rest_of_model"] += local_nbytes(t)
     return out
+
+
+def per_rank_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes rank 0 holds for the adapted layers, by category (see the module docstring)."""
+    return bytes_by_category(model, (QSORSALinear, QLoRAShape), {
+        "residual": {"nf4_packed", "weight"},
+        "quant_state": {"nf4_absmax", "nf4_nested_absmax", "absmax", "nested_absmax"},
+        "tables": {"nf4_code", "nf4_nested_code", "nf4_offset", "code", "nested_code", "offset"},
+    })
 
 
 def measure(worlds=WORLDS, setups=SETUPS, model_cfg: dict = LLAMA_7B, *, build=build,

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from bench import fsdp_memory
-from bench.fsdp_memory import QLoRAShape, local_nbytes
+from bench.fsdp_memory import QLoRAShape
 from sorsa_kernels.nn.qexperts import QSORSAExperts
 from sorsa_kernels.nn.qlinear import QSORSALinear
 
@@ -131,28 +131,8 @@ _QUANT = {"nf4_absmax", "nf4_nested_absmax", "absmax", "nested_absmax", "nf4_cod
 
 def per_rank_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes rank 0 holds for the adapted weights, by category (see the module docstring)."""
-    out = dict(frozen=0, quant_state=0, adapters=0, grads=0, adamw=0, rest_of_model=0)
-    seen = set()
-    for layer in model.modules():
-        if not isinstance(layer, (QSORSALinear, QSORSAExperts, QLoRAShape, PeftExpertsShape)):
-            continue
-        for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
-            seen.add(id(t))
-            b = local_nbytes(t)
-            if name in _FROZEN:
-                out["frozen"] += b
-            elif name in _QUANT:
-                out["quant_state"] += b
-            elif t.requires_grad:
-                out["adapters"] += b
-                out["grads"] += b       # one gradient shard, same dtype
-                out["adamw"] += 2 * b   # exp_avg, exp_avg_sq in the parameter's dtype
-            else:
-                raise AssertionError(f"unclassified tensor {name}")
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            out["rest_of_model"] += local_nbytes(t)
-    return out
+    return fsdp_memory.bytes_by_category(model, (QSORSALinear, QSORSAExperts, QLoRAShape, PeftExpertsShape),
+                                         {"frozen": _FROZEN, "quant_state": _QUANT})
 
 
 def peft_transient_bytes(model_cfg: dict = QWEN3_30B_A3B) -> int:
