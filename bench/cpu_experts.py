@@ -16,7 +16,7 @@ import time
 import torch
 import transformers
 
-from sorsa_kernels.integrations.adapters.experts import adapt_experts
+from sorsa_kernels.adapters.experts import adapt_experts
 
 # (tokens, hidden, moe_intermediate, experts, top_k, rank)
 SHAPES = [(256, 256, 128, 8, 2, 8), (512, 512, 256, 16, 4, 16), (1024, 512, 256, 32, 4, 16)]

@@ -85,7 +85,7 @@ def build(setup: dict, model_cfg: dict = LLAMA_7B) -> nn.Module:
     """The Llama skeleton (bf16, meta) with the setup's targets replaced by shape-only layers."""
     import transformers
 
-    from sorsa_kernels.integrations.adapters.surgery import _set_submodule
+    from sorsa_kernels.adapters.surgery import _set_submodule
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_cfg)).to(torch.bfloat16)
@@ -154,7 +154,7 @@ def measure(worlds=WORLDS, setups=SETUPS, model_cfg: dict = LLAMA_7B, *, build=b
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from sorsa_kernels.integrations.distributed.fsdp import shard_model
+    from sorsa_kernels.distributed.fsdp import shard_model
 
     results: dict[str, dict[int, dict[str, int]]] = {}
     for label, setup in setups.items():

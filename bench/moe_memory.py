@@ -98,7 +98,7 @@ def build(setup: dict, model_cfg: dict = QWEN3_30B_A3B) -> nn.Module:
     """The Qwen3-MoE skeleton (bf16, meta) with the setup's targets replaced by shape-only modules."""
     import transformers
 
-    from sorsa_kernels.integrations.adapters.surgery import _set_submodule
+    from sorsa_kernels.adapters.surgery import _set_submodule
 
     with torch.device("meta"):
         model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**model_cfg)).to(torch.bfloat16)

@@ -51,8 +51,8 @@ def _versions() -> str:
 
 def write_data(work: Path, held_out: int) -> tuple[Path, Path]:
     """The embedded task's split (first 100 held out, as ``finetune`` does) as JSONL; ``held_out`` of them kept."""
-    from sorsa_kernels.integrations.training.data import arithmetic_problems
-    from sorsa_kernels.integrations.training.finetune.config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT
+    from sorsa_kernels.training.data import arithmetic_problems
+    from sorsa_kernels.jobs.finetune.config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT
 
     rows = arithmetic_problems(EMBEDDED_EXAMPLES, seed=0)
     train, held = rows[EMBEDDED_HELD_OUT:], rows[:EMBEDDED_HELD_OUT][:held_out]
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="rewrite the markdown from a finished run in --work")
     args = parser.parse_args(argv)
 
-    from sorsa_kernels.integrations.training.real_model import smollm2_gguf, smollm2_folder
+    from sorsa_kernels.jobs.models.gguf import smollm2_gguf, smollm2_folder
 
     gguf = smollm2_gguf()
     smollm2_folder()  # convert once before timing the comparison
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     for flag in ("--data", "--eval-data", "--output-dir"):
         shown[shown.index(flag) + 1] = Path(shown[shown.index(flag) + 1]).name
     i = shown.index("--model") + 1
-    model = '"$(python -c "from sorsa_kernels.integrations.training.real_model import smollm2_gguf; print(smollm2_gguf())")"'
+    model = '"$(python -c "from sorsa_kernels.jobs.models.gguf import smollm2_gguf; print(smollm2_gguf())")"'
     shown_text = f"{shlex.join(shown[:i])} {model} {shlex.join(shown[i + 1:])}"
     lines = [
         "# Fair comparison on a real model: SmolLM2-135M-Instruct, CPU", "",

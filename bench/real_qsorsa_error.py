@@ -48,7 +48,7 @@ PROMPTS = 8
 # ---------------------------------------------------------------------- measurements (used by tests/real too)
 def targets(model, layers: Optional[Sequence[int]] = None) -> list[str]:
     """The default SORSA targets (q,k,v,o,gate,up,down), optionally only in the given decoder layers."""
-    from sorsa_kernels.integrations.adapters.surgery import find_targets
+    from sorsa_kernels.adapters.surgery import find_targets
 
     names = find_targets(model, None)
     if layers is None:
@@ -93,8 +93,8 @@ def qsorsa_iterates(weight: torch.Tensor, rank: int, iters: Iterable[int] = ITER
 
 def chat_batches(tokenizer, n: int = PROMPTS) -> list[torch.Tensor]:
     """``n`` arithmetic problems with their answers through the model's chat template, one tensor each."""
-    from sorsa_kernels.integrations.training.data import arithmetic_problems
-    from sorsa_kernels.integrations.training.finetune.encoding import encode_example
+    from sorsa_kernels.training.data import arithmetic_problems
+    from sorsa_kernels.jobs.finetune.encoding import encode_example
 
     rows = arithmetic_problems(n, seed=1)
     return [torch.tensor([encode_example(tokenizer, r["prompt"], r["response"], "{prompt}", 256, True)["input_ids"]])
@@ -194,7 +194,7 @@ def measure_init(model, tokenizer, names: Sequence[str], ranks=INIT_RANKS, promp
     import copy
 
     from sorsa_kernels import apply_sorsa
-    from sorsa_kernels.integrations.adapters.surgery import sorsa_layers
+    from sorsa_kernels.adapters.surgery import sorsa_layers
 
     batches = chat_batches(tokenizer, prompts)
     reference = logits_of(model, batches)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     import transformers
 
     import sorsa_kernels
-    from sorsa_kernels.integrations.training.real_model import load_smollm2
+    from sorsa_kernels.jobs.models.gguf import load_smollm2
 
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2()

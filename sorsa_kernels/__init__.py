@@ -26,27 +26,43 @@ class _DropBitsandbytesKernelNoise(_logging.Filter):
 
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelNoise())
-from .integrations.adapters.adapter_io import load_adapter, save_adapter
-from .integrations.analysis import SingularDrift, model_singular_drift, singular_drift
-from .integrations.adapters.peft_export import export_peft_lora
-from .integrations.adapters.summary import AdaptationSummary, adaptation_summary
-from .integrations.adapters.surgery import DEFAULT_TARGET_MODULES, apply_sorsa, merge_sorsa
-from .nn import SORSALinear, add_regularizer_grad, orthonormal_regularizer
-from .nn.qlinear import QSORSALinear
-from .quant import QuantReport
+#: Public name → the module that defines it.  Nothing below is imported until first use
+#: (PEP 562), so ``import sorsa_kernels`` and the console script's ``--help`` do not load torch.
+_EXPORTS = {
+    "SORSALinear": ".nn.linear",
+    "QSORSALinear": ".nn.qlinear",
+    "QuantReport": ".quant",
+    "orthonormal_regularizer": ".nn.regularizer",
+    "add_regularizer_grad": ".nn.regularizer",
+    "apply_sorsa": ".adapters.surgery",
+    "merge_sorsa": ".adapters.surgery",
+    "DEFAULT_TARGET_MODULES": ".adapters.surgery",
+    "adaptation_summary": ".adapters.summary",
+    "AdaptationSummary": ".adapters.summary",
+    "save_adapter": ".adapters.adapter_io",
+    "load_adapter": ".adapters.adapter_io",
+    "export_peft_lora": ".adapters.peft_export",
+    "singular_drift": ".adapters.analysis",
+    "model_singular_drift": ".adapters.analysis",
+    "SingularDrift": ".adapters.analysis",
+    "SORSACallback": ".training.callbacks",
+    "TrajectoryCallback": ".training.drift_callback",
+}
 
 
 def __getattr__(name: str):
-    # The Trainer callbacks import transformers' Trainer machinery; load it on first use.
-    if name == "SORSACallback":
-        from .integrations.training.trainer import SORSACallback
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sorsa_kernels' has no attribute {name!r}")
+    import importlib
 
-        return SORSACallback
-    if name == "TrajectoryCallback":
-        from .integrations.training.drift_callback import TrajectoryCallback
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return TrajectoryCallback
-    raise AttributeError(f"module 'sorsa_kernels' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = [

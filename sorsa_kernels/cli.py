@@ -1,5 +1,5 @@
 """``sorsa-kernels``: the command line.  Argument parsing and printing only; the work is in
-:mod:`sorsa_kernels.integrations.training.finetune`.
+:mod:`sorsa_kernels.jobs.finetune`.
 
 Subcommands::
 
@@ -17,7 +17,7 @@ status 1 (2 for a malformed command line, 130 for Ctrl-C); ``--debug`` (anywhere
 command line) or ``SORSA_KERNELS_DEBUG=1`` shows the traceback instead.
 
 The ``finetune`` and ``compare`` flags, their help and the defaults shown are generated from
-the fields of their config dataclasses (:mod:`sorsa_kernels.integrations.training.options`;
+the fields of their config dataclasses (:mod:`sorsa_kernels.jobs.options`;
 an option is added there, not here).  The configs name fields in their errors;
 :func:`_cli_name` is the one place those names become flags.
 """
@@ -31,7 +31,7 @@ import typing
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .integrations.training.finetune import FinetuneConfig
+    from .jobs.finetune import FinetuneConfig
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -93,8 +93,8 @@ def _add_finetune(sub) -> None:
 
 
 def _config_classes() -> tuple[type, type]:
-    from .integrations.training.compare_config import CompareConfig
-    from .integrations.training.finetune.config import FinetuneConfig
+    from .jobs.compare.config import CompareConfig
+    from .jobs.finetune.config import FinetuneConfig
 
     return FinetuneConfig, CompareConfig
 
@@ -107,11 +107,11 @@ def _config_fields() -> dict[str, dataclasses.Field]:
 def _cli_name(field: str, form: str, value: Any) -> str:
     """How the command line names a config field: the one place field names become flags.
 
-    ``form`` is that of a :class:`~sorsa_kernels.integrations.training.options.ConfigError`
+    ``form`` is that of a :class:`~sorsa_kernels.jobs.options.ConfigError`
     template: ``""`` the setting (``learning-rate``), ``"flag"`` the option (``--fsdp``),
     ``"given"`` the option as given (``--quantize nf4``, ``--no-eval``).
     """
-    from .integrations.training.options import is_switch, option_flags
+    from .jobs.options import is_switch, option_flags
 
     f = _config_fields().get(field)
     if f is None:  # not an option: a plain value name
@@ -125,7 +125,7 @@ def _cli_name(field: str, form: str, value: Any) -> str:
 
 
 def _cli_text(template: str, **values: Any) -> str:
-    from .integrations.training.options import render
+    from .jobs.options import render
 
     return render(template, _cli_name, **values)
 
@@ -145,7 +145,7 @@ def _shown(value: Any) -> str:
 def _help(f: dataclasses.Field) -> str:
     """A field's ``--help`` line: its help, then its default (the value; the paper's and the
     embedded model's; or ``shown``)."""
-    from .integrations.training.options import field_default, is_switch
+    from .jobs.options import field_default, is_switch
 
     meta = f.metadata
     shown = meta.get("shown")
@@ -160,7 +160,7 @@ def _help(f: dataclasses.Field) -> str:
 
 def _add_options(p: argparse.ArgumentParser, config_class: type) -> None:
     """One flag per option field of ``config_class``, generated from the field (``dest`` is its name)."""
-    from .integrations.training.options import allowed_values, field_default, is_switch, option_flags
+    from .jobs.options import allowed_values, field_default, is_switch, option_flags
 
     hints = typing.get_type_hints(config_class)
     groups: dict[str, Any] = {}
@@ -278,8 +278,8 @@ def _job_config(args: argparse.Namespace) -> "FinetuneConfig":
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .integrations.training.finetune import run_finetune
-    from .integrations.training.finetune.config import is_main_process
+    from .jobs.finetune import run_finetune
+    from .jobs.finetune.config import is_main_process
 
     result = run_finetune(_job_config(args))
     if not is_main_process():
@@ -302,8 +302,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .integrations.training.compare import run_compare
-    from .integrations.training.compare_report import ordering_line, scope_line, summary_table
+    from .jobs.compare.run import run_compare
+    from .jobs.compare.report import ordering_line, scope_line, summary_table
 
     args.finetune = _job_config(args)
     result = run_compare(_config_from_args(args, _config_classes()[1]))
@@ -326,7 +326,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .integrations.training.finetune import analyze_job, default_plot_path, plot_drift
+    from .jobs.finetune import analyze_job, default_plot_path, plot_drift
 
     drift = analyze_job(args.base, args.adapter, progress=_bars_wanted(),
                         allow_base_mismatch=args.allow_base_mismatch)
@@ -345,7 +345,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .integrations.training.finetune import merge_job
+    from .jobs.finetune import merge_job
 
     out = merge_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
                     allow_base_mismatch=args.allow_base_mismatch, allow_non_finite=args.allow_non_finite)
@@ -354,7 +354,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .integrations.training.finetune import export_lora_job
+    from .jobs.finetune import export_lora_job
 
     out = export_lora_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
                           allow_base_mismatch=args.allow_base_mismatch)
@@ -364,7 +364,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _one_line(e: BaseException) -> str:
     """An exception as one line: its message (with the type for unexpected kinds)."""
-    from .integrations.training.options import ConfigError
+    from .jobs.options import ConfigError
 
     message = " ".join((e.render(_cli_name) if isinstance(e, ConfigError) else str(e)).split())
     if isinstance(e, (ValueError, OSError, ImportError)) and message:
@@ -398,13 +398,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # every failure is one line; --debug shows the traceback
         if debug:
             raise
-        from .integrations.training.finetune.config import is_main_process
+        from .jobs.finetune.config import is_main_process
 
         if is_main_process():
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        from .integrations.training.finetune import shutdown_distributed
+        from .jobs.finetune import shutdown_distributed
 
         shutdown_distributed()
 

@@ -247,7 +247,7 @@ def test_usage_error_exits_2(capsys):
 
 def test_config_from_args_maps_every_finetune_option_to_a_config_field():
     from sorsa_kernels.cli import build_parser, config_from_args
-    from sorsa_kernels.integrations.training.finetune import FinetuneConfig
+    from sorsa_kernels.jobs.finetune import FinetuneConfig
 
     parser = build_parser()
     finetune = parser._subparsers._group_actions[0].choices["finetune"]
@@ -262,9 +262,9 @@ def test_every_flag_is_a_config_field_with_its_default_and_every_field_a_flag_or
     from dataclasses import fields
 
     from sorsa_kernels.cli import build_parser
-    from sorsa_kernels.integrations.training.compare_config import CompareConfig
-    from sorsa_kernels.integrations.training.finetune import FinetuneConfig
-    from sorsa_kernels.integrations.training.options import field_default
+    from sorsa_kernels.jobs.compare.config import CompareConfig
+    from sorsa_kernels.jobs.finetune import FinetuneConfig
+    from sorsa_kernels.jobs.options import field_default
 
     commands = build_parser()._subparsers._group_actions[0].choices
     for command, classes in (("finetune", [FinetuneConfig]), ("compare", [FinetuneConfig, CompareConfig])):
@@ -284,7 +284,7 @@ def test_a_declared_option_becomes_a_flag_with_its_help_and_defaults():
     from typing import Optional
 
     from sorsa_kernels.cli import _add_options
-    from sorsa_kernels.integrations.training.options import option
+    from sorsa_kernels.jobs.options import option
 
     @dataclass
     class Job:
@@ -302,8 +302,8 @@ def test_a_declared_option_becomes_a_flag_with_its_help_and_defaults():
 
 
 def test_paper_and_embedded_defaults_are_the_papers_and_the_demos():
-    from sorsa_kernels.integrations.training.embedded import PRETRAIN_STEPS
-    from sorsa_kernels.integrations.training.finetune import EMBEDDED_DEFAULTS, PAPER_DEFAULTS
+    from sorsa_kernels.jobs.models.embedded import PRETRAIN_STEPS
+    from sorsa_kernels.jobs.finetune import EMBEDDED_DEFAULTS, PAPER_DEFAULTS
 
     assert PAPER_DEFAULTS == dict(rank=128, learning_rate=3e-5, num_train_epochs=1.0, max_steps=-1,
                                   per_device_train_batch_size=8, gradient_accumulation_steps=16,

@@ -80,7 +80,7 @@ def test_malformed_compare_command_lines_exit_2(argv, capsys):
 
 def test_compare_takes_the_finetune_flags_and_its_own():
     from sorsa_kernels.cli import build_parser
-    from sorsa_kernels.integrations.training.finetune import FinetuneConfig
+    from sorsa_kernels.jobs.finetune import FinetuneConfig
 
     choices = build_parser()._subparsers._group_actions[0].choices
     finetune = {a.dest for a in choices["finetune"]._actions}

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sorsa_kernels.cli import main
-from sorsa_kernels.integrations.training.finetune import rundir as R
-from sorsa_kernels.integrations.training.trainer import SORSACallback
+from sorsa_kernels.jobs.finetune import rundir as R
+from sorsa_kernels.training.callbacks import SORSACallback
 from tests.cli_helpers import FAST, one_line_error, run_cli
 
 
@@ -82,7 +82,7 @@ def test_bad_regex_template_or_model_path_is_one_line(args, message, tmp_path, c
      "--fsdp --quantize nf4 streams the checkpoint from a local folder; download org/some-model first"),
 ])
 def test_config_errors_name_the_flags_on_the_command_line(args, message, tmp_path, capsys, no_model_load):
-    """The config names its fields (tests/integrations/training/test_finetune.py); the CLI shows flags."""
+    """The config names its fields (tests/jobs/test_finetune.py); the CLI shows flags."""
     rc, _, err = run_cli(capsys, "finetune", "--output-dir", tmp_path / "o", *FAST, *args)
     assert message in one_line_error(rc, err)
     assert not no_model_load and not (tmp_path / "o").exists()
@@ -310,7 +310,7 @@ def test_full_disk_in_merge_leaves_no_folder(finished, tmp_path, capsys, monkeyp
 
 
 def test_full_disk_in_export_lora_leaves_no_folder(finished, tmp_path, capsys, monkeypatch):
-    from sorsa_kernels.integrations.adapters import peft_export
+    from sorsa_kernels.adapters import peft_export
 
     def export(model, directory):
         (Path(directory) / "adapter_config.json").write_text("{}")

@@ -9,11 +9,11 @@ import os
 import pytest
 
 from sorsa_kernels import apply_sorsa, save_adapter
-from sorsa_kernels.integrations.training import compare as CMP
-from sorsa_kernels.integrations.training.finetune import rundir as R
-from sorsa_kernels.integrations.training.finetune import training as T
+from sorsa_kernels.jobs.compare import run as CMP
+from sorsa_kernels.jobs.finetune import rundir as R
+from sorsa_kernels.jobs.finetune import training as T
 
-from .integrations.conftest import build_tiny_llama
+from .conftest import build_tiny_llama
 from tests.cli_helpers import FAST, one_line_error, run_cli
 
 
@@ -187,8 +187,8 @@ def test_compare_keeps_the_finished_methods_and_names_the_one_that_diverged(tmp_
 
 @pytest.mark.parametrize("spec", [[".+q_proj"], ["model.layers.0.self_attn.q_proj", "v_proj"]])
 def test_compare_reads_target_modules_as_finetune_does(tmp_path, monkeypatch, spec):
-    from sorsa_kernels.integrations.training.finetune import FinetuneConfig
-    from sorsa_kernels.integrations.training.finetune.config import target_spec
+    from sorsa_kernels.jobs.finetune import FinetuneConfig
+    from sorsa_kernels.jobs.finetune.config import target_spec
 
     seen = []
 

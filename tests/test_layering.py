@@ -1,4 +1,4 @@
-"""The package's imports point one way: kernels, quant → ops → nn → integrations → cli.
+"""The package's imports point one way: kernels, quant, dtensor → ops → nn → adapters → training, distributed → jobs → cli.
 
 Every module of ``sorsa_kernels`` is parsed (nothing is imported) and every ``import`` /
 ``from … import`` in it — at module level, inside functions and under ``if`` blocks — is
@@ -18,13 +18,16 @@ PACKAGE = "sorsa_kernels"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: Layer of each top-level part of the package (a module may import its own layer or lower).
-LEVELS = {"kernels": 0, "quant": 0, "ops": 1, "nn": 2, "integrations": 3, "cli": 4}
+LEVELS = {
+    "kernels": 0, "quant": 0, "dtensor": 0, "ops": 1, "nn": 2, "adapters": 3,
+    "training": 4, "distributed": 4, "jobs": 5, "cli": 6,
+}
 #: Outside the layers: the package itself and ``__main__`` import anything; ``_version`` nothing.
 EXEMPT_TOP = {PACKAGE, f"{PACKAGE}.__main__"}
 EXEMPT_LEAF = {f"{PACKAGE}._version"}
 #: What a leaf part may import from outside the package.
 LEAF_EXTERNAL = {"torch", "bitsandbytes"} | set(sys.stdlib_module_names) | {"__future__"}
-LEAVES = ("quant",)
+LEAVES = ("quant", "dtensor")
 
 
 def module_name(path: Path, root: Path, package: str) -> str:
@@ -157,6 +160,28 @@ def test_no_import_cycle_between_modules():
     assert find_cycle(internal) is None
 
 
+def folder_graph(internal: dict[str, set[str]], package: str = PACKAGE) -> dict[str, set[str]]:
+    """The import graph between folders (a module's folder: its package path without the file)."""
+    def folder(m: str) -> str:
+        path = ROOT.joinpath(*m.split(".")[1:])
+        return m if path.is_dir() else m.rpartition(".")[0]
+
+    graph: dict[str, set[str]] = {}
+    for src, targets in internal.items():
+        a = folder(src)
+        graph.setdefault(a, set())
+        for dst in targets:
+            b = folder(dst)
+            if b != a and not a.startswith(b + ".") and not b.startswith(a + "."):
+                graph[a].add(b)
+    return graph
+
+
+def test_no_import_cycle_between_folders():
+    internal, _ = scan(ROOT, PACKAGE)
+    assert find_cycle(folder_graph(internal)) is None
+
+
 #: Issue 13: no module of the package grows past this (split it by what changes together).
 MAX_MODULE_LINES = 800
 
@@ -211,9 +236,9 @@ def test_checker_finds_a_leaf_importing_ops_or_a_third_party_package(tmp_path):
 def test_checker_accepts_downward_imports(tmp_path):
     root = _fake_package(tmp_path, {
         "__init__.py": "from .nn import layer\n",
-        "cli.py": "from .integrations import job\n",
-        "integrations/__init__.py": "",
-        "integrations/job.py": "from ..nn.layer import Layer\nfrom .._version import v\n",
+        "cli.py": "from .jobs import job\n",
+        "jobs/__init__.py": "",
+        "jobs/job.py": "from ..nn.layer import Layer\nfrom .._version import v\n",
         "nn/__init__.py": "",
         "nn/layer.py": "from ..ops.op import f\nfrom ..quant import nf4\nclass Layer: ...\n",
         "ops/__init__.py": "",

@@ -33,7 +33,7 @@ __all__ = ["QSORSAExperts"]
 
 _SHARDED = (
     "the NF4 experts of this layer are sharded by FSDP2 (fully_shard); outside the forward, "
-    "gather them first: `with sorsa_kernels.integrations.distributed.fsdp.unsharded(model): ...`"
+    "gather them first: `with sorsa_kernels.distributed.fsdp.unsharded(model): ...`"
 )
 
 

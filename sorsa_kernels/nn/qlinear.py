@@ -67,7 +67,7 @@ def _is_dtensor(t: Tensor) -> bool:
 
 _SHARDED = (
     "the NF4 residual of this layer is sharded by FSDP2 (fully_shard); outside the forward, "
-    "gather it first: `with sorsa_kernels.integrations.distributed.fsdp.unsharded(model): ...`"
+    "gather it first: `with sorsa_kernels.distributed.fsdp.unsharded(model): ...`"
 )
 
 
@@ -103,7 +103,7 @@ class QSORSALinear(SORSALinear):
     ``from_factors`` — but the residual is held as module state (so ``.to(device)`` moves it):
 
     * frozen parameters (``requires_grad=False``; FSDP2 ``fully_shard`` shards them on dim 0,
-      see :mod:`sorsa_kernels.integrations.distributed.fsdp`): ``nf4_packed`` uint8 ``[(m·n+1)//2, 1]``,
+      see :mod:`sorsa_kernels.distributed.fsdp`): ``nf4_packed`` uint8 ``[(m·n+1)//2, 1]``,
       ``nf4_absmax`` uint8 (the bitsandbytes layout) and ``nf4_nested_absmax`` (float32
       stored bit-cast as int32);
     * buffers (small constants, replicated): ``nf4_nested_code``, ``nf4_offset``, ``nf4_code``,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sorsa_kernels.integrations.training.real_model import real_model_available
+from sorsa_kernels.jobs.models.gguf import real_model_available
 
 MISSING = real_model_available()
 HERE = Path(__file__).parent
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, shared by the tier (do not modify it)."""
-    from sorsa_kernels.integrations.training.real_model import load_smollm2
+    from sorsa_kernels.jobs.models.gguf import load_smollm2
 
     model, tokenizer = load_smollm2()
     return model.requires_grad_(False), tokenizer

