@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from sorsa_kernels import apply_sorsa, load_adapter, merge_sorsa
+from sorsa_kernels import dtensor
 from sorsa_kernels.distributed import fsdp
 from tests.conftest import rel_err
 from tests.distributed.launch import one_and_two_process_runs
@@ -43,6 +44,7 @@ _SCRIPT = textwrap.dedent('''
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
     from sorsa_kernels import add_regularizer_grad, apply_sorsa, save_adapter
+    from sorsa_kernels import dtensor
     from sorsa_kernels.distributed import fsdp
 
     base, out = sys.argv[1], Path(sys.argv[2])
@@ -59,7 +61,7 @@ _SCRIPT = textwrap.dedent('''
     if mesh is not None:
         fsdp.shard_model(model, mesh)
         experts = model.model.layers[0].mlp.experts.gate_up_proj
-        result["packed_local_shape"] = list(fsdp._local(experts.nf4_packed).shape)
+        result["packed_local_shape"] = list(dtensor.local(experts.nf4_packed).shape)
         try:
             experts.nf4_tensors()
         except RuntimeError as e:

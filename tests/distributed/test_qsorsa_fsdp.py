@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from sorsa_kernels import (
     QSORSALinear, SORSALinear, apply_sorsa, export_peft_lora, load_adapter, merge_sorsa,
 )
+from sorsa_kernels import dtensor
 from sorsa_kernels.distributed import fsdp, streaming
 from sorsa_kernels.distributed.streaming import load_sorsa_streaming
 from tests.conftest import rel_err
@@ -46,6 +47,7 @@ _SCRIPT = textwrap.dedent('''
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
     from sorsa_kernels import add_regularizer_grad, apply_sorsa, export_peft_lora, save_adapter
+    from sorsa_kernels import dtensor
     from sorsa_kernels.distributed import fsdp
     from sorsa_kernels.distributed.streaming import load_sorsa_streaming
 
@@ -69,7 +71,7 @@ _SCRIPT = textwrap.dedent('''
                                         fsdp_kwargs={"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)})
         a, b = model.state_dict(), streamed.state_dict()
         result["stream_same_shards"] = a.keys() == b.keys() and all(
-            type(a[k]) is type(b[k]) and torch.equal(fsdp._local(a[k]), fsdp._local(b[k])) for k in a)
+            type(a[k]) is type(b[k]) and torch.equal(dtensor.local(a[k]), dtensor.local(b[k])) for k in a)
         probe = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             result["probe_losses"] = [float(model(probe, labels=probe).loss), float(streamed(probe, labels=probe).loss)]
