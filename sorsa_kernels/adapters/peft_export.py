@@ -120,6 +120,7 @@ def export_peft_lora(
     projections = {f"{name}.{attr}": getattr(m, attr) for name, m in experts.items() for attr in expert_weight_names(m)}
     r = max([*ranks.values(), *(2 * p.rank for p in projections.values())])
     _check_expert_ranks(projections, r)
+    _check_peft_moe_renames(model, layers)
     for name, layer in layers.items():
         A, B = lora_factors(layer)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", dtype).contiguous()
@@ -172,6 +173,43 @@ def _check_expert_ranks(projections: dict, r: int) -> None:
                 "writes expert LoRAs (target_parameters) only at the adapter's one rank; merge with "
                 "sorsa_kernels.merge_sorsa(model) and save the merged model instead"
             )
+
+
+def peft_moe_renamed_targets(model: nn.Module, names) -> list[str]:
+    """Which of the linear-layer ``names`` PEFT would not load as written.
+
+    PEFT ≥ 0.18 on ``transformers`` ≥ 5 rewrites, on load, every ``target_modules`` entry of an MoE
+    model family it converts from v4 (Mixtral, and the Qwen2-MoE pattern: Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
+    GLM-4-MoE, …) whose last component was a v4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``,
+    ``w1``…``w3``, ``gate``) into the fused experts' ``target_parameters``, doubling its rank — also when the
+    module is a dense MLP or a shared expert.  Empty when PEFT's conversion is absent or does not apply.
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # a PEFT or transformers without the v4 → v5 conversion
+        return []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None or get_checkpoint_conversion_mapping(model_type) is None:
+        return []
+    renamed = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {})
+    return sorted(n for n in names if n.rsplit(".", 1)[-1] in renamed)
+
+
+def _check_peft_moe_renames(model: nn.Module, layers: dict) -> None:
+    renamed = peft_moe_renamed_targets(model, layers)
+    if renamed:
+        model_type = model.config.model_type
+        raise ValueError(
+            f"PEFT would load this {model_type} LoRA wrongly: its transformers-v5 MoE conversion treats the dense "
+            f"layers {', '.join(renamed[:3])}{' …' if len(renamed) > 3 else ''} ({len(renamed)} in all) as routed "
+            "experts (their names end like v4 expert projections) and drops them; merge instead "
+            "(sorsa_kernels.merge_sorsa(model) or `sorsa-kernels merge`), or adapt those layers' models without "
+            "them in target_modules"
+        )
 
 
 def _expert_tensors(experts: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -9,13 +9,19 @@ output head (``get_output_embeddings()``) and the modules kept as trainable copi
 PEFT's option of that name does.
 
 Routed experts that ``transformers`` stores as fused 3-D parameters in one experts module
-(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) are not linear modules; their rows name the experts
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V3) are not linear modules; their rows name the experts
 module (``"experts"``), whose two fused projections become
 :class:`~sorsa_kernels.nn.experts.SORSAExperts` (see
 :mod:`~sorsa_kernels.adapters.experts`).  ``"all-linear"`` leaves them frozen,
 as PEFT's option does, and
 :func:`~sorsa_kernels.adapters.summary.adaptation_summary` lists fused expert
-weights left frozen as not adapted.  Routers and gates with one output (Qwen2-MoE's
+weights left frozen as not adapted.
+
+gpt-oss checkpoints store the routed experts in MXFP4 (4 bits + one 8-bit scale per 32 weights,
+4.25 bits a weight).  ``transformers`` dequantizes them to bf16 when it loads the model on a
+machine without its MXFP4 kernels (``Mxfp4Config(dequantize=True)``); SORSA splits that bf16
+weight, and QSORSA re-quantizes the residual to NF4 (4 bits + double-quantized absmax, ≈4.13
+bits a weight), so the frozen experts take about the checkpoint's own size again.  Routers and gates with one output (Qwen2-MoE's
 ``shared_expert_gate``) are not projections and are not in the table.
 """
 from __future__ import annotations
@@ -67,6 +73,13 @@ TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "olmo": _LLAMA,
     "olmo2": _LLAMA,
     "olmoe": _LLAMA + (EXPERTS,),  # attention + routed experts
+    # attention + routed experts (E×in×out, interleaved gate/up, expert biases, clamped SwiGLU: the model's
+    # own _apply_gate runs on the grouped output, so the interleaving and the clamp stay the model's)
+    "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj", EXPERTS),
+    # MLA attention (q_proj when q_lora_rank is None), the dense MLP of the first first_k_dense_replace
+    # layers and the shared experts (gate/up/down_proj), and the routed experts
+    "deepseek_v3": ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                    "gate_proj", "up_proj", "down_proj", EXPERTS),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D

@@ -39,6 +39,7 @@ from sorsa_kernels.adapters.experts import adapted_experts, find_fused_experts  
 from sorsa_kernels.adapters.modules_to_save import SavedModule  # noqa: E402
 from sorsa_kernels.nn.qexperts import QSORSAExperts  # noqa: E402
 from sorsa_kernels.nn.checks import is_conv1d  # noqa: E402
+from sorsa_kernels.adapters.peft_export import peft_moe_renamed_targets  # noqa: E402
 from sorsa_kernels.adapters.surgery import sorsa_layers  # noqa: E402
 from sorsa_kernels.adapters.targets import EXPERTS, TARGETS_BY_MODEL_TYPE, is_linear_like  # noqa: E402
 
@@ -83,6 +84,14 @@ ZOO = {
               ("lm_head",), False),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", _DEC, ("lm_head",), False),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_DEC, num_experts=4, num_experts_per_tok=2), ("lm_head",), True),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(_DEC, intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=8), ("lm_head",), True),
+    # MLA attention, a dense first layer (first_k_dense_replace=1), shared + routed experts
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(_DEC, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                         n_group=1, topk_group=1, rope_scaling=None, **_MOE), ("lm_head",), True),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", _DEC, ("lm_head",), False),
     "t5": ("T5Config", "T5ForConditionalGeneration",
            dict(d_model=H, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=V, decoder_start_token_id=0, **_IDS),
@@ -229,6 +238,12 @@ def run_zoo(arch: str, tmp: str) -> dict:
             return d
 
         def peft_export():
+            renamed = peft_moe_renamed_targets(model, sorsa_layers(model))
+            if renamed:  # PEFT's v4 → v5 MoE conversion would drop these dense layers: the export refuses
+                with pytest.raises(ValueError, match="PEFT would load this .* LoRA wrongly") as e:
+                    export_peft_lora(model, tmp / "lora")
+                assert renamed[0] in str(e.value)
+                return f"refused: PEFT renames {len(renamed)} dense layers"
             export_peft_lora(model, tmp / "lora")
             lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / "lora").eval()
             d = _maxdiff(_logits(lora, inputs), trained_logits["y"])
@@ -327,7 +342,7 @@ def test_qsorsa_applies_and_trains(zoo, arch):
 def test_table_lists_every_architecture_the_issue_names():
     named = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "gptj", "falcon", "opt", "bloom", "olmo", "olmoe",
-             "starcoder2", "t5", "bert", "roberta", "vit"}
+             "starcoder2", "t5", "bert", "roberta", "vit", "gpt_oss", "deepseek_v3"}
     assert named <= set(TARGETS_BY_MODEL_TYPE) and named <= set(ZOO)
 
 
