@@ -160,11 +160,7 @@ class SORSAExperts(nn.Module):
         """The :class:`~sorsa_kernels.nn.init_spec.SORSAInit` of a ``from_weight`` call, with the
         stack checked against it (3-D, rank, dtype, finite values) before any SVD."""
         check_expert_stack(weight, name)
-        quantize = options.pop("quantize", getattr(rank, "quantize", cls.quantize))
-        if quantize != cls.quantize:
-            raise TypeError(f"{cls.__name__} stores a {cls.quantize or 'dense'} residual, not quantize={quantize!r}; "
-                            "experts_class picks the experts class for a storage")
-        spec = SORSAInit.of(rank, name, quantize=cls.quantize, **options)
+        spec = SORSAInit.for_layer(cls, rank, name, options)
         if spec.dropout:
             raise ValueError(f"dropout {spec.dropout} is not supported on expert weights{layer_suffix(name)}; "
                              "use dropout=0 or leave the experts out of target_modules")

@@ -93,6 +93,18 @@ class SORSAInit:
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e}{layer_suffix(name)}") from None
 
+    @classmethod
+    def for_layer(cls, layer_cls: type, rank: Union[int, "SORSAInit"], name: Optional[str],
+                  options: dict[str, Any]) -> "SORSAInit":
+        """:meth:`of` for a ``from_linear`` / ``from_weight`` of ``layer_cls``, whose storage is its own
+        (``layer_cls.quantize``): asking one class for another's storage is a TypeError (the factory
+        picks the class for a storage)."""
+        quantize = options.pop("quantize", getattr(rank, "quantize", layer_cls.quantize))
+        if quantize != layer_cls.quantize:
+            raise TypeError(f"{layer_cls.__name__} stores a {layer_cls.quantize or 'dense'} residual, not "
+                            f"quantize={quantize!r}; sorsa_kernels.nn.factory picks the class for a storage")
+        return cls.of(rank, name, quantize=layer_cls.quantize, **options)
+
     @property
     def scale(self) -> float:
         """``alpha / rank``, or 1 without ``alpha``."""

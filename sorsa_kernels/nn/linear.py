@@ -150,11 +150,7 @@ class SORSALinear(nn.Module):
         """The :class:`~sorsa_kernels.nn.init_spec.SORSAInit` of a ``from_linear`` call, with
         ``linear`` checked against it (type, rank, dtype, finite values) before any SVD."""
         check_linear(linear, name)
-        quantize = options.pop("quantize", getattr(rank, "quantize", cls.quantize))
-        if quantize != cls.quantize:
-            raise TypeError(f"{cls.__name__} stores a {cls.quantize or 'dense'} residual, not quantize={quantize!r}; "
-                            "make_sorsa_linear (or apply_sorsa) picks the layer class for a storage")
-        spec = SORSAInit.of(rank, name, quantize=cls.quantize, **options)
+        spec = SORSAInit.for_layer(cls, rank, name, options)
         spec.check_weight(linear_weight(linear), name)
         return spec
 
