@@ -318,3 +318,11 @@ def test_unknown_model_type_on_the_command_line_says_target_modules_flag():
     line = _one_line(e.value)
     assert "pass --target-modules all-linear or names of its linear layers: 0" in line
     assert "target_modules=" not in line and "\n" not in line
+
+
+def test_all_linear_beside_names_on_the_command_line_is_refused_before_loading(no_model_load, capsys):
+    from sorsa_kernels.cli import main
+
+    assert main(["finetune", "--target-modules", "all-linear", "q_proj"]) == 1
+    err = capsys.readouterr().err
+    assert "--target-modules all-linear q_proj: all-linear must stand alone" in err and not no_model_load
