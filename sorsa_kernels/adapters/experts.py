@@ -18,23 +18,16 @@ class's forward.
 """
 from __future__ import annotations
 
-import logging
-import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..nn.checks import validate_rank
 from ..nn.experts import SORSAExperts
 from ..nn.factory import experts_class
-from .targets import default_target_modules, is_all_linear
-
-logger = logging.getLogger(__name__)
+from ..nn.init_spec import SORSAInit
 
 __all__ = [
-    "is_expert_module",
-    "find_expert_targets",
     "adapted_experts",
     "is_fused_experts",
     "is_adapted_experts",
@@ -43,8 +36,7 @@ __all__ = [
     "adapt_experts",
     "merge_experts",
     "sorsa_experts_forward",
-    "plan_experts",
-    "apply_experts",
+    "expert_stacks",
     "merge_all_experts",
 ]
 
@@ -78,50 +70,9 @@ def find_fused_experts(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and (is_fused_experts(m) or is_adapted_experts(m))]
 
 
-def is_expert_module(module: nn.Module) -> bool:
-    """Whether ``module`` is an experts module (adapted or not) or one of its SORSA projections:
-    the modules the ``nn.Linear`` target search passes over."""
-    return isinstance(module, SORSAExperts) or is_fused_experts(module) or is_adapted_experts(module)
-
-
 def adapted_experts(model: nn.Module) -> dict[str, nn.Module]:
     """Every adapted experts module of ``model`` by name."""
     return {n: m for n, m in model.named_modules() if n and is_adapted_experts(m)}
-
-
-def find_expert_targets(model: nn.Module, target_modules: Any = None, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Names of the experts modules ``apply_sorsa`` adapts for ``target_modules``.
-
-    None: every fused experts module.  A list of names: the experts modules whose full name,
-    last component or dotted suffix is one of them (``"experts"``,
-    :data:`~sorsa_kernels.adapters.targets.EXPERTS`, names them all).  A string: a
-    regular expression over the full module name.  Modules inside ``exclude`` (kept as
-    trainable copies) are never targets.  Raises a ValueError when a matching experts module
-    is already adapted.
-    """
-    found, adapted = [], []
-    for name, module in model.named_modules():
-        if not name or any(name == e or name.startswith(e + ".") for e in exclude):
-            continue
-        fused, done = is_fused_experts(module), is_adapted_experts(module)
-        if not (fused or done):
-            continue
-        if target_modules is None:
-            hit = True
-        elif isinstance(target_modules, (str, re.Pattern)):
-            pattern = re.compile(target_modules) if isinstance(target_modules, str) else target_modules
-            hit = pattern.fullmatch(name) is not None
-        else:
-            last = name.rsplit(".", 1)[-1]
-            hit = any(name == t or last == t or name.endswith("." + t) for t in target_modules)
-        if hit:
-            (adapted if done else found).append(name)
-    if adapted:
-        raise ValueError(
-            f"the model is already adapted: {adapted[0]} holds SORSA experts; apply_sorsa once per model "
-            "(merge_sorsa first to adapt the merged weights)"
-        )
-    return found
 
 
 def _orient(module: nn.Module, w: Tensor) -> Tensor:
@@ -129,15 +80,21 @@ def _orient(module: nn.Module, w: Tensor) -> Tensor:
     return w.mT if getattr(module, "is_transposed", False) else w
 
 
-def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
-                  factors: Optional[dict[str, Any]] = None, quantize: Optional[str] = None,
-                  **kwargs: Any) -> None:
+def expert_stacks(module: nn.Module) -> dict[str, Tensor]:
+    """The 3-D weights of a fused experts module, each seen as E×out×in (a view; no copy)."""
+    return {attr: _orient(module, getattr(module, attr)) for attr in expert_weight_names(module)}
+
+
+def adapt_experts(module: nn.Module, rank: Union[int, SORSAInit], *, name: Optional[str] = None,
+                  factors: Optional[dict[str, Any]] = None, **options: Any) -> None:
     """Replace the 3-D expert weights of ``module`` by :class:`SORSAExperts`, in place.
 
+    ``rank`` is r or a whole :class:`~sorsa_kernels.nn.init_spec.SORSAInit`; ``options`` are
+    its fields (``svd``, ``alpha``, ``residual_dtype``, ``quantize``, ``quant_iters``, …).
     ``quantize="nf4"`` builds :class:`~sorsa_kernels.nn.qexperts.QSORSAExperts` (each expert's
-    residual in NF4; ``quant_iters`` error-reducing iterations).  ``kwargs`` go to
-    ``from_weight`` (``svd``, ``alpha``, ``residual_dtype``, ``quant_iters``, …).  ``factors`` (used by :func:`sorsa_kernels.load_adapter`) maps each projection name to
-    ``dict(U0=..., S0=..., V0=..., trained=(U, S, V))``: the layer is then rebuilt without SVD.
+    residual in NF4).  ``factors`` (used by :func:`sorsa_kernels.load_adapter`) maps each
+    projection name to ``dict(U0=..., S0=..., V0=..., trained=(U, S, V))``: the layer is then
+    rebuilt without SVD.  Both projections are built before either is installed.
 
     Example::
 
@@ -148,28 +105,18 @@ def adapt_experts(module: nn.Module, rank: int, *, name: Optional[str] = None,
             f"{name or type(module).__name__} is a {type(module).__name__}, not a transformers experts module "
             "with fused 3-D expert weights (gate_up_proj/down_proj)"
         )
-    if kwargs.get("dropout"):
-        raise ValueError(
-            f"dropout {kwargs['dropout']} is not supported on expert weights ({name}); use dropout=0 "
-            "or leave the experts out of target_modules"
-        )
-    kwargs.pop("dropout", None)
-    cls = experts_class(quantize)
-    if quantize is None:
-        kwargs.pop("quant_iters", None)
+    spec = SORSAInit.of(rank, name, **options)
+    cls = experts_class(spec.quantize)
     new = {}
-    for attr in expert_weight_names(module):
+    for attr, w in expert_stacks(module).items():
         full = f"{name}.{attr}" if name else attr
-        w = _orient(module, getattr(module, attr))
         bias = getattr(module, f"{attr}_bias", None) if getattr(module, "has_bias", False) else None
         if factors is not None:
             f = factors[attr]
-            allowed = {k: v for k, v in kwargs.items() if k in ("alpha", "residual_dtype")}
-            new[attr] = cls.from_factors(
-                w, f["U0"], f["S0"], f["V0"], trained=f.get("trained"), bias=bias, name=full, **allowed
-            )
+            new[attr] = cls.from_factors(w, f["U0"], f["S0"], f["V0"], trained=f.get("trained"), bias=bias,
+                                         name=full, alpha=spec.alpha, residual_dtype=spec.residual_dtype)
         else:
-            new[attr] = cls.from_weight(w, rank, bias=bias, name=full, **kwargs)
+            new[attr] = cls.from_weight(w, spec, bias=bias, name=full)
     for attr, layer in new.items():  # swap only once both are built
         delattr(module, attr)
         setattr(module, attr, layer)
@@ -232,54 +179,6 @@ def sorsa_experts_forward(
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return out[inv].view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
-
-
-def plan_experts(model: nn.Module, rank: int, target_modules: Any = None, *,
-                 quantize: Optional[str] = None, dropout: float = 0.0, exclude: tuple[str, ...] = ()) -> list[str]:
-    """The experts modules :func:`sorsa_kernels.apply_sorsa` adapts, validated before any change.
-
-    ``target_modules`` None: the architecture's default targets (its row of
-    :data:`~sorsa_kernels.adapters.targets.TARGETS_BY_MODEL_TYPE` names
-    ``"experts"`` for the MoE models); ``"all-linear"``: none (as PEFT's option, linear
-    modules only).  With the default targets, experts are adapted unless the run asks for
-    what SORSA experts do not support (``dropout``): they then stay
-    frozen, with a warning.  Named explicitly, such a request is a ValueError.  Every
-    expert's rank is checked.
-    """
-    if is_all_linear(target_modules):
-        return []
-    targets = list(default_target_modules(model)) if target_modules is None else target_modules
-    names = find_expert_targets(model, targets, tuple(exclude))
-    experts_class(quantize)  # an unknown storage fails before anything is touched
-    if names and dropout:
-        what = f"dropout={dropout}"
-        if target_modules is None:
-            logger.warning("routed experts (%d modules) left frozen: SORSA experts do not support %s yet",
-                           len(names), what)
-            return []
-        raise ValueError(
-            f"{what} is not supported on expert weights ({names[0]}); leave the experts out of target_modules "
-            "or use dropout=0"
-        )
-    for name in names:
-        module = model.get_submodule(name)
-        for attr in expert_weight_names(module):
-            E, m, n = _orient(module, getattr(module, attr)).shape
-            validate_rank(rank, n, m, f"{name}.{attr}")
-    return names
-
-
-def apply_experts(model: nn.Module, names: list[str], rank: int, *, svd: str = "full", niter: int = 2,
-                  oversample: int = 16, svd_dtype: torch.dtype = torch.float32,
-                  residual_dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None,
-                  alpha: Optional[float] = None, quantize: Optional[str] = None, quant_iters: int = 1) -> None:
-    """:func:`adapt_experts` on each experts module of ``names`` (from :func:`plan_experts`)."""
-    for name in names:
-        adapt_experts(
-            model.get_submodule(name), rank, name=name, svd=svd, niter=niter, oversample=oversample,
-            svd_dtype=svd_dtype, residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha,
-            quantize=quantize, quant_iters=quant_iters,
-        )
 
 
 def merge_all_experts(model: nn.Module, dtype: Optional[torch.dtype] = None,

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .targets import default_modules_to_save
+from .targets import Targets, default_modules_to_save, inside
 
 __all__ = [
     "SavedModule",
@@ -63,16 +63,13 @@ class SavedModule(nn.Module):
             return getattr(self._modules["trained"], name)
 
 
-def _matching(model: nn.Module, target: str) -> list[str]:
-    return [n for n, _ in model.named_modules() if n and (n == target or n.endswith("." + target))]
-
-
 def resolve_modules_to_save(model: nn.Module, modules_to_save: Optional[Sequence[str]]) -> list[str]:
     """Full names of the modules to keep as trainable copies.
 
     ``None`` is the default: the classification head of a ``*ForSequenceClassification`` /
     ``*ForTokenClassification`` / ``*ForImageClassification`` model, else nothing.  Names
-    match as targets do (full name or dotted suffix); a name matching nothing is a ValueError.
+    match as targets do (full name or dotted suffix, :class:`~sorsa_kernels.adapters.targets.Targets`);
+    a name matching nothing is a ValueError.
     """
     if modules_to_save is None:
         return default_modules_to_save(model)
@@ -80,15 +77,15 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Optional[Sequence
         modules_to_save = [modules_to_save]
     out: list[str] = []
     for target in modules_to_save:
-        found = _matching(model, target)
+        matcher = Targets(names=(target,))
+        found = [n for n, _ in model.named_modules() if matcher.match(n)]
         if not found:
             children = ", ".join(n for n, _ in model.named_children())
             raise ValueError(
                 f"modules_to_save {target!r} matches no module of the model (its top-level modules: {children})"
             )
         out += [n for n in found if n not in out]
-    nested = [n for n in out if any(n.startswith(o + ".") for o in out)]
-    return [n for n in out if n not in nested]
+    return [n for n in out if not inside(n, [o for o in out if o != n])]
 
 
 def wrap_modules_to_save(model: nn.Module, names: Sequence[str]) -> None:

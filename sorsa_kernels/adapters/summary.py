@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..nn.checks import linear_weight
 from ..nn.experts import SORSAExperts
 from ..nn.linear import SORSALinear
 from .modules_to_save import SavedModule
@@ -41,6 +42,8 @@ class AdaptationSummary:
         not_adapted: every ``nn.Linear`` / ``Conv1D`` that no target matched (the LM head among them).
         fused_experts: routed-expert weights still stored as fused 3-D parameters: experts left out of the
             targets (or frozen under ``quantize``), not adapted.
+        below_rank: linear layers left alone whose smaller side is below the adapters' rank (``all-linear``
+            skips them: they cannot hold a rank-r split).
 
     Example::
 
@@ -54,6 +57,7 @@ class AdaptationSummary:
     saved_modules: list[str] = field(default_factory=list)
     not_adapted: list[str] = field(default_factory=list)
     fused_experts: list[str] = field(default_factory=list)
+    below_rank: list[str] = field(default_factory=list)
 
     @property
     def adapted(self) -> int:
@@ -74,7 +78,11 @@ class AdaptationSummary:
             skipped.append(f"{len(self.not_adapted)} linear{names}")
         if self.fused_experts:
             skipped.append(f"{len(self.fused_experts)} fused expert parameters")
-        return text + (f"; not adapted: {', '.join(skipped)}" if skipped else "")
+        text += f"; not adapted: {', '.join(skipped)}" if skipped else ""
+        if self.below_rank:
+            names = f" ({', '.join(self.below_rank)})" if len(self.below_rank) <= 3 else ""
+            text += f"; {len(self.below_rank)} linear smaller than the rank{names}"
+        return text
 
     def details(self) -> list[str]:
         """One line per module or parameter left unadapted (what ``--verbose`` prints)."""
@@ -111,4 +119,6 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
         if p.requires_grad:
             s.trainable_parameters += p.numel()
     s.fused_experts = [n for n in fused_expert_parameters(model) if not any(n.startswith(p + ".") for p in saved)]
+    rank = max((m.rank for m in model.modules() if isinstance(m, (SORSALinear, SORSAExperts))), default=0)
+    s.below_rank = [n for n in s.not_adapted if min(linear_weight(model.get_submodule(n)).shape) < rank]
     return s

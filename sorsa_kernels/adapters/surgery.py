@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import logging
-import re
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..nn.checks import check_finite, check_weight_for_svd, linear_weight, validate_rank
-from ..nn.factory import layer_class, make_sorsa_linear
-from ..nn.knobs import check_knob, check_scale
+from ..nn.checks import check_finite
+from ..nn.init_spec import SORSAInit
 from ..nn.linear import SORSALinear
-from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
-from .modules_to_save import resolve_modules_to_save, unwrap_saved_modules, wrap_modules_to_save
+from .experts import merge_all_experts
+from .modules_to_save import unwrap_saved_modules
+from .plan import SurgeryPlan, Transaction, module_aliases, pick_targets, plan_sorsa, set_submodule
 from .summary import adaptation_summary
-from .targets import (ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_all_linear,
-                      is_linear_like)
+from .targets import TARGETS_BY_MODEL_TYPE, TargetSpec, compile_target_regex
 
 __all__ = ["DEFAULT_TARGET_MODULES", "apply_sorsa", "merge_sorsa", "sorsa_layers", "find_targets",
-           "compile_target_regex", "module_aliases", "replace_everywhere"]
+           "compile_target_regex", "module_aliases", "replace_everywhere", "plan_sorsa", "SurgeryPlan", "TargetSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,116 +25,28 @@ logger = logging.getLogger(__name__)
 #: model; every architecture's are in :data:`~sorsa_kernels.adapters.targets.TARGETS_BY_MODEL_TYPE`).
 DEFAULT_TARGET_MODULES = TARGETS_BY_MODEL_TYPE["llama"]
 
-TargetSpec = Union[None, str, Sequence[str]]
-
-
-def compile_target_regex(pattern: str) -> "re.Pattern[str]":
-    """``pattern`` compiled, or a one-line ValueError naming it and what is wrong with it.
-
-    Example::
-
-        >>> compile_target_regex("(")
-        Traceback (most recent call last):
-        ValueError: target_modules '(' is not a valid regular expression: missing ), unterminated subpattern at position 0
-    """
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"target_modules {pattern!r} is not a valid regular expression: {e}") from None
-
-
-def _matches(name: str, targets: TargetSpec) -> bool:
-    if isinstance(targets, re.Pattern):  # a regex over the full module name
-        return targets.fullmatch(name) is not None
-    last = name.rsplit(".", 1)[-1]
-    return any(name == t or last == t or name.endswith("." + t) for t in targets)
-
 
 def find_targets(model: nn.Module, target_modules: TargetSpec = None, *, exclude: Sequence[str] = (),
                  allow_empty: bool = False) -> list[str]:
-    """Names of the modules ``apply_sorsa`` would adapt.
+    """Names of the ``nn.Linear`` / ``Conv1D`` modules ``apply_sorsa`` would adapt.
 
     ``target_modules``: None (the projections of the model's architecture, by
     ``config.model_type``: see :data:`~sorsa_kernels.adapters.targets.TARGETS_BY_MODEL_TYPE`),
-    ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` but the output head, as PEFT's option),
-    a list of names (a module matches if its full name, its last component, or a dotted
-    suffix equals one), or a string taken as a regular expression over the full module name.
-    Modules inside ``exclude`` (the modules kept as trainable copies) are never targets.
-    Raises if nothing matches, if a match is not an ``nn.Linear``/``Conv1D``, if a match is
-    already a SORSA layer ("already adapted"), if the regular expression does not compile,
-    or, with no ``target_modules``, if the architecture is unknown (naming ``all-linear``
-    and the model's linear layers).
+    ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` but the output head and MoE routers, as
+    PEFT's option), a list of names (a module matches if its full name or a dotted suffix
+    equals one: :class:`~sorsa_kernels.adapters.targets.Targets`), or a string taken as a
+    regular expression over the full module name.  ``exclude`` are the modules kept as
+    trainable copies (left out of the table's and ``all-linear``'s picks; a list or regex
+    naming one is refused).  Raises if an entry of a list matches nothing (naming the
+    nearest names), if nothing matches (unless ``allow_empty``: experts alone), if a match
+    is not an ``nn.Linear``/``Conv1D``, if a match is already a SORSA layer ("already
+    adapted"), if the regular expression does not compile, or, with no ``target_modules``,
+    if the architecture is unknown (naming ``all-linear`` and the model's linear layers).
     """
-    exclude = tuple(exclude)
-    if is_all_linear(target_modules):
-        targets, pattern = ALL_LINEAR, None
-    elif target_modules is None:
-        targets = pattern = list(default_target_modules(model))
-    elif isinstance(target_modules, str):
-        targets, pattern = target_modules, compile_target_regex(target_modules)
-    else:
-        targets = list(target_modules)
-        if not targets:
-            raise ValueError("target_modules is empty")
-        _check_target_names(targets)
-        pattern = targets
-    names = []
-    adapted = []
-    seen: set[int] = set()  # a module shared by several parents is adapted once (see module_aliases)
-    chosen = set(all_linear_names(model, exclude)) if pattern is None else None
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name or id(module) in seen or any(name == e or name.startswith(e + ".") for e in exclude):
-            continue
-        if is_expert_module(module):  # fused MoE experts: adapters/experts.py
-            continue
-        if isinstance(module, SORSALinear):
-            if chosen is not None or _matches(name, pattern):
-                adapted.append(name)
-                seen.add(id(module))
-            continue
-        if chosen is not None:
-            if name in chosen:
-                names.append(name)
-                seen.add(id(module))
-            continue
-        if not _matches(name, pattern):
-            continue
-        if not is_linear_like(module):
-            if target_modules is None:  # a table name that is also some other module's: not a projection
-                continue
-            raise TypeError(
-                f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
-                f"SORSA adapts nn.Linear and Conv1D layers only"
-            )
-        names.append(name)
-        seen.add(id(module))
-    if adapted:
-        raise ValueError(
-            f"the model is already adapted: {adapted[0]} is a SORSA layer"
-            + (f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else "")
-            + "; apply_sorsa once per model (merge_sorsa first to adapt the merged weights)"
-        )
-    if not names and not allow_empty:
-        raise ValueError(f"no module of the model matches target_modules={targets!r}")
-    return names
-
-
-def _check_target_names(targets: list) -> None:
-    """A list of target names must hold strings (``[None]`` would fail deep in a string join)."""
-    bad = [t for t in targets if not isinstance(t, str) or not t]
-    if bad:
-        raise TypeError(f"target_modules must be module names (non-empty strings) or one regular expression; "
-                        f"got {bad[0]!r} in {targets!r}")
-
-
-def module_aliases(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(module): every name it has}``: a module shared by two parents
-    (``layers[1].q_proj = layers[0].q_proj``) has two names, and surgery must replace it under both."""
-    out: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if name:
-            out.setdefault(id(module), []).append(name)
-    return out
+    _, linear, _ = pick_targets(model, target_modules, tuple(exclude))
+    if not linear and not allow_empty:
+        raise ValueError(f"no linear layer of the model matches target_modules={target_modules!r}")
+    return linear
 
 
 def replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module,
@@ -145,14 +54,11 @@ def replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module,
     """Put ``new`` at every name where ``old`` appears in ``model``; returns those names."""
     names = (aliases if aliases is not None else module_aliases(model)).get(id(old), [])
     for name in names:
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+_set_submodule = set_submodule  # the name the benchmarks import
 
 
 def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
@@ -162,37 +68,39 @@ def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
 
 def apply_sorsa(
     model: nn.Module,
-    rank: int,
+    rank: Union[int, SORSAInit],
     target_modules: TargetSpec = None,
     *,
-    svd: str = "full",
-    niter: int = 2,
-    oversample: int = 16,
-    svd_dtype: torch.dtype = torch.float32,
-    svd_device: Optional[Union[str, torch.device]] = None,
-    residual_dtype: Optional[torch.dtype] = None,
-    adapter_dtype: Optional[torch.dtype] = None,
-    alpha: Optional[float] = None,
-    dropout: float = 0.0,
-    quantize: Optional[str] = None,
-    quant_iters: int = 1,
-    quant_report: Optional[str] = "fro",
     progress: bool = True,
     modules_to_save: Optional[Sequence[str]] = None,
+    quant_report: Optional[str] = "fro",
+    **init: Any,
 ) -> nn.Module:
     """Replace the target ``nn.Linear`` / ``Conv1D`` layers of ``model`` by SORSA layers, in place.
+
+    ``rank`` is r, or a whole :class:`~sorsa_kernels.nn.init_spec.SORSAInit`; ``init`` are its
+    fields: ``alpha`` (``scale = alpha / rank``), ``dropout``, ``svd`` (``"full"`` or
+    ``"randomized"`` with ``niter`` and ``oversample``), ``svd_dtype``, ``svd_device``,
+    ``residual_dtype``, ``adapter_dtype``, ``quantize`` and ``quant_iters`` (see
+    :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`).
 
     ``target_modules`` defaults to every attention and MLP projection of the model's
     architecture (by ``config.model_type``: Llama, Mistral, Mixtral, Qwen2/3 (+MoE), Gemma
     1–3, Phi, Phi-3, GPT-2, GPT-NeoX, GPT-J, Falcon, OPT, Bloom, OLMo, OLMoE, StarCoder2,
     T5, BERT, RoBERTa, ViT; see ``targets.TARGETS_BY_MODEL_TYPE``); ``"all-linear"`` adapts
-    every ``nn.Linear``/``Conv1D`` but the output head; names or a regular expression pick
-    layers by hand.  GPT-2's ``Conv1D`` layers become SORSA layers with ``fan_in_fan_out``.
+    every ``nn.Linear``/``Conv1D`` but the output head and MoE routers/gates (a layer whose
+    smaller side is below the rank is skipped, with a note in the log); names or a regular
+    expression pick layers by hand, and every name must match something.  GPT-2's ``Conv1D``
+    layers become SORSA layers with ``fan_in_fan_out``.
     ``modules_to_save`` names whole modules kept as trainable copies (saved with the
     adapter, applied on merge, exported as PEFT's ``modules_to_save``); by default the
     classification head (``classifier``/``score``) of ``*ForSequenceClassification``,
     ``*ForTokenClassification`` and ``*ForImageClassification`` models, else none (``[]``).
+    A module both named as a target and kept as a copy is refused.
 
+    All or nothing: the surgery is planned (:func:`~sorsa_kernels.adapters.plan.plan_sorsa`),
+    every weight of the plan is checked (rank, dtype, NaN/Inf; experts included) before the
+    first change, and a failure while changing the model puts every changed module back.
     Every parameter that is not an adapter factor (U, S, V) or in a saved module's copy is
     frozen, as PEFT does.  What was adapted — layers per projection, trainable parameters,
     and every linear layer and fused expert weight left alone — is logged at INFO
@@ -203,7 +111,6 @@ def apply_sorsa(
     error-reducing iterations; each layer's ``quant_report`` then holds its quantization
     error against NF4(W0) (``quant_report="full"`` adds the nuclear norms, two extra SVDs per
     layer; ``None`` skips the report; ``sorsa_kernels.quant.QuantReport.from_model`` sums them).
-    Other arguments are those of :meth:`SORSALinear.from_linear`.
 
     Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the routed experts,
     fused 3-D weights, are adapted too with the default targets (their rows of the table name
@@ -219,56 +126,15 @@ def apply_sorsa(
         >>> apply_sorsa(model, rank=16, target_modules="all-linear")
         >>> apply_sorsa(model, rank=8, target_modules=["q_proj", "v_proj"])
         >>> apply_sorsa(model, rank=8, target_modules=r".*layers\\.0\\..*_proj")
+        >>> apply_sorsa(model, SORSAInit(rank=8, alpha=16.0, quantize="nf4"))
     """
-    layer_class(quantize)  # a bad `quantize` or knob fails before anything is touched
-    for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample),
-                        ("quant_iters", quant_iters)):
-        check_knob(knob, value)
-    saved = resolve_modules_to_save(model, modules_to_save)
-    experts = plan_experts(model, rank, target_modules, quantize=quantize, dropout=dropout, exclude=saved)
-    names = find_targets(model, target_modules, exclude=saved, allow_empty=bool(experts))
-    for name in names:  # validate every layer before touching any
-        w = linear_weight(model.get_submodule(name))
-        validate_rank(rank, w.shape[1], w.shape[0], name)
-    check_scale(alpha, rank, adapter_dtype)
-    for name in names:  # NaN/Inf or meta weights fail here, before any layer is converted
-        check_weight_for_svd(linear_weight(model.get_submodule(name)), name)
-    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    kwargs = dict(
-        svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype, svd_device=svd_device,
-        residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, dropout=dropout,
-    )
-    if quantize is not None:
-        kwargs["quant_report"] = quant_report
-    aliases = module_aliases(model)
-    done: list[tuple[nn.Module, nn.Module]] = []
-    try:
-        for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
-            linear = model.get_submodule(name)
-            layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
-            replace_everywhere(model, linear, layer, aliases)
-            done.append((linear, layer))
-            del linear
-        apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
-                      residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
-                      quant_iters=quant_iters)
-        wrap_modules_to_save(model, saved)
-    except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
-        _undo(model, done, aliases)
-        for p in model.parameters():
-            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
-        raise
+    plan = plan_sorsa(model, rank, target_modules, modules_to_save=modules_to_save, quant_report=quant_report,
+                      **init)
+    plan.apply(model, progress=progress)
+    for note in plan.notes():
+        logger.info("%s", note)
     logger.info("%s", adaptation_summary(model).line())
     return model
-
-
-def _undo(model: nn.Module, done: list[tuple[nn.Module, nn.Module]], aliases: dict[int, list[str]]) -> None:
-    """Undo ``(old, new)`` replacements made by :func:`replace_everywhere`, newest first."""
-    for old, _new in reversed(done):
-        for name in aliases.get(id(old), []):
-            _set_submodule(model, name, old)
 
 
 def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
@@ -287,7 +153,7 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
     """
     layers = sorsa_layers(model)
     aliases = module_aliases(model)
-    done: list[tuple[nn.Module, nn.Module]] = []
+    tx = Transaction(model)
 
     def check(name: str, weight: torch.Tensor) -> None:
         if not allow_non_finite:
@@ -298,11 +164,10 @@ def merge_sorsa(model: nn.Module, dtype: Optional[torch.dtype] = None, *,
         for name, layer in layers.items():
             merged = layer.merge(dtype)
             check(name, merged.weight)
-            replace_everywhere(model, layer, merged, aliases)
-            done.append((layer, merged))
+            tx.replace(aliases.get(id(layer), [name]), merged)
         merged_experts = merge_all_experts(model, dtype, check)
     except BaseException:
-        _undo(model, done, aliases)
+        tx.rollback()
         raise
     if not layers and not merged_experts:
         raise ValueError("the model has no SORSA layers to merge")

@@ -31,12 +31,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..nn.checks import validate_rank
-from ..nn.factory import layer_class, make_sorsa_linear
+from ..adapters.experts import find_fused_experts
+from ..adapters.plan import plan_sorsa, set_submodule
+from ..adapters.targets import TargetSpec
+from ..nn.factory import layer_class
+from ..nn.init_spec import SORSAInit
 from ..nn.linear import SORSALinear
 from .fsdp import decoder_layers
 from .meta import empty_model
-from ..adapters.surgery import TargetSpec, _set_submodule, find_targets
 
 __all__ = ["empty_model", "load_sorsa_streaming", "checkpoint_files"]
 
@@ -116,18 +118,9 @@ def _owned(prefix: str, key: str) -> bool:
 
 def load_sorsa_streaming(
     path: Union[str, os.PathLike],
-    rank: int,
+    rank: Union[int, SORSAInit],
     target_modules: TargetSpec = None,
     *,
-    quantize: Optional[str] = "nf4",
-    quant_iters: int = 1,
-    svd: str = "full",
-    niter: int = 2,
-    oversample: int = 16,
-    alpha: Optional[float] = None,
-    dropout: float = 0.0,
-    residual_dtype: Optional[torch.dtype] = None,
-    adapter_dtype: Optional[torch.dtype] = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
     mesh: Any = None,
@@ -135,19 +128,24 @@ def load_sorsa_streaming(
     fsdp_kwargs: Optional[dict[str, Any]] = None,
     quant_report: Optional[str] = None,
     progress: bool = False,
+    **init: Any,
 ) -> nn.Module:
     """Build a (Q)SORSA causal LM from a safetensors checkpoint, one weight at a time.
 
     The result equals ``apply_sorsa(AutoModelForCausalLM.from_pretrained(path), rank,
     target_modules, quantize=quantize, ...)`` (same factors, same NF4 bytes) but the dense
     weights are never all in memory: each target weight is read, split and quantized, then
-    freed, before the next is read.
+    freed, before the next is read.  The layers are those of the same plan
+    (:func:`~sorsa_kernels.adapters.plan.plan_sorsa`, made on the meta device before any
+    tensor is read).  Mixture-of-experts models are refused in one line before any tensor is
+    read: SORSA experts are not built here.
 
     Args:
         path: a ``save_pretrained`` folder (``config.json`` and safetensors weights).
-        rank, target_modules, quantize, quant_iters, svd, niter, oversample, alpha, dropout,
-            residual_dtype, adapter_dtype, quant_report: as :func:`~sorsa_kernels.apply_sorsa`
-            (``quantize=None`` gives dense SORSA layers; ``quant_report`` defaults to None here).
+        rank, target_modules, quant_report, **init: as :func:`~sorsa_kernels.apply_sorsa`
+            (``rank`` or a :class:`~sorsa_kernels.nn.init_spec.SORSAInit`; ``quantize``
+            defaults to ``"nf4"`` here, ``quantize=None`` gives dense SORSA layers;
+            ``quant_report`` defaults to None here).
         dtype: cast every tensor to this dtype as it is read (default: as stored).
         device: where tensors are loaded and the SVD/quantization runs (default: the mesh's
             device type — the current CUDA device for ``"cuda"`` — else the CPU).
@@ -163,17 +161,23 @@ def load_sorsa_streaming(
     """
     from transformers import AutoConfig
 
-    cls = layer_class(quantize)  # a bad `quantize` fails before anything is read
+    if not isinstance(rank, SORSAInit):
+        init.setdefault("quantize", "nf4")
+    spec = SORSAInit.of(rank, **init)  # a bad option fails before anything is read
+    cls = layer_class(spec.quantize)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a save_pretrained folder")
     files = checkpoint_files(path)
     config = AutoConfig.from_pretrained(path)
     model = empty_model(config, dtype=dtype)
-    targets = find_targets(model, target_modules)
-    for name in targets:
-        w = model.get_submodule(name).weight
-        validate_rank(rank, w.shape[1], w.shape[0], name)
+    moe = find_fused_experts(model)
+    if moe:
+        raise ValueError(f"the streaming loader does not load mixture-of-experts models (routed experts {moe[0]}"
+                         f"{' …' if len(moe) > 1 else ''}): it neither builds SORSA experts nor reads their checkpoint "
+                         "layout; load the model whole and call apply_sorsa")
+    plan = plan_sorsa(model, spec, target_modules, modules_to_save=[], quant_report=quant_report)
+    targets = plan.linear
 
     world, me, group = 1, 0, None
     if mesh is not None:
@@ -185,11 +189,6 @@ def load_sorsa_streaming(
         if mesh is not None and mesh.device_type != "cpu":
             device = torch.device(mesh.device_type, torch.accelerator.current_device_index())
     device = torch.device(device)
-
-    layer_kw = dict(alpha=alpha, dropout=dropout)
-    build_kw = dict(svd=svd, niter=niter, oversample=oversample, quantize=quantize, quant_iters=quant_iters)
-    if quantize is not None:
-        build_kw["quant_report"] = quant_report
 
     try:
         blocks = decoder_layers(model)
@@ -226,7 +225,7 @@ def load_sorsa_streaming(
 
     def build_target(reader: _Reader, name: str, owner: int) -> None:
         meta = model.get_submodule(name)
-        res_dtype = residual_dtype or dtype or reader.dtype(f"{name}.weight")
+        res_dtype = spec.residual_dtype or dtype or reader.dtype(f"{name}.weight")
         if owner == me:
             w = reader.read(f"{name}.weight", (meta.out_features, meta.in_features), floating=True)
             lin = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
@@ -235,18 +234,17 @@ def load_sorsa_streaming(
             if meta.bias is not None:
                 b = reader.read(f"{name}.bias", (meta.out_features,), floating=True)
                 lin.bias = nn.Parameter(b.to(device, dtype or b.dtype), requires_grad=False)
-            layer = make_sorsa_linear(lin, rank, name=name, residual_dtype=res_dtype, adapter_dtype=adapter_dtype,
-                                      **layer_kw, **build_kw)
+            layer = plan.build_linear(name, lin, residual_dtype=res_dtype)
             del lin
         else:  # an empty layer of the same shapes; the owner's tensors arrive by broadcast
-            fdt = adapter_dtype or torch.float32
-            layer = cls(meta.in_features, meta.out_features, rank, bias=meta.bias is not None,
-                        residual_dtype=res_dtype, adapter_dtype=fdt, device=device, **layer_kw)
-            layer.init_factors = (torch.zeros(meta.out_features, rank, dtype=fdt),
-                                  torch.zeros(rank, dtype=fdt), torch.zeros(meta.in_features, rank, dtype=fdt))
+            fdt, r = spec.factor_dtype, spec.rank
+            layer = cls(meta.in_features, meta.out_features, r, bias=meta.bias is not None, alpha=spec.alpha,
+                        dropout=spec.dropout, residual_dtype=res_dtype, adapter_dtype=fdt, device=device)
+            layer.init_factors = (torch.zeros(meta.out_features, r, dtype=fdt),
+                                  torch.zeros(r, dtype=fdt), torch.zeros(meta.in_features, r, dtype=fdt))
         if world > 1:
             _broadcast_layer(layer, owner, group, device)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
 
     with contextlib.ExitStack() as stack:
         reader = _Reader(files, stack)

@@ -10,15 +10,16 @@ grouped by expert and never forms an expert's dense ``ΔW``
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import reference
 from ..ops.experts import sorsa_experts
-from .checks import check_dtype, check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
+from .checks import check_dtype, layer_suffix, validate_rank
 from .factory import register_experts_class
+from .init_spec import SORSAInit
 from .knobs import check_knob
 
 __all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK", "expert_chunks", "check_expert_stack"]
@@ -126,48 +127,55 @@ class SORSAExperts(nn.Module):
     def from_weight(
         cls,
         weight: Tensor,
-        rank: int,
+        rank: Union[int, SORSAInit],
         *,
         bias: Optional[Tensor] = None,
-        svd: str = "full",
-        niter: int = 2,
-        oversample: int = 16,
-        svd_dtype: torch.dtype = torch.float32,
-        residual_dtype: Optional[torch.dtype] = None,
-        adapter_dtype: Optional[torch.dtype] = None,
-        alpha: Optional[float] = None,
         name: Optional[str] = None,
         expert_chunk: int = DEFAULT_EXPERT_CHUNK,
+        **options: Any,
     ) -> "SORSAExperts":
         """Split each expert of ``weight`` (E×out×in) by SVD into a top-``rank`` part and a residual.
 
-        The SVD runs batched over ``expert_chunk`` experts at a time, in ``svd_dtype``, on the
-        weight's device (``svd="randomized"``: ``torch.svd_lowrank``, seeded).  Other arguments
-        are those of :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`;
-        ``bias`` (E×out) is kept frozen.
+        ``rank`` is r or a whole :class:`~sorsa_kernels.nn.init_spec.SORSAInit`; ``options`` are
+        its fields (``svd``, ``alpha``, ``residual_dtype``, …, as
+        :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`; not
+        ``dropout``).  The SVD runs batched over ``expert_chunk`` experts at a time, in
+        ``svd_dtype``, on the weight's device (``svd="randomized"``: ``torch.svd_lowrank``,
+        seeded); ``bias`` (E×out) is kept frozen.
         """
-        check_expert_stack(weight, name)
+        spec = cls.init_spec(weight, rank, name, options)
         E, m, n = weight.shape
-        validate_rank(rank, n, m, name)
-        for knob, value in (("alpha", alpha), ("niter", niter), ("oversample", oversample)):
-            check_knob(knob, value)
-        check_svd_args(svd, svd_dtype)
-        check_weight_for_svd(weight, name)
-        adapter_dtype = adapter_dtype or torch.float32
-        scale = 1.0 if alpha is None else float(alpha) / rank
-        U0 = torch.empty(E, m, rank, dtype=adapter_dtype, device=weight.device)
-        S0 = torch.empty(E, rank, dtype=adapter_dtype, device=weight.device)
-        V0 = torch.empty(E, n, rank, dtype=adapter_dtype, device=weight.device)
+        r = spec.rank
+        U0 = torch.empty(E, m, r, dtype=spec.factor_dtype, device=weight.device)
+        S0 = torch.empty(E, r, dtype=spec.factor_dtype, device=weight.device)
+        V0 = torch.empty(E, n, r, dtype=spec.factor_dtype, device=weight.device)
         with torch.no_grad():
-            for sl in expert_chunks(E, expert_chunk):
-                u, s, v = reference.principal_split(
-                    weight[sl], rank, svd=svd, niter=niter, oversample=oversample, dtype=svd_dtype
-                )
-                U0[sl], S0[sl], V0[sl] = u, s / scale, v
-        return cls.from_factors(
-            weight, U0, S0, V0, bias=bias, alpha=alpha, residual_dtype=residual_dtype, name=name,
-            expert_chunk=expert_chunk,
-        )
+            cls.split_experts(weight, spec, U0, S0, V0, expert_chunk)
+        return cls.from_factors(weight, U0, S0, V0, bias=bias, alpha=spec.alpha, residual_dtype=spec.residual_dtype,
+                                name=name, expert_chunk=expert_chunk)
+
+    @classmethod
+    def init_spec(cls, weight: Tensor, rank: Union[int, SORSAInit], name: Optional[str],
+                  options: dict[str, Any]) -> SORSAInit:
+        """The :class:`~sorsa_kernels.nn.init_spec.SORSAInit` of a ``from_weight`` call, with the
+        stack checked against it (3-D, rank, dtype, finite values) before any SVD."""
+        check_expert_stack(weight, name)
+        spec = SORSAInit.for_layer(cls, rank, name, options)
+        if spec.dropout:
+            raise ValueError(f"dropout {spec.dropout} is not supported on expert weights{layer_suffix(name)}; "
+                             "use dropout=0 or leave the experts out of target_modules")
+        spec.check_weight(weight, name)
+        cls.check_residual_dtype(spec.residual_dtype or weight.dtype)
+        return spec
+
+    @staticmethod
+    def split_experts(weight: Tensor, spec: SORSAInit, U0: Tensor, S0: Tensor, V0: Tensor, expert_chunk: int) -> None:
+        """Fill ``U0, S0, V0`` with each expert's top-``rank`` split (``S0 = σ / scale``), batched
+        over ``expert_chunk`` experts at a time."""
+        for sl in expert_chunks(weight.shape[0], expert_chunk):
+            u, s, v = reference.principal_split(weight[sl], spec.rank, svd=spec.svd, niter=spec.niter,
+                                                oversample=spec.oversample, dtype=spec.svd_dtype)
+            U0[sl], S0[sl], V0[sl] = u, s / spec.scale, v
 
     @classmethod
     def from_factors(

@@ -1,7 +1,7 @@
 """``SORSALinear``: a drop-in replacement for ``nn.Linear`` with a SORSA adapter."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,14 +13,12 @@ from .checks import (
     check_dtype,
     check_factor_shapes,
     check_linear,
-    check_svd_args,
-    check_weight_for_svd,
     is_conv1d,
-    layer_suffix,
     linear_weight,
     validate_rank,
 )
 from .factory import register_layer_class
+from .init_spec import SORSAInit
 from .knobs import check_knob, check_scale
 
 __all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
@@ -103,34 +101,25 @@ class SORSALinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        rank: int,
+        rank: Union[int, SORSAInit],
         *,
-        svd: str = "full",
-        niter: int = 2,
-        oversample: int = 16,
-        svd_dtype: torch.dtype = torch.float32,
-        svd_device: Optional[Union[str, torch.device]] = None,
-        residual_dtype: Optional[torch.dtype] = None,
-        adapter_dtype: Optional[torch.dtype] = None,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
         name: Optional[str] = None,
+        **options: Any,
     ) -> "SORSALinear":
         """Split ``linear.weight`` by SVD into a trainable top-``rank`` part and a frozen residual.
 
         Args:
             linear: the layer to adapt (left untouched): an ``nn.Linear`` or a ``transformers``
                 ``Conv1D`` (then ``fan_in_fan_out`` is set).
-            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``.
-            svd: ``"full"`` (``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank``
-                with ``rank + oversample`` columns and ``niter`` power iterations).
-            svd_dtype: float32 (default) or float64.
-            svd_device: where the SVD runs (default: the weight's device).
-            residual_dtype: dtype of ``Wr`` (default: the weight's dtype).
-            adapter_dtype: dtype of ``U``, ``S``, ``V`` (default: float32).
-            alpha: if given, ``scale = alpha / rank``.
-            dropout: dropout on the low-rank branch's input.
+            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``, or a whole
+                :class:`~sorsa_kernels.nn.init_spec.SORSAInit`.
             name: the layer's name, used in error messages.
+            **options: fields of :class:`~sorsa_kernels.nn.init_spec.SORSAInit` (replacing the
+                spec's): ``svd`` (``"full"``: ``torch.linalg.svd``; ``"randomized"``:
+                ``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
+                iterations), ``svd_dtype``, ``svd_device`` (default the weight's device),
+                ``residual_dtype`` (default the weight's dtype), ``adapter_dtype`` (default
+                float32), ``alpha`` (``scale = alpha / rank``), ``dropout``.
 
         The residual is always dense here; a quantized one (``quantize="nf4"``) is built by
         :func:`sorsa_kernels.nn.make_sorsa_linear` (or :func:`sorsa_kernels.apply_sorsa`),
@@ -139,32 +128,31 @@ class SORSALinear(nn.Module):
         ``Wr = W0 − U0·diag(σ)·V0ᵀ`` is computed in float32 on the weight's device from the
         stored (adapter-dtype) factors, then cast to ``residual_dtype``.
         """
-        check_linear(linear, name)
+        spec = cls.init_spec(linear, rank, name, options)
         W = linear_weight(linear)
-        m, n = W.shape
-        validate_rank(rank, n, m, name)
-        for knob, value in (("alpha", alpha), ("dropout", dropout), ("niter", niter), ("oversample", oversample)):
-            check_knob(knob, value)  # before the SVD: alpha = 0 would give S = inf
-        check_scale(alpha, rank, adapter_dtype)  # S = σ/scale and scale·S representable
-        check_svd_args(svd, svd_dtype)
-        check_dtype(W.dtype, "weight dtype" + layer_suffix(name))
-        check_weight_for_svd(W, name)
-        residual_dtype = residual_dtype or W.dtype
-        adapter_dtype = adapter_dtype or torch.float32
         with torch.no_grad():
-            w = W.detach().to(svd_device) if svd_device is not None else W.detach()
-            U0, sigma, V0 = reference.principal_split(w, rank, svd=svd, niter=niter, oversample=oversample, dtype=svd_dtype)
+            w = W.detach().to(spec.svd_device) if spec.svd_device is not None else W.detach()
+            U0, sigma, V0 = reference.principal_split(w, spec.rank, svd=spec.svd, niter=spec.niter,
+                                                      oversample=spec.oversample, dtype=spec.svd_dtype)
             del w
-            scale = 1.0 if alpha is None else float(alpha) / rank
             factors = (
-                U0.to(W.device, adapter_dtype),
-                (sigma / scale).to(W.device, adapter_dtype),
-                V0.to(W.device, adapter_dtype),
+                U0.to(W.device, spec.factor_dtype),
+                (sigma / spec.scale).to(W.device, spec.factor_dtype),
+                V0.to(W.device, spec.factor_dtype),
             )
             del U0, sigma, V0
-        return cls.from_factors(
-            linear, *factors, alpha=alpha, dropout=dropout, residual_dtype=residual_dtype, name=name
-        )
+        return cls.from_factors(linear, *factors, alpha=spec.alpha, dropout=spec.dropout,
+                                residual_dtype=spec.residual_dtype or W.dtype, name=name)
+
+    @classmethod
+    def init_spec(cls, linear: nn.Module, rank: Union[int, SORSAInit], name: Optional[str],
+                  options: dict[str, Any]) -> SORSAInit:
+        """The :class:`~sorsa_kernels.nn.init_spec.SORSAInit` of a ``from_linear`` call, with
+        ``linear`` checked against it (type, rank, dtype, finite values) before any SVD."""
+        check_linear(linear, name)
+        spec = SORSAInit.for_layer(cls, rank, name, options)
+        spec.check_weight(linear_weight(linear), name)
+        return spec
 
     @classmethod
     def from_factors(

@@ -22,10 +22,10 @@ from ..ops import reference
 from ..ops.experts import dequantize_experts, qsorsa_experts
 from ..quant.dense_view import NF4DenseView
 from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, quantize_nf4
-from .checks import check_svd_args, check_weight_for_svd, layer_suffix, validate_rank
-from .experts import DEFAULT_EXPERT_CHUNK, SORSAExperts, check_expert_stack, expert_chunks
+from .checks import layer_suffix
+from .experts import DEFAULT_EXPERT_CHUNK, SORSAExperts, expert_chunks
 from .factory import register_experts_class
-from .knobs import check_knob
+from .init_spec import SORSAInit
 from .qinit import error_reducing_split
 from .qlinear import NF4_DTYPES
 
@@ -184,53 +184,15 @@ class QSORSAExperts(SORSAExperts):
                                   dtype or self.compute_dtype, self.blocksize, self.nested_blocksize)
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_weight(
-        cls,
-        weight: Tensor,
-        rank: int,
-        *,
-        bias: Optional[Tensor] = None,
-        quant_iters: int = 1,
-        svd: str = "full",
-        niter: int = 2,
-        oversample: int = 16,
-        svd_dtype: torch.dtype = torch.float32,
-        residual_dtype: Optional[torch.dtype] = None,
-        adapter_dtype: Optional[torch.dtype] = None,
-        alpha: Optional[float] = None,
-        name: Optional[str] = None,
-        expert_chunk: int = DEFAULT_EXPERT_CHUNK,
-    ) -> "QSORSAExperts":
-        """Split each expert of ``weight`` (E×out×in) with ``quant_iters`` error-reducing iterations,
-        store each residual in NF4.
-
-        Arguments are those of :meth:`SORSAExperts.from_weight` and
-        :meth:`QSORSALinear.from_linear <sorsa_kernels.nn.qlinear.QSORSALinear.from_linear>`;
-        ``residual_dtype`` is the compute dtype (default the weight's dtype).
-        """
-        check_expert_stack(weight, name)
-        E, m, n = weight.shape
-        validate_rank(rank, n, m, name)
-        for knob, value in (("alpha", alpha), ("niter", niter), ("oversample", oversample),
-                            ("quant_iters", quant_iters)):
-            check_knob(knob, value)
-        check_svd_args(svd, svd_dtype)
-        check_weight_for_svd(weight, name)
-        _check_nf4_dtype(residual_dtype or weight.dtype, name)
-        adapter_dtype = adapter_dtype or torch.float32
-        scale = 1.0 if alpha is None else float(alpha) / rank
-        U0 = torch.empty(E, m, rank, dtype=adapter_dtype, device=weight.device)
-        S0 = torch.empty(E, rank, dtype=adapter_dtype, device=weight.device)
-        V0 = torch.empty(E, n, rank, dtype=adapter_dtype, device=weight.device)
-        with torch.no_grad():
-            for e in range(E):
-                (U0[e], S0[e], V0[e]), _, _ = error_reducing_split(
-                    weight[e].detach(), rank, iters=quant_iters, scale=scale, svd=svd, niter=niter,
-                    oversample=oversample, svd_dtype=svd_dtype, factor_dtype=adapter_dtype,
-                )
-        return cls.from_factors(weight, U0, S0, V0, bias=bias, alpha=alpha, residual_dtype=residual_dtype,
-                                name=name, expert_chunk=expert_chunk)
+    @staticmethod
+    def split_experts(weight: Tensor, spec: SORSAInit, U0: Tensor, S0: Tensor, V0: Tensor, expert_chunk: int) -> None:
+        """Fill ``U0, S0, V0`` with each expert's split after ``spec.quant_iters`` error-reducing
+        iterations (:func:`~sorsa_kernels.nn.qinit.error_reducing_split`, as ``QSORSALinear``)."""
+        for e in range(weight.shape[0]):
+            (U0[e], S0[e], V0[e]), _, _ = error_reducing_split(
+                weight[e].detach(), spec.rank, iters=spec.quant_iters, scale=spec.scale, svd=spec.svd,
+                niter=spec.niter, oversample=spec.oversample, svd_dtype=spec.svd_dtype, factor_dtype=spec.factor_dtype,
+            )
 
     # ------------------------------------------------------------------ module API
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ merges into ``deq(Q)``.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +28,12 @@ from .checks import (
     check_dtype,
     check_factor_shapes,
     check_linear,
-    check_svd_args,
-    check_weight_for_svd,
     layer_suffix,
     linear_weight,
     validate_rank,
 )
 from .factory import register_layer_class
-from .knobs import check_scale
+from .init_spec import SORSAInit
 from .linear import SORSALinear
 from .qinit import error_reducing_split
 
@@ -262,74 +260,52 @@ class QSORSALinear(SORSALinear):
     def from_linear(
         cls,
         linear: nn.Linear,
-        rank: int,
+        rank: Union[int, SORSAInit],
         *,
-        quant_iters: int = 1,
-        svd: str = "full",
-        niter: int = 2,
-        oversample: int = 16,
-        svd_dtype: torch.dtype = torch.float32,
-        svd_device: Optional[Union[str, torch.device]] = None,
-        residual_dtype: Optional[torch.dtype] = None,
-        adapter_dtype: Optional[torch.dtype] = None,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
         name: Optional[str] = None,
         quant_report: Optional[str] = "full",
+        **options: Any,
     ) -> "QSORSALinear":
         """SVD-split ``linear.weight``, run ``quant_iters`` error-reducing iterations, store ``Wr`` in NF4.
 
         Args:
             linear: the layer to adapt (left untouched).
-            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``.
-            quant_iters: T error-reducing iterations (0 = plain: NF4 of the SVD residual).
-            svd, niter, oversample, svd_dtype, svd_device: as :meth:`SORSALinear.from_linear`;
-                the iterations run on ``svd_device`` too.
-            residual_dtype: the dtype ``deq(Q)`` is produced in (the compute dtype; default
-                the weight's dtype; float32, float16 or bfloat16).
-            adapter_dtype: dtype of ``U``, ``S``, ``V`` (default float32).
-            alpha: if given, ``scale = alpha / rank``.
-            dropout: dropout on the low-rank branch's input.
+            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``, or a whole
+                :class:`~sorsa_kernels.nn.init_spec.SORSAInit`.
             name: the layer's name, used in error messages and the report.
             quant_report: ``"full"`` (Frobenius and nuclear errors; two extra SVDs of the
                 weight's size), ``"fro"`` (Frobenius only) or None; stored as ``.quant_report``.
+            **options: fields of :class:`~sorsa_kernels.nn.init_spec.SORSAInit`, as
+                :meth:`SORSALinear.from_linear`, and ``quant_iters`` (T error-reducing
+                iterations; 0 = plain: NF4 of the SVD residual; they run on ``svd_device``
+                too).  ``residual_dtype`` is the dtype ``deq(Q)`` is produced in (the compute
+                dtype; default the weight's dtype; float32, float16 or bfloat16).
 
         The residual is then rebuilt by :meth:`from_factors` from the kept factors, so
         ``from_factors(linear, *layer.init_factors)`` reproduces the layer bit for bit.
         """
-        check_linear(linear, name)
-        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
-        m, n = W.shape
-        validate_rank(rank, n, m, name)
-        if isinstance(quant_iters, bool) or not isinstance(quant_iters, int) or quant_iters < 0:
-            raise ValueError(f"quant_iters must be a non-negative int (0 = plain QSORSA), got {quant_iters!r}{layer_suffix(name)}")
         if quant_report not in REPORT_MODES:
             raise ValueError(f"quant_report must be one of {REPORT_MODES}, got {quant_report!r}")
-        check_svd_args(svd, svd_dtype)
-        check_dtype(W.dtype, "weight dtype" + layer_suffix(name))
-        residual_dtype = residual_dtype or W.dtype
+        spec = cls.init_spec(linear, rank, name, options)
+        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
+        residual_dtype = spec.residual_dtype or W.dtype
         _check_nf4_dtype(residual_dtype, name)
-        adapter_dtype = adapter_dtype or torch.float32
-        check_dtype(adapter_dtype, "adapter_dtype")
-        check_scale(alpha, rank, adapter_dtype)
-        check_weight_for_svd(W, name)
-        scale = 1.0 if alpha is None else float(alpha) / rank
         with torch.no_grad():
-            w = W.detach().to(svd_device) if svd_device is not None else W.detach()
+            w = W.detach().to(spec.svd_device) if spec.svd_device is not None else W.detach()
             factors, history, best_iter = error_reducing_split(
-                w, rank, iters=quant_iters, scale=scale, svd=svd, niter=niter, oversample=oversample,
-                svd_dtype=svd_dtype, factor_dtype=adapter_dtype,
+                w, spec.rank, iters=spec.quant_iters, scale=spec.scale, svd=spec.svd, niter=spec.niter,
+                oversample=spec.oversample, svd_dtype=spec.svd_dtype, factor_dtype=spec.factor_dtype,
             )
             del w
             factors = tuple(f.to(W.device) for f in factors)
         layer = cls.from_factors(
-            linear, *factors, alpha=alpha, dropout=dropout, residual_dtype=residual_dtype, name=name
+            linear, *factors, alpha=spec.alpha, dropout=spec.dropout, residual_dtype=residual_dtype, name=name
         )
         if quant_report is not None:
             with torch.no_grad():
                 res = reference.compute_residual(W, *factors, layer.scale)
                 layer.quant_report = layer_quant_report(
-                    W, res, layer.nf4(), rank=rank, iters=quant_iters, best_iter=best_iter,
+                    W, res, layer.nf4(), rank=spec.rank, iters=spec.quant_iters, best_iter=best_iter,
                     history=history, nuclear=quant_report == "full", name=name or "",
                 )
         return layer

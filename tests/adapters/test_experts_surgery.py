@@ -250,3 +250,47 @@ def test_merge_sorsa_refuses_a_nan_expert_factor_and_leaves_the_model_adapted(id
     assert any(isinstance(m, torch.nn.Module) and type(m).__name__ == "SORSALinear" for m in model.modules())
     merge_sorsa(model, allow_non_finite=True)  # on purpose: allowed
     assert not adapted_experts(model)
+
+
+# ---- issue 29 item 18: apply_sorsa is all or nothing for experts too
+def _state(model):
+    return {n: (type(m), m.__dict__.get("forward")) for n, m in model.named_modules()}
+
+
+def test_nan_in_layer_1_experts_leaves_layer_0_experts_unadapted(ids):
+    model = build("mixtral")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"weight contains NaN values for layer model\.layers\.1\.mlp\.experts\."
+                                         r"down_proj"):
+        apply_sorsa(model, rank=2, progress=False)
+    assert not adapted_experts(model) and _state(model) == before
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = 0.0
+    apply_sorsa(model, rank=2, progress=False)  # a retry is not "already adapted"
+    assert len(adapted_experts(model)) == 2
+
+
+def test_a_failure_while_adapting_layer_1_experts_restores_everything(ids, monkeypatch):
+    model = build("qwen2_moe")
+    want = model(ids).logits
+    before, params = _state(model), dict(model.named_parameters())
+    real = SORSAExperts.from_weight.__func__
+    calls = []
+
+    def flaky(cls, weight, rank, **kw):
+        calls.append(kw.get("name"))
+        if len(calls) == 3:  # layer 1's gate_up_proj: layer 0's experts are already adapted
+            raise RuntimeError("out of memory")
+        return real(cls, weight, rank, **kw)
+
+    monkeypatch.setattr(SORSAExperts, "from_weight", classmethod(flaky))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        apply_sorsa(model, rank=2, progress=False)
+    assert calls[-1] == "model.layers.1.mlp.experts.gate_up_proj"
+    assert not adapted_experts(model) and _state(model) == before
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert all(p is params[n] and p.requires_grad for n, p in model.named_parameters())
+    assert torch.equal(model(ids).logits, want)

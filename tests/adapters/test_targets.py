@@ -271,3 +271,58 @@ def test_adapter_with_malformed_modules_to_save_is_refused(tmp_path):
     _edit_config(tmp_path, lambda c: c.update(modules_to_save=["classifier"]))
     with pytest.raises(AdapterError, match="modules_to_save must be an object of module name"):
         load_adapter(_bert_cls(), tmp_path)
+
+
+# ---- issue 29 item 23: all-linear on MoE models, and the command line's words for the unknown architecture
+def _qwen2_moe(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2MoeConfig(hidden_size=32, intermediate_size=24, moe_intermediate_size=20,
+                                      shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      vocab_size=64, **IDS)
+    return transformers.Qwen2MoeForCausalLM(cfg).eval()
+
+
+def test_all_linear_on_qwen2_moe_leaves_the_shared_expert_gate_out():
+    model = apply_sorsa(_qwen2_moe(), 4, target_modules="all-linear", progress=False)
+    s = adaptation_summary(model)
+    assert "model.layers.0.mlp.shared_expert_gate" in s.not_adapted
+    assert s.layers["mlp.shared_expert.gate_proj"] == 1 and s.adapted == 7  # q k v o + shared gate/up/down
+
+
+def test_all_linear_skips_a_layer_smaller_than_the_rank_and_says_so(caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    with caplog.at_level(logging.INFO, logger="sorsa_kernels"):
+        apply_sorsa(model, 4, target_modules="all-linear", progress=False)
+    assert isinstance(model[0], SORSALinear) and isinstance(model[2], torch.nn.Linear)
+    assert "not adapted: 2 (its smaller side 2 is below rank 4)" in caplog.text
+    s = adaptation_summary(model)
+    assert s.below_rank == ["2"] and "1 linear smaller than the rank (2)" in s.line()
+
+
+def test_named_layer_smaller_than_the_rank_is_still_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    with pytest.raises(ValueError, match="rank 4 exceeds min.* = 2 for layer 2"):
+        apply_sorsa(model, 4, target_modules=["0", "2"], progress=False)
+
+
+def test_unknown_model_type_on_the_command_line_says_target_modules_flag():
+    from sorsa_kernels.cli import _one_line
+    from sorsa_kernels.jobs.finetune.config import FinetuneConfig
+    from sorsa_kernels.jobs.finetune.model import apply_config_sorsa
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError) as e:
+        apply_config_sorsa(model, FinetuneConfig().resolved())
+    line = _one_line(e.value)
+    assert "pass --target-modules all-linear or names of its linear layers: 0" in line
+    assert "target_modules=" not in line and "\n" not in line
+
+
+def test_all_linear_beside_names_on_the_command_line_is_refused_before_loading(no_model_load, capsys):
+    from sorsa_kernels.cli import main
+
+    assert main(["finetune", "--target-modules", "all-linear", "q_proj"]) == 1
+    err = capsys.readouterr().err
+    assert "--target-modules all-linear q_proj: all-linear must stand alone" in err and not no_model_load

@@ -147,9 +147,9 @@ def test_apply_sorsa_with_a_nan_weight_changes_nothing_and_a_retry_works(tiny_ll
 
 
 def test_apply_sorsa_failing_part_way_puts_every_layer_back(tiny_llama, monkeypatch):
-    from sorsa_kernels.adapters import surgery
+    from sorsa_kernels.adapters import plan  # where apply_sorsa's plan builds each layer
 
-    real, calls = surgery.make_sorsa_linear, []
+    real, calls = plan.make_sorsa_linear, []
 
     def flaky(linear, rank, **kw):
         calls.append(kw["name"])
@@ -157,7 +157,7 @@ def test_apply_sorsa_failing_part_way_puts_every_layer_back(tiny_llama, monkeypa
             raise RuntimeError("out of memory")
         return real(linear, rank, **kw)
 
-    monkeypatch.setattr(surgery, "make_sorsa_linear", flaky)
+    monkeypatch.setattr(plan, "make_sorsa_linear", flaky)
     with pytest.raises(RuntimeError, match="out of memory"):
         apply_sorsa(tiny_llama, 4, progress=False)
     assert not sorsa_layers(tiny_llama) and all(p.requires_grad for p in tiny_llama.parameters())

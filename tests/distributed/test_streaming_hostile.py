@@ -51,3 +51,33 @@ def test_an_int8_norm_weight_is_refused(saved):
     with pytest.raises(ValueError, match=r"tensor model\.norm\.weight is torch\.int8 but the model holds a "
                                          r"floating-point tensor there"):
         load_sorsa_streaming(saved, 2, ["q_proj"], quantize=None)
+
+
+# ---- issue 29 item 11: the streaming loader does not build SORSA experts, so it refuses MoE models up front
+@pytest.fixture
+def saved_moe(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, vocab_size=64, num_local_experts=2)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    return tmp_path / "moe"
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"]])
+def test_streaming_an_moe_model_is_refused_in_one_line_before_any_read(saved_moe, monkeypatch, targets):
+    import sorsa_kernels.distributed.streaming as streaming
+
+    monkeypatch.setattr(streaming, "_read", lambda *a: pytest.fail("a tensor was read before the refusal"))
+    with pytest.raises(ValueError, match=r"^the streaming loader does not load mixture-of-experts models \(routed "
+                                         r"experts model\.layers\.0\.mlp\.experts\).*call apply_sorsa$"):
+        load_sorsa_streaming(saved_moe, 2, targets, quantize=None)
+
+
+def test_streaming_takes_the_same_init_spec_as_apply_sorsa(saved):
+    from sorsa_kernels.nn.init_spec import SORSAInit
+
+    model = load_sorsa_streaming(saved, SORSAInit(rank=2, alpha=4.0), ["q_proj"])
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "SORSALinear" and layer.scale == 2.0  # the spec's quantize=None, not "nf4"

@@ -243,7 +243,8 @@ EMBEDDED_DEFAULTS: dict[str, Any] = _per_model("embedded")
 
 def target_spec(cfg: FinetuneConfig):
     """``target_modules`` as :func:`sorsa_kernels.apply_sorsa` takes it: None, a list of names,
-    or (one argument holding regex characters) a regular expression, checked to compile."""
+    or (one argument holding regex characters) a regular expression, checked to compile;
+    ``all-linear`` beside other names is refused on construction (issue 29 item 2)."""
     targets = list(cfg.target_modules) if cfg.target_modules else None
     if targets is not None and len(targets) == 1 and any(c in targets[0] for c in REGEX_CHARS):
         from ...adapters.surgery import compile_target_regex
@@ -253,6 +254,9 @@ def target_spec(cfg: FinetuneConfig):
         except ValueError as e:
             raise ConfigError("{target_modules:flag}{problem}", cfg, problem=str(e)[len("target_modules"):]) from None
         return targets[0]
+    if targets is not None and len(targets) > 1 and "all-linear" in targets:
+        raise ConfigError("{target_modules:given}: all-linear must stand alone (it already names every linear layer "
+                          "but the output head); pass it alone or list names", cfg)
     return targets
 
 

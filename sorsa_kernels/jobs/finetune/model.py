@@ -8,10 +8,13 @@ path / Hub id of a causal LM, turning loader failures into one-line errors;
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from types import SimpleNamespace
+from typing import Iterator, Optional
 
 import torch
 
+from ...adapters.targets import ALL_LINEAR, NoDefaultTargetsError
 from ..models.embedded import EMBEDDED_NAME, PRETRAIN_STEPS, build_embedded
 from ..options import ConfigError
 from ..models.gguf import gguf_folder, is_gguf
@@ -48,28 +51,45 @@ def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0,
 
 
 def sorsa_arguments(cfg: FinetuneConfig) -> tuple:
-    """``(target_modules, kwargs)`` of :func:`sorsa_kernels.apply_sorsa` for the config."""
-    kwargs = dict(
-        svd=cfg.svd, alpha=cfg.alpha, progress=cfg.progress and is_main_process(),
-        residual_dtype=DTYPES[cfg.residual_dtype] if cfg.residual_dtype else None,
-        adapter_dtype=DTYPES[cfg.adapter_dtype] if cfg.adapter_dtype else None,
-    )
+    """``(target_modules, init)`` of :func:`sorsa_kernels.apply_sorsa` for the config: the targets as
+    :func:`target_spec` reads them and the one :class:`~sorsa_kernels.nn.init_spec.SORSAInit`
+    (rank, alpha, SVD, dtypes, storage) that every layer is built with."""
+    from ...nn.init_spec import SORSAInit
+
     if cfg.quantize:
         try:
             from ...nn import qlinear  # noqa: F401  (QSORSA)
         except ImportError:
             raise ConfigError("{quantize:given} needs QSORSA (sorsa_kernels.nn.qlinear), which this installation "
                               "lacks", cfg) from None
-        kwargs["quantize"] = cfg.quantize
-    return target_spec(cfg), kwargs
+    init = SORSAInit(
+        rank=cfg.rank, alpha=cfg.alpha, svd=cfg.svd, quantize=cfg.quantize or None,
+        residual_dtype=DTYPES[cfg.residual_dtype] if cfg.residual_dtype else None,
+        adapter_dtype=DTYPES[cfg.adapter_dtype] if cfg.adapter_dtype else None,
+    )
+    return target_spec(cfg), init
+
+
+@contextlib.contextmanager
+def targets_worded(cfg: FinetuneConfig) -> Iterator[None]:
+    """Re-raise an unknown architecture's "no default target_modules" as a :class:`ConfigError`
+    naming the option as the front end does (``--target-modules all-linear`` on the command line)."""
+    try:
+        yield
+    except NoDefaultTargetsError as e:
+        names = ", ".join(e.linear) if e.linear else "(it has none)"
+        raise ConfigError("no default {target_modules:flag} for {what}; pass {target_modules:given} or names of its "
+                          "linear layers: {names}", SimpleNamespace(target_modules=[ALL_LINEAR]), what=e.what,
+                          names=names) from None
 
 
 def apply_config_sorsa(model, cfg: FinetuneConfig):
     """SORSA surgery on ``model`` with the config's rank, targets, SVD, dtypes and quantization."""
     from ...adapters.surgery import apply_sorsa
 
-    targets, kwargs = sorsa_arguments(cfg)
-    return apply_sorsa(model, cfg.rank, targets, **kwargs)
+    targets, init = sorsa_arguments(cfg)
+    with targets_worded(cfg):
+        return apply_sorsa(model, init, targets, progress=cfg.progress and is_main_process())
 
 
 def _fsdp_mesh():
@@ -98,15 +118,14 @@ def load_sharded_quantized(cfg: FinetuneConfig, mesh=None):
     from ...distributed.fsdp import shard_model
 
     mesh = mesh if mesh is not None else _fsdp_mesh()
-    targets, kwargs = sorsa_arguments(cfg)
+    targets, init = sorsa_arguments(cfg)
+    progress = cfg.progress and is_main_process()
     if cfg.embedded:
         import copy
 
-        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=kwargs["progress"])
+        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=progress)
         base_copy = copy.deepcopy(model)
-        from ...adapters.surgery import apply_sorsa
-
-        apply_sorsa(model, cfg.rank, targets, **kwargs)
+        apply_config_sorsa(model, cfg)
         return shard_model(model, mesh), tokenizer, base_copy
     from transformers import AutoTokenizer
 
@@ -120,5 +139,6 @@ def load_sharded_quantized(cfg: FinetuneConfig, mesh=None):
         raise ValueError(f"cannot load the tokenizer of {cfg.model!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_sorsa_streaming(cfg.model, cfg.rank, targets, mesh=mesh, **kwargs)
+    with targets_worded(cfg):
+        model = load_sorsa_streaming(cfg.model, init, targets, mesh=mesh, progress=progress)
     return model, tokenizer, None
