@@ -350,7 +350,7 @@ def check_inputs(x: Tensor, residual, U: Tensor) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the grouped SORSA kernels compute in float16, bfloat16 or float32, got {x.dtype}")
     for label, t in (("residual", residual), ("U", U)):
-        if t is not None and t.device != x.device:
+        if isinstance(t, Tensor) and t.device != x.device:
             raise ValueError(f"{label} is on {t.device} but the input is on {x.device}")
 
 
@@ -358,6 +358,8 @@ def grouped_forward(x: Tensor, counts: Tensor, residual, U: Tensor, S: Tensor, V
                     scale: float, rows: RowMap = RowMap(), M: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """``(y, u)`` of :func:`sorsa_kernels.ops.reference.experts_forward`: two grouped launches.
 
+    ``residual``: None, a dense E×m×n stack, or a stored stack that launches its own fused GEMM
+    (:class:`sorsa_kernels.kernels.grouped_nf4.NF4Experts`).
     ``rows`` (:class:`RowMap`) gathers and weights the rows of ``x`` and places the rows of
     ``y``; ``M`` is the number of grouped rows (default ``x.shape[0]``); ``u`` is M×r in
     grouped order, ``y`` M×m (row i at ``c_idx[i]``)."""
@@ -372,9 +374,13 @@ def grouped_forward(x: Tensor, counts: Tensor, residual, U: Tensor, S: Tensor, V
         if M:
             launch_grouped_gemm(tiles, x, (V, V.stride(0), V.stride(1), V.stride(2)), None, None, None, None, u,
                                 gather)
-            res = None if residual is None else (residual, residual.stride(0), residual.stride(2), residual.stride(1))
-            launch_grouped_gemm(tiles, None if residual is None else x, res, u,
-                                (U, U.stride(0), U.stride(2), U.stride(1)), sigma(S, scale), bias, y, rows)
+            lowrank = (u, (U, U.stride(0), U.stride(2), U.stride(1)), sigma(S, scale), bias, y, rows)
+            if residual is None or isinstance(residual, Tensor):
+                res = None if residual is None else (residual, residual.stride(0), residual.stride(2),
+                                                     residual.stride(1))
+                launch_grouped_gemm(tiles, None if residual is None else x, res, *lowrank)
+            else:  # a stored residual (NF4: kernels/grouped_nf4.py) launches its own fused GEMM
+                residual.launch(tiles, x, False, *lowrank)
     return y, u
 
 
@@ -397,12 +403,14 @@ def grouped_backward(dy: Tensor, x: Tensor, u: Tensor, counts: Tensor, residual,
     with device_guard(dy):
         if M:
             launch_grouped_gemm(tiles, dy, (U, U.stride(0), U.stride(1), U.stride(2)), None, None, None, None, s, g)
-            if needs_dx:
+            lowrank = (s, (V, V.stride(0), V.stride(2), V.stride(1)), sig, None, dx,
+                       RowMap(dy_idx, None, x_rows.c_idx))
+            if needs_dx and (residual is None or isinstance(residual, Tensor)):
                 res = None if residual is None else (residual, residual.stride(0), residual.stride(1),
                                                      residual.stride(2))
-                launch_grouped_gemm(tiles, None if residual is None else dy, res, s,
-                                    (V, V.stride(0), V.stride(2), V.stride(1)), sig, None, dx,
-                                    RowMap(dy_idx, None, x_rows.c_idx))
+                launch_grouped_gemm(tiles, None if residual is None else dy, res, *lowrank)
+            elif needs_dx:
+                residual.launch(tiles, dy, True, *lowrank)
         dU = launch_weight_grad(ranges, dy, u, sig, U.dtype, dy_idx)
         dV = launch_weight_grad(ranges, x, s, sig, V.dtype, x_rows.a_idx, x_rows.row_w)
         dS = launch_rowdot(ranges, u, s, scale, S.dtype)

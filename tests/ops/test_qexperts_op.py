@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sorsa_kernels.ops import experts as experts_op
+from sorsa_kernels.ops import experts_paths
 from sorsa_kernels.ops import reference
 from sorsa_kernels.ops.experts import dequantize_experts, qsorsa_experts
 from sorsa_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
@@ -79,13 +79,13 @@ def test_dequant_path_holds_one_expert_at_a_time_and_skips_empty_experts(monkeyp
     nf4, _ = _nf4_stack(E=4, m=48, n=40)
     U, S, V = _factors(E=4, m=48, n=40, r=4, dtype=torch.float32)
     seen = []
-    deq = experts_op.dequantize_experts
+    deq = experts_paths.dequantize_experts
 
     def spy(nf4_, shape, experts, *a, **kw):
         seen.append(list(experts))
         return deq(nf4_, shape, experts, *a, **kw)
 
-    monkeypatch.setattr(experts_op, "dequantize_experts", spy)
+    monkeypatch.setattr(experts_paths, "dequantize_experts", spy)
     x = torch.randn(12, 40, requires_grad=True)
     with _LargestOutput() as mode:
         y = qsorsa_experts(x, torch.tensor([5, 0, 7, 0]), nf4, U, S, V, expert_chunk=1)
