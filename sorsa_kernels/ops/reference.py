@@ -293,21 +293,22 @@ def counts_list(counts) -> list[int]:
     return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
 
 
-def _expert_rows(counts, slots: Optional[Tensor]):
-    """``(e, rows, slot)`` of every expert with rows: its slice of grouped rows and their slots."""
-    start = 0
+def _expert_rows(counts, slots: Optional[Tensor], top_k: int):
+    """``(e, rows, slot, token)`` of every expert with rows: its slice of grouped rows, their slots
+    and their tokens (``slot // top_k``, divided once per call)."""
+    start, tokens = 0, None if slots is None else slots // top_k
     for e, c in enumerate(counts_list(counts)):
         if c == 0:
             continue
         rows = slice(start, start + c)
-        yield e, rows, (None if slots is None else slots[rows])
+        yield e, rows, (None if slots is None else slots[rows]), (None if slots is None else tokens[rows])
         start += c
 
 
-def _routed_input(x: Tensor, rows: slice, slot: Optional[Tensor], top_k: int, gather: bool,
+def _routed_input(x: Tensor, rows: slice, slot: Optional[Tensor], tok: Optional[Tensor], gather: bool,
                   weights: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(x_e, a_e, w_e)``: the expert's input rows, weighted (``a = w·x``), and their weights."""
-    xe = x[slot // top_k] if gather else x[rows]
+    xe = x[tok] if gather else x[rows]
     if weights is None:
         return xe, xe, None
     we = (weights[slot] if slot is not None else weights[rows]).to(x.dtype)
@@ -327,15 +328,15 @@ def experts_forward(
     M = slots.numel() if slots is not None else x.shape[0]
     y = x.new_zeros(M // top_k, m) if scatter else x.new_empty(M, m)
     u = x.new_empty(M, r)
-    for e, rows, slot in _expert_rows(counts, slots):
-        _, a, we = _routed_input(x, rows, slot, top_k, gather, weights)
+    for e, rows, slot, tok in _expert_rows(counts, slots, top_k):
+        _, a, we = _routed_input(x, rows, slot, tok, gather, weights)
         be = None if bias is None else bias[e]
         ye, u[rows] = linear_forward(a, None if residual is None else residual[e], U[e], S[e], V[e],
                                      be if we is None else None, scale)
         if we is not None and be is not None:
             ye.addr_(we, _as(be, ye.dtype))
         if scatter:
-            y.index_add_(0, slot // top_k, ye)
+            y.index_add_(0, tok, ye)
         else:
             y[rows] = ye
     return y, u
@@ -351,9 +352,9 @@ def experts_backward(
     dU, dS, dV = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
     dx = (x.new_zeros(x.shape) if gather else x.new_empty(x.shape)) if needs_dx else None
     dw = torch.zeros_like(weights) if needs_dw and weights is not None else None
-    for e, rows, slot in _expert_rows(counts, slots):
-        g = dy[slot // top_k] if scatter else dy[rows]
-        xe, a, we = _routed_input(x, rows, slot, top_k, gather, weights)
+    for e, rows, slot, tok in _expert_rows(counts, slots, top_k):
+        g = dy[tok] if scatter else dy[rows]
+        xe, a, we = _routed_input(x, rows, slot, tok, gather, weights)
         want_da = needs_dx or dw is not None
         res = None if residual is None or not want_da else residual[e]  # read only for da
         da, dU[e], dS[e], dV[e] = linear_backward(g, a, u[rows], res, U[e], S[e], V[e], scale, want_da)
@@ -365,7 +366,7 @@ def experts_backward(
         if needs_dx:
             dxe = da if we is None else da.mul_(we[:, None])
             if gather:
-                dx.index_add_(0, slot // top_k, dxe)
+                dx.index_add_(0, tok, dxe)
             else:
                 dx[rows] = dxe
     return dx, dU, dS, dV, dw
