@@ -186,7 +186,8 @@ def _table(rows: list[dict]) -> str:
         t, med, pk = w["ms_min"], w["ms_median"], w["peak_bytes"]
         mib = {p: v / 2**20 for p, v in pk.items()}
         lines.append(
-            f"| {w['tokens']} | {w['hidden']} | {w['moe_intermediate']} | {w['experts']} | {w['top_k']} | {w['rank']} | "
+            f"| {w['tokens']} | {w['hidden']} | {w['moe_intermediate']} | {w['experts']} | {w['top_k']} | "
+            f"{w['rank']} | "
             f"{t['peft']:.1f} / {med['peft']:.1f} | {t['sorsa_grouping']:.1f} / {med['sorsa_grouping']:.1f} | "
             f"{t['sorsa_routed']:.1f} / {med['sorsa_routed']:.1f} | {t['peft'] / t['sorsa_routed']:.2f} | "
             f"{mib['peft']:.1f} | {mib['sorsa_grouping']:.1f} | {mib['sorsa_routed']:.1f} | "

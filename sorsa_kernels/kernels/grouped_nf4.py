@@ -76,7 +76,8 @@ def _grouped_nf4_lowrank_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Rows [row0, row1) of expert e: ``C[c_idx] = (w·A1[a_idx])·deq(Wr_e)^(T) + (A2·diag(σ_e))·B2_e (+ w·b_e)``."""
+    """Rows [row0, row1) of expert e:
+    ``C[c_idx] = (w·A1[a_idx])·deq(Wr_e)^(T) + (A2·diag(σ_e))·B2_e (+ w·b_e)``."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tiles_ptr + tile * 3)

@@ -13,7 +13,8 @@ import triton
 
 from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, wgmma_rows
 
-__all__ = ["ROW_BLOCK", "MAX_BLOCK_R", "gemm_configs", "prune_gemm_configs", "weight_grad_configs", "prune_weight_grad_configs"]
+__all__ = ["ROW_BLOCK", "MAX_BLOCK_R", "gemm_configs", "prune_gemm_configs", "weight_grad_configs",
+           "prune_weight_grad_configs"]
 
 # Rows per tile of the grouped GEMMs (the tile table's row step) and per step of the
 # weight-gradient loops: 64 fills a wgmma tile on Hopper and wastes at most 63 rows per

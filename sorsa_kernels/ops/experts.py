@@ -173,7 +173,8 @@ def _check(x: Tensor, counts: Tensor, residual, U: Tensor, S: Tensor, V: Tensor,
     (E, m, r), n = U.shape, V.shape[1]
     if tuple(S.shape) != (E, r) or tuple(V.shape) != (E, n, r):
         raise ValueError(
-            f"S has shape {tuple(S.shape)} and V {tuple(V.shape)} but U {tuple(U.shape)} needs ({E}, {r}) and ({E}, n, {r})")
+            f"S has shape {tuple(S.shape)} and V {tuple(V.shape)} but U {tuple(U.shape)} needs ({E}, {r}) and "
+            f"({E}, n, {r})")
     if x.shape[1] != n:
         raise ValueError(f"x has {x.shape[1]} features in its last dimension, expected {n}")
     for what, t, want in (("residual", residual, (E, m, n)), ("bias", bias, (E, m))):

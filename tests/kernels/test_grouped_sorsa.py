@@ -178,7 +178,8 @@ def test_weight_grad_rank_256_splits_r_over_tiles_and_matches_reference(monkeypa
     counts = torch.tensor([5, 0, 18])
     E_, m, n, r = 3, 7, 9, 256
     x, dy = torch.randn(23, n, generator=g), torch.randn(23, m, generator=g)
-    U, S, V = torch.randn(E_, m, r, generator=g), torch.rand(E_, r, generator=g) + 0.5, torch.randn(E_, n, r, generator=g)
+    U, S = torch.randn(E_, m, r, generator=g), torch.rand(E_, r, generator=g) + 0.5
+    V = torch.randn(E_, n, r, generator=g)
     res = torch.randn(E_, m, n, generator=g)
     seen = _record_block_r(monkeypatch)
     _, u = grouped_sorsa.grouped_forward(x, counts, res, U, S, V, None, 0.3)
