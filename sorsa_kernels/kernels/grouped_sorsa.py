@@ -52,7 +52,7 @@ __all__ = ["grouped_forward", "grouped_backward", "tile_table", "expert_ranges",
 
 
 # =============================================================================== kernels
-@triton.autotune(configs=configs.gemm_configs(), key=["N", "K1", "K2", "HAS_K1", "HAS_SCALE", "HAS_BIAS"],
+@triton.autotune(configs=configs.gemm_configs(), key=["N", "K1", "K2", "HAS_RESIDUAL", "HAS_SCALE", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": configs.prune_gemm_configs})
 @triton.jit
 def _grouped_residual_lowrank_gemm_kernel(
@@ -61,7 +61,7 @@ def _grouped_residual_lowrank_gemm_kernel(
     stride_a1m, stride_a1k, stride_b1e, stride_b1k, stride_b1n,
     stride_a2m, stride_a2k, stride_b2e, stride_b2k, stride_b2n,
     stride_se, stride_sk, stride_biase, stride_biasn, stride_cm, stride_cn,
-    HAS_K1: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,    # the first segment A1·B1 (the residual, or the factor of an r-wide product)
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_A_IDX: tl.constexpr,
@@ -95,7 +95,7 @@ def _grouped_residual_lowrank_gemm_kernel(
     if HAS_ROW_W:  # the routing weight of each row, fp32
         w = tl.load(row_w_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
 
-    if HAS_K1:
+    if HAS_RESIDUAL:
         if HAS_A_IDX:  # permute-x: row i of A1 is A1[a_idx[i]]
             ra = tl.load(a_idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
         else:
@@ -271,17 +271,17 @@ def launch_grouped_gemm(tiles: Tensor, a1, b1_ekn, a2, b2_ekn, scale, bias, out:
     """``out[c_idx] = (w·a1[a_idx])·B1_e + (a2·diag(scale_e))·B2_e (+ w·bias_e)``; each B given as
     (tensor, stride_e, stride_k, stride_n); ``a1`` or ``a2`` may be None (that segment is skipped)."""
     N = out.shape[1]
-    has_k1 = a1 is not None
+    has_res = a1 is not None
     if a2 is None:  # one segment: K2 = 0, the placeholders are never read
         a2, b2_ekn, scale = a1, b1_ekn, None
         K2 = 0
     else:
         K2 = a2.shape[1]
     b2, s2e, s2k, s2n = b2_ekn
-    if has_k1:
+    if has_res:
         b1, s1e, s1k, s1n = b1_ekn
         K1 = a1.shape[1]
-    else:  # placeholders, never read (HAS_K1 is a constexpr)
+    else:  # placeholders, never read (HAS_RESIDUAL is a constexpr)
         a1, b1, s1e, s1k, s1n, K1 = a2, b2, 0, 0, 0, 0
     sc = scale if scale is not None else out
     bi = bias if bias is not None else out
@@ -300,8 +300,8 @@ def launch_grouped_gemm(tiles: Tensor, a1, b1_ekn, a2, b2_ekn, scale, bias, out:
         sc.stride(0) if scale is not None else 0, sc.stride(1) if scale is not None else 0,
         bi.stride(0) if bias is not None else 0, bi.stride(1) if bias is not None else 0,
         out.stride(0), out.stride(1),
-        HAS_K1=has_k1, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        HAS_A_IDX=has_k1 and a_idx is not None, HAS_ROW_W=row_w is not None, HAS_C_IDX=c_idx is not None,
+        HAS_RESIDUAL=has_res, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        HAS_A_IDX=has_res and a_idx is not None, HAS_ROW_W=row_w is not None, HAS_C_IDX=c_idx is not None,
         INPUT_PRECISION=input_precision(a2.dtype), BLOCK_M=ROW_BLOCK,
     )
 
