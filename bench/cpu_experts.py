@@ -226,7 +226,13 @@ def main() -> None:
     if args.write:
         out = Path(__file__).parent / "results"
         (out / "cpu_experts.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-        (out / "cpu_experts.table.md").write_text(head + "\n\n" + table + "\n")
+        counts = (f"\n\nQSORSA experts (reference path, E={q['experts']}, first shape): {q['bitsandbytes_calls']} "
+                  f"bitsandbytes calls and {q['host_reads']} host reads per step (the kernel path: 0 and 0, asserted by "
+                  "tests/ops/test_qexperts_op.py).") if q else ""
+        (out / "cpu_experts.md").write_text(
+            "# SORSA experts vs PEFT LoRA `target_parameters`: CPU time and peak memory of a Qwen3-MoE block\n\n"
+            f"`python -m bench.cpu_experts --threads 1 --reps {args.reps} --write`, one process, paired repetitions "
+            "alternating the providers' order.\n\n" + head + "\n\n" + table + counts + "\n")
 
 
 if __name__ == "__main__":
