@@ -190,3 +190,21 @@ def test_routed_experts_forward_compiles_to_one_graph_without_breaks():
     hidden, idx, w = _routing_inputs(dtype=torch.float32)
     explained = torch._dynamo.explain(_Routed(experts))(hidden, idx, w)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_routed_experts_forward_with_a_post_expert_norm_equals_the_grouping_forward():
+    # A norm between the experts and the routing multiply keeps down's rows grouped, then
+    # weights and adds them into their tokens.
+    from sorsa_kernels.nn.experts import routed_experts_forward
+
+    experts = _qwen3_moe_experts()
+    experts.has_post_expert_norm = True
+    experts.post_expert_norm = nn.LayerNorm(12, dtype=torch.float64)
+    hidden, idx, w = _routing_inputs()
+    dy = torch.randn(hidden.shape, dtype=hidden.dtype)
+    want = _grads_of(experts, experts, hidden, idx, w, dy)
+    got = _grads_of(lambda h, i, ww: routed_experts_forward(experts.gate_up_proj, experts.down_proj, h, i, ww,
+                                                            experts._apply_gate, experts.post_expert_norm),
+                    experts, hidden, idx, w, dy)
+    for a, e in zip(got, want):
+        assert rel_err(a, e) < 1e-12
