@@ -118,7 +118,7 @@ def test_regularizer_grad_matches_per_expert_reference(path, backend):
 
 
 # --------------------------------------------------------------------------- routed forward
-def _qwen3_moe_experts(dtype=torch.float64):
+def _qwen3_moe_experts(dtype=torch.float64, quantize=None):
     transformers = pytest.importorskip("transformers")
     from sorsa_kernels.integrations.adapters.experts import adapt_experts
 
@@ -130,7 +130,7 @@ def _qwen3_moe_experts(dtype=torch.float64):
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.3)
-    adapt_experts(block.experts, 3, name="experts", alpha=6.0)
+    adapt_experts(block.experts, 3, name="experts", alpha=6.0, quantize=quantize)
     with torch.no_grad():
         for p in block.experts.parameters():
             if p.requires_grad:
@@ -208,3 +208,17 @@ def test_routed_experts_forward_with_a_post_expert_norm_equals_the_grouping_forw
                     experts, hidden, idx, w, dy)
     for a, e in zip(got, want):
         assert rel_err(a, e) < 1e-12
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_routed_experts_forward_compiles_fullgraph_with_the_eager_gradients(quantize):
+    # fullgraph through AOTAutograd: the custom ops' fake kernels and autograd formulas (forward
+    # and backward graphs) give the eager values.
+    experts = _qwen3_moe_experts(torch.float32, quantize)
+    hidden, idx, w = _routing_inputs(dtype=torch.float32)
+    dy = torch.randn(hidden.shape)
+    module = _Routed(experts)
+    want = _grads_of(module, experts, hidden, idx, w, dy)
+    got = _grads_of(torch.compile(module, backend="aot_eager", fullgraph=True), experts, hidden, idx, w, dy)
+    for a, e in zip(got, want):
+        assert rel_err(a, e) < 1e-6
