@@ -158,8 +158,9 @@ def _kernel_backward(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_d
             buf = torch.empty_like(da)
             buf[slots] = da
             da = buf
-    dx = da.view(M // top_k, top_k, -1).sum(1) if needs_dx and gather else da
-    return dx, dU, dS, dV, dw
+    if not needs_dx:  # da was made for dw only
+        return None, dU, dS, dV, dw
+    return (da.view(M // top_k, top_k, -1).sum(1) if gather else da), dU, dS, dV, dw
 
 
 def run_forward(x, counts, res, U, S, V, bias, scale, route, kernel):

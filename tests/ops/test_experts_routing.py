@@ -168,3 +168,27 @@ def test_counts_that_do_not_sum_to_the_rows_are_refused_on_the_device(path, back
     counts = torch.tensor([2, 0, 3, 1, 0, 2])  # 8 rows counted, x has 7
     with pytest.raises(RuntimeError, match="counts must be non-negative and sum to the 7 grouped rows"):
         sorsa_experts(x, counts, res, U.float(), S.float(), V.float())
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_routing_weight_gradient_alone_leaves_x_without_gradient(path, backend):
+    # x frozen, only the routing weights (and adapters) need gradients: dw is still right and
+    # the op returns no dx (its fake kernel promises an empty one).
+    backend(path)
+    x, ids, res, U, S, V, b, w, dy = _case(torch.float32, seed=4)
+    res, b = res.float(), b.float()
+    U, S, V, w = (t.float() for t in (U, S, V, w))
+    slots, counts = _routing(ids)
+    ww = w.clone().requires_grad_()
+    y = sorsa_experts(x, counts, res, U, S, V, b, 0.7, slots=slots, top_k=K, gather=True, scatter=True,
+                      weights=ww.reshape(-1))
+    got = torch.autograd.grad(y, ww, dy)[0]
+    want_y = _oracle(x.double(), ids, res.double(), U.double(), S.double(), V.double(), b.double(),
+                     ww.double(), 0.7)
+    want = torch.autograd.grad(want_y, ww, dy.double())[0]
+    assert rel_err(got, want) < 1e-5
+    from sorsa_kernels.ops.experts import experts_bwd
+    u = torch.zeros(slots.numel(), R)
+    dx, *_ = experts_bwd(dy, x, u, counts, res, U, S, V, b, 0.7, slots, w.reshape(-1), K, True, True, False, True,
+                         path == "triton")
+    assert dx.numel() == 0
