@@ -192,3 +192,26 @@ def test_routing_weight_gradient_alone_leaves_x_without_gradient(path, backend):
     dx, *_ = experts_bwd(dy, x, u, counts, res, U, S, V, b, 0.7, slots, w.reshape(-1), K, True, True, False, True,
                          path == "triton")
     assert dx.numel() == 0
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["grouped", "routed"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_custom_ops_pass_torch_library_opcheck(routed, quantized):
+    # schema, fake kernel against the real one, autograd registration, AOT dispatch with dynamic shapes
+    from sorsa_kernels.ops.experts import experts_fwd, qexperts_fwd
+
+    x, ids, res, U, S, V, b, w, _ = _case(torch.float32, seed=6)
+    slots, counts = _routing(ids)
+    U, S, V = (t.float().requires_grad_() for t in (U, S, V))
+    if routed:
+        route = (slots, w.reshape(-1).float().requires_grad_(), K, True, True)
+        x = x.requires_grad_()
+    else:
+        route = (None, None, 1, False, False)
+        x = x[slots // K].requires_grad_()
+    if quantized:
+        nf4, _ = _nf4_stack()
+        args = (x, counts, *nf4, [M_OUT, N_IN, 64, 256, 2], U, S, V, b, 0.7, *route, False)
+        torch.library.opcheck(qexperts_fwd, args)
+    else:
+        torch.library.opcheck(experts_fwd, (x, counts, res, U, S, V, b, 0.7, *route, False))
