@@ -1,25 +1,46 @@
-"""SORSA experts vs PEFT LoRA ``target_parameters`` on the same MoE block: CPU forward+backward time.
+"""SORSA experts vs PEFT LoRA ``target_parameters`` on the same MoE block: CPU time and peak memory.
 
-One process, interleaved repetitions, fp32: a Qwen3-MoE sparse block (router + fused experts,
-random weights from its config class, transformers' ``grouped_mm`` experts implementation) adapted (a) by PEFT LoRA on ``experts.gate_up_proj`` and
-``experts.down_proj`` (``target_parameters``, which forms each expert's ΔW), and (b) by
-``SORSAExperts`` (the reference path here, grouped rows, no ΔW).  Usage:
-``python -m bench.cpu_experts [--reps N] [--threads T]``; prints a markdown table.
+One process, paired repetitions alternating the order of the providers, fp32, dropout 0: a
+Qwen3-MoE sparse block (router + fused experts, random weights from its config class,
+transformers' ``grouped_mm`` experts implementation) adapted by
+
+* ``peft``: PEFT LoRA on ``experts.gate_up_proj`` and ``experts.down_proj`` (``target_parameters``,
+  which forms each expert's ΔW);
+* ``sorsa_grouping``: ``SORSAExperts`` with the surgery's grouping forward on main
+  (gathered copy, ``bincount``, routing multiply and inverse permutation in PyTorch);
+* ``sorsa_routed``: ``SORSAExperts`` with :func:`sorsa_kernels.nn.experts.routed_experts_forward`
+  (the row gather, the routing multiply and the scatter back folded into the two projections).
+
+On CPU both SORSA rows run the reference path (``ops/reference.py``), so what differs is the
+formulation.  Time: forward+backward of the block, min and median over ``--reps`` paired
+repetitions.  Peak memory: the largest sum of live tensor bytes created during one
+forward+backward (the profiler's memory timeline: ``profile_memory=True``, creations minus
+destructions, tensors alive before the step not counted), measured in its own step per
+provider.  QSORSA experts (reference path, NF4 residuals): bitsandbytes calls and host reads
+per step.  Usage: ``python -m bench.cpu_experts [--reps N] [--threads T] [--write]``
+(``--write``: bench/results/cpu_experts.{md,json}).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from sorsa_kernels.adapters.experts import adapt_experts
+from sorsa_kernels.nn.experts import routed_experts_forward
 
 # (tokens, hidden, moe_intermediate, experts, top_k, rank)
 SHAPES = [(256, 256, 128, 8, 2, 8), (512, 512, 256, 16, 4, 16), (1024, 512, 256, 32, 4, 16)]
+PROVIDERS = ("peft", "sorsa_grouping", "sorsa_routed")
 
 
 def _block(H, I, E, k):
@@ -35,7 +56,7 @@ def _block(H, I, E, k):
     return block
 
 
-def _lora(block, r):
+def _peft(block, r):
     import peft
 
     cfg = peft.LoraConfig(r=r, lora_alpha=r, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
@@ -49,11 +70,21 @@ def _lora(block, r):
     return model
 
 
-def _sorsa(block, r):
+def _routed(self, hidden_states, top_k_index, top_k_weights):
+    """The experts module's forward on the fused routing (what the surgery installs once moved)."""
+    act = self._apply_gate if self.has_gate else self.act_fn
+    norm = self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None
+    return routed_experts_forward(self.gate_up_proj, self.down_proj, hidden_states, top_k_index, top_k_weights,
+                                  act, norm)
+
+
+def _sorsa(block, r, routed, quantize=None):
     model = copy.deepcopy(block)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapt_experts(model.experts, r, name="experts")
+    adapt_experts(model.experts, r, name="experts", quantize=quantize)
+    if routed:
+        model.experts.forward = _routed.__get__(model.experts)
     return model
 
 
@@ -64,36 +95,144 @@ def _step(module, x, dy):
     module(x).backward(dy)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import peft
+def _peak_bytes(module, x, dy) -> int:
+    """Largest sum of bytes of tensors created and alive at once during one step (profiler timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU, fp32, forward+backward of a Qwen3-MoE sparse block")
-    print("| tokens | H | I | E | top-k | r | PEFT LoRA ms (min / median) | SORSA ms (min / median) | LoRA/SORSA (min) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    _step(module, x, dy)  # grads exist before, as in training; they are dropped at the start of the step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        _step(module, x, dy)
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def _qsorsa_counts(block, r, x, dy) -> dict:
+    """bitsandbytes dequantize calls and host reads (tolist/item/…) from the package per QSORSA step."""
+    import bitsandbytes.functional as F
+
+    model = _sorsa(block, r, routed=True, quantize="nf4")
+    _step(model, x, dy)
+    counts = {"bitsandbytes_calls": 0, "host_reads": 0}
+    deq, saved = F.dequantize_4bit, {}
+
+    def bnb(*a, **kw):
+        counts["bitsandbytes_calls"] += 1
+        return deq(*a, **kw)
+
+    def reader(orig):
+        def read(self, *a, **kw):
+            if "sorsa_kernels" in sys._getframe(1).f_code.co_filename:
+                counts["host_reads"] += 1
+            return orig(self, *a, **kw)
+        return read
+
+    F.dequantize_4bit = bnb
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__"):
+        saved[name] = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, reader(saved[name]))
+    try:
+        _step(model, x, dy)
+    finally:
+        F.dequantize_4bit = deq
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    experts = model.experts.gate_up_proj.num_experts
+    return {**counts, "experts": experts}
+
+
+def measure(reps: int) -> list[dict]:
+    rows = []
     for T, H, I, E, k, r in SHAPES:
         block = _block(H, I, E, k)
-        built = {"lora": _lora(block, r), "sorsa": _sorsa(block, r)}
+        built = {"peft": _peft(block, r), "sorsa_grouping": _sorsa(block, r, routed=False),
+                 "sorsa_routed": _sorsa(block, r, routed=True)}
         g = torch.Generator().manual_seed(1)
         x = torch.randn(1, T, H, generator=g).requires_grad_(True)
         dy = torch.randn(1, T, H, generator=g)
         for m in built.values():
             _step(m, x, dy)
-        times = {k_: [] for k_ in built}
-        for _ in range(args.reps):
-            for name, m in built.items():
+        times = {p: [] for p in PROVIDERS}
+        for i in range(reps):  # paired: every repetition runs each provider once, order alternating
+            for name in (PROVIDERS if i % 2 == 0 else PROVIDERS[::-1]):
                 t0 = time.perf_counter()
-                _step(m, x, dy)
+                _step(built[name], x, dy)
                 times[name].append((time.perf_counter() - t0) * 1e3)
-        lo, so = times["lora"], times["sorsa"]
-        print(f"| {T} | {H} | {I} | {E} | {k} | {r} | {min(lo):.2f} / {statistics.median(lo):.2f} | "
-              f"{min(so):.2f} / {statistics.median(so):.2f} | {min(lo) / min(so):.2f} |")
+        peaks = {p: 0 for p in PROVIDERS}
+        for order in (PROVIDERS, PROVIDERS[::-1]):
+            for name in order:
+                peaks[name] = max(peaks[name], _peak_bytes(built[name], x, dy))
+        row = {"tokens": T, "hidden": H, "moe_intermediate": I, "experts": E, "top_k": k, "rank": r,
+               "ms_min": {p: min(v) for p, v in times.items()},
+               "ms_median": {p: statistics.median(v) for p, v in times.items()},
+               "peak_bytes": peaks}
+        if (T, H, I, E, k, r) == SHAPES[0]:
+            row["qsorsa_per_step"] = _qsorsa_counts(block, r, x, dy)
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| tokens | H | I | E | top-k | r | PEFT ms (min / med) | SORSA grouping ms | SORSA routed ms | "
+             "PEFT / routed time (min) | PEFT MiB | grouping MiB | routed MiB | routed / PEFT memory |",
+             "|" + "---|" * 14]
+    for w in rows:
+        t, med, pk = w["ms_min"], w["ms_median"], w["peak_bytes"]
+        mib = {p: v / 2**20 for p, v in pk.items()}
+        lines.append(
+            f"| {w['tokens']} | {w['hidden']} | {w['moe_intermediate']} | {w['experts']} | {w['top_k']} | "
+            f"{w['rank']} | "
+            f"{t['peft']:.1f} / {med['peft']:.1f} | {t['sorsa_grouping']:.1f} / {med['sorsa_grouping']:.1f} | "
+            f"{t['sorsa_routed']:.1f} / {med['sorsa_routed']:.1f} | {t['peft'] / t['sorsa_routed']:.2f} | "
+            f"{mib['peft']:.1f} | {mib['sorsa_grouping']:.1f} | {mib['sorsa_routed']:.1f} | "
+            f"{pk['sorsa_routed'] / pk['peft']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--write", action="store_true", help="write bench/results/cpu_experts.{md,json}")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import bitsandbytes
+    import peft
+
+    load = os.getloadavg()
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(),
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "loadavg_before": load, "dtype": "float32", "reps": args.reps}
+    rows = measure(args.reps)
+    env["loadavg_after"] = os.getloadavg()
+    head = (f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes "
+            f"{env['bitsandbytes']}, {env['threads']} thread(s), CPU, fp32, forward+backward of a Qwen3-MoE sparse "
+            f"block; load average {load[0]:.2f} before, {env['loadavg_after'][0]:.2f} after")
+    table = _table(rows)
+    print(head)
+    print(table)
+    q = rows[0].get("qsorsa_per_step")
+    if q:
+        print(f"QSORSA experts (reference path, E={q['experts']}): {q['bitsandbytes_calls']} bitsandbytes calls and "
+              f"{q['host_reads']} host reads per step")
+    if args.write:
+        out = Path(__file__).parent / "results"
+        (out / "cpu_experts.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+        counts = (f"\n\nQSORSA experts (reference path, E={q['experts']}, first shape): {q['bitsandbytes_calls']} "
+                  f"bitsandbytes calls and {q['host_reads']} host reads per step (the kernel path: 0 and 0, asserted by "
+                  "tests/ops/test_qexperts_op.py).") if q else ""
+        (out / "cpu_experts.md").write_text(
+            "# SORSA experts vs PEFT LoRA `target_parameters`: CPU time and peak memory of a Qwen3-MoE block\n\n"
+            f"`python -m bench.cpu_experts --threads 1 --reps {args.reps} --write`, one process, paired repetitions "
+            "alternating the providers' order.\n\n" + head + "\n\n" + table + counts + "\n")
 
 
 if __name__ == "__main__":

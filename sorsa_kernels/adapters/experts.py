@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn.experts import SORSAExperts
+from ..nn.experts import SORSAExperts, routed_experts_forward
 from ..nn.factory import experts_class
 from ..nn.init_spec import SORSAInit
 
@@ -158,27 +158,16 @@ def sorsa_experts_forward(
 ) -> Tensor:
     """The forward of an adapted experts module (same signature and result as the model's).
 
-    Rows are the (token, choice) pairs sorted by expert; each projection is one grouped SORSA
-    op over all experts; gate/activation, routing weights and the sum over choices are the
-    model's, as in ``transformers``' ``grouped_mm`` experts implementation.
+    One routed op per projection (:func:`~sorsa_kernels.nn.experts.routed_experts_forward`): the
+    row gather, the scatter back and the routing-weight multiply are folded into the grouped
+    SORSA op, counts stay on the device (no host sync), and the routing weights get their
+    gradient.  The gate/activation (and a post-expert norm) are the model's own.
     """
     up_name, down_name = expert_weight_names(self)
-    up, down = getattr(self, up_name), getattr(self, down_name)
-    num_tokens, hidden = hidden_states.shape
-    top_k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1)
-    sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    x = hidden_states[perm // top_k]
-    counts = torch.bincount(sorted_ids, minlength=up.num_experts)
-    h = up(x, counts)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    out = down(h, counts)
-    if getattr(self, "has_post_expert_norm", False):
-        out = self.post_expert_norm(out)
-    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return out[inv].view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+    act = self._apply_gate if self.has_gate else self.act_fn
+    norm = self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None
+    return routed_experts_forward(getattr(self, up_name), getattr(self, down_name),
+                                  hidden_states, top_k_index, top_k_weights, act, norm)
 
 
 def merge_all_experts(model: nn.Module, dtype: Optional[torch.dtype] = None,

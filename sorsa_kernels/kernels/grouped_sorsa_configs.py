@@ -13,12 +13,19 @@ import triton
 
 from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, wgmma_rows
 
-__all__ = ["ROW_BLOCK", "gemm_configs", "prune_gemm_configs", "weight_grad_configs", "prune_weight_grad_configs"]
+__all__ = ["ROW_BLOCK", "MAX_BLOCK_R", "gemm_configs", "prune_gemm_configs", "weight_grad_configs",
+           "prune_weight_grad_configs"]
 
 # Rows per tile of the grouped GEMMs (the tile table's row step) and per step of the
 # weight-gradient loops: 64 fills a wgmma tile on Hopper and wastes at most 63 rows per
 # expert; 16 under the interpreter keeps CI small while still splitting experts into tiles.
 ROW_BLOCK = 16 if INTERPRET else 64
+
+# The weight-gradient kernel's r tile is next_pow2(r) capped here, r split over the grid's third
+# axis beyond it: the dense weight-gradient kernel's cap (kernels/sorsa_linear_configs.py:
+# 128 keeps a BLOCK_K × BLOCK_R fp32 tile of the compile tables' configs in registers); 32
+# under the interpreter so that CI runs the split with a small r.
+MAX_BLOCK_R = 32 if INTERPRET else 128
 
 
 def gemm_configs(interpret: bool = INTERPRET) -> list:

@@ -10,7 +10,7 @@ grouped by expert and never forms an expert's dense ``ΔW``
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from .factory import register_experts_class
 from .init_spec import SORSAInit
 from .knobs import check_knob
 
-__all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK", "expert_chunks", "check_expert_stack"]
+__all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK", "expert_chunks", "check_expert_stack", "routed_experts_forward"]
 
 #: Experts split (SVD, residual) or merged at a time: bounds the float32 temporaries of a
 #: 128-expert layer to a few experts' worth instead of the whole stack.
@@ -241,9 +241,11 @@ class SORSAExperts(nn.Module):
         """The frozen residual stack ``Wr`` (read-only alias, for ``.dtype`` / ``.device`` checks)."""
         return self.residual
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """``y`` (M×out) for rows ``x`` (M×in) grouped by expert, ``counts[e]`` rows for expert e."""
-        return sorsa_experts(x, counts, self.residual, self.U, self.S, self.V, self.bias, self.scale)
+    def forward(self, x: Tensor, counts: Tensor, **routing) -> Tensor:
+        """``y`` (M×out) for rows ``x`` (M×in) grouped by expert, ``counts[e]`` rows for expert e;
+        ``routing`` (``slots``, ``top_k``, ``gather``, ``scatter``, ``weights``): see
+        :func:`~sorsa_kernels.ops.experts.sorsa_experts`."""
+        return sorsa_experts(x, counts, self.residual, self.U, self.S, self.V, self.bias, self.scale, **routing)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable stacks ``[U, S, V]``."""
@@ -276,3 +278,35 @@ class SORSAExperts(nn.Module):
             f"rank={self.rank}, bias={self.bias is not None}, scale={self.scale:g}, "
             f"residual_dtype={self.residual.dtype}, adapter_dtype={self.U.dtype}"
         )
+
+
+def routed_experts_forward(up: SORSAExperts, down: SORSAExperts, hidden_states: Tensor, top_k_index: Tensor,
+                           top_k_weights: Tensor, activation: Callable[[Tensor], Tensor],
+                           post_norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """A routed MoE experts block on SORSA experts: ``Σ_choices w·down(act(up(x)))`` per token (T×H).
+
+    The (token, choice) pairs are sorted by expert on the device (no host sync: the counts come
+    from ``index_add_``, not ``bincount``); ``up`` reads the token rows through the sort (no
+    gathered copy), ``down`` multiplies each row by its routing weight and adds it into its token
+    (no M×H scattered copy); the routing weights get their gradient.  ``post_norm`` (a norm
+    between the experts and the routing multiply) keeps ``down``'s rows grouped, then weights
+    and sums them.
+
+    Example::
+
+        >>> out = routed_experts_forward(experts.gate_up_proj, experts.down_proj, hidden, top_k_index,
+        ...                              top_k_weights, experts._apply_gate)
+    """
+    tokens, top_k = top_k_index.shape
+    ids = top_k_index.reshape(-1)
+    _, slots = torch.sort(ids, stable=True)
+    counts = torch.zeros(up.num_experts, dtype=torch.int64, device=ids.device).index_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.int64))
+    weights = top_k_weights.reshape(-1)
+    h = activation(up(hidden_states, counts, slots=slots, top_k=top_k, gather=True))
+    if post_norm is None:
+        out = down(h, counts, slots=slots, top_k=top_k, scatter=True, weights=weights)
+    else:
+        z = post_norm(down(h, counts))
+        out = z.new_zeros(tokens, z.shape[1]).index_add_(0, slots // top_k, z * weights[slots, None].to(z.dtype))
+    return out.to(hidden_states.dtype)

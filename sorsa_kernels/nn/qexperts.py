@@ -7,9 +7,10 @@ same error-reducing iterations (:func:`~sorsa_kernels.nn.qinit.error_reducing_sp
 expert).  The E experts' storages are stacked on a leading expert dimension, so FSDP2
 ``fully_shard`` shards them by expert like the dense layers' packed bytes.
 
-The forward (:func:`~sorsa_kernels.ops.experts.qsorsa_experts`) dequantizes a chunk of the
-experts that received rows at a time (``expert_chunk``, default 8) and runs the dense
-experts op on their rows: the dense E×m×n stack is never formed in the compute dtype.
+The forward (:func:`~sorsa_kernels.ops.experts.qsorsa_experts`) runs, on the Triton path, one
+grouped NF4 kernel per projection that dequantizes each expert's tiles inside its K loop; on
+the reference path it dequantizes a chunk of the experts that received rows at a time
+(``expert_chunk``, capped at half the experts): the E×m×n stack is never formed.
 """
 from __future__ import annotations
 
@@ -195,11 +196,12 @@ class QSORSAExperts(SORSAExperts):
             )
 
     # ------------------------------------------------------------------ module API
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """``y`` (M×out) for rows ``x`` (M×in) grouped by expert, ``counts[e]`` rows for expert e."""
+    def forward(self, x: Tensor, counts: Tensor, **routing) -> Tensor:
+        """``y`` (M×out) for rows ``x`` (M×in) grouped by expert, ``counts[e]`` rows for expert e;
+        ``routing``: see :func:`~sorsa_kernels.ops.experts.sorsa_experts`."""
         return qsorsa_experts(x, counts, self.nf4_tensors(), self.U, self.S, self.V, self.bias, self.scale,
                               blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,
-                              expert_chunk=self.expert_chunk)
+                              expert_chunk=self.expert_chunk, **routing)
 
     def extra_repr(self) -> str:
         return (

@@ -276,82 +276,100 @@ def ortho_value_and_grad_(
 
 
 # --------------------------------------------------------------------------- experts
-# A mixture-of-experts layer keeps E weights in one stack (residual E×m×n, U E×m×r, S E×r,
-# V E×n×r).  Its input rows arrive grouped by expert: ``counts[e]`` consecutive rows of ``x``
-# go to expert e (experts with no rows included).  Per expert the math is the linear layer's,
-# so these loop over the groups and call :func:`linear_forward` / :func:`linear_backward`:
-# one formula per gradient, shared.  No E×m×n (nor m×n) tensor is formed when the residual
-# has the compute dtype; a residual of another dtype is cast one expert at a time.
+# A MoE layer keeps E weights in one stack (residual E×m×n, U E×m×r, S E×r, V E×n×r); its
+# grouped rows are ordered by expert, ``counts[e]`` consecutive rows for expert e.  Per expert
+# the math is the linear layer's (one formula per gradient, shared); no m×n tensor is formed
+# unless the residual must be cast (one expert at a time).  ``residual[e]`` may be any lookup
+# (the NF4 op dequantizes there).  Routed (top-k) layers: grouped row i has slot p_i (token·top_k
+# + choice; ``slots`` permutes the M slots) and computes, with w the routing weight,
+#     a_i = w_{p_i}·x[p_i // top_k]                                    (gather, weights)
+#     y[p_i // top_k] += a_i·Wr_eᵀ + scale·((a_i·V_e)·S_e)·U_eᵀ + w_{p_i}·b_e        (scatter)
+# since w·(x·Wᵀ + b) = (w·x)·Wᵀ + w·b; backward: g_i = dy[p_i // top_k], da_i the linear
+# input gradient, dw_{p_i} = da_i·x[p_i // top_k] + g_i·b_e, dx[p_i // top_k] += w_{p_i}·da_i.
+# An expert's rows are gathered, computed and scattered in turn: the M×n gathered input and
+# the M×m output rows never exist whole.
 def counts_list(counts) -> list[int]:
     """Rows per expert as a Python list (one host sync for a tensor)."""
     return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
 
 
-
-
-def experts_forward(
-    x: Tensor,
-    counts,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor],
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    """Forward on rows grouped by expert: ``y[rows_e] = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ + b_e``.
-
-    ``x`` M×n, ``counts`` (E,) rows per expert (summing to M).  Returns ``(y, u)`` with
-    ``u = x_e·V_e`` per row (M×r), saved for backward.
-    """
-    E, m, r = U.shape
-    y = x.new_empty(x.shape[0], m)
-    u = x.new_empty(x.shape[0], r)
-    start = 0
+def _expert_rows(counts, slots: Optional[Tensor], top_k: int):
+    """``(e, rows, slot, token)`` of every expert with rows: its slice of grouped rows, their slots
+    and their tokens (``slot // top_k``, divided once per call)."""
+    start, tokens = 0, None if slots is None else slots // top_k
     for e, c in enumerate(counts_list(counts)):
         if c == 0:
             continue
         rows = slice(start, start + c)
-        y[rows], u[rows] = linear_forward(
-            x[rows], None if residual is None else residual[e], U[e], S[e], V[e],
-            None if bias is None else bias[e], scale,
-        )
+        yield e, rows, (None if slots is None else slots[rows]), (None if slots is None else tokens[rows])
         start += c
+
+
+def _routed_input(x: Tensor, rows: slice, slot: Optional[Tensor], tok: Optional[Tensor], gather: bool,
+                  weights: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(x_e, a_e, w_e)``: the expert's input rows, weighted (``a = w·x``), and their weights."""
+    xe = x[tok] if gather else x[rows]
+    if weights is None:
+        return xe, xe, None
+    we = (weights[slot] if slot is not None else weights[rows]).to(x.dtype)
+    return xe, xe * we[:, None], we
+
+
+def experts_forward(
+    x: Tensor, counts, residual, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], scale: float, *,
+    slots: Optional[Tensor] = None, top_k: int = 1, gather: bool = False, scatter: bool = False,
+    weights: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``y[rows_e] = x_e·Wr_eᵀ + scale·((x_e·V_e)·S_e)·U_eᵀ + b_e`` (routing: the comment above).
+
+    ``x`` M×n (T×n with ``gather``), ``counts`` (E,) summing to M.  Returns ``(y, u)``, ``u =
+    a_e·V_e`` (M×r, saved for backward), ``y`` M×m or (M / top_k)×m with ``scatter``."""
+    E, m, r = U.shape
+    M = slots.numel() if slots is not None else x.shape[0]
+    y = x.new_zeros(M // top_k, m) if scatter else x.new_empty(M, m)
+    u = x.new_empty(M, r)
+    for e, rows, slot, tok in _expert_rows(counts, slots, top_k):
+        _, a, we = _routed_input(x, rows, slot, tok, gather, weights)
+        be = None if bias is None else bias[e]
+        ye, u[rows] = linear_forward(a, None if residual is None else residual[e], U[e], S[e], V[e],
+                                     be if we is None else None, scale)
+        if we is not None and be is not None:
+            ye.addr_(we, _as(be, ye.dtype))
+        if scatter:
+            y.index_add_(0, tok, ye)
+        else:
+            y[rows] = ye
     return y, u
 
 
 def experts_backward(
-    dy: Tensor,
-    x: Tensor,
-    u: Tensor,
-    counts,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    scale: float,
-    needs_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-    """Gradients of :func:`experts_forward`: ``(dx, dU, dS, dV)``, the stacks E×m×r, E×r, E×n×r.
-
-    Per expert the formulas of :func:`linear_backward`; an expert with no rows gets zero
-    gradients.
-    """
+    dy: Tensor, x: Tensor, u: Tensor, counts, residual, U: Tensor, S: Tensor, V: Tensor, scale: float,
+    needs_dx: bool = True, *, bias: Optional[Tensor] = None, slots: Optional[Tensor] = None, top_k: int = 1,
+    gather: bool = False, scatter: bool = False, weights: Optional[Tensor] = None, needs_dw: bool = False,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of :func:`experts_forward`: ``(dx, dU, dS, dV, dw)`` (``dw``: the routing weights',
+    when ``needs_dw``; ``bias`` is read only for it).  Experts with no rows get zero gradients."""
     dU, dS, dV = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
-    dx = x.new_empty(x.shape) if needs_dx else None
-    start = 0
-    for e, c in enumerate(counts_list(counts)):
-        if c == 0:
-            continue
-        rows = slice(start, start + c)
-        dxe, dU[e], dS[e], dV[e] = linear_backward(
-            dy[rows], x[rows], u[rows], None if residual is None else residual[e], U[e], S[e], V[e],
-            scale, needs_dx,
-        )
+    dx = (x.new_zeros(x.shape) if gather else x.new_empty(x.shape)) if needs_dx else None
+    dw = torch.zeros_like(weights) if needs_dw and weights is not None else None
+    for e, rows, slot, tok in _expert_rows(counts, slots, top_k):
+        g = dy[tok] if scatter else dy[rows]
+        xe, a, we = _routed_input(x, rows, slot, tok, gather, weights)
+        want_da = needs_dx or dw is not None
+        res = None if residual is None or not want_da else residual[e]  # read only for da
+        da, dU[e], dS[e], dV[e] = linear_backward(g, a, u[rows], res, U[e], S[e], V[e], scale, want_da)
+        if dw is not None:
+            dwe = (da * xe).sum(1)
+            if bias is not None:
+                dwe += g @ _as(bias[e], g.dtype)
+            dw[slot if slot is not None else rows] = dwe.to(dw.dtype)
         if needs_dx:
-            dx[rows] = dxe
-        start += c
-    return dx, dU, dS, dV
+            dxe = da if we is None else da.mul_(we[:, None])
+            if gather:
+                dx.index_add_(0, tok, dxe)
+            else:
+                dx[rows] = dxe
+    return dx, dU, dS, dV, dw
 
 
 def experts_dense(

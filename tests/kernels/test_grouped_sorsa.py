@@ -144,3 +144,48 @@ def test_weight_grad_prune_limits_fp32_accumulators_per_thread():
     kept = C.prune_weight_grad_configs(configs, dict(a_ptr=f32, b_ptr=f32), BLOCK_R=128, BLOCK_M=64)
     assert kept and all(c.kwargs["BLOCK_K"] * 128 // (32 * c.num_warps) <= 64 for c in kept)
     assert len(kept) < len(configs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_forward_reads_a_non_contiguous_bias_by_both_strides(dtype):
+    x, _, counts, res, U, S, V, _ = _case(dtype)
+    b = torch.randn(M_OUT, E, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype).T  # E×m, strides (1, E)
+    assert not b.is_contiguous()
+    y, _ = grouped_sorsa.grouped_forward(x, counts, res, U, S, V, b, 0.6)
+    y_ref, _ = reference.experts_forward(_d(x), counts, _d(res), _d(U), _d(S), _d(V), _d(b), 0.6)
+    assert rel_err(y, y_ref) < TOL[dtype]
+
+
+def _record_block_r(monkeypatch) -> list:
+    """The BLOCK_R of every launch of the grouped weight-gradient kernel."""
+    kernel = grouped_sorsa._grouped_weight_grad_kernel
+    seen, run = [], kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["BLOCK_R"])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    return seen
+
+
+def test_weight_grad_rank_256_splits_r_over_tiles_and_matches_reference(monkeypatch):
+    # r = 256 in fp32 with small m, n: the rank tile is capped (MAX_BLOCK_R) and r runs over the
+    # grid's third axis; dU and dV equal the reference's.
+    from sorsa_kernels.kernels.grouped_sorsa_configs import MAX_BLOCK_R
+
+    g = torch.Generator().manual_seed(11)
+    counts = torch.tensor([5, 0, 18])
+    E_, m, n, r = 3, 7, 9, 256
+    x, dy = torch.randn(23, n, generator=g), torch.randn(23, m, generator=g)
+    U, S = torch.randn(E_, m, r, generator=g), torch.rand(E_, r, generator=g) + 0.5
+    V = torch.randn(E_, n, r, generator=g)
+    res = torch.randn(E_, m, n, generator=g)
+    seen = _record_block_r(monkeypatch)
+    _, u = grouped_sorsa.grouped_forward(x, counts, res, U, S, V, None, 0.3)
+    got = grouped_sorsa.grouped_backward(dy, x, u, counts, res, U, S, V, 0.3, True)
+    assert seen and all(br <= MAX_BLOCK_R < r for br in seen)
+    _, u_ref = reference.experts_forward(_d(x), counts, _d(res), _d(U), _d(S), _d(V), None, 0.3)
+    ref = reference.experts_backward(_d(dy), _d(x), u_ref, counts, _d(res), _d(U), _d(S), _d(V), 0.3, True)
+    for name, a, e in zip(("dx", "dU", "dS", "dV"), got, ref):
+        assert rel_err(a, e) < 1e-5, name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sorsa_kernels.ops import reference
@@ -67,7 +68,9 @@ def _flat_tensors(xs):
 
 class _LargestOutput(TorchDispatchMode):
     """Records the largest number of elements of a tensor any op allocates (views of an
-    argument's storage, such as ``residual[e]``, are not allocations)."""
+    argument's storage, such as ``residual[e]``, are not allocations).  The package's custom
+    ops are opened: their implementations run under the mode, so what they allocate inside
+    counts too (a custom op is one node to the dispatcher)."""
 
     def __init__(self):
         super().__init__()
@@ -75,7 +78,12 @@ class _LargestOutput(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        opdef = _maybe_get_opdef(func) if func.namespace == "sorsa_kernels" else None
+        if opdef is not None:
+            with self:
+                out = opdef._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         inputs = {t.untyped_storage().data_ptr() for t in _flat_tensors((*args, *kwargs.values()))}
         for t in _flat_tensors(out if isinstance(out, (tuple, list)) else (out,)):
             if t.untyped_storage().data_ptr() not in inputs:

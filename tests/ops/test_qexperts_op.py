@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sorsa_kernels.ops import experts as experts_op
+from sorsa_kernels.ops import experts_paths
 from sorsa_kernels.ops import reference
 from sorsa_kernels.ops.experts import dequantize_experts, qsorsa_experts
 from sorsa_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
@@ -79,13 +79,13 @@ def test_dequant_path_holds_one_expert_at_a_time_and_skips_empty_experts(monkeyp
     nf4, _ = _nf4_stack(E=4, m=48, n=40)
     U, S, V = _factors(E=4, m=48, n=40, r=4, dtype=torch.float32)
     seen = []
-    deq = experts_op.dequantize_experts
+    deq = experts_paths.dequantize_experts
 
     def spy(nf4_, shape, experts, *a, **kw):
         seen.append(list(experts))
         return deq(nf4_, shape, experts, *a, **kw)
 
-    monkeypatch.setattr(experts_op, "dequantize_experts", spy)
+    monkeypatch.setattr(experts_paths, "dequantize_experts", spy)
     x = torch.randn(12, 40, requires_grad=True)
     with _LargestOutput() as mode:
         y = qsorsa_experts(x, torch.tensor([5, 0, 7, 0]), nf4, U, S, V, expert_chunk=1)
@@ -131,3 +131,113 @@ def test_triton_backend_runs_the_grouped_kernels_on_each_chunk_like_the_referenc
         out[name] = (y, *torch.autograd.grad(y, (xx, U, S, V), dy))
     for g, w in zip(out["triton"], out["reference"]):
         assert rel_err(g, w) < 1e-5
+
+
+# --------------------------------------------------------------------------- kernel path: E = 8
+class _Watch(_LargestOutput):
+    """:class:`_LargestOutput` that also counts host syncs (``.item()`` / ``.tolist()`` reach
+    ``aten._local_scalar_dense``; ``nonzero``, ``bincount``, ``unique`` and ``masked_select``
+    size their output on the host; ``repeat_interleave`` without ``output_size`` too)."""
+
+    SYNCS = ("_local_scalar_dense", "nonzero", "bincount", "_unique", "unique_dim", "masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCS or (name == "repeat_interleave" and (kwargs or {}).get("output_size") is None):
+            self.syncs.append(name)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _host_reads(monkeypatch) -> list:
+    """Every ``tolist`` / ``item`` / ``bool`` / ``int`` / ``float`` / ``numpy`` of a tensor called
+    from the package's own code (on a GPU each is a device→host sync; ``tolist`` does not pass
+    through the dispatcher, so a dispatch mode alone would miss it)."""
+    import sys
+
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if "sorsa_kernels" in caller:
+                reads.append(f"{_name} in {caller}")
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
+
+
+def _bnb_calls(monkeypatch) -> list:
+    import bitsandbytes.functional as F
+
+    calls, deq = [], F.dequantize_4bit
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return deq(*a, **kw)
+
+    monkeypatch.setattr(F, "dequantize_4bit", spy)
+    return calls
+
+
+def _routed_step(E=8, m=40, n=36, tokens=14, k=2, seed=3):
+    """A routed QSORSA projection (gather, routing weights, scatter) forward and backward on
+    fp32, with experts 2 and 6 receiving no rows."""
+    nf4, _ = _nf4_stack(E=E, m=m, n=n, seed=seed)
+    U, S, V = _factors(E=E, m=m, n=n, r=4, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    ids[ids == 2], ids[ids == 6] = 0, 7
+    flat = ids.reshape(-1)
+    _, slots = torch.sort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int64).index_add_(0, flat, torch.ones_like(flat))
+    x = torch.randn(tokens, n, generator=g, requires_grad=True)
+    w = torch.rand(tokens * k, generator=g, requires_grad=True)
+
+    def step():
+        y = qsorsa_experts(x, counts, nf4, U, S, V, scale=0.5, slots=slots, top_k=k, gather=True, scatter=True,
+                           weights=w)
+        y.backward(torch.randn_like(y))
+
+    return step, int((counts > 0).sum())
+
+
+def test_kernel_path_creates_no_tensor_of_a_quarter_stack_and_syncs_nothing(backend, monkeypatch):
+    # E = 8, m·n = 1440: E·m·n/4 = 2880 elements; every activation (≤ 28 rows × 40) is smaller, so
+    # a tensor that large can only be (part of) a dequantized stack.  No host sync, no bitsandbytes.
+    backend("triton")
+    step, _ = _routed_step()
+    bnb = _bnb_calls(monkeypatch)
+    reads = _host_reads(monkeypatch)
+    with _Watch() as mode:
+        step()
+    assert 0 < mode.largest < 8 * 40 * 36 // 4, mode.largest
+    assert mode.syncs == [] and reads == []
+    assert bnb == []
+
+
+def test_host_read_watch_sees_the_reference_paths_counts_on_the_host(backend, monkeypatch):
+    # The watch itself can fail: the reference path reads counts on the host (counts_list).
+    backend("reference")
+    step, _ = _routed_step()
+    reads = _host_reads(monkeypatch)
+    step()
+    assert any(r.startswith("tolist") for r in reads)
+
+
+def test_reference_path_dequantizes_at_most_half_the_experts_once_per_active_expert_per_pass(backend, monkeypatch):
+    # The reference path's own bound: at most E/2 experts' residuals at once even when
+    # expert_chunk (default 8) covers the stack; bitsandbytes runs once per expert with rows in
+    # forward and once in backward (for dx).
+    backend("reference")
+    step, active = _routed_step()
+    bnb = _bnb_calls(monkeypatch)
+    with _LargestOutput() as mode:
+        step()
+    assert mode.largest <= 4 * 40 * 36 < 8 * 40 * 36
+    assert len(bnb) == 2 * active
