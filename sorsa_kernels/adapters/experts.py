@@ -250,7 +250,8 @@ def plan_experts(model: nn.Module, rank: int, target_modules: Any = None, *,
         return []
     targets = list(default_target_modules(model)) if target_modules is None else target_modules
     names = find_expert_targets(model, targets, tuple(exclude))
-    experts_class(quantize)  # an unknown storage fails before anything is touched
+    if names:  # an unknown storage (or a kind without experts) fails before anything is touched
+        experts_class(quantize)
     if names and dropout:
         what = f"dropout={dropout}"
         if target_modules is None:

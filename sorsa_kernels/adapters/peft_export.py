@@ -10,7 +10,9 @@ for both); modules kept as trainable copies become PEFT's ``modules_to_save``; t
 ``task_type`` is inferred from the model class (``SEQ_CLS`` for ``*ForSequenceClassification``,
 …; see :func:`~.targets.infer_task_type`).  SORSA experts (the fused 3-D expert weights of MoE
 models) export as LoRA on PEFT's ``target_parameters``: a rank-2r LoRA per expert, laid out as
-PEFT's ``ParamWrapper`` reads it (:func:`peft_expert_lora`), which PEFT loads exactly.  For QSORSA, the exported LoRA applies to
+PEFT's ``ParamWrapper`` reads it (:func:`peft_expert_lora`), which PEFT loads exactly.  A layer whose
+adapter kind is not a LoRA update (:attr:`~sorsa_kernels.nn.kinds.AdapterKind.lora`) is refused,
+naming its kind.  For QSORSA, the exported LoRA applies to
 the unquantized base and differs from the quantized training model by the quantization error.
 
 The export is written as a whole folder: both files go to a temporary sibling folder that
@@ -32,6 +34,7 @@ from torch import nn
 from .atomic import atomic_dir
 from ..dtensor import full_tensor, is_sharded, process_rank
 from ..nn.checks import check_finite
+from ..nn.kinds import kind_of
 from .experts import adapted_experts, expert_weight_names
 from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
@@ -104,6 +107,8 @@ def export_peft_lora(
     experts = adapted_experts(model)
     if not layers and not experts:
         raise ValueError("the model has no SORSA layers; nothing to export")
+    projections = {f"{name}.{attr}": getattr(m, attr) for name, m in experts.items() for attr in expert_weight_names(m)}
+    _check_lora_kinds({**layers, **projections})
     directory = Path(directory)
     if directory.is_dir():
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in _PEFT_FILES)
@@ -117,7 +122,6 @@ def export_peft_lora(
     tensors = {}
     rank_pattern = {}
     ranks = {name: 2 * layer.rank for name, layer in layers.items()}
-    projections = {f"{name}.{attr}": getattr(m, attr) for name, m in experts.items() for attr in expert_weight_names(m)}
     r = max([*ranks.values(), *(2 * p.rank for p in projections.values())])
     _check_expert_ranks(projections, r)
     for name, layer in layers.items():
@@ -161,6 +165,18 @@ def export_peft_lora(
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _check_lora_kinds(layers: dict[str, nn.Module]) -> None:
+    """Every adapter layer's kind must be a LoRA update (``AdapterKind.lora``) for PEFT to load it."""
+    for name, layer in layers.items():
+        kind = kind_of(layer)
+        if not kind.lora:
+            raise ValueError(
+                f"layer {name} is a {kind.label} adapter (kind {kind.method!r}), whose update is not a LoRA; "
+                "export_peft_lora cannot write it: merge with sorsa_kernels.merge_sorsa(model) and save the "
+                "merged model instead"
+            )
 
 
 def _check_expert_ranks(projections: dict, r: int) -> None:

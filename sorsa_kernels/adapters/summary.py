@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..nn.experts import SORSAExperts
-from ..nn.linear import SORSALinear
+from ..nn.kinds import kind_of
 from .modules_to_save import SavedModule
 from .targets import fused_expert_parameters, is_linear_like
 
@@ -99,7 +98,7 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in saved):
             continue
-        if isinstance(module, (SORSALinear, SORSAExperts)):
+        if kind_of(module) is not None:  # an adapter layer of any registered kind (nn/kinds.py)
             role = _role(name)
             s.layers[role] = s.layers.get(role, 0) + 1
         elif isinstance(module, SavedModule):

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..nn.checks import check_finite, check_weight_for_svd, linear_weight, validate_rank
 from ..nn.factory import layer_class, make_sorsa_linear
+from ..nn.kinds import is_adapter_layer
 from ..nn.knobs import check_knob, check_scale
 from ..nn.linear import SORSALinear
 from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
@@ -157,7 +158,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
     """Every SORSA layer of ``model`` by module name (quantized ones included)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SORSALinear)}
+    return {n: m for n, m in model.named_modules() if is_adapter_layer(m)}  # any registered kind (nn/kinds.py)
 
 
 def apply_sorsa(

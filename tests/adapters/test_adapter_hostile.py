@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sorsa_kernels import SORSALinear, export_peft_lora, load_adapter, save_adapter
-from sorsa_kernels.adapters import adapter_io, peft_export
+from sorsa_kernels.adapters import adapter_save, peft_export
 from sorsa_kernels.adapters.adapter_io import (
     CONFIG_NAME,
     FORMAT,
@@ -327,7 +327,7 @@ def _enospc_after_partial_write(tensors, path, *args, **kwargs):
 def test_full_disk_while_writing_weights_keeps_previous_adapter(saved, monkeypatch):
     before = read_adapter(saved)
     listing = sorted(p.name for p in saved.parent.iterdir()), sorted(p.name for p in saved.iterdir())
-    monkeypatch.setattr(adapter_io, "save_file", _enospc_after_partial_write)
+    monkeypatch.setattr(adapter_save, "save_file", _enospc_after_partial_write)
     with pytest.raises(OSError) as info:
         save_adapter(adapted(alpha=8.0, seed=2), saved)
     assert info.value.errno == errno.ENOSPC
@@ -354,7 +354,7 @@ def test_full_disk_while_writing_the_json_keeps_previous_adapter(saved, monkeypa
 
 
 def test_full_disk_on_first_save_leaves_no_adapter_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(adapter_io, "save_file", _enospc_after_partial_write)
+    monkeypatch.setattr(adapter_save, "save_file", _enospc_after_partial_write)
     with pytest.raises(OSError):
         save_adapter(adapted(), tmp_path / "adapter")
     assert list((tmp_path / "adapter").iterdir()) == []
@@ -389,7 +389,7 @@ def test_export_refuses_a_folder_with_other_files(tmp_path):
 CHILD_HEADER = BASE_SRC + """
 import os, sys, time
 from sorsa_kernels import load_adapter, save_adapter
-from sorsa_kernels.adapters import adapter_io
+from sorsa_kernels.adapters import adapter_save
 """
 
 
@@ -431,7 +431,7 @@ def test_kill_between_writes_leaves_old_or_new_never_a_mix(tmp_path, old_and_new
             if name == {step!r}:
                 print(name, flush=True)
                 time.sleep(600)
-        adapter_io._between_steps = pause
+        adapter_save._between_steps = pause
         save_adapter(load_adapter(base(), {str(new)!r}), {str(target)!r})
     """)
     _wait_for_line(proc, step)
