@@ -194,7 +194,7 @@ def _check_base_layer(module: nn.Module, name: str, lc: dict[str, Any]) -> None:
 
 def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                      source: PathLike, allow_mismatch: bool) -> None:
-    """Every target weight against the adapter's initial factors (:func:`.base_match.check_base_matches`);
+    """Every target weight against the adapter's factors (:func:`.base_match.check_base_matches`);
     with ``allow_mismatch`` only the meta-device check remains."""
     alpha = config.get("alpha")
     checks = []  # (layer name, out×in weight, factors U, S, V, U0, S0, V0, rank, quantize)
@@ -215,7 +215,7 @@ def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dic
         if allow_mismatch and weight.device.type != "meta":
             continue
         scale = 1.0 if alpha is None else float(alpha) / rank
-        check_base_matches(name, weight, U0, S0, V0, scale, quantize, f"adapter {source}")
+        check_base_matches(name, weight, U0, S0, V0, scale, quantize, f"adapter {source}", trained=(U, S, V))
 
 
 def _check_experts_base(base_model: nn.Module, config: dict[str, Any]) -> None:
