@@ -21,10 +21,10 @@ from torch import nn
 from ..nn.checks import is_conv1d, linear_weight
 from ..nn.kinds import building, kind_of
 from .adapter_format import (CONFIG_NAME, DTYPE_NAMES, METADATA_KEY, WEIGHTS_NAME, AdapterError, PathLike, check_config,
-                             check_tensors, layer_kind, saved_state_of)
+                             check_tensors, dtype_name, layer_kind, saved_state_of)
 from .base_match import check_base_matches
 from .experts import adapt_experts, expert_weight_names, is_adapted_experts, is_fused_experts
-from .modules_to_save import check_saved_state, restore_saved_modules
+from .modules_to_save import SavedModule, check_saved_state, restore_saved_modules
 from .surgery import module_aliases, replace_everywhere
 
 __all__ = ["read_adapter", "load_adapter"]
@@ -144,6 +144,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike, *, allow_base_misma
         check_saved_state(base_model, saved, str(directory))
     except ValueError as e:
         raise AdapterError(str(e)) from None
+    _check_saved_dtypes(base_model, saved, directory)
     for p in base_model.parameters():
         p.requires_grad_(False)
     aliases = module_aliases(base_model)  # a layer shared by two parents is replaced under both names
@@ -190,6 +191,21 @@ def _check_base_layer(module: nn.Module, name: str, lc: dict[str, Any]) -> None:
             f"layer {name} {'has' if module.bias is not None else 'has no'} bias but the adapter says "
             f"bias={lc['bias']}; it was trained on a different base model"
         )
+
+
+def _check_saved_dtypes(model: nn.Module, saved: dict[str, dict[str, torch.Tensor]], source: PathLike) -> None:
+    """A saved module's tensor has the dtype class of the base's own: floating where the base's is
+    (an int64 head would load as truncated weights), the exact dtype where the base's is not."""
+    for name, state in saved.items():
+        module = model.get_submodule(name)
+        own = (module.trained if isinstance(module, SavedModule) else module).state_dict()
+        for key, t in state.items():
+            base = own[key]
+            if t.is_floating_point() if base.is_floating_point() else t.dtype == base.dtype:
+                continue
+            want = "a floating-point dtype" if base.is_floating_point() else dtype_name(base.dtype)
+            raise AdapterError(f"{source}: saved module tensor {name}.{key} has dtype {dtype_name(t.dtype)} but the "
+                               f"base model's {name}.{key} needs {want}")
 
 
 def _check_base_rows(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],

@@ -302,6 +302,34 @@ def test_missing_adapter_names_both_files(tmp_path):
         read_adapter(tmp_path / "nowhere")
 
 
+# ------------------------------------------------------------------ issue 29: saved heads
+def _with_head():
+    """``base()`` with ``a`` adapted and ``b`` kept as a trainable copy (``modules_to_save``)."""
+    from sorsa_kernels import apply_sorsa
+
+    return apply_sorsa(base(), 4, ["a"], modules_to_save=["b"], progress=False)
+
+
+def test_saved_head_with_an_integer_dtype_is_refused_naming_it(tmp_path):
+    save_adapter(_with_head(), tmp_path)
+
+    def as_int(t):
+        t["modules_to_save/b.weight"] = (t["modules_to_save/b.weight"] * 100).to(torch.int64)
+
+    _rewrite(tmp_path, tensors_fn=as_int)
+    with pytest.raises(AdapterError, match=r"saved module tensor b\.weight has dtype int64 but the base model's "
+                                           r"b\.weight needs a floating-point dtype"):
+        load_adapter(base(), tmp_path)
+
+
+def test_saved_head_in_another_float_dtype_still_loads(tmp_path):
+    model = _with_head()
+    save_adapter(model, tmp_path)
+    _rewrite(tmp_path, tensors_fn=lambda t: t.update({"modules_to_save/b.weight": t["modules_to_save/b.weight"].half()}))
+    loaded = load_adapter(base(), tmp_path)
+    assert loaded.b.trained.weight.dtype == torch.float32
+
+
 # ------------------------------------------------------------------ modes
 def test_adapter_and_export_files_are_0644(tmp_path):
     old = os.umask(0o022)
