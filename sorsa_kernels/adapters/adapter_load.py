@@ -29,6 +29,10 @@ from .surgery import module_aliases, replace_everywhere
 
 __all__ = ["read_adapter", "load_adapter"]
 
+#: The files of a PEFT adapter folder (``export_peft_lora`` writes one): not loadable here.
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
@@ -57,6 +61,12 @@ def _weights_path(path: Path) -> tuple[Path, Any]:
     w_path, cfg_path = path / WEIGHTS_NAME, path / CONFIG_NAME
     if w_path.is_file():
         return w_path, cfg_path
+    peft = [n for n in _PEFT_WEIGHTS if (path / n).is_file()]
+    if peft:
+        raise AdapterError(
+            f"{path} is a PEFT adapter ({CONFIG_NAME} + {peft[0]}), not a sorsa-kernels adapter ({WEIGHTS_NAME}); "
+            f"load it with peft: PeftModel.from_pretrained(base_model, {str(path)!r})"
+        )
     if cfg_path.is_file():
         raise FileNotFoundError(f"adapter weights {w_path} do not exist (only {CONFIG_NAME} is there)")
     raise FileNotFoundError(f"no adapter in {path}: {w_path} does not exist and {cfg_path} does not exist")
@@ -67,7 +77,8 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
     ``path`` is an adapter folder or an ``adapter.safetensors`` file itself.  Raises
     :class:`FileNotFoundError` when there is no adapter and :class:`AdapterError` (a
-    ``ValueError``) naming the file, layer and field for anything wrong in it.
+    ``ValueError``) naming the file, layer and field for anything wrong in it (a PEFT
+    adapter folder is named as one, with the call that loads it).
 
     Example::
 

@@ -302,7 +302,7 @@ def test_missing_adapter_names_both_files(tmp_path):
         read_adapter(tmp_path / "nowhere")
 
 
-# ------------------------------------------------------------------ issue 29: saved heads
+# ------------------------------------------------------------------ issue 29: saved heads, PEFT folders
 def _with_head():
     """``base()`` with ``a`` adapted and ``b`` kept as a trainable copy (``modules_to_save``)."""
     from sorsa_kernels import apply_sorsa
@@ -328,6 +328,14 @@ def test_saved_head_in_another_float_dtype_still_loads(tmp_path):
     _rewrite(tmp_path, tensors_fn=lambda t: t.update({"modules_to_save/b.weight": t["modules_to_save/b.weight"].half()}))
     loaded = load_adapter(base(), tmp_path)
     assert loaded.b.trained.weight.dtype == torch.float32
+
+
+def test_peft_folder_given_to_load_adapter_says_it_is_a_peft_adapter(tmp_path):
+    export_peft_lora(adapted(), tmp_path / "lora")
+    with pytest.raises(AdapterError, match=r"lora is a PEFT adapter \(adapter_config.json \+ adapter_model.safetensors\), "
+                                           r"not a sorsa-kernels adapter \(adapter.safetensors\); load it with peft: "
+                                           r"PeftModel.from_pretrained\(base_model, "):
+        load_adapter(base(), tmp_path / "lora")
 
 
 # ------------------------------------------------------------------ modes
