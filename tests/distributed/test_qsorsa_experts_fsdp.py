@@ -59,7 +59,7 @@ _SCRIPT = textwrap.dedent('''
     if mesh is not None:
         fsdp.shard_model(model, mesh)
         experts = model.model.layers[0].mlp.experts.gate_up_proj
-        result["packed_local_shape"] = list(fsdp._local(experts.nf4_packed).shape)
+        result["packed_local_shape"] = list(fsdp.local(experts.nf4_packed).shape)
         try:
             experts.nf4_tensors()
         except RuntimeError as e:

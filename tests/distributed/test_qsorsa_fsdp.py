@@ -69,7 +69,7 @@ _SCRIPT = textwrap.dedent('''
                                         fsdp_kwargs={"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)})
         a, b = model.state_dict(), streamed.state_dict()
         result["stream_same_shards"] = a.keys() == b.keys() and all(
-            type(a[k]) is type(b[k]) and torch.equal(fsdp._local(a[k]), fsdp._local(b[k])) for k in a)
+            type(a[k]) is type(b[k]) and torch.equal(fsdp.local(a[k]), fsdp.local(b[k])) for k in a)
         probe = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             result["probe_losses"] = [float(model(probe, labels=probe).loss), float(streamed(probe, labels=probe).loss)]
