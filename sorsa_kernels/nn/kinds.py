@@ -108,6 +108,7 @@ class AdapterKind:
         return out
 
     def key(self) -> tuple[str, Optional[str], bool]:
+        """``(method, quantize, experts)``: what the registry files the kind under (one kind per key)."""
         return self.method, self.quantize, self.experts
 
 
