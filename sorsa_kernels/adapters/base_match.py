@@ -14,6 +14,15 @@ base from another seed.  For QSORSA (``quantize="nf4"``) the principal part is c
 against the quantization error, so the right base reads up to ~2e-2.
 :func:`check_base_matches` refuses a layer above :func:`tolerance`; ``load_adapter`` calls
 it for every layer before changing the model, unless told the base is meant to differ.
+
+A fixed tolerance cannot see a small update merged in: a fine-tune at a learning rate of
+1e-5 moves the weight by ~1e-3 of ``‖scale·S0‖``, below the tolerance.  So the threshold is
+also relative to the adapter's own update ``scale·(U·diag(S)·Vᵀ − U0·diag(S0)·V0ᵀ)``, whose
+projection ``P = U0ᵀ·ΔW·V0`` the adapter knows: with ``D = U0ᵀ·W·V0 − diag(scale·S0)``, the
+right base gives ``D ≈ 0`` (rounding, or the NF4 offset) and the base with this adapter
+merged gives ``D ≈ P``; a weight closer to the merged base (``‖D − P‖ < ½‖D‖``) is refused,
+however small the update (:func:`merged_mismatch`).  An update below the weight's rounding
+is not seen, and changes nothing.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["base_mismatch", "tolerance", "check_base_matches", "BaseMismatchError"]
+__all__ = ["base_mismatch", "merged_mismatch", "tolerance", "check_base_matches", "BaseMismatchError"]
 
 #: Mismatch allowed for a dense layer (the same base in bf16 reads ~4e-4, a merged one ≥ 8e-2).
 DENSE_TOLERANCE = 1e-2
@@ -34,14 +43,31 @@ class BaseMismatchError(ValueError):
     """The base model given is not the one the adapter was fitted to."""
 
 
-def base_mismatch(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float) -> float:
-    """``‖U0ᵀ·W·V0 − diag(scale·S0)‖_F / ‖scale·S0‖₂`` in float32 on the weight's device."""
-    dev = weight.device
-    U0, S0, V0 = (t.to(dev, torch.float32) for t in (U0, S0, V0))
+def _gap(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(D, ‖scale·S0‖₂)`` with ``D = U0ᵀ·W·V0 − diag(scale·S0)`` (r×r), float32 on the weight's device."""
+    U0, S0, V0 = (t.to(weight.device, torch.float32) for t in (U0, S0, V0))
     with torch.no_grad():
         proj = U0.T @ (weight.detach().to(torch.float32) @ V0)
         sigma = S0 * scale
-        return float(torch.linalg.matrix_norm(proj - torch.diag(sigma)) / sigma.norm().clamp_min(1e-30))
+        return proj - torch.diag(sigma), sigma.norm().clamp_min(1e-30)
+
+
+def base_mismatch(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float) -> float:
+    """``‖U0ᵀ·W·V0 − diag(scale·S0)‖_F / ‖scale·S0‖₂`` in float32 on the weight's device."""
+    gap, norm = _gap(weight, U0, S0, V0, scale)
+    return float(torch.linalg.matrix_norm(gap) / norm)
+
+
+def merged_mismatch(weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float,
+                    trained: tuple[Tensor, Tensor, Tensor]) -> float:
+    """:func:`base_mismatch` against the base with the adapter's update merged in:
+    ``‖D − U0ᵀ·scale·(U·diag(S)·Vᵀ − U0·diag(S0)·V0ᵀ)·V0‖_F / ‖scale·S0‖₂``, ``trained = (U, S, V)``."""
+    gap, norm = _gap(weight, U0, S0, V0, scale)
+    U0, S0, V0 = (t.to(weight.device, torch.float32) for t in (U0, S0, V0))
+    U, S, V = (t.to(weight.device, torch.float32) for t in trained)
+    with torch.no_grad():
+        update = scale * ((U0.T @ U) * S) @ (V.T @ V0) - torch.diag(S0 * scale)
+        return float(torch.linalg.matrix_norm(gap - update) / norm)
 
 
 def tolerance(quantize: Optional[str], adapter_dtype: torch.dtype) -> float:
@@ -52,9 +78,12 @@ def tolerance(quantize: Optional[str], adapter_dtype: torch.dtype) -> float:
 
 
 def check_base_matches(name: str, weight: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, scale: float,
-                       quantize: Optional[str] = None, source: str = "the adapter") -> None:
+                       quantize: Optional[str] = None, source: str = "the adapter", *,
+                       trained: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> None:
     """Raise :class:`BaseMismatchError` (a one-line ValueError) unless ``weight`` is the base row
     block the factors were fitted to; a weight on the meta device (no values) is refused too.
+    With the trained factors ``trained = (U, S, V)``, a weight nearer the base with this adapter
+    merged in than the base itself is refused as well, however small the update.
 
     Example::
 
@@ -76,5 +105,13 @@ def check_base_matches(name: str, weight: Tensor, U0: Tensor, S0: Tensor, V0: Te
             f"{source} was not fitted to this base: layer {name}'s weight does not match the adapter's initial "
             f"factors U0, S0, V0 (mismatch {got:.3g}, allowed {allowed:.3g}: another model, or one with an adapter "
             "already merged in); pass the base it was trained from, or "
+            "allow_base_mismatch=True (--allow-base-mismatch) to apply it to another base on purpose"
+        )
+    merged = None if trained is None else merged_mismatch(weight, U0, S0, V0, scale, trained)
+    if merged is not None and merged < 0.5 * got:
+        raise BaseMismatchError(
+            f"{source} was not fitted to this base: layer {name}'s weight does not match the adapter's initial "
+            f"factors U0, S0, V0 but holds the adapter's own update (mismatch {got:.3g} to the base, {merged:.3g} to "
+            "the base with this adapter merged in: it is already merged); pass the base it was trained from, or "
             "allow_base_mismatch=True (--allow-base-mismatch) to apply it to another base on purpose"
         )

@@ -10,7 +10,11 @@ for both); modules kept as trainable copies become PEFT's ``modules_to_save``; t
 ``task_type`` is inferred from the model class (``SEQ_CLS`` for ``*ForSequenceClassification``,
 …; see :func:`~.targets.infer_task_type`).  SORSA experts (the fused 3-D expert weights of MoE
 models) export as LoRA on PEFT's ``target_parameters``: a rank-2r LoRA per expert, laid out as
-PEFT's ``ParamWrapper`` reads it (:func:`peft_expert_lora`), which PEFT loads exactly.  For QSORSA, the exported LoRA applies to
+PEFT's ``ParamWrapper`` reads it (:func:`peft_expert_lora`), which PEFT loads exactly.  That layout
+is PEFT's private one, tested on PEFT :data:`TESTED_PEFT`: an export holding experts refuses an
+older installed PEFT (a plain LoRA of linear layers loads on any ``peft>=0.13``).  A layer whose
+adapter kind is not a LoRA update (:attr:`~sorsa_kernels.nn.kinds.AdapterKind.lora`) is refused,
+naming its kind.  For QSORSA, the exported LoRA applies to
 the unquantized base and differs from the quantized training model by the quantization error.
 
 The export is written as a whole folder: both files go to a temporary sibling folder that
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional, Union
 
@@ -32,12 +37,16 @@ from torch import nn
 from .atomic import atomic_dir
 from ..dtensor import full_tensor, is_sharded, process_rank
 from ..nn.checks import check_finite
+from ..nn.kinds import kind_of
 from .experts import adapted_experts, expert_weight_names
 from .modules_to_save import SavedModule, saved_modules
 from .surgery import sorsa_layers
 from .targets import HEAD_NAMES, infer_task_type
 
-__all__ = ["export_peft_lora", "lora_factors", "peft_expert_lora"]
+__all__ = ["export_peft_lora", "lora_factors", "peft_expert_lora", "TESTED_PEFT", "installed_peft_version"]
+
+#: The PEFT release whose private expert layout (``target_parameters``, ``ParamWrapper``) the export is tested on.
+TESTED_PEFT = "0.21.2"
 
 #: What a PEFT adapter folder may hold; export refuses to replace a folder holding anything else.
 _PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
@@ -104,6 +113,10 @@ def export_peft_lora(
     experts = adapted_experts(model)
     if not layers and not experts:
         raise ValueError("the model has no SORSA layers; nothing to export")
+    projections = {f"{name}.{attr}": getattr(m, attr) for name, m in experts.items() for attr in expert_weight_names(m)}
+    _check_lora_kinds({**layers, **projections})
+    if projections:
+        _check_peft_version(installed_peft_version())
     directory = Path(directory)
     if directory.is_dir():
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in _PEFT_FILES)
@@ -117,7 +130,6 @@ def export_peft_lora(
     tensors = {}
     rank_pattern = {}
     ranks = {name: 2 * layer.rank for name, layer in layers.items()}
-    projections = {f"{name}.{attr}": getattr(m, attr) for name, m in experts.items() for attr in expert_weight_names(m)}
     r = max([*ranks.values(), *(2 * p.rank for p in projections.values())])
     _check_expert_ranks(projections, r)
     _check_peft_moe_renames(model, layers)
@@ -162,6 +174,38 @@ def export_peft_lora(
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def installed_peft_version() -> Optional[str]:
+    """The installed PEFT's version, or None when PEFT is not installed."""
+    try:
+        return version("peft")
+    except PackageNotFoundError:
+        return None
+
+
+def _check_peft_version(installed: Optional[str]) -> None:
+    """Refuse to write the expert layout for an installed PEFT older than :data:`TESTED_PEFT`."""
+    from packaging.version import Version
+
+    if installed is not None and Version(installed) < Version(TESTED_PEFT):
+        raise ValueError(
+            f"export_peft_lora writes SORSA experts in PEFT's target_parameters layout, tested on peft {TESTED_PEFT}, "
+            f"but peft {installed} is installed; upgrade (pip install 'peft>={TESTED_PEFT}') or merge with "
+            "sorsa_kernels.merge_sorsa(model) and save the merged model instead"
+        )
+
+
+def _check_lora_kinds(layers: dict[str, nn.Module]) -> None:
+    """Every adapter layer's kind must be a LoRA update (``AdapterKind.lora``) for PEFT to load it."""
+    for name, layer in layers.items():
+        kind = kind_of(layer)
+        if not kind.lora:
+            raise ValueError(
+                f"layer {name} is a {kind.label} adapter (kind {kind.method!r}), whose update is not a LoRA; "
+                "export_peft_lora cannot write it: merge with sorsa_kernels.merge_sorsa(model) and save the "
+                "merged model instead"
+            )
 
 
 def _check_expert_ranks(projections: dict, r: int) -> None:

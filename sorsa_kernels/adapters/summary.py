@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..nn.checks import linear_weight
-from ..nn.experts import SORSAExperts
-from ..nn.linear import SORSALinear
+from ..nn.kinds import kind_of
 from .modules_to_save import SavedModule
 from .targets import fused_expert_parameters, is_linear_like
 
@@ -107,7 +106,7 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in saved):
             continue
-        if isinstance(module, (SORSALinear, SORSAExperts)):
+        if kind_of(module) is not None:  # an adapter layer of any registered kind (nn/kinds.py)
             role = _role(name)
             s.layers[role] = s.layers.get(role, 0) + 1
         elif isinstance(module, SavedModule):
@@ -119,6 +118,6 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
         if p.requires_grad:
             s.trainable_parameters += p.numel()
     s.fused_experts = [n for n in fused_expert_parameters(model) if not any(n.startswith(p + ".") for p in saved)]
-    rank = max((m.rank for m in model.modules() if isinstance(m, (SORSALinear, SORSAExperts))), default=0)
+    rank = max((m.rank for m in model.modules() if kind_of(m) is not None), default=0)
     s.below_rank = [n for n in s.not_adapted if min(linear_weight(model.get_submodule(n)).shape) < rank]
     return s

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..nn.checks import check_finite
 from ..nn.init_spec import SORSAInit
+from ..nn.kinds import is_adapter_layer
 from ..nn.linear import SORSALinear
 from .experts import merge_all_experts
 from .modules_to_save import unwrap_saved_modules
@@ -63,7 +64,7 @@ _set_submodule = set_submodule  # the name the benchmarks import
 
 def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
     """Every SORSA layer of ``model`` by module name (quantized ones included)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SORSALinear)}
+    return {n: m for n, m in model.named_modules() if is_adapter_layer(m)}  # any registered kind (nn/kinds.py)
 
 
 def apply_sorsa(

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.experts import SORSAExperts
+from ..nn.kinds import kind_of
 from ..nn.linear import SORSALinear
 from ..dtensor import full_tensor, is_sharded, local, process_rank
 from ..adapters.experts import adapted_experts, expert_weight_names
@@ -130,7 +131,8 @@ def local_nbytes(model: nn.Module) -> dict[str, int]:
 
     Keys: ``residual`` (packed NF4 bytes, or the dense residual of a SORSALinear),
     ``quant_state`` (absmax codes and nested absmax: the per-block state), ``quant_tables``
-    (the replicated code tables and offset), ``adapters`` (U, S, V), ``bias``.
+    (the replicated code tables and offset), ``adapters`` (U, S, V and any further trainable tensors
+    of the layer's kind), ``bias``.
 
     Example::
 
@@ -146,13 +148,14 @@ def local_nbytes(model: nn.Module) -> dict[str, int]:
 
     experts = [getattr(m, a) for m in adapted_experts(model).values() for a in expert_weight_names(m)]
     for layer in [*sorsa_layers(model).values(), *experts]:
-        if layer.quantize == "nf4":
+        kind = kind_of(layer)
+        if kind.quantize == "nf4":
             out["residual"] += nbytes(layer.nf4_packed)
             out["quant_state"] += nbytes(layer.nf4_absmax) + nbytes(layer.nf4_nested_absmax)
             out["quant_tables"] += sum(nbytes(getattr(layer, n)) for n in ("nf4_nested_code", "nf4_offset", "nf4_code"))
         else:
-            out["residual"] += nbytes(layer.residual if isinstance(layer, SORSALinear) else layer.dense_residual())
-        out["adapters"] += sum(nbytes(p) for p in (layer.U, layer.S, layer.V))
+            out["residual"] += nbytes(layer.dense_residual() if kind.experts else layer.residual)
+        out["adapters"] += sum(nbytes(getattr(layer, k)) for k in (*kind.trained, *kind.extra))
         out["bias"] += nbytes(layer.bias)
     return out
 

@@ -2,10 +2,11 @@
 
 :func:`option` builds a field that carries the option's default, help text, command-line
 spelling, ``--help`` section and allowed values; :func:`check_fields` applies the rules
-every field carries (the numeric rule table :data:`sorsa_kernels.nn.knobs.KNOBS`, by the
-field's name, and ``choices``).  The command line's flags, help text and defaults shown
-are generated from the fields (:mod:`sorsa_kernels.cli`); nothing about an option is
-written a second time.
+every field carries (its numeric ``rule``, :class:`~sorsa_kernels.nn.knobs.Rule`, declared on
+the field, or for the adapter's own knobs — ``rank``, ``alpha``, ``gamma``, … — the layers' rule
+of that name in :data:`~sorsa_kernels.nn.knobs.KNOBS`; and ``choices``).  The command line's
+flags, help text and defaults shown are generated from the fields (:mod:`sorsa_kernels.cli`);
+nothing about an option is written a second time.
 
 A bad setting is a :class:`ConfigError` whose message is a template naming fields, so a
 Python caller reads field names and the command line reads its flags:
@@ -33,9 +34,9 @@ import dataclasses
 from dataclasses import MISSING
 from typing import Any, Callable, Optional
 
-from ..nn.knobs import KNOBS, knob_problem
+from ..nn.knobs import KNOBS, Rule
 
-__all__ = ["option", "ConfigError", "ConfigTypeError", "check_fields", "field_default", "option_flags",
+__all__ = ["option", "ConfigError", "ConfigTypeError", "check_fields", "field_default", "field_rule", "option_flags",
            "allowed_values", "is_switch", "python_name", "render", "Namer"]
 
 #: ``namer(field, form, value) -> str``: how a front end names a field; ``form`` is "", "flag" or "given".
@@ -45,7 +46,7 @@ Namer = Callable[[str, str, Any], str]
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, group: Optional[str] = None,
            flags: Optional[tuple[str, ...]] = None, choices: Any = None, nargs: Optional[str] = None,
            metavar: Optional[str] = None, shown: Optional[str] = None, paper: Any = MISSING,
-           embedded: Any = MISSING, internal: bool = False) -> Any:
+           embedded: Any = MISSING, internal: bool = False, rule: Optional[Rule] = None) -> Any:
     """A dataclass field declaring one option of a job.
 
     Args:
@@ -63,6 +64,8 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
         paper, embedded: the values a ``None`` default takes for a real model (the paper's,
             Table 3) and for the embedded one.
         internal: True for a field without a flag (a test keeps every other field a flag).
+        rule: what a number accepts (:class:`~sorsa_kernels.nn.knobs.Rule`: ``POSITIVE``, ``COUNT``, …);
+            a field named as one of the layers' knobs (``rank``, ``alpha``, …) has that knob's rule.
 
     Example::
 
@@ -72,7 +75,7 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     """
     metadata: dict[str, Any] = {"help": help, "internal": internal}
     for key, value in (("group", group), ("flags", flags), ("choices", choices), ("nargs", nargs),
-                       ("metavar", metavar), ("shown", shown)):
+                       ("metavar", metavar), ("shown", shown), ("rule", rule)):
         if value is not None:
             metadata[key] = value
     for key, value in (("paper", paper), ("embedded", embedded)):
@@ -84,6 +87,11 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
 def field_default(f: dataclasses.Field) -> Any:
     """The value a field takes when not given."""
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def field_rule(f: dataclasses.Field) -> Optional[Rule]:
+    """The field's numeric rule: its own ``rule``, else the layers' knob of its name, else None."""
+    return f.metadata.get("rule") or KNOBS.get(f.name)
 
 
 def is_switch(f: dataclasses.Field) -> bool:
@@ -158,12 +166,13 @@ def _allowed_text(allowed: tuple) -> str:
 
 def check_fields(config: Any) -> None:
     """Raise a :class:`ConfigError` for the first field of the dataclass ``config`` that breaks
-    its rule: a numeric knob (by the field's name in :data:`~sorsa_kernels.nn.knobs.KNOBS`:
-    finite, in range) or its ``choices`` (every item of a tuple value).  ``None`` passes."""
+    its rule: its numeric rule (:func:`field_rule`: finite, in range) or its ``choices`` (every
+    item of a tuple value).  ``None`` passes."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name in KNOBS:
-            problem = knob_problem(f.name, value)
+        rule = field_rule(f)
+        if rule is not None:
+            problem = rule.problem(value)
             if problem is not None:
                 kind, text = problem
                 error = ConfigTypeError if kind is TypeError else ConfigError

@@ -1,14 +1,17 @@
-"""One rule table for every numeric knob, shared by the API and the command line.
+"""The rule of a numeric knob, and the table of the adapter's and the regularizer's knobs.
 
-Each knob (``alpha``, ``gamma``, ``lr_max``, ``learning_rate``, ``dropout``, batch sizes,
-step counts, …) has one :class:`Rule`: integer or real, finite, and a range.
-:func:`check_knob` applies it and raises a one-line error naming the knob, what is allowed
-and the value given.  :meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`,
-:func:`sorsa_kernels.apply_sorsa`, :func:`sorsa_kernels.add_regularizer_grad`,
-:class:`sorsa_kernels.SORSACallback` and the job configs (``FinetuneConfig``,
-``CompareConfig``, on construction, through :func:`knob_problem`) all apply it, so
-``--alpha 0`` on the command line and ``alpha=0.0`` in Python fail the same way, before
-any model is loaded or any weight is touched.
+A :class:`Rule` says what a number accepts: integer or real, finite, a range.  The knobs of
+the layers themselves (``rank``, ``alpha``, ``dropout``, SVD and quantization iterations, the
+regularizer's ``gamma`` and ``lr_max``) have theirs in :data:`KNOBS`, applied by
+:func:`check_knob` with a one-line error naming the knob, what is allowed and the value given.
+:meth:`SORSALinear.from_linear <sorsa_kernels.nn.linear.SORSALinear.from_linear>`,
+:func:`sorsa_kernels.apply_sorsa`, :func:`sorsa_kernels.add_regularizer_grad` and
+:class:`sorsa_kernels.SORSACallback` apply it, and so do the job configs for their fields of
+the same names, so ``--alpha 0`` on the command line and ``alpha=0.0`` in Python fail the same
+way, before any model is loaded or any weight is touched.  The training and comparison options
+(learning rate, batch sizes, step counts, …) are not the layers' business: each declares its
+rule on its own field (``option(rule=POSITIVE)``, :mod:`sorsa_kernels.jobs.options`), from the
+shared rules here (:data:`POSITIVE`, :data:`COUNT`, …).
 
 Example::
 
@@ -23,8 +26,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["Rule", "KNOBS", "check_knob", "check_knobs", "knob_problem", "representable_range", "check_scale",
-           "check_gamma_rate"]
+__all__ = ["Rule", "KNOBS", "POSITIVE", "NON_NEGATIVE", "COUNT", "NON_NEGATIVE_COUNT", "FRACTION", "check_knob",
+           "check_knobs", "knob_problem", "representable_range", "check_scale", "check_gamma_rate"]
 
 
 @dataclass(frozen=True)
@@ -63,69 +66,57 @@ class Rule:
             return False
         return True
 
+    def problem(self, value: Any, required: bool = False) -> Optional[tuple[type, str]]:
+        """What is wrong with ``value``: ``(TypeError or ValueError, "must be …, got …")``, or None
+        when it is allowed.  Lets a caller name the knob its own way (:func:`check_knob` by
+        ``label``; a job's config by field, rendered per front end)."""
+        if self.accepts(value) and not (required and value is None):
+            return None
+        if value is None:
+            return TypeError, f"must be {self.text}, got None"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                self.integer and not isinstance(value, numbers.Integral)):
+            return TypeError, f"must be {self.text}, got {type(value).__name__} {value!r}"
+        return ValueError, f"must be {self.text}, got {value!r}"
 
-_POSITIVE = Rule("a positive finite number", low=0.0, low_open=True)
-_NON_NEGATIVE = Rule("a non-negative finite number", low=0.0)
-_COUNT = Rule("a positive integer", integer=True, low=1)
-_NON_NEGATIVE_COUNT = Rule("a non-negative integer", integer=True, low=0)
-_FRACTION = Rule("in [0, 1)", low=0.0, high=1.0, high_open=True)
+    def check(self, value: Any, label: str, required: bool = False) -> None:
+        """Raise a ValueError (TypeError for a non-number) naming ``label`` unless ``value`` is allowed."""
+        problem = self.problem(value, required)
+        if problem is not None:
+            kind, text = problem
+            raise kind(f"{label} {text}")
 
-#: Every numeric knob by its Python name (API argument or ``FinetuneConfig`` field).
+
+POSITIVE = Rule("a positive finite number", low=0.0, low_open=True)
+NON_NEGATIVE = Rule("a non-negative finite number", low=0.0)
+COUNT = Rule("a positive integer", integer=True, low=1)
+NON_NEGATIVE_COUNT = Rule("a non-negative integer", integer=True, low=0)
+FRACTION = Rule("in [0, 1)", low=0.0, high=1.0, high_open=True)
+
+#: Every numeric knob of the layers and the regularizer, by its Python name (API argument and config field).
 KNOBS: dict[str, Rule] = {
     # the adapter
-    "rank": _COUNT,
-    "alpha": _POSITIVE,
-    "dropout": _FRACTION,
-    "niter": _NON_NEGATIVE_COUNT,
-    "oversample": _NON_NEGATIVE_COUNT,
-    "quant_iters": _NON_NEGATIVE_COUNT,
+    "rank": COUNT,
+    "alpha": POSITIVE,
+    "dropout": FRACTION,
+    "niter": NON_NEGATIVE_COUNT,
+    "oversample": NON_NEGATIVE_COUNT,
+    "quant_iters": NON_NEGATIVE_COUNT,
     # the regularizer
-    "gamma": _NON_NEGATIVE,
-    "lr_max": _POSITIVE,
-    # the optimizer and schedule
-    "learning_rate": _POSITIVE,
-    "num_train_epochs": _POSITIVE,
-    "max_steps": Rule("positive (or -1 for epochs)", integer=True, low=1, also=(-1,)),
-    "warmup_ratio": _FRACTION,
-    "weight_decay": _NON_NEGATIVE,
-    "max_grad_norm": Rule("a non-negative finite number (0: no clipping)", low=0.0),
-    "per_device_train_batch_size": _COUNT,
-    "gradient_accumulation_steps": _COUNT,
-    "eval_batch_size": _COUNT,
-    "max_length": _COUNT,
-    # logging, evaluation, saving
-    "logging_steps": _COUNT,
-    "eval_steps": _COUNT,
-    "save_steps": _COUNT,
-    "save_total_limit": _COUNT,
-    "eval_fraction": _FRACTION,
-    "eval_samples": _NON_NEGATIVE_COUNT,
-    "max_new_tokens": _COUNT,
-    "pretrain_steps": _NON_NEGATIVE_COUNT,
-    "record_every": Rule("a positive number of steps", integer=True, low=1),
-    "seed": Rule("an integer in [0, 2**32)", integer=True, low=0, high=2**32, high_open=True),
+    "gamma": NON_NEGATIVE,
+    "lr_max": POSITIVE,
 }
 
 
 def knob_problem(name: str, value: Any, required: bool = False) -> Optional[tuple[type, str]]:
-    """What is wrong with ``value`` for ``KNOBS[name]``: ``(TypeError or ValueError, "must be …, got …")``,
-    or None when it is allowed.  Lets a caller name the knob its own way (:func:`check_knob`
-    by ``label``; a job's config by field, rendered per front end).
+    """:meth:`Rule.problem` of ``KNOBS[name]``.
 
     Example::
 
         >>> knob_problem("rank", 0)
         (<class 'ValueError'>, 'must be a positive integer, got 0')
     """
-    rule = KNOBS[name]
-    if rule.accepts(value) and not (required and value is None):
-        return None
-    if value is None:
-        return TypeError, f"must be {rule.text}, got None"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-            rule.integer and not isinstance(value, numbers.Integral)):
-        return TypeError, f"must be {rule.text}, got {type(value).__name__} {value!r}"
-    return ValueError, f"must be {rule.text}, got {value!r}"
+    return KNOBS[name].problem(value, required)
 
 
 def check_knob(name: str, value: Any, label: Optional[str] = None, required: bool = False) -> None:
@@ -136,14 +127,11 @@ def check_knob(name: str, value: Any, label: Optional[str] = None, required: boo
 
     Example::
 
-        >>> check_knob("learning_rate", float("nan"))
+        >>> check_knob("alpha", float("nan"))
         Traceback (most recent call last):
-        ValueError: learning_rate must be a positive finite number, got nan
+        ValueError: alpha must be a positive finite number, got nan
     """
-    problem = knob_problem(name, value, required)
-    if problem is not None:
-        kind, text = problem
-        raise kind(f"{label or name} {text}")
+    KNOBS[name].check(value, label or name, required)
 
 
 def check_knobs(**values: Any) -> None:

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Union
 
-from ..nn.knobs import check_knob
+from ..nn.knobs import FRACTION
 
 __all__ = [
     "DataError",
@@ -212,7 +212,7 @@ def arithmetic_equations(n: int, seed: int = 0) -> list[str]:
 def split_records(rows: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Shuffle deterministically and split off ``eval_fraction`` of the records (at least one
     on each side when there are two or more; none held out when ``eval_fraction`` is 0)."""
-    check_knob("eval_fraction", eval_fraction, "eval fraction", required=True)
+    FRACTION.check(eval_fraction, "eval fraction", required=True)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = 0 if eval_fraction == 0 or len(rows) < 2 else min(len(rows) - 1, max(1, round(eval_fraction * len(rows))))

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sorsa_kernels import SORSALinear, export_peft_lora, load_adapter, save_adapter
-from sorsa_kernels.adapters import adapter_io, peft_export
+from sorsa_kernels.adapters import adapter_save, peft_export
 from sorsa_kernels.adapters.adapter_io import (
     CONFIG_NAME,
     FORMAT,
@@ -302,6 +302,42 @@ def test_missing_adapter_names_both_files(tmp_path):
         read_adapter(tmp_path / "nowhere")
 
 
+# ------------------------------------------------------------------ issue 29: saved heads, PEFT folders
+def _with_head():
+    """``base()`` with ``a`` adapted and ``b`` kept as a trainable copy (``modules_to_save``)."""
+    from sorsa_kernels import apply_sorsa
+
+    return apply_sorsa(base(), 4, ["a"], modules_to_save=["b"], progress=False)
+
+
+def test_saved_head_with_an_integer_dtype_is_refused_naming_it(tmp_path):
+    save_adapter(_with_head(), tmp_path)
+
+    def as_int(t):
+        t["modules_to_save/b.weight"] = (t["modules_to_save/b.weight"] * 100).to(torch.int64)
+
+    _rewrite(tmp_path, tensors_fn=as_int)
+    with pytest.raises(AdapterError, match=r"saved module tensor b\.weight has dtype int64 but the base model's "
+                                           r"b\.weight needs a floating-point dtype"):
+        load_adapter(base(), tmp_path)
+
+
+def test_saved_head_in_another_float_dtype_still_loads(tmp_path):
+    model = _with_head()
+    save_adapter(model, tmp_path)
+    _rewrite(tmp_path, tensors_fn=lambda t: t.update({"modules_to_save/b.weight": t["modules_to_save/b.weight"].half()}))
+    loaded = load_adapter(base(), tmp_path)
+    assert loaded.b.trained.weight.dtype == torch.float32
+
+
+def test_peft_folder_given_to_load_adapter_says_it_is_a_peft_adapter(tmp_path):
+    export_peft_lora(adapted(), tmp_path / "lora")
+    with pytest.raises(AdapterError, match=r"lora is a PEFT adapter \(adapter_config.json \+ adapter_model.safetensors\), "
+                                           r"not a sorsa-kernels adapter \(adapter.safetensors\); load it with peft: "
+                                           r"PeftModel.from_pretrained\(base_model, "):
+        load_adapter(base(), tmp_path / "lora")
+
+
 # ------------------------------------------------------------------ modes
 def test_adapter_and_export_files_are_0644(tmp_path):
     old = os.umask(0o022)
@@ -327,7 +363,7 @@ def _enospc_after_partial_write(tensors, path, *args, **kwargs):
 def test_full_disk_while_writing_weights_keeps_previous_adapter(saved, monkeypatch):
     before = read_adapter(saved)
     listing = sorted(p.name for p in saved.parent.iterdir()), sorted(p.name for p in saved.iterdir())
-    monkeypatch.setattr(adapter_io, "save_file", _enospc_after_partial_write)
+    monkeypatch.setattr(adapter_save, "save_file", _enospc_after_partial_write)
     with pytest.raises(OSError) as info:
         save_adapter(adapted(alpha=8.0, seed=2), saved)
     assert info.value.errno == errno.ENOSPC
@@ -354,7 +390,7 @@ def test_full_disk_while_writing_the_json_keeps_previous_adapter(saved, monkeypa
 
 
 def test_full_disk_on_first_save_leaves_no_adapter_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(adapter_io, "save_file", _enospc_after_partial_write)
+    monkeypatch.setattr(adapter_save, "save_file", _enospc_after_partial_write)
     with pytest.raises(OSError):
         save_adapter(adapted(), tmp_path / "adapter")
     assert list((tmp_path / "adapter").iterdir()) == []
@@ -389,7 +425,7 @@ def test_export_refuses_a_folder_with_other_files(tmp_path):
 CHILD_HEADER = BASE_SRC + """
 import os, sys, time
 from sorsa_kernels import load_adapter, save_adapter
-from sorsa_kernels.adapters import adapter_io
+from sorsa_kernels.adapters import adapter_save
 """
 
 
@@ -431,7 +467,7 @@ def test_kill_between_writes_leaves_old_or_new_never_a_mix(tmp_path, old_and_new
             if name == {step!r}:
                 print(name, flush=True)
                 time.sleep(600)
-        adapter_io._between_steps = pause
+        adapter_save._between_steps = pause
         save_adapter(load_adapter(base(), {str(new)!r}), {str(target)!r})
     """)
     _wait_for_line(proc, step)

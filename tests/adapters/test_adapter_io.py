@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sorsa_kernels import SORSALinear, apply_sorsa, load_adapter, save_adapter
-from sorsa_kernels.adapters import adapter_io
+from sorsa_kernels.adapters import adapter_save
 from tests.conftest import build_tiny_llama, train_steps
 
 
@@ -96,7 +96,7 @@ def test_failed_save_leaves_previous_adapter_intact(trained, token_ids, tmp_path
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", boom)
+    monkeypatch.setattr(adapter_save, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(trained, tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

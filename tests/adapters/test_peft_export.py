@@ -53,3 +53,32 @@ def test_export_over_a_previous_export_replaces_it_whole(token_ids, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no temporary or old folder left
     lora = peft.PeftModel.from_pretrained(build_tiny_llama(), tmp_path / "lora").eval()
     assert rel_err(lora(token_ids).logits, expected) < 1e-4
+
+
+# ---------------------------------------------------------------------- issue 29, item 21: PEFT's private expert layout
+def _tiny_mixtral():
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=32))
+
+
+def test_export_of_experts_refuses_a_peft_older_than_the_tested_layout(tmp_path, monkeypatch):
+    from sorsa_kernels.adapters import peft_export
+
+    model = apply_sorsa(_tiny_mixtral(), 2, progress=False)
+    monkeypatch.setattr(peft_export, "installed_peft_version", lambda: "0.17.0")
+    with pytest.raises(ValueError, match=r"target_parameters layout, tested on peft 0\.21\.2, but peft 0\.17\.0 "
+                                         r"is installed; upgrade .*merge_sorsa"):
+        export_peft_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_export_without_experts_does_not_depend_on_the_peft_version(tmp_path, monkeypatch):
+    from sorsa_kernels.adapters import peft_export
+
+    monkeypatch.setattr(peft_export, "installed_peft_version", lambda: "0.13.0")
+    export_peft_lora(apply_sorsa(build_tiny_llama(), 2, progress=False), tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

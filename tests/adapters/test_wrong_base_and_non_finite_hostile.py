@@ -94,6 +94,51 @@ def test_cli_merge_onto_a_merged_base_is_one_line_and_the_flag_overrides(trained
     assert main(argv + ["--allow-base-mismatch"]) == 0 and (tmp_path / "twice" / "config.json").is_file()
 
 
+# ---------------------------------------------------------------------- issue 29, item 10: a small merged update
+def _decaying_linear(m=48, n=40, seed=0):
+    """An ``nn.Linear`` whose weight has the decaying spectrum of a pretrained projection (σ_i = e^{-i/6})."""
+    g = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    k = min(m, n)
+    lin = torch.nn.Linear(n, m, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_((q1[:, :k] * torch.exp(-torch.arange(k) / 6.0)) @ q2[:, :k].T)
+    return lin
+
+
+@pytest.fixture
+def small_update(tmp_path):
+    """(base, adapted model, adapter folder) of an adapter whose update is lr-1e-5 sized: ~20 Adam steps of
+    1e-5 per factor entry, a merged update of relative size ~1e-3 (9e-4), below the fixed tolerance of 1e-2."""
+    base = torch.nn.Sequential(_decaying_linear())
+    model = apply_sorsa(copy.deepcopy(base), 8, ["0"], progress=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (model[0].U, model[0].S, model[0].V):
+            p.add_(2e-4 * torch.randn(p.shape, generator=g))
+    save_adapter(model, tmp_path / "adapter")
+    return base, model, tmp_path / "adapter"
+
+
+def test_a_merged_base_with_an_lr_1e5_sized_update_is_refused(small_update):
+    from sorsa_kernels.adapters.base_match import DENSE_TOLERANCE, base_mismatch
+
+    _, model, adapter = small_update
+    merged = merge_sorsa(copy.deepcopy(model))
+    U0, S0, V0 = model[0].init_factors
+    assert 1e-4 < base_mismatch(merged[0].weight, U0, S0, V0, 1.0) < DENSE_TOLERANCE  # the fixed tolerance passes it
+    with pytest.raises(BaseMismatchError, match=r"layer 0's weight does not match the adapter's initial factors "
+                                                 r"U0, S0, V0 but holds the adapter's own update .*already merged"):
+        load_adapter(merged, adapter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_right_base_of_an_adapter_with_a_small_update_is_accepted(small_update, dtype):
+    base, model, adapter = small_update
+    load_adapter(copy.deepcopy(base).to(dtype), adapter)
+
+
 # ---------------------------------------------------------------------- 8: non-finite weights are never written
 def _poison(model):
     with torch.no_grad():

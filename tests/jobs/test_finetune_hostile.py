@@ -18,6 +18,7 @@ from sorsa_kernels.jobs.finetune import FinetuneConfig
 from sorsa_kernels.jobs.finetune import config as C
 from sorsa_kernels.jobs.finetune import rundir as R
 from sorsa_kernels.nn import make_sorsa_linear
+from sorsa_kernels.jobs.options import field_rule
 from sorsa_kernels.nn.knobs import KNOBS, check_knob
 
 NAN, INF = float("nan"), float("inf")
@@ -40,19 +41,26 @@ NAN, INF = float("nan"), float("inf")
 ])
 def test_rule_table_rejects_non_finite_and_out_of_range_values(name, value, message):
     with pytest.raises(ValueError, match=message):
-        check_knob(name, value)
+        _check(name, value)
+
+
+def _check(name, value):
+    """The layers' knob of that name, else the rule a ``FinetuneConfig`` field declares."""
+    if name in KNOBS:
+        return check_knob(name, value)
+    field_rule(FinetuneConfig.__dataclass_fields__[name]).check(value, name)
 
 
 @pytest.mark.parametrize("name, value", [("rank", 2.5), ("rank", True), ("alpha", "1"), ("save_steps", 1.0)])
 def test_rule_table_rejects_wrong_types(name, value):
     with pytest.raises(TypeError, match=f"{name} must be"):
-        check_knob(name, value)
+        _check(name, value)
 
 
 def test_rule_table_accepts_boundaries_and_none():
     for name, value in [("gamma", 0.0), ("dropout", 0.0), ("warmup_ratio", 0.0), ("max_steps", -1),
                         ("alpha", 1e-12), ("rank", 1), ("max_grad_norm", 0.0), ("alpha", None)]:
-        check_knob(name, value)
+        _check(name, value)
     with pytest.raises(TypeError, match="lr_max must be"):
         check_knob("lr_max", None, required=True)
 
@@ -61,8 +69,13 @@ NUMERIC_FIELDS = sorted(f.name for f in FinetuneConfig.__dataclass_fields__.valu
                         if f.type in ("Optional[int]", "Optional[float]", "int", "float"))
 
 
-def test_every_numeric_config_field_is_in_the_rule_table():
-    assert set(NUMERIC_FIELDS) <= set(KNOBS), set(NUMERIC_FIELDS) - set(KNOBS)
+def test_every_numeric_config_field_declares_a_rule():
+    fields = FinetuneConfig.__dataclass_fields__
+    assert not [n for n in NUMERIC_FIELDS if field_rule(fields[n]) is None]
+
+
+def test_the_layers_rule_table_holds_only_the_adapters_and_the_regularizers_knobs():
+    assert set(KNOBS) == {"rank", "alpha", "dropout", "niter", "oversample", "quant_iters", "gamma", "lr_max"}
 
 
 @pytest.mark.parametrize("name", NUMERIC_FIELDS)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..finetune.config import FinetuneConfig, distributed
+from ...nn.knobs import Rule
 from ..options import ConfigError, check_fields, field_default, option
 
 __all__ = ["ADAPTER_METHODS", "METHODS", "CompareConfig", "check_compare_environment", "check_eval_every",
@@ -63,7 +64,8 @@ class CompareConfig:
     full: bool = option(False, "also full fine-tuning of the target matrices (small models)", group=_COMPARISON)
     record_every: Optional[int] = option(
         None, "record every N steps; {eval_steps:flag}, a multiple of N, sets how often held-out loss and exact "
-        "match are measured (by default at every record)", group=_COMPARISON, metavar="N", shown="a tenth of the steps")
+        "match are measured (by default at every record)", group=_COMPARISON, metavar="N", shown="a tenth of the steps",
+        rule=Rule("a positive number of steps", integer=True, low=1))
     plots: bool = option(True, "compare.json and compare.md only", group=_COMPARISON, flags=("--no-plots",))
     lr_sweep: Optional[tuple[float, ...]] = option(
         None, "train every method at each of these learning rates (same budget) and report each at its own best "

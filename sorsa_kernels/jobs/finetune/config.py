@@ -10,7 +10,8 @@ translates field names in messages into its flags, in one place (``cli._cli_name
 
 **Adding an option is one change, here**: add the field, e.g.
 ``verbose: bool = option(False, "print every log line", group=_LOGGING)``.  A number gets
-its rule by its name in :data:`sorsa_kernels.nn.knobs.KNOBS`, a closed set of values by
+its rule by ``rule=`` (``POSITIVE``, ``COUNT``, … from :mod:`sorsa_kernels.nn.knobs`; the adapter's
+own knobs by their name in :data:`~sorsa_kernels.nn.knobs.KNOBS`), a closed set of values by
 ``choices=``, a check across fields by a line in :meth:`FinetuneConfig.__post_init__` (a
 :class:`~sorsa_kernels.jobs.options.ConfigError` naming fields as
 ``{field}``).  The flag (``--verbose``), its help and its default then exist on ``finetune``
@@ -37,7 +38,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ...nn.checks import SVD_MODES
-from ...nn.knobs import check_gamma_rate, check_scale
+from ...nn.knobs import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, Rule, check_gamma_rate,
+                         check_scale)
 from ..models.embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
 from ..options import ConfigError, check_fields, option
 
@@ -119,41 +121,47 @@ class FinetuneConfig:
                                      shown="none: dense residuals")
     # ---- training
     learning_rate: Optional[float] = option(None, "peak learning rate", group=_TRAINING,
-                                            flags=("--learning-rate", "--lr"), paper=3e-5, embedded=3e-3)
+                                            flags=("--learning-rate", "--lr"), paper=3e-5, embedded=3e-3, rule=POSITIVE)
     num_train_epochs: Optional[float] = option(None, "epochs", group=_TRAINING, flags=("--epochs",),
-                                               paper=1.0, embedded=1.0)
+                                               paper=1.0, embedded=1.0, rule=POSITIVE)
     max_steps: Optional[int] = option(
         None, "optimizer steps; overrides {num_train_epochs:flag}", group=_TRAINING, paper=-1, embedded=250,
-        shown="{num_train_epochs:flag} decides; embedded {embedded}")
+        shown="{num_train_epochs:flag} decides; embedded {embedded}",
+        rule=Rule("positive (or -1 for epochs)", integer=True, low=1, also=(-1,)))
     per_device_train_batch_size: Optional[int] = option(None, "per-device batch size", group=_TRAINING,
-                                                        flags=("--batch-size",), paper=8, embedded=16)
+                                                        flags=("--batch-size",), paper=8, embedded=16, rule=COUNT)
     gradient_accumulation_steps: Optional[int] = option(  # the paper's global batch: 128 on one device
         None, "gradient accumulation steps", group=_TRAINING,
-        flags=("--grad-accum", "--gradient-accumulation-steps"), paper=16, embedded=1)
-    max_length: int = option(512, "max tokens per example", group=_TRAINING)
-    warmup_ratio: float = option(0.03, "warm-up fraction of the steps", group=_TRAINING)
+        flags=("--grad-accum", "--gradient-accumulation-steps"), paper=16, embedded=1, rule=COUNT)
+    max_length: int = option(512, "max tokens per example", group=_TRAINING, rule=COUNT)
+    warmup_ratio: float = option(0.03, "warm-up fraction of the steps", group=_TRAINING, rule=FRACTION)
     lr_scheduler_type: str = option("cosine", "learning-rate schedule", group=_TRAINING, flags=("--scheduler",),
                                     choices=_schedulers)
-    weight_decay: float = option(0.0, "AdamW weight decay", group=_TRAINING)
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 turns clipping off", group=_TRAINING)
+    weight_decay: float = option(0.0, "AdamW weight decay", group=_TRAINING, rule=NON_NEGATIVE)
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 turns clipping off", group=_TRAINING,
+                                  rule=Rule("a non-negative finite number (0: no clipping)", low=0.0))
     bf16: bool = option(False, "bf16 mixed precision", group=_TRAINING)
     gradient_checkpointing: bool = option(False, "recompute activations in backward", group=_TRAINING)
     fsdp: bool = option(False, "shard with FSDP2 (under torchrun)", group=_TRAINING)
-    seed: int = option(42, "random seed", group=_TRAINING)
+    seed: int = option(42, "random seed", group=_TRAINING,
+                       rule=Rule("an integer in [0, 2**32)", integer=True, low=0, high=2**32, high_open=True))
     resume_from_checkpoint: Optional[str] = option(
         None, "continue from a complete checkpoint folder (or 'last': the newest under OUTPUT/checkpoints) with "
         "the same model, rank, targets, alpha and dtypes; writes into a new {output_dir:flag} or the checkpoint's "
         "own run folder, never another run's", group=_TRAINING, metavar="DIR", shown="none: a fresh start")
     # ---- logging, evaluation, saving
-    logging_steps: Optional[int] = option(None, "log every N steps", group=_LOGGING, paper=10, embedded=25)
+    logging_steps: Optional[int] = option(None, "log every N steps", group=_LOGGING, paper=10, embedded=25,
+                                          rule=COUNT)
     eval_steps: Optional[int] = option(None, "held-out loss every N steps", group=_LOGGING,
-                                       shown="only before and after")
-    save_steps: Optional[int] = option(None, "checkpoint every N steps", group=_LOGGING, shown="no checkpoints")
-    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING, shown="all")
-    eval_fraction: float = option(0.05, "held-out fraction of {data:flag}", group=_LOGGING)
-    eval_samples: int = option(200, "held-out examples for exact match", group=_LOGGING)
+                                       shown="only before and after", rule=COUNT)
+    save_steps: Optional[int] = option(None, "checkpoint every N steps", group=_LOGGING, shown="no checkpoints",
+                                       rule=COUNT)
+    save_total_limit: Optional[int] = option(None, "keep at most N checkpoints", group=_LOGGING, shown="all",
+                                             rule=COUNT)
+    eval_fraction: float = option(0.05, "held-out fraction of {data:flag}", group=_LOGGING, rule=FRACTION)
+    eval_samples: int = option(200, "held-out examples for exact match", group=_LOGGING, rule=NON_NEGATIVE_COUNT)
     max_new_tokens: Optional[int] = option(None, "generation length for exact match", group=_LOGGING,
-                                           shown="from responses")
+                                           shown="from responses", rule=COUNT)
     answer_pattern: Optional[str] = option(
         None, "exact match compares the answer this regular expression extracts (its group, e.g. '#### (\\S+)'), "
         "or 'last-number', from completion and response: for chain-of-thought data", group=_LOGGING,
@@ -161,13 +169,14 @@ class FinetuneConfig:
     evaluate: bool = option(True, "skip the before/after evaluation", group=_LOGGING, flags=("--no-eval",))
     report_to: str = option("none", "Trainer loggers: none, tensorboard, wandb …", group=_LOGGING)
     pretrain_steps: Optional[int] = option(None, "embedded model only: in-process pretraining steps",
-                                           group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}")
+                                           group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}",
+                                           rule=NON_NEGATIVE_COUNT)
     progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
                                     "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
     verbose: bool = option(False, "after the one-line adaptation summary, list every linear layer and fused "
                            "expert weight left unadapted", group=_LOGGING)
     # ---- Python only
-    eval_batch_size: int = option(32, "batch size of the held-out evaluation", internal=True)
+    eval_batch_size: int = option(32, "batch size of the held-out evaluation", internal=True, rule=COUNT)
     extra_training_args: dict = option(default_factory=dict, help="more transformers.TrainingArguments",
                                        internal=True)
 
