@@ -104,6 +104,16 @@ def fallen_back(op: str, key: tuple) -> bool:
     return (op, key) in _FALLEN_BACK
 
 
+def _launch_failure(exc: BaseException) -> Optional[str]:
+    """:func:`sorsa_kernels.kernels.failures.launch_failure`, or None (the error is real) when
+    that module cannot be imported: the kernel's own error must surface, not an ImportError."""
+    try:
+        from ..kernels.failures import launch_failure
+    except ImportError:  # a Triton whose layout this package does not know
+        return None
+    return launch_failure(exc)
+
+
 def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
                       kernel_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
     """``kernel_call()``; if a kernel fails to compile or launch there (OutOfResources, a
@@ -114,9 +124,7 @@ def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
     try:
         return kernel_call()
     except Exception as exc:  # noqa: BLE001 - classified below, re-raised unless a launch failure
-        from ..kernels.failures import launch_failure
-
-        kernel = launch_failure(exc)
+        kernel = _launch_failure(exc)
         if kernel is None:
             raise
         _FALLEN_BACK.add((op, key))
