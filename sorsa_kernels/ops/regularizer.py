@@ -59,7 +59,8 @@ def ortho_value_and_grad_(
     def ref():
         return reference.ortho_value_and_grad_(mats, float(coeff), tr)
 
-    if kernel_path(*mats) and not fallen_back(op, key):
+    # interpreter_bf16: the regularizer's kernels upcast every tile before a dot there.
+    if kernel_path(*mats, interpreter_bf16=True) and not fallen_back(op, key):
         from ..kernels import ortho_reg
 
         # A compile or launch failure happens before any launch writes a .grad: the
