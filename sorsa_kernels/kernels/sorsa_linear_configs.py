@@ -86,7 +86,7 @@ def skinny_configs(interpret: bool = INTERPRET) -> list:
 
     128-row tiles read U or V half as often as 64-row ones (every row tile re-reads all of
     it).  A 256-row tile (BLOCK_K 32, 8 warps) spilled 272 B at r = 128 on sm_90 (compile
-    facts, tests/kernels/compile_facts.py) and was dropped.
+    facts, tools/compile_facts.py) and was dropped.
     """
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]

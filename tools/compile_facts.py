@@ -2,7 +2,7 @@
 
 Run as a script in a process *without* ``TRITON_INTERPRET`` (no GPU needed)::
 
-    PYTHONPATH=. python tests/kernels/compile_facts.py --arch 86 [--quick] [--cases A,B] [--json OUT] [--md OUT [--update]]
+    PYTHONPATH=. python tools/compile_facts.py --arch 86 [--quick] [--cases A,B] [--json OUT] [--md OUT [--update]]
 
 1. The launchers run on CPU tensors of real training shapes (Llama-7B layers, M = 4096 tokens)
    with ``Autotuner.run`` / ``JITFunction.run`` replaced by a recorder, so the exact launch
@@ -423,7 +423,7 @@ def summary(rows: list[dict], arch: int) -> dict:
     )
 
 
-COMMAND = "PYTHONPATH=. python tests/kernels/compile_facts.py"
+COMMAND = "PYTHONPATH=. python tools/compile_facts.py"
 
 
 def command(arch: int, quick: bool = False, cases: str = "", update: bool = False) -> str:
