@@ -424,11 +424,9 @@ def fused_backward(
     """Fused SORSA backward: returns ``(dx, dU, dS, dV)`` (``dx`` None unless ``needs_dx``).
 
     Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_backward`
-    (``Wr`` frozen; the bias gradient, a plain row sum of ``dy``, is the op's): with
-    ``s = dy·U``::
-
-        dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)
-        dV = scale·xᵀ·(s·S)           dx = [dy | scale·s·S]·[Wr ; Vᵀ]
+    (``Wr`` frozen; the bias gradient, a plain row sum of ``dy``, is the op's); the formulas
+    are :func:`sorsa_kernels.ops.reference.lowrank_backward`'s, with ``dx = [dy | ss]·[Wr ; Vᵀ]``
+    in one GEMM.
 
     ``dy``, ``x`` and ``u`` share the compute dtype; ``dx`` is returned in it and each
     adapter gradient in its parameter's dtype.  The bits of dU, dS and dV do not depend on
