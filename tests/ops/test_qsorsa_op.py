@@ -105,6 +105,16 @@ def test_op_passes_torch_library_opcheck(backend):
     torch.library.opcheck(qlinear_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("name", ["triton", "reference"])
+def test_op_compiles_to_one_graph_without_breaks(backend, name):
+    backend(name)
+    q, U, S, V, b = _case(m=24, n=64, r=4, seed=8)
+    U.requires_grad_()
+    x = torch.randn(3, 5, 64)
+    explained = torch._dynamo.explain(lambda t: qsorsa_linear(t, q, U, S, V, b, 0.5))(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
 def test_rejects_input_with_wrong_feature_count():
     q, U, S, V, b = _case(seed=6)
     with pytest.raises(ValueError, match="input has 99 features in its last dimension, expected 100"):
