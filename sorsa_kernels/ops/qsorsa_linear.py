@@ -141,12 +141,7 @@ BACKWARD = KernelOp(
 def qlinear_fwd(
     x: Tensor,
     x_lowrank: Optional[Tensor],
-    packed: Tensor,
-    absmax: Tensor,
-    nested_absmax: Tensor,
-    nested_code: Tensor,
-    offset: Tensor,
-    code: Tensor,
+    nf4: list[Tensor],
     out_features: int,
     blocksize: int,
     nested_blocksize: int,
@@ -159,18 +154,16 @@ def qlinear_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u = x_lowrank·V`` 2-D (M×r).
 
-    ``kernel``: the caller's dispatch decision (``FORWARD.decide``), made here when None."""
+    ``nf4`` is the residual's storage, :meth:`NF4Weight.tensors`.  ``kernel``: the caller's dispatch decision (``FORWARD.decide``), made here when None."""
     n = x.shape[-1]
     args = (x.reshape(-1, n), None if x_lowrank is None else x_lowrank.reshape(-1, n),
-            (packed, absmax, nested_absmax, nested_code, offset, code), (blocksize, nested_blocksize),
-            out_features, U, S, V, bias, scale)
+            nf4, (blocksize, nested_blocksize), out_features, U, S, V, bias, scale)
     y, u = FORWARD(FORWARD.decide(*args) if kernel is None else kernel, *args)
     return reference.rows_to_shape(y, (*x.shape[:-1], out_features)), u
 
 
 @qlinear_fwd.register_fake
-def _(x, x_lowrank, packed, absmax, nested_absmax, nested_code, offset, code,
-      out_features, blocksize, nested_blocksize, U, S, V, bias, scale, kernel=None):
+def _(x, x_lowrank, nf4, out_features, blocksize, nested_blocksize, U, S, V, bias, scale, kernel=None):
     M = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(M, U.shape[1])
 
@@ -180,12 +173,7 @@ def qlinear_bwd(
     dy: Tensor,
     x_lowrank: Tensor,
     u: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    nested_absmax: Tensor,
-    nested_code: Tensor,
-    offset: Tensor,
-    code: Tensor,
+    nf4: list[Tensor],
     blocksize: int,
     nested_blocksize: int,
     U: Tensor,
@@ -206,8 +194,7 @@ def qlinear_bwd(
     dispatch decision.
     """
     args = (dy.reshape(-1, dy.shape[-1]), x_lowrank.reshape(-1, x_lowrank.shape[-1]), u,
-            (packed, absmax, nested_absmax, nested_code, offset, code), (blocksize, nested_blocksize),
-            U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank)
+            nf4, (blocksize, nested_blocksize), U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank)
     dx, dxl, dU, dS, dV = BACKWARD(kernel, *args)
     # distinct empties: the outputs of a custom op may not alias each other
     dx, dxl = (x_lowrank.new_empty(0) if d is None else d.reshape(x_lowrank.shape) for d in (dx, dxl))
@@ -215,23 +202,20 @@ def qlinear_bwd(
 
 
 @qlinear_bwd.register_fake
-def _(dy, x_lowrank, u, packed, absmax, nested_absmax, nested_code, offset, code,
-      blocksize, nested_blocksize, U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank, kernel):
+def _(dy, x_lowrank, u, nf4, blocksize, nested_blocksize, U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank,
+      kernel):
     dx = x_lowrank.new_empty(x_lowrank.shape if needs_dx else (0,))
     dxl = x_lowrank.new_empty(x_lowrank.shape if split_dx and needs_dx_lowrank else (0,))
     return dx, dxl, torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
 
 
 def _setup_context(ctx, inputs, output):
-    (x, x_lowrank, packed, absmax, nested_absmax, nested_code, offset, code,
-     out_features, blocksize, nested_blocksize, U, S, V, bias, scale, kernel) = inputs
+    x, x_lowrank, nf4, out_features, blocksize, nested_blocksize, U, S, V, bias, scale, kernel = inputs
     if kernel is None:  # a direct call of the op: its own decision, the same one
-        kernel = FORWARD.decide(x, x_lowrank, (packed, absmax, nested_absmax, nested_code, offset, code),
-                                (blocksize, nested_blocksize), out_features, U, S, V, bias, scale)
+        kernel = FORWARD.decide(x, x_lowrank, nf4, (blocksize, nested_blocksize), out_features, U, S, V, bias, scale)
     _, u = output
     split = x_lowrank is not None
-    ctx.save_for_backward(x_lowrank if split else x, u, packed, absmax, nested_absmax,
-                          nested_code, offset, code, U, S, V)
+    ctx.save_for_backward(x_lowrank if split else x, u, U, S, V, *nf4)
     ctx.split = split
     ctx.blocksize = blocksize
     ctx.nested_blocksize = nested_blocksize
@@ -241,19 +225,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _du):
-    xl, u, packed, absmax, nested_absmax, nested_code, offset, code, U, S, V = ctx.saved_tensors
+    xl, u, U, S, V, *nf4 = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     needs_dxl = ctx.split and ctx.needs_input_grad[1]
-    dx, dxl, dU, dS, dV = qlinear_bwd(
-        dy.contiguous(), xl, u, packed, absmax, nested_absmax, nested_code, offset, code,
-        ctx.blocksize, ctx.nested_blocksize, U, S, V, ctx.scale, needs_dx, ctx.split, needs_dxl,
-        ctx.kernel,
-    )
-    return (
-        dx if needs_dx else None, dxl if needs_dxl else None,
-        None, None, None, None, None, None, None, None, None,
-        dU, dS, dV, bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[14] else None, None, None,
-    )
+    dx, dxl, dU, dS, dV = qlinear_bwd(dy.contiguous(), xl, u, nf4, ctx.blocksize, ctx.nested_blocksize, U, S, V,
+                                      ctx.scale, needs_dx, ctx.split, needs_dxl, ctx.kernel)
+    db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[9] else None
+    return (dx if needs_dx else None, dxl if needs_dxl else None, [None] * len(nf4), None, None, None,
+            dU, dS, dV, db, None, None)
 
 
 qlinear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -283,7 +262,7 @@ def qsorsa_linear(
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {q.shape[1]}")
     x_lowrank = F.dropout(x, dropout_p, True) if dropout_p > 0.0 and training else None
-    nf4, blocks, scale = q.tensors(), (q.blocksize, q.nested_blocksize), float(scale)
+    nf4, blocks, scale = list(q.tensors()), (q.blocksize, q.nested_blocksize), float(scale)
     kernel = FORWARD.decide(x, x_lowrank, nf4, blocks, q.shape[0], U, S, V, bias, scale)  # once per call
-    y, _ = qlinear_fwd(x, x_lowrank, *nf4, q.shape[0], *blocks, U, S, V, bias, scale, kernel)
+    y, _ = qlinear_fwd(x, x_lowrank, nf4, q.shape[0], *blocks, U, S, V, bias, scale, kernel)
     return y

@@ -101,7 +101,7 @@ def test_op_passes_torch_library_opcheck(backend):
     backend("reference")
     q, U, S, V, b = _case(m=24, n=64, r=4, seed=5)
     x = torch.randn(3, 64, requires_grad=True)
-    args = (x, None, *q.tensors(), 24, 64, 256, U, S, V, b, 1.0)
+    args = (x, None, list(q.tensors()), 24, 64, 256, U, S, V, b, 1.0)
     torch.library.opcheck(qlinear_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
