@@ -89,6 +89,17 @@ def _typed_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _table_row(table_ptr, mat, TABLE_COLS: tl.constexpr):
+    """Matrix ``mat``'s row of the table (the column layout above _TABLE_COLS): ``(a_addr,
+    g_addr, k, r, a_stride, g_stride, a_code, g_code, ws_off, n_chunks, n_tiles)``; a kernel
+    that does not use a column does not load it (the compiler drops unused loads)."""
+    row = table_ptr + mat * TABLE_COLS
+    ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), ws_off, tl.load(row + 9), tl.load(row + 10))
+
+
+@triton.jit
 def _gram_partial_tile(
     a_ptr, stride, k_lo, k_hi, r, ri, rj,
     BLOCK_K: tl.constexpr, K_CONTIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -137,14 +148,7 @@ def _ortho_gram_partial_kernel(
     ti = tl.load(items_ptr + pid * 4 + 1).to(tl.int64)
     tj = tl.load(items_ptr + pid * 4 + 2).to(tl.int64)
     chunk = tl.load(items_ptr + pid * 4 + 3).to(tl.int64)
-    row = table_ptr + mat * TABLE_COLS
-    addr = tl.load(row + 0)
-    k = tl.load(row + 2)
-    r = tl.load(row + 3)
-    stride = tl.load(row + 4)
-    code = tl.load(row + 6)
-    ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
-    n_tiles = tl.load(row + 10)
+    addr, _, k, r, stride, _, code, _, ws_off, _, n_tiles = _table_row(table_ptr, mat, TABLE_COLS)
     k_lo = chunk * k_chunk
     k_hi = tl.minimum(k, k_lo + k_chunk)
     if ALIGNED:  # host-checked: strides, k, r and k_chunk are multiples of 8 (see _build_plan)
@@ -178,11 +182,7 @@ def _ortho_norm_kernel(
     no NaN).  All workspace accesses are in-bounds by construction (padded whole tiles).
     """
     mat = tl.program_id(0).to(tl.int64)
-    row = table_ptr + mat * TABLE_COLS
-    r = tl.load(row + 3)
-    ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
-    n_chunks = tl.load(row + 9)
-    n_tiles = tl.load(row + 10)
+    _, _, _, r, _, _, _, _, ws_off, n_chunks, n_tiles = _table_row(table_ptr, mat, TABLE_COLS)
     P = n_tiles * BLOCK_R
     base = ws_ptr + ws_off
     offs = tl.arange(0, BLOCK_R)
@@ -266,17 +266,8 @@ def _ortho_grad_update_kernel(
         mat = tl.load(items_ptr + pid * 3 + 0).to(tl.int64)
         kb = tl.load(items_ptr + pid * 3 + 1).to(tl.int64)
         tj = tl.load(items_ptr + pid * 3 + 2).to(tl.int64)
-        row = table_ptr + mat * TABLE_COLS
-        a_addr = tl.load(row + 0)
-        g_addr = tl.load(row + 1)
-        k = tl.load(row + 2)
-        r = tl.load(row + 3)
-        a_stride = tl.load(row + 4)
-        g_stride = tl.load(row + 5)
-        a_code = tl.load(row + 6)
-        g_code = tl.load(row + 7)
-        ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
-        n_tiles = tl.load(row + 10)
+        (a_addr, g_addr, k, r, a_stride, g_stride, a_code, g_code, ws_off, _,
+         n_tiles) = _table_row(table_ptr, mat, TABLE_COLS)
         if ALIGNED:  # host-checked: strides, k and r are multiples of 8 (see _build_plan)
             a_stride = tl.multiple_of(a_stride, 8)
             g_stride = tl.multiple_of(g_stride, 8)
