@@ -86,12 +86,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # =============================================================================== kernels
 @triton.jit
 def _skinny_dot_tile(
-    a_ptr, b_ptr, M, K, R, k_per_split, stride_am, stride_ak, stride_bk, stride_br,
-    INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, b_ptr, part_ptr, M, K, R, k_per_split, stride_am, stride_ak, stride_bk, stride_br, stride_ps, stride_pm,
+    INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """This program's fp32 tile of ``A·B`` (A M×K, B K×R, B cast to A's dtype on load) over its
     K chunk: grid axis 0 the row tile, 1 the rank tile, 2 the chunk of ``k_per_split`` columns.
-    Returns the tile and its int64 row / rank indices and masks, for the caller's epilogue."""
+    ``SPLIT_K``: the tile is a partial, stored here to ``part[chunk]`` (unit stride along R).
+    Returns the tile, its int64 row / rank indices, its mask and the rank mask, for the
+    caller's epilogue (which ``SPLIT_K`` skips: the launcher sums the partials)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -116,14 +119,10 @@ def _skinny_dot_tile(
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rr[None, :] * stride_br,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
-    return acc, rm, rr, mask_m, mask_r
-
-
-@triton.jit
-def _store_split_partial(part_ptr, stride_ps, stride_pm, rm, rr, mask, acc):
-    """Store this K chunk's fp32 partial to ``part[chunk]`` (unit stride along R)."""
-    p_ptrs = part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :]
-    tl.store(p_ptrs, acc, mask=mask)
+    mask = mask_m[:, None] & mask_r[None, :]
+    if SPLIT_K:
+        tl.store(part_ptr + pid_s.to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :], acc, mask=mask)
+    return acc, rm, rr, mask, mask_r
 
 
 @triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "K", "R"],
@@ -149,13 +148,10 @@ def _lowrank_down_kernel(
     never from the config) and each program stores its fp32 partial of ``x·V`` to
     ``part[split]`` (unit stride along R); the launcher sums them and forms u and t.
     """
-    acc, rm, rr, mask_m, mask_r = _skinny_dot_tile(
-        x_ptr, v_ptr, M, K, R, k_per_split, stride_xm, stride_xk, stride_vk, stride_vr,
-        INPUT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)
-    mask = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K:
-        _store_split_partial(part_ptr, stride_ps, stride_pm, rm, rr, mask, acc)
-    else:
+    acc, rm, rr, mask, mask_r = _skinny_dot_tile(
+        x_ptr, v_ptr, part_ptr, M, K, R, k_per_split, stride_xm, stride_xk, stride_vk, stride_vr, stride_ps, stride_pm,
+        INPUT_PRECISION, SPLIT_K, BLOCK_R, BLOCK_M, BLOCK_K)
+    if not SPLIT_K:
         sigma = tl.load(sigma_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
         tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
                  acc.to(u_ptr.dtype.element_ty), mask=mask)
@@ -190,13 +186,10 @@ def _lowrank_up_grad_kernel(
     fp32 partial of ``s`` to ``part[split]`` (unit stride along R); the launcher sums them
     and forms ``ss`` and dS.
     """
-    s, rm, rr, mask_m, mask_r = _skinny_dot_tile(
-        dy_ptr, up_ptr, M, K, R, k_per_split, stride_dym, stride_dyk, stride_upk, stride_upr,
-        INPUT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)
-    mask = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K:
-        _store_split_partial(part_ptr, stride_ps, stride_pm, rm, rr, mask, s)
-    else:
+    s, rm, rr, mask, mask_r = _skinny_dot_tile(
+        dy_ptr, up_ptr, part_ptr, M, K, R, k_per_split, stride_dym, stride_dyk, stride_upk, stride_upr, stride_ps,
+        stride_pm, INPUT_PRECISION, SPLIT_K, BLOCK_R, BLOCK_M, BLOCK_K)
+    if not SPLIT_K:
         sigma = tl.load(sigma_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
         ss = s * sigma[None, :]
         tl.store(ss_ptr + rm[:, None] * stride_ssm + rr[None, :] * stride_ssr,
