@@ -56,7 +56,7 @@ _TARGETS: list[Target] = []  # compile_target's stack
 @contextlib.contextmanager
 def compile_target(capability: int) -> Iterator[Target]:
     """Make every prune and per-family choice size configs for ``capability`` (75, 80, 86,
-    89 or 90) whatever the tensors' device: how tests/kernels/compile_facts.py compiles for a
+    89 or 90) whatever the tensors' device: how tools/compile_facts.py compiles for a
     GPU it does not have.
 
     Example::

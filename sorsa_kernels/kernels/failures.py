@@ -3,18 +3,30 @@
 ops/ (the only dispatch seam) falls back to the PyTorch reference on them; kernels/ only
 classifies.  A failure is Triton's ``OutOfResources`` (shared memory, threads), a ptxas error,
 or the driver refusing the launch for its resources.
+
+The error classes are looked up by name, not imported: the package allows ``triton>=3.0``
+and older releases lack ``PTXASError`` (they raise a ``RuntimeError`` naming ptxas or the
+PTX codegen instead, matched by its words).  An ``ImportError`` here would replace the
+kernel's real error in the fallback's ``except``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from triton.runtime.errors import OutOfResources, PTXASError
+from triton.runtime import errors as _triton_errors
 from triton.runtime.jit import KernelInterface
 
 __all__ = ["launch_failure"]
 
-# The driver's words when a launch asks for more registers or threads than the GPU has.
-_DRIVER_RESOURCE_ERRORS = ("too many resources requested for launch", "out of resource")
+#: Triton's compile / launch failure classes that this Triton has (PTXASError: Triton ≥ 3.2).
+FAILURE_TYPES: tuple[type, ...] = tuple(
+    t for t in (getattr(_triton_errors, name, None) for name in ("OutOfResources", "PTXASError"))
+    if isinstance(t, type))
+
+# The driver's words when a launch asks for more registers or threads than the GPU has, and
+# an older Triton's words for a ptxas failure.
+_RESOURCE_ERROR_WORDS = ("too many resources requested for launch", "out of resource",
+                         "PTX codegen error", "ptxas")
 
 
 def launch_failure(exc: BaseException) -> Optional[str]:
@@ -32,8 +44,8 @@ def launch_failure(exc: BaseException) -> Optional[str]:
         ...     if launch_failure(exc) is None:
         ...         raise
     """
-    is_failure = isinstance(exc, (OutOfResources, PTXASError)) or (
-        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DRIVER_RESOURCE_ERRORS))
+    is_failure = isinstance(exc, FAILURE_TYPES) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _RESOURCE_ERROR_WORDS))
     if not is_failure:
         return None
     name = "a Triton kernel"

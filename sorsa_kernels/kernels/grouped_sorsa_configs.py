@@ -5,7 +5,7 @@ when they were written: measure with ``bench/``), pruned per launch by the devic
 memory per block (:func:`~._launch.device_target`, as every family's prunes) and, for fp32
 operands, by fp32 accumulators per thread.  The row tile is not a config: it is
 :data:`ROW_BLOCK`, the tile table's row step.  Checked per GPU family by
-tests/kernels/compile_facts.py (the ``experts`` launch classes of docs/compile-facts-sm*.md).
+tools/compile_facts.py (the ``experts`` launch classes of docs/compile-facts-sm*.md).
 """
 from __future__ import annotations
 

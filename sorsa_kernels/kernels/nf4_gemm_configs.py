@@ -17,7 +17,7 @@ DEQUANT_BLOCK = 64 if INTERPRET else 1024
 # points taken from the Triton matmul tutorial's configs (BLOCK_M/N 64-128, BLOCK_K 32-64,
 # GROUP_M 8 for L2 reuse) and Hopper guidance (4-8 warps, 3-4 stages), plus narrow-row
 # configs for decode-sized M.  This kernel only serves M < DEQUANT_MIN_M.  Pruned with the
-# sm_90 compile facts (tests/kernels/compile_facts.py): 128×128×64 (256 KB), 64×128×64
+# sm_90 compile facts (tools/compile_facts.py): 128×128×64 (256 KB), 64×128×64
 # (336 KB) and 16×128×64 at 4 stages (310 KB) exceeded 227 KB of shared memory, and
 # 128×128×32 spilled 1 KB in the dx form; the dequantized tile passes through shared memory,
 # so these tiles cost far more than a bf16 GEMM's.

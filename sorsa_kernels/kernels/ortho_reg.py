@@ -65,7 +65,10 @@ from .ortho_reg_configs import DEFAULT_K_CHUNK
 
 __all__ = ["grouped_ortho_value_and_grad_", "clear_cache", "DEFAULT_K_CHUNK"]
 
-# Per-matrix codes: dtype index × 2 + (1 if the k axis is the contiguous one else 0).
+# Per-matrix codes: dtype index × 2 + (1 if the k axis is the contiguous one else 0).  The
+# kernels unroll one branch per code (``tl.static_range(6)``; code c has dtype float32,
+# float16 or bfloat16 for c // 2 = 0, 1, 2 and its k axis contiguous when c is odd) and keep
+# those the set holds (a constexpr bitmask), so a set of one dtype compiles one branch.
 _DTYPE_INDEX = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Matrix-table columns (int64), read by the kernels at these offsets:
 #   0 address of A   1 address of A.grad   2 k   3 r   4 A's non-unit stride   5 the grad's
@@ -83,6 +86,17 @@ def _typed_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def _table_row(table_ptr, mat, TABLE_COLS: tl.constexpr):
+    """Matrix ``mat``'s row of the table (the column layout above _TABLE_COLS): ``(a_addr,
+    g_addr, k, r, a_stride, g_stride, a_code, g_code, ws_off, n_chunks, n_tiles)``; a kernel
+    that does not use a column does not load it (the compiler drops unused loads)."""
+    row = table_ptr + mat * TABLE_COLS
+    ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), ws_off, tl.load(row + 9), tl.load(row + 10))
 
 
 @triton.jit
@@ -134,14 +148,7 @@ def _ortho_gram_partial_kernel(
     ti = tl.load(items_ptr + pid * 4 + 1).to(tl.int64)
     tj = tl.load(items_ptr + pid * 4 + 2).to(tl.int64)
     chunk = tl.load(items_ptr + pid * 4 + 3).to(tl.int64)
-    row = table_ptr + mat * TABLE_COLS
-    addr = tl.load(row + 0)
-    k = tl.load(row + 2)
-    r = tl.load(row + 3)
-    stride = tl.load(row + 4)
-    code = tl.load(row + 6)
-    ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
-    n_tiles = tl.load(row + 10)
+    addr, _, k, r, stride, _, code, _, ws_off, _, n_tiles = _table_row(table_ptr, mat, TABLE_COLS)
     k_lo = chunk * k_chunk
     k_hi = tl.minimum(k, k_lo + k_chunk)
     if ALIGNED:  # host-checked: strides, k, r and k_chunk are multiples of 8 (see _build_plan)
@@ -152,30 +159,12 @@ def _ortho_gram_partial_kernel(
     rj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
 
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    if COMBOS & 1:
-        if code == 0:
-            acc = _gram_partial_tile(_typed_ptr(addr, tl.float32, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, False, DOT_PRECISION, NATIVE_DOT)
-    if COMBOS & 2:
-        if code == 1:
-            acc = _gram_partial_tile(_typed_ptr(addr, tl.float32, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, True, DOT_PRECISION, NATIVE_DOT)
-    if COMBOS & 4:
-        if code == 2:
-            acc = _gram_partial_tile(_typed_ptr(addr, tl.float16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, False, DOT_PRECISION, NATIVE_DOT)
-    if COMBOS & 8:
-        if code == 3:
-            acc = _gram_partial_tile(_typed_ptr(addr, tl.float16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, True, DOT_PRECISION, NATIVE_DOT)
-    if COMBOS & 16:
-        if code == 4:
-            acc = _gram_partial_tile(_typed_ptr(addr, tl.bfloat16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, False, DOT_PRECISION, NATIVE_DOT)
-    if COMBOS & 32:
-        if code == 5:
-            acc = _gram_partial_tile(_typed_ptr(addr, tl.bfloat16, ALIGNED), stride, k_lo, k_hi, r, ri, rj,
-                                     BLOCK_K, True, DOT_PRECISION, NATIVE_DOT)
+    for c in tl.static_range(6):  # one branch per (dtype, layout) code the set holds
+        if COMBOS & (1 << c):
+            if code == c:
+                a_ptr = _typed_ptr(addr, tl.float32 if c < 2 else tl.float16 if c < 4 else tl.bfloat16, ALIGNED)
+                acc = _gram_partial_tile(a_ptr, stride, k_lo, k_hi, r, ri, rj, BLOCK_K, c % 2 == 1, DOT_PRECISION,
+                                         NATIVE_DOT)
 
     P = n_tiles * BLOCK_R
     dst = ws_ptr + ws_off + chunk * P * P + ri[:, None] * P + rj[None, :]
@@ -193,11 +182,7 @@ def _ortho_norm_kernel(
     no NaN).  All workspace accesses are in-bounds by construction (padded whole tiles).
     """
     mat = tl.program_id(0).to(tl.int64)
-    row = table_ptr + mat * TABLE_COLS
-    r = tl.load(row + 3)
-    ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
-    n_chunks = tl.load(row + 9)
-    n_tiles = tl.load(row + 10)
+    _, _, _, r, _, _, _, _, ws_off, n_chunks, n_tiles = _table_row(table_ptr, mat, TABLE_COLS)
     P = n_tiles * BLOCK_R
     base = ws_ptr + ws_off
     offs = tl.arange(0, BLOCK_R)
@@ -281,17 +266,8 @@ def _ortho_grad_update_kernel(
         mat = tl.load(items_ptr + pid * 3 + 0).to(tl.int64)
         kb = tl.load(items_ptr + pid * 3 + 1).to(tl.int64)
         tj = tl.load(items_ptr + pid * 3 + 2).to(tl.int64)
-        row = table_ptr + mat * TABLE_COLS
-        a_addr = tl.load(row + 0)
-        g_addr = tl.load(row + 1)
-        k = tl.load(row + 2)
-        r = tl.load(row + 3)
-        a_stride = tl.load(row + 4)
-        g_stride = tl.load(row + 5)
-        a_code = tl.load(row + 6)
-        g_code = tl.load(row + 7)
-        ws_off = tl.multiple_of(tl.load(row + 8), 256)  # host lays matrices out 256 floats apart
-        n_tiles = tl.load(row + 10)
+        (a_addr, g_addr, k, r, a_stride, g_stride, a_code, g_code, ws_off, _,
+         n_tiles) = _table_row(table_ptr, mat, TABLE_COLS)
         if ALIGNED:  # host-checked: strides, k and r are multiples of 8 (see _build_plan)
             a_stride = tl.multiple_of(a_stride, 8)
             g_stride = tl.multiple_of(g_stride, 8)
@@ -303,50 +279,19 @@ def _ortho_grad_update_kernel(
         cols = tj * BLOCK_R + tl.arange(0, BLOCK_R)
 
         acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-        if COMBOS & 1:
-            if a_code == 0:
-                acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float32, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, False, DOT_PRECISION)
-        if COMBOS & 2:
-            if a_code == 1:
-                acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float32, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, True, DOT_PRECISION)
-        if COMBOS & 4:
-            if a_code == 2:
-                acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, False, DOT_PRECISION)
-        if COMBOS & 8:
-            if a_code == 3:
-                acc = _a_times_d_tile(_typed_ptr(a_addr, tl.float16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, True, DOT_PRECISION)
-        if COMBOS & 16:
-            if a_code == 4:
-                acc = _a_times_d_tile(_typed_ptr(a_addr, tl.bfloat16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, False, DOT_PRECISION)
-        if COMBOS & 32:
-            if a_code == 5:
-                acc = _a_times_d_tile(_typed_ptr(a_addr, tl.bfloat16, ALIGNED), a_stride, k, r, rows, cols,
-                                      d_ptr, P, n_tiles, BLOCK_R, R_STEP, True, DOT_PRECISION)
+        for c in tl.static_range(6):  # one branch per (dtype, layout) code the set holds
+            if COMBOS & (1 << c):
+                if a_code == c:
+                    a_ptr = _typed_ptr(a_addr, tl.float32 if c < 2 else tl.float16 if c < 4 else tl.bfloat16, ALIGNED)
+                    acc = _a_times_d_tile(a_ptr, a_stride, k, r, rows, cols, d_ptr, P, n_tiles, BLOCK_R, R_STEP,
+                                          c % 2 == 1, DOT_PRECISION)
 
         update = acc * tl.load(scales_ptr + mat)
-        if G_COMBOS & 1:
-            if g_code == 0:
-                _add_to_grad_tile(_typed_ptr(g_addr, tl.float32, ALIGNED), g_stride, k, r, rows, cols, update, False)
-        if G_COMBOS & 2:
-            if g_code == 1:
-                _add_to_grad_tile(_typed_ptr(g_addr, tl.float32, ALIGNED), g_stride, k, r, rows, cols, update, True)
-        if G_COMBOS & 4:
-            if g_code == 2:
-                _add_to_grad_tile(_typed_ptr(g_addr, tl.float16, ALIGNED), g_stride, k, r, rows, cols, update, False)
-        if G_COMBOS & 8:
-            if g_code == 3:
-                _add_to_grad_tile(_typed_ptr(g_addr, tl.float16, ALIGNED), g_stride, k, r, rows, cols, update, True)
-        if G_COMBOS & 16:
-            if g_code == 4:
-                _add_to_grad_tile(_typed_ptr(g_addr, tl.bfloat16, ALIGNED), g_stride, k, r, rows, cols, update, False)
-        if G_COMBOS & 32:
-            if g_code == 5:
-                _add_to_grad_tile(_typed_ptr(g_addr, tl.bfloat16, ALIGNED), g_stride, k, r, rows, cols, update, True)
+        for c in tl.static_range(6):
+            if G_COMBOS & (1 << c):
+                if g_code == c:
+                    g_ptr = _typed_ptr(g_addr, tl.float32 if c < 2 else tl.float16 if c < 4 else tl.bfloat16, ALIGNED)
+                    _add_to_grad_tile(g_ptr, g_stride, k, r, rows, cols, update, c % 2 == 1)
 
 
 # --------------------------------------------------------------------------- launch wrappers

@@ -3,7 +3,7 @@
 No GPU was available when these were written: every number below is an untuned starting
 point taken from the Triton matmul tutorial and the Hopper guidance (64-128 wide tiles,
 4-8 warps, 2-3 stages), to be measured with bench/bench_regularizer.py; the per-family
-choices come from the compile facts (tests/kernels/compile_facts.py, docs/compile-facts-sm*.md).
+choices come from the compile facts (tools/compile_facts.py, docs/compile-facts-sm*.md).
 
 Launch 1 (partial Grams) is idempotent, so the autotuner may re-run it: warps and stages
 are tuned, and pruned to the device's shared memory.  Its step through the rows of A

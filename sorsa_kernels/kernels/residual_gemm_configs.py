@@ -2,7 +2,7 @@
 
 Untuned starting points (Triton matmul tutorial tiles, ``GROUP_M = 8`` L2 swizzle; NVIDIA's
 Hopper/Ampere guidance), pruned per launch by what compiled without spills
-(tests/kernels/compile_facts.py) and by the device's shared memory per block
+(tools/compile_facts.py) and by the device's shared memory per block
 (:func:`~._launch.device_target`); to be measured with ``bench/``.  The same list serves
 every GPU family: on sm_80/86/89 (mma.sync) Triton keeps ``num_stages − 1`` operand buffers,
 so the 128×256×64 and 128×128×64 tiles fit 99 KB there (96 KB), and the prune drops what

@@ -84,6 +84,47 @@ __all__ = ["fused_forward", "fused_backward", "SUPPORTED_DTYPES"]
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # =============================================================================== kernels
+@triton.jit
+def _skinny_dot_tile(
+    a_ptr, b_ptr, part_ptr, M, K, R, k_per_split, stride_am, stride_ak, stride_bk, stride_br, stride_ps, stride_pm,
+    INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """This program's fp32 tile of ``A·B`` (A M×K, B K×R, B cast to A's dtype on load) over its
+    K chunk: grid axis 0 the row tile, 1 the rank tile, 2 the chunk of ``k_per_split`` columns.
+    ``SPLIT_K``: the tile is a partial, stored here to ``part[chunk]`` (unit stride along R).
+    Returns the tile, its int64 row / rank indices, its mask and the rank mask, for the
+    caller's epilogue (which ``SPLIT_K`` skips: the launcher sums the partials)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm = offs_m.to(tl.int64)
+    rr = offs_r.to(tl.int64)
+    cdt = a_ptr.dtype.element_ty
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < k_end
+        rk = kk.to(tl.int64)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rr[None, :] * stride_br,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
+    mask = mask_m[:, None] & mask_r[None, :]
+    if SPLIT_K:
+        tl.store(part_ptr + pid_s.to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :], acc, mask=mask)
+    return acc, rm, rr, mask, mask_r
+
+
 @triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "K", "R"],
                  prune_configs_by={"early_config_prune": configs.prune_skinny_configs})
 @triton.jit
@@ -107,37 +148,11 @@ def _lowrank_down_kernel(
     never from the config) and each program stores its fp32 partial of ``x·V`` to
     ``part[split]`` (unit stride along R); the launcher sums them and forms u and t.
     """
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    rm = offs_m.to(tl.int64)
-    rr = offs_r.to(tl.int64)
-    cdt = x_ptr.dtype.element_ty
-    k_start = pid_s * k_per_split
-    k_end = tl.minimum(K, k_start + k_per_split)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < k_end
-        rk = kk.to(tl.int64)
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(v_ptr + rk[:, None] * stride_vk + rr[None, :] * stride_vr,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
-
-    mask = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K:
-        p_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :]
-        tl.store(p_ptrs, acc, mask=mask)
-    else:
-        sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    acc, rm, rr, mask, mask_r = _skinny_dot_tile(
+        x_ptr, v_ptr, part_ptr, M, K, R, k_per_split, stride_xm, stride_xk, stride_vk, stride_vr, stride_ps, stride_pm,
+        INPUT_PRECISION, SPLIT_K, BLOCK_R, BLOCK_M, BLOCK_K)
+    if not SPLIT_K:
+        sigma = tl.load(sigma_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
         tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
                  acc.to(u_ptr.dtype.element_ty), mask=mask)
         t = acc * sigma[None, :]
@@ -171,43 +186,17 @@ def _lowrank_up_grad_kernel(
     fp32 partial of ``s`` to ``part[split]`` (unit stride along R); the launcher sums them
     and forms ``ss`` and dS.
     """
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    rm = offs_m.to(tl.int64)
-    rr = offs_r.to(tl.int64)
-    cdt = dy_ptr.dtype.element_ty
-    k_start = pid_s * k_per_split
-    k_end = tl.minimum(K, k_start + k_per_split)
-
-    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < k_end
-        rk = kk.to(tl.int64)
-        a = tl.load(dy_ptr + rm[:, None] * stride_dym + rk[None, :] * stride_dyk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(up_ptr + rk[:, None] * stride_upk + rr[None, :] * stride_upr,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        s = tl.dot(a, b.to(cdt), s, input_precision=INPUT_PRECISION)
-
-    mask = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K:
-        p_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ps + rm[:, None] * stride_pm + rr[None, :]
-        tl.store(p_ptrs, s, mask=mask)
-    else:
-        sigma = tl.load(sigma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    s, rm, rr, mask, mask_r = _skinny_dot_tile(
+        dy_ptr, up_ptr, part_ptr, M, K, R, k_per_split, stride_dym, stride_dyk, stride_upk, stride_upr, stride_ps,
+        stride_pm, INPUT_PRECISION, SPLIT_K, BLOCK_R, BLOCK_M, BLOCK_K)
+    if not SPLIT_K:
+        sigma = tl.load(sigma_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
         ss = s * sigma[None, :]
         tl.store(ss_ptr + rm[:, None] * stride_ssm + rr[None, :] * stride_ssr,
                  ss.to(ss_ptr.dtype.element_ty), mask=mask)
         u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=mask, other=0.0).to(tl.float32)
         part = tl.sum(u * s, axis=0)
-        tl.store(dsp_ptr + pid_m.to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
+        tl.store(dsp_ptr + tl.program_id(0).to(tl.int64) * stride_dspm + rr, part, mask=mask_r)
 
 
 @triton.autotune(configs=configs.weight_grad_configs(), key=["M_BUCKET", "K", "R"],
@@ -424,11 +413,9 @@ def fused_backward(
     """Fused SORSA backward: returns ``(dx, dU, dS, dV)`` (``dx`` None unless ``needs_dx``).
 
     Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_backward`
-    (``Wr`` frozen; the bias gradient, a plain row sum of ``dy``, is the op's): with
-    ``s = dy·U``::
-
-        dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)
-        dV = scale·xᵀ·(s·S)           dx = [dy | scale·s·S]·[Wr ; Vᵀ]
+    (``Wr`` frozen; the bias gradient, a plain row sum of ``dy``, is the op's); the formulas
+    are :func:`sorsa_kernels.ops.reference.lowrank_backward`'s, with ``dx = [dy | ss]·[Wr ; Vᵀ]``
+    in one GEMM.
 
     ``dy``, ``x`` and ``u`` share the compute dtype; ``dx`` is returned in it and each
     adapter gradient in its parameter's dtype.  The bits of dU, dS and dV do not depend on

@@ -63,22 +63,32 @@ K_SPLIT_MIN = 512
 MAX_K_SPLITS = 8
 SKINNY_NOMINAL_M = 128
 
+def _prune(configs: list, t, kwargs: dict, fp32_keep, step_bytes, mma_rows) -> list:
+    """The rule every prune here follows: for fp32 inputs keep the configs ``fp32_keep(c,
+    block_r, prec)`` accepts (all of them when it accepts none), then those whose pipeline
+    stages (``step_bytes(c, element_size, block_r)`` each) fit the device's shared memory,
+    with ``mma_rows(c)`` rows per dot deciding wgmma."""
+    block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
+    prec = kwargs.get("INPUT_PRECISION", "tf32")
+    esz = t.element_size()
+    kept = configs
+    if esz == 4:
+        kept = [c for c in configs if fp32_keep(c, block_r, prec)] or configs
+    return fit_smem(kept, device_target(t.device), lambda c: step_bytes(c, esz, block_r),
+                    lambda c: wgmma_rows(c, mma_rows(c), prec))
+
+
 def prune_skinny_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Configs of the skinny kernels that fit the device's shared memory; for fp32 inputs
     also K steps ≤ 64 and ≤ 64 accumulators per thread (the rest spilled on sm_90 at
     r = 128, compile facts); under ``highest`` (IEEE FMA dots) K steps ≤ 32 (64 spilled 5 KB
     per thread on sm_80)."""
-    x = named_args["x_ptr"]
-    block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
-    prec = kwargs.get("INPUT_PRECISION", "tf32")
-    kept = configs
-    if x.element_size() == 4:
-        max_k = 32 if prec == "ieee" else 64
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max_k and acc_per_thread(c, block_r) <= 64] or configs
-    esz = x.element_size()
-    return fit_smem(kept, device_target(x.device),
-                    lambda c: esz * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r),
-                    lambda c: wgmma_rows(c, c.kwargs["BLOCK_M"], prec))
+    return _prune(
+        configs, named_args["x_ptr"], kwargs,
+        lambda c, block_r, prec: (c.kwargs["BLOCK_K"] <= (32 if prec == "ieee" else 64)
+                                  and acc_per_thread(c, block_r) <= 64),
+        lambda c, esz, block_r: esz * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r),
+        lambda c: c.kwargs["BLOCK_M"])
 
 
 def skinny_configs(interpret: bool = INTERPRET) -> list:
@@ -86,7 +96,7 @@ def skinny_configs(interpret: bool = INTERPRET) -> list:
 
     128-row tiles read U or V half as often as 64-row ones (every row tile re-reads all of
     it).  A 256-row tile (BLOCK_K 32, 8 warps) spilled 272 B at r = 128 on sm_90 (compile
-    facts, tests/kernels/compile_facts.py) and was dropped.
+    facts, tools/compile_facts.py) and was dropped.
     """
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
@@ -107,16 +117,11 @@ def prune_up_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Configs of the up-grad kernel that fit the device's shared memory; for fp32 inputs
     also K steps ≤ 64 (BLOCK_K 128 needed 256 KB of shared memory and spilled 12 KB at
     r = 128 on sm_90, compile facts)."""
-    dy = named_args["dy_ptr"]
-    kept = configs
-    if dy.element_size() == 4:
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 64] or configs
-    esz = dy.element_size()
     rows = kwargs.get("BLOCK_M", UP_BLOCK_M)
-    block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
-    prec = kwargs.get("INPUT_PRECISION", "tf32")
-    return fit_smem(kept, device_target(dy.device), lambda c: esz * c.kwargs["BLOCK_K"] * (rows + block_r),
-                    lambda c: wgmma_rows(c, rows, prec))
+    return _prune(configs, named_args["dy_ptr"], kwargs,
+                  lambda c, block_r, prec: c.kwargs["BLOCK_K"] <= 64,
+                  lambda c, esz, block_r: esz * c.kwargs["BLOCK_K"] * (rows + block_r),
+                  lambda c: rows)
 
 
 def prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -124,17 +129,12 @@ def prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list
     inputs also ≤ 64 fp32 accumulators per thread of the BLOCK_K × BLOCK_R output tile (128
     spilled about 11 KB at r = 128 on sm_90, compile facts; the others none); ≤ 32 under
     ``highest`` (IEEE FMA dots: 64 spilled 3.9 KB per thread on sm_80)."""
-    a = named_args["a_ptr"]
-    block_r = kwargs.get("BLOCK_R", MAX_BLOCK_R)
-    prec = kwargs.get("INPUT_PRECISION", "tf32")
-    kept = configs
-    if a.element_size() == 4:
-        max_acc = 32 if prec == "ieee" else 64
-        kept = [c for c in configs if acc_per_thread(c, block_r, rows="BLOCK_K") <= max_acc] or configs
-    esz = a.element_size()
     step = kwargs.get("BLOCK_M", WG_STEP_M)
-    return fit_smem(kept, device_target(a.device), lambda c: esz * step * (c.kwargs["BLOCK_K"] + block_r),
-                    lambda c: wgmma_rows(c, c.kwargs["BLOCK_K"], prec))
+    return _prune(
+        configs, named_args["a_ptr"], kwargs,
+        lambda c, block_r, prec: acc_per_thread(c, block_r, rows="BLOCK_K") <= (32 if prec == "ieee" else 64),
+        lambda c, esz, block_r: esz * step * (c.kwargs["BLOCK_K"] + block_r),
+        lambda c: c.kwargs["BLOCK_K"])
 
 
 def up_grad_configs(interpret: bool = INTERPRET) -> list:

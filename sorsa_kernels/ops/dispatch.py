@@ -79,12 +79,15 @@ def _capability(device: torch.device) -> Optional[int]:
     return 10 * major + minor
 
 
-def kernel_path(t: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+def kernel_path(t: torch.Tensor, *params: Optional[torch.Tensor], interpreter_bf16: bool = False) -> bool:
     """The dispatch decision of one call: True for the Triton kernels.
 
     The kernels when :func:`use_triton` says so and every tensor has a kernel dtype (callers
-    then skip shapes that failed before: :func:`fallen_back`).  bfloat16 on a GPU without
-    it (compute capability below 8.0: T4, RTX 20xx) is an error naming float16.
+    then skip shapes that failed before: :func:`fallen_back`).  ``t`` gives the compute
+    dtype.  bfloat16 on a GPU without it (compute capability below 8.0: T4, RTX 20xx) is an
+    error naming float16.  bfloat16 under ``TRITON_INTERPRET=1`` is an error too (the
+    interpreter's bfloat16 ``tl.dot`` returns garbage), unless the op's kernels upcast
+    before every dot (``interpreter_bf16``).
     """
     if not use_triton(t) or any(p is not None and p.dtype not in KERNEL_DTYPES for p in (t, *params)):
         return False
@@ -96,12 +99,27 @@ def kernel_path(t: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
                 f"{torch.cuda.get_device_name(t.device)} is sm_{cap}: train in float16 instead "
                 "(load the model with torch_dtype=torch.float16)"
             )
+        if interpreter_enabled() and not interpreter_bf16:
+            raise TypeError(
+                "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly: run "
+                "these kernels there in float32 or float16, or set SORSA_KERNELS_BACKEND=reference"
+            )
     return True
 
 
 def fallen_back(op: str, key: tuple) -> bool:
     """Whether ``(op, key)``'s kernels failed before (it runs the reference now)."""
     return (op, key) in _FALLEN_BACK
+
+
+def _launch_failure(exc: BaseException) -> Optional[str]:
+    """:func:`sorsa_kernels.kernels.failures.launch_failure`, or None (the error is real) when
+    that module cannot be imported: the kernel's own error must surface, not an ImportError."""
+    try:
+        from ..kernels.failures import launch_failure
+    except ImportError:  # a Triton whose layout this package does not know
+        return None
+    return launch_failure(exc)
 
 
 def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
@@ -114,9 +132,7 @@ def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
     try:
         return kernel_call()
     except Exception as exc:  # noqa: BLE001 - classified below, re-raised unless a launch failure
-        from ..kernels.failures import launch_failure
-
-        kernel = launch_failure(exc)
+        kernel = _launch_failure(exc)
         if kernel is None:
             raise
         _FALLEN_BACK.add((op, key))

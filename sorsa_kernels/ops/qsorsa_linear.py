@@ -2,9 +2,9 @@
 
 Registered as ``torch.library`` custom ops ``sorsa_kernels::qlinear_fwd`` and
 ``sorsa_kernels::qlinear_bwd`` (fake implementations and an autograd formula, so
-``torch.compile`` traces through without a graph break).  Each picks, through
-:func:`sorsa_kernels.ops.dispatch.kernel_path` (a kernel that cannot compile or launch
-falls back to the reference for that shape, :func:`~sorsa_kernels.ops.dispatch.run_with_fallback`):
+``torch.compile`` traces through without a graph break).  Each direction is a
+:class:`~sorsa_kernels.ops.kernel_op.KernelOp` (:data:`FORWARD`, :data:`BACKWARD`; a kernel
+that cannot compile or launch falls back to the reference for that shape) and picks:
 
 * the Triton path: ``x·V`` by cuBLAS, then one fused kernel
   (:mod:`sorsa_kernels.kernels.nf4_gemm`) computing ``[x | t]·[deq(Q) | U]ᵀ + b`` that
@@ -12,6 +12,9 @@ falls back to the reference for that shape, :func:`~sorsa_kernels.ops.dispatch.r
   ``dx = [dy | s]·[deq(Q)ᵀ | V]ᵀ``;
 * the reference path: bitsandbytes dequantizes ``Q`` to the compute dtype, then
   :func:`sorsa_kernels.ops.reference.linear_forward` / ``linear_backward``.
+
+Both backward paths take the adapters' gradients from
+:func:`sorsa_kernels.ops.reference.lowrank_backward` (the formula is written once).
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward; the NF4 storage is module
 state.  With dropout the low-rank branch reads a dropped copy of ``x`` (``x_lowrank``),
@@ -27,10 +30,11 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
+from .dispatch import pow2_bucket
+from .kernel_op import KernelOp
 from .sorsa_linear import bias_grad
 
-__all__ = ["qsorsa_linear", "qlinear_fwd", "qlinear_bwd"]
+__all__ = ["qsorsa_linear", "qlinear_fwd", "qlinear_bwd", "FORWARD", "BACKWARD"]
 
 
 def _weight(packed, absmax, nested_absmax, nested_code, offset, code, shape, dtype, blocksize, nested_blocksize):
@@ -41,14 +45,17 @@ def _weight(packed, absmax, nested_absmax, nested_code, offset, code, shape, dty
     )
 
 
-def _kernel_path(op: str, key: tuple, t: Tensor) -> bool:
-    # float64 (tests, oracles) always takes the reference: the kernel targets fp32/fp16/bf16
-    return kernel_path(t) and not fallen_back(op, key)
+def _dequantize(nf4, shape, cd, blocksize, nested_blocksize) -> Tensor:
+    """deq(Q) in ``cd`` by bitsandbytes (float64 goes through float32, bitsandbytes' widest)."""
+    dq = cd if cd in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    return dequantize_nf4_bnb(_weight(*nf4, shape, dq, blocksize, nested_blocksize), dq).to(cd)
 
 
-def _key(x2: Tensor, out_features: int, U: Tensor, bias: Optional[Tensor], split: bool) -> tuple:
-    """Fallback key: device, dtype, M bucket, the layer's shape, bias, dropout split."""
-    return (x2.device, x2.dtype, pow2_bucket(x2.shape[0]), x2.shape[1], out_features, U.shape[1],
+def _key(x: Tensor, out_features: int, U: Tensor, bias: Optional[Tensor], split: bool) -> tuple:
+    """Fallback key (``x`` of any leading shape): device, dtype, M bucket, the layer's shape,
+    bias, dropout split."""
+    n = x.shape[-1]
+    return (x.device, x.dtype, pow2_bucket(x.numel() // max(n, 1)), n, out_features, U.shape[1],
             bias is not None, split)
 
 
@@ -56,34 +63,85 @@ def _shape(x2: Tensor, out_features: int, U: Tensor) -> str:
     return f"x {tuple(x2.shape)} {str(x2.dtype)[6:]}, (out, r) = ({out_features}, {U.shape[1]}), NF4 residual"
 
 
-def _dequantize(nf4, shape, cd, blocksize, nested_blocksize) -> Tensor:
-    """deq(Q) in ``cd`` by bitsandbytes (float64 goes through float32, bitsandbytes' widest)."""
-    dq = cd if cd in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-    return dequantize_nf4_bnb(_weight(*nf4, shape, dq, blocksize, nested_blocksize), dq).to(cd)
+# --------------------------------------------------------------------------- forward
+# Arguments of both paths: (x2, xl2, nf4, blocks, out_features, U, S, V, bias, scale) on 2-D
+# rows; ``xl2`` is the dropped copy the low-rank branch reads (None without dropout) and
+# ``blocks`` is (blocksize, nested_blocksize).  Both return (y2, u).
+def _forward_kernels(x2, xl2, nf4, blocks, out_features, U, S, V, bias, scale):
+    from ..kernels.nf4_gemm import nf4_lowrank_forward
+
+    cd = x2.dtype
+    u = (x2 if xl2 is None else xl2) @ V.to(cd)
+    t = u * (S.to(cd) * scale)
+    y = nf4_lowrank_forward(x2, nf4, (out_features, x2.shape[1]), t, U.to(cd), bias,
+                            blocksize=blocks[0], nested_blocksize=blocks[1])
+    return y, u
 
 
-def _lowrank_grads(dy: Tensor, xl: Tensor, u: Tensor, U: Tensor, S: Tensor, scale: float):
-    """``s·S·scale``, dU, dS, dV of the low-rank branch — the formulas of reference.linear_backward."""
-    cd = dy.dtype
-    Sc = S.to(cd)
-    s = dy @ U.to(cd)
-    dS = (u.float() * s.float()).sum(0) * scale
-    dU = (dy.T @ (u * Sc)) * scale
-    ss = s * (Sc * scale)
-    dV = xl.T @ ss
-    return ss, dU, dS, dV
+def _forward_reference(x2, xl2, nf4, blocks, out_features, U, S, V, bias, scale):
+    res = _dequantize(nf4, (out_features, x2.shape[1]), x2.dtype, *blocks)
+    if xl2 is None:
+        return reference.linear_forward(x2, res, U, S, V, bias, scale)
+    y, u = reference.linear_forward(xl2, None, U, S, V, bias, scale)
+    return y.addmm_(x2, res.T), u
+
+
+FORWARD = KernelOp(
+    name="qsorsa_linear forward",
+    key=lambda x2, xl2, nf4, blocks, m, U, S, V, bias, scale: _key(x2, m, U, bias, xl2 is not None),
+    shape=lambda x2, xl2, nf4, blocks, m, U, *_: _shape(x2, m, U),
+    kernel=_forward_kernels,
+    reference=_forward_reference,
+    # float64 (tests, oracles) always takes the reference: the kernel targets fp32/fp16/bf16
+    tensors=lambda x2, *_: (x2,),
+)
+
+
+# --------------------------------------------------------------------------- backward
+# Arguments of both paths: (dy2, xl2, u, nf4, blocks, U, S, V, scale, needs_dx, split_dx,
+# needs_dx_lowrank) on 2-D rows.  Both return (dx2, dxl2, dU, dS, dV), a gradient that is not
+# needed as None.  ``split_dx=False``: dx = dy·deq(Q) + ss·Vᵀ; True (dropout): dx = dy·deq(Q)
+# and dxl = ss·Vᵀ.
+def _backward_kernels(dy2, xl2, u, nf4, blocks, U, S, V, scale, needs_dx, split_dx, needs_dxl):
+    from ..kernels.nf4_gemm import nf4_lowrank_dx
+
+    ss, dU, dS, dV = reference.lowrank_backward(dy2, xl2, u, U, S, V, scale)
+    Vc = V.to(dy2.dtype)
+    dx = dxl = None
+    if needs_dx:
+        lowrank = (None, None) if split_dx else (ss, Vc)
+        dx = nf4_lowrank_dx(dy2, nf4, (dy2.shape[1], xl2.shape[1]), *lowrank,
+                            blocksize=blocks[0], nested_blocksize=blocks[1])
+    if split_dx and needs_dxl:
+        dxl = ss @ Vc.T
+    return dx, dxl, dU, dS, dV
+
+
+def _backward_reference(dy2, xl2, u, nf4, blocks, U, S, V, scale, needs_dx, split_dx, needs_dxl):
+    res = _dequantize(nf4, (dy2.shape[1], xl2.shape[1]), dy2.dtype, *blocks) if needs_dx else None
+    if not split_dx:
+        dx, dU, dS, dV = reference.linear_backward(dy2, xl2, u, res, U, S, V, scale, needs_dx)
+        return dx, None, dU, dS, dV
+    dxl, dU, dS, dV = reference.linear_backward(dy2, xl2, u, None, U, S, V, scale, needs_dxl)
+    return (dy2 @ res if needs_dx else None), dxl, dU, dS, dV
+
+
+BACKWARD = KernelOp(
+    name="qsorsa_linear backward",
+    key=lambda dy2, xl2, u, nf4, blocks, U, S, V, scale, needs_dx, split_dx, needs_dxl:
+        _key(xl2, dy2.shape[1], U, None, split_dx),
+    shape=lambda dy2, xl2, u, nf4, blocks, U, *_: _shape(xl2, dy2.shape[1], U),
+    kernel=_backward_kernels,
+    reference=_backward_reference,
+    tensors=lambda dy2, *_: (dy2,),
+)
 
 
 @torch.library.custom_op("sorsa_kernels::qlinear_fwd", mutates_args=())
 def qlinear_fwd(
     x: Tensor,
     x_lowrank: Optional[Tensor],
-    packed: Tensor,
-    absmax: Tensor,
-    nested_absmax: Tensor,
-    nested_code: Tensor,
-    offset: Tensor,
-    code: Tensor,
+    nf4: list[Tensor],
     out_features: int,
     blocksize: int,
     nested_blocksize: int,
@@ -92,42 +150,20 @@ def qlinear_fwd(
     V: Tensor,
     bias: Optional[Tensor],
     scale: float,
+    kernel: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u = x_lowrank·V`` 2-D (M×r)."""
+    """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u = x_lowrank·V`` 2-D (M×r).
+
+    ``nf4`` is the residual's storage, :meth:`NF4Weight.tensors`.  ``kernel``: the caller's dispatch decision (``FORWARD.decide``), made here when None."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    xl2 = x2 if x_lowrank is None else x_lowrank.reshape(-1, n)
-    cd = x.dtype
-    nf4 = (packed, absmax, nested_absmax, nested_code, offset, code)
-
-    def kernels():
-        from ..kernels.nf4_gemm import nf4_lowrank_forward
-
-        u = xl2 @ V.to(cd)
-        t = u * (S.to(cd) * scale)
-        return nf4_lowrank_forward(
-            x2, nf4, (out_features, n), t, U.to(cd), bias,
-            blocksize=blocksize, nested_blocksize=nested_blocksize,
-        ), u
-
-    def ref():
-        res = _dequantize(nf4, (out_features, n), cd, blocksize, nested_blocksize)
-        if x_lowrank is None:
-            return reference.linear_forward(x2, res, U, S, V, bias, scale)
-        y, u = reference.linear_forward(xl2, None, U, S, V, bias, scale)
-        return y + x2 @ res.T, u
-
-    key = _key(x2, out_features, U, bias, x_lowrank is not None)
-    if _kernel_path("qsorsa_linear forward", key, x):
-        y, u = run_with_fallback("qsorsa_linear forward", key, x.device, _shape(x2, out_features, U), kernels, ref)
-    else:
-        y, u = ref()
+    args = (x.reshape(-1, n), None if x_lowrank is None else x_lowrank.reshape(-1, n),
+            nf4, (blocksize, nested_blocksize), out_features, U, S, V, bias, scale)
+    y, u = FORWARD(FORWARD.decide(*args) if kernel is None else kernel, *args)
     return reference.rows_to_shape(y, (*x.shape[:-1], out_features)), u
 
 
 @qlinear_fwd.register_fake
-def _(x, x_lowrank, packed, absmax, nested_absmax, nested_code, offset, code,
-      out_features, blocksize, nested_blocksize, U, S, V, bias, scale):
+def _(x, x_lowrank, nf4, out_features, blocksize, nested_blocksize, U, S, V, bias, scale, kernel=None):
     M = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(M, U.shape[1])
 
@@ -137,12 +173,7 @@ def qlinear_bwd(
     dy: Tensor,
     x_lowrank: Tensor,
     u: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    nested_absmax: Tensor,
-    nested_code: Tensor,
-    offset: Tensor,
-    code: Tensor,
+    nf4: list[Tensor],
     blocksize: int,
     nested_blocksize: int,
     U: Tensor,
@@ -152,98 +183,56 @@ def qlinear_bwd(
     needs_dx: bool,
     split_dx: bool,
     needs_dx_lowrank: bool,
+    kernel: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dx_lowrank, dU, dS, dV)``.
 
     ``x_lowrank`` is what the low-rank branch read (``x`` itself without dropout).
     ``split_dx=False``: ``dx = dy·deq(Q) + s·Vᵀ`` in one fused product, ``dx_lowrank`` empty.
     ``split_dx=True`` (dropout): ``dx = dy·deq(Q)`` and ``dx_lowrank = s·Vᵀ``.
-    A gradient that is not needed comes back as an empty tensor.
+    A gradient that is not needed comes back as an empty tensor.  ``kernel``: the forward's
+    dispatch decision.
     """
-    m = dy.shape[-1]
-    n = x_lowrank.shape[-1]
-    dy2 = dy.reshape(-1, m)
-    xl2 = x_lowrank.reshape(-1, n)
-    cd = dy.dtype
-    nf4 = (packed, absmax, nested_absmax, nested_code, offset, code)
-    empty = (x_lowrank.new_empty(0), x_lowrank.new_empty(0))  # distinct: outputs may not alias
-
-    def kernels():
-        from ..kernels.nf4_gemm import nf4_lowrank_dx
-
-        dx, dxl = empty
-        ss, dU, dS, dV = _lowrank_grads(dy2, xl2, u, U, S, scale)
-        Vc = V.to(cd)
-        if needs_dx:
-            lr = (None, None) if split_dx else (ss, Vc)
-            dx = nf4_lowrank_dx(
-                dy2, nf4, (m, n), *lr, blocksize=blocksize, nested_blocksize=nested_blocksize
-            ).reshape(x_lowrank.shape)
-        if split_dx and needs_dx_lowrank:
-            dxl = (ss @ Vc.T).reshape(x_lowrank.shape)
-        return dx, dxl, dU.to(U.dtype), dS.to(S.dtype), dV.to(V.dtype)
-
-    def ref():
-        dx, dxl = empty
-        res = None
-        if needs_dx:
-            res = _dequantize(nf4, (m, n), cd, blocksize, nested_blocksize)
-        if not split_dx:
-            d, dU, dS, dV = reference.linear_backward(dy2, xl2, u, res, U, S, V, scale, needs_dx)
-            if needs_dx:
-                dx = d.reshape(x_lowrank.shape)
-        else:
-            d, dU, dS, dV = reference.linear_backward(dy2, xl2, u, None, U, S, V, scale, needs_dx_lowrank)
-            if needs_dx_lowrank:
-                dxl = d.reshape(x_lowrank.shape)
-            if needs_dx:
-                dx = (dy2 @ res).reshape(x_lowrank.shape)
-        return dx, dxl, dU, dS, dV
-
-    key = _key(xl2, m, U, None, split_dx)
-    if _kernel_path("qsorsa_linear backward", key, dy):
-        dx, dxl, dU, dS, dV = run_with_fallback("qsorsa_linear backward", key, dy.device,
-                                                _shape(xl2, m, U), kernels, ref)
-    else:
-        dx, dxl, dU, dS, dV = ref()
+    args = (dy.reshape(-1, dy.shape[-1]), x_lowrank.reshape(-1, x_lowrank.shape[-1]), u,
+            nf4, (blocksize, nested_blocksize), U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank)
+    dx, dxl, dU, dS, dV = BACKWARD(kernel, *args)
+    # distinct empties: the outputs of a custom op may not alias each other
+    dx, dxl = (x_lowrank.new_empty(0) if d is None else d.reshape(x_lowrank.shape) for d in (dx, dxl))
     return dx, dxl, dU, dS, dV
 
 
 @qlinear_bwd.register_fake
-def _(dy, x_lowrank, u, packed, absmax, nested_absmax, nested_code, offset, code,
-      blocksize, nested_blocksize, U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank):
+def _(dy, x_lowrank, u, nf4, blocksize, nested_blocksize, U, S, V, scale, needs_dx, split_dx, needs_dx_lowrank,
+      kernel):
     dx = x_lowrank.new_empty(x_lowrank.shape if needs_dx else (0,))
     dxl = x_lowrank.new_empty(x_lowrank.shape if split_dx and needs_dx_lowrank else (0,))
     return dx, dxl, torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
 
 
 def _setup_context(ctx, inputs, output):
-    (x, x_lowrank, packed, absmax, nested_absmax, nested_code, offset, code,
-     out_features, blocksize, nested_blocksize, U, S, V, bias, scale) = inputs
+    x, x_lowrank, nf4, out_features, blocksize, nested_blocksize, U, S, V, bias, scale, kernel = inputs
+    if kernel is None:  # a direct call of the op: its own decision, the same one
+        kernel = FORWARD.decide(x, x_lowrank, nf4, (blocksize, nested_blocksize), out_features, U, S, V, bias, scale)
     _, u = output
     split = x_lowrank is not None
-    ctx.save_for_backward(x_lowrank if split else x, u, packed, absmax, nested_absmax,
-                          nested_code, offset, code, U, S, V)
+    ctx.save_for_backward(x_lowrank if split else x, u, U, S, V, *nf4)
     ctx.split = split
     ctx.blocksize = blocksize
     ctx.nested_blocksize = nested_blocksize
     ctx.scale = scale
+    ctx.kernel = kernel
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, _du):
-    xl, u, packed, absmax, nested_absmax, nested_code, offset, code, U, S, V = ctx.saved_tensors
+    xl, u, U, S, V, *nf4 = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     needs_dxl = ctx.split and ctx.needs_input_grad[1]
-    dx, dxl, dU, dS, dV = qlinear_bwd(
-        dy.contiguous(), xl, u, packed, absmax, nested_absmax, nested_code, offset, code,
-        ctx.blocksize, ctx.nested_blocksize, U, S, V, ctx.scale, needs_dx, ctx.split, needs_dxl,
-    )
-    return (
-        dx if needs_dx else None, dxl if needs_dxl else None,
-        None, None, None, None, None, None, None, None, None,
-        dU, dS, dV, bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[14] else None, None,
-    )
+    dx, dxl, dU, dS, dV = qlinear_bwd(dy.contiguous(), xl, u, nf4, ctx.blocksize, ctx.nested_blocksize, U, S, V,
+                                      ctx.scale, needs_dx, ctx.split, needs_dxl, ctx.kernel)
+    db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[9] else None
+    return (dx if needs_dx else None, dxl if needs_dxl else None, [None] * len(nf4), None, None, None,
+            dU, dS, dV, db, None, None)
 
 
 qlinear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -273,8 +262,7 @@ def qsorsa_linear(
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {q.shape[1]}")
     x_lowrank = F.dropout(x, dropout_p, True) if dropout_p > 0.0 and training else None
-    y, _ = qlinear_fwd(
-        x, x_lowrank, *q.tensors(), q.shape[0], q.blocksize, q.nested_blocksize,
-        U, S, V, bias, float(scale),
-    )
+    nf4, blocks, scale = list(q.tensors()), (q.blocksize, q.nested_blocksize), float(scale)
+    kernel = FORWARD.decide(x, x_lowrank, nf4, blocks, q.shape[0], U, S, V, bias, scale)  # once per call
+    y, _ = qlinear_fwd(x, x_lowrank, nf4, q.shape[0], *blocks, U, S, V, bias, scale, kernel)
     return y

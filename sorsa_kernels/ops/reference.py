@@ -23,6 +23,7 @@ __all__ = [
     "compute_residual",
     "merged_weight",
     "linear_forward",
+    "lowrank_backward",
     "linear_backward",
     "linear_dense",
     "ortho_gram",
@@ -153,28 +154,25 @@ def linear_forward(
     return y, u
 
 
-def linear_backward(
+def lowrank_backward(
     dy: Tensor,
     x: Tensor,
     u: Tensor,
-    residual: Optional[Tensor],
     U: Tensor,
     S: Tensor,
     V: Tensor,
     scale: float,
-    needs_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-    """Gradients of :func:`linear_forward` (Wr and bias are frozen).
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The low-rank branch's backward, written once for every path (dense, QSORSA, experts).
 
-    With ``s = dy·U``::
+    With ``s = dy·U`` and ``u = x·V`` (saved by the forward)::
 
-        dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)
-        dV = scale·xᵀ·(s·S)           dx = dy·Wr + scale·(s·S)·Vᵀ
+        dS = scale·Σ_rows(u ⊙ s)      dU = scale·dyᵀ·(u·S)      dV = scale·xᵀ·(s·S)
 
-    Returns ``(dx, dU, dS, dV)``; each adapter grad in its parameter's dtype.  ``dS`` is
-    reduced in float32 when the compute dtype is fp16/bf16 (in the compute dtype
-    otherwise).  ``dx`` is the only M×n allocation: the low-rank term is accumulated into
-    ``dy·Wr`` in place (``addmm_``).
+    Returns ``(ss, dU, dS, dV)`` with ``ss = scale·s·S`` (M×r, compute dtype), the r-wide
+    operand of the input gradient's low-rank term ``ss·Vᵀ``; each adapter grad in its
+    parameter's dtype.  ``dS`` is reduced in float32 when the compute dtype is fp16/bf16 (in
+    the compute dtype otherwise).
     """
     cd = dy.dtype
     acc = _accumulate_dtype(cd)
@@ -186,15 +184,36 @@ def linear_backward(
     # dV as (ssᵀ·x)ᵀ: MKL/oneDNN run the r×n output about 10-30 % faster than the n×r one on
     # CPU (1 thread, n = 1024-4096); the transposed copy back is only n×r.
     dV = torch.mm(ss.T, x).T.contiguous()
+    return ss, _as(dU, U.dtype), _as(dS, S.dtype), _as(dV, V.dtype)
+
+
+def linear_backward(
+    dy: Tensor,
+    x: Tensor,
+    u: Tensor,
+    residual: Optional[Tensor],
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    scale: float,
+    needs_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Gradients of :func:`linear_forward` (Wr and bias are frozen): ``(dx, dU, dS, dV)``.
+
+    The adapters' by :func:`lowrank_backward`; ``dx = dy·Wr + ss·Vᵀ`` (None unless
+    ``needs_dx``) is the only M×n allocation: the low-rank term is accumulated into
+    ``dy·Wr`` in place (``addmm_``).
+    """
+    ss, dU, dS, dV = lowrank_backward(dy, x, u, U, S, V, scale)
     dx = None
     if needs_dx:
-        Vt = _as(V, cd).T
+        Vt = _as(V, dy.dtype).T
         if residual is None:
             dx = torch.mm(ss, Vt)
         else:
-            dx = torch.mm(dy, _as(residual, cd))
+            dx = torch.mm(dy, _as(residual, dy.dtype))
             dx.addmm_(ss, Vt)
-    return dx, _as(dU, U.dtype), _as(dS, S.dtype), _as(dV, V.dtype)
+    return dx, dU, dS, dV
 
 
 def linear_dense(

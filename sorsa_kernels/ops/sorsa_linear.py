@@ -2,10 +2,12 @@
 
 Registered as ``torch.library`` custom ops (``sorsa_kernels::linear_fwd`` and
 ``sorsa_kernels::linear_bwd``) with fake implementations and an autograd formula,
-so ``torch.compile`` traces through it without a graph break.  The kernel-or-reference
-decision is made once per call (:func:`sorsa_kernels.ops.dispatch.kernel_path`) and passed
-down to both ops; a kernel that cannot compile or launch on the GPU falls back to the
-reference for that shape (:func:`~sorsa_kernels.ops.dispatch.run_with_fallback`).
+so ``torch.compile`` traces through it without a graph break.  Each direction is a
+:class:`~sorsa_kernels.ops.kernel_op.KernelOp` (:data:`FORWARD`, :data:`BACKWARD`): the
+fused kernels of :mod:`sorsa_kernels.kernels.sorsa_linear` or
+:func:`~sorsa_kernels.ops.reference.linear_forward` / ``linear_backward``, decided once per
+call and passed down; a kernel that cannot compile or launch on the GPU falls back to the
+reference for that shape.
 
 Only ``x`` and the r-wide ``u = x·V`` are saved for backward (the residual and the
 adapters are module state, not activations).
@@ -17,7 +19,6 @@ error instead of silently getting no gradient.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -26,17 +27,10 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference
-from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
+from .dispatch import pow2_bucket
+from .kernel_op import KernelOp
 
-__all__ = ["sorsa_linear", "linear_fwd", "linear_bwd"]
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """kernels/sorsa_linear.py, imported on the first kernel call (it needs Triton)."""
-    from ..kernels import sorsa_linear
-
-    return sorsa_linear
+__all__ = ["sorsa_linear", "linear_fwd", "linear_bwd", "FORWARD", "BACKWARD"]
 
 
 def _key(x: Tensor, residual: Optional[Tensor], U: Tensor, bias: Optional[Tensor]) -> tuple:
@@ -46,48 +40,61 @@ def _key(x: Tensor, residual: Optional[Tensor], U: Tensor, bias: Optional[Tensor
             residual is not None, bias is not None)
 
 
-def _decide(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
-            bias: Optional[Tensor]) -> bool:
-    """The call's dispatch decision: the kernels, unless this shape's forward failed before."""
-    return kernel_path(x, residual, U, S, V) and not fallen_back("sorsa_linear forward", _key(x, residual, U, bias))
-
-
 def _shape(x: Tensor, U: Tensor) -> str:
     return f"x {tuple(x.shape)} {str(x.dtype)[6:]}, (out, r) = {tuple(U.shape)}"
+
+
+def _fused_forward(*args):
+    from ..kernels.sorsa_linear import fused_forward
+
+    return fused_forward(*args)
+
+
+def _fused_backward(*args):
+    from ..kernels.sorsa_linear import fused_backward
+
+    return fused_backward(*args)
+
+
+#: ``(x2, residual, U, S, V, bias, scale) -> (y2, u)`` on 2-D rows.
+FORWARD = KernelOp(
+    name="sorsa_linear forward",
+    key=lambda x, residual, U, S, V, bias, scale: _key(x, residual, U, bias),
+    shape=lambda x, residual, U, *_: _shape(x, U),
+    kernel=_fused_forward,
+    reference=reference.linear_forward,
+    tensors=lambda x, residual, U, S, V, *_: (x, residual, U, S, V),
+)
+
+#: ``(dy2, x2, u, residual, U, S, V, scale, needs_dx) -> (dx2 | None, dU, dS, dV)``.
+BACKWARD = KernelOp(
+    name="sorsa_linear backward",
+    key=lambda dy, x, u, residual, U, *_: _key(x, residual, U, None),
+    shape=lambda dy, x, u, residual, U, *_: _shape(x, U),
+    kernel=_fused_backward,
+    reference=reference.linear_backward,
+    tensors=lambda dy, x, u, residual, U, S, V, *_: (x, residual, U, S, V),
+)
+
+
+def _decide(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+            bias: Optional[Tensor], scale: float) -> bool:
+    """The call's dispatch decision (``x`` of any leading shape)."""
+    return FORWARD.decide(x, residual, U, S, V, bias, scale)
 
 
 def _forward(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
              bias: Optional[Tensor], scale: float, kernel: bool) -> tuple[Tensor, Tensor]:
     """``(y, u)`` on any leading shape of ``x`` by the kernels (``kernel``) or the reference."""
-    x2 = x.reshape(-1, x.shape[-1])
-
-    def ref():
-        return reference.linear_forward(x2, residual, U, S, V, bias, scale)
-
-    if kernel:
-        y, u = run_with_fallback(
-            "sorsa_linear forward", _key(x, residual, U, bias), x.device, _shape(x, U),
-            lambda: _kernels().fused_forward(x2, residual, U, S, V, bias, scale), ref)
-    else:
-        y, u = ref()
+    y, u = FORWARD(kernel, x.reshape(-1, x.shape[-1]), residual, U, S, V, bias, scale)
     return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0])), u
 
 
 def _backward_impl(dy: Tensor, x: Tensor, u: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor,
                    V: Tensor, scale: float, needs_dx: bool, kernel: bool):
     """``(dx, dU, dS, dV)`` by the kernels (``kernel``) or the reference; dx None unless needed."""
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-
-    def ref():
-        return reference.linear_backward(dy2, x2, u, residual, U, S, V, scale, needs_dx)
-
-    if kernel and not fallen_back("sorsa_linear backward", _key(x, residual, U, None)):
-        dx, dU, dS, dV = run_with_fallback(
-            "sorsa_linear backward", _key(x, residual, U, None), x.device, _shape(x, U),
-            lambda: _kernels().fused_backward(dy2, x2, u, residual, U, S, V, scale, needs_dx), ref)
-    else:
-        dx, dU, dS, dV = ref()
+    dx, dU, dS, dV = BACKWARD(kernel, dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), u,
+                              residual, U, S, V, scale, needs_dx)
     return (dx.reshape(x.shape) if needs_dx else None), dU, dS, dV
 
 
@@ -107,7 +114,7 @@ def linear_fwd(
     ``kernel``: the caller's dispatch decision (:func:`~.dispatch.kernel_path`), made here
     when None."""
     if kernel is None:
-        kernel = _decide(x, residual, U, S, V, bias)
+        kernel = _decide(x, residual, U, S, V, bias, scale)
     return _forward(x, residual, U, S, V, bias, scale, kernel)
 
 
@@ -154,7 +161,7 @@ def _setup_context(ctx, inputs, output):
     x, residual, U, S, V, bias, scale, kernel = inputs
     _check_frozen_residual(residual)
     if kernel is None:  # a direct call of the op: its own decision, the same one
-        kernel = _decide(x, residual, U, S, V, bias)
+        kernel = _decide(x, residual, U, S, V, bias, scale)
     _, u = output
     ctx.save_for_backward(x, u, residual, U, S, V)
     ctx.scale = scale
@@ -210,7 +217,7 @@ def _linear(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tens
             bias: Optional[Tensor], scale: float) -> Tensor:
     """``linear_fwd``'s output ``y``: one dispatch decision, passed down; eager reference
     calls skip the custom-op dispatch."""
-    kernel = _decide(x, residual, U, S, V, bias)
+    kernel = _decide(x, residual, U, S, V, bias, scale)
     if not kernel and not torch.compiler.is_compiling():
         return _EagerReference.apply(x, residual, U, S, V, bias, scale)
     return linear_fwd(x, residual, U, S, V, bias, scale, kernel)[0]

@@ -1,5 +1,5 @@
 """Compile facts of every kernel and autotune config, per GPU family, with the runtime's
-specialisation (tests/kernels/compile_facts.py; no GPU needed).
+specialisation (tools/compile_facts.py; no GPU needed).
 
 Three levels, kept within CI's time:
 
@@ -37,7 +37,7 @@ def _run(tmp, *args) -> list[dict]:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp / "facts.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "kernels", "compile_facts.py"), *args, "--json", str(out)],
+        [sys.executable, os.path.join(ROOT, "tools", "compile_facts.py"), *args, "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,7 +57,7 @@ def regularizer_sm86(tmp_path_factory):
 
 _PRUNE_SCRIPT = r"""
 import json, sys
-import tests.kernels.compile_facts as cf
+import tools.compile_facts as cf
 rows = {a: cf.collect(a, quick=False, compile_kept=False) for a in (75, 80, 86, 89, 90)}
 json.dump(rows, open(sys.argv[1], "w"))
 """
@@ -96,7 +96,7 @@ def test_kept_configs_in_the_committed_table_fit_and_do_not_spill(pruned, arch):
     if not os.path.exists(path):
         pytest.skip(f"no committed table for sm_{arch}")
     sys.path.insert(0, ROOT)
-    from tests.kernels.compile_facts import parse_md
+    from tools.compile_facts import parse_md
 
     table = {(r["case"], r["kernel"], r["config"]): r for r in parse_md(open(path).read())}
     known = [table[k] for k in ((r["case"], r["kernel"], r["config"]) for r in pruned[arch] if not r.get("pruned"))

@@ -230,3 +230,45 @@ def test_float16_on_a_pre_ampere_gpu_runs_the_kernels(monkeypatch):
     expected, _ = reference.linear_forward(x.detach().double(), res.double(), U.detach().double(),
                                            S.detach().double(), V.detach().double(), b.double(), 0.5)
     assert rel_err(y, expected) < 1e-2
+
+
+def _triton_without_ptxas_error(monkeypatch):
+    """A Triton like 3.0 whose ``triton.runtime.errors`` has no ``PTXASError``, with
+    ``kernels/failures.py`` not imported yet (the fallback imports it on the first error)."""
+    import sys
+
+    import triton.runtime.errors as errors
+
+    import sorsa_kernels.kernels as kernels_pkg
+
+    monkeypatch.delattr(errors, "PTXASError")
+    monkeypatch.delitem(sys.modules, "sorsa_kernels.kernels.failures", raising=False)
+    if hasattr(kernels_pkg, "failures"):
+        monkeypatch.delattr(kernels_pkg, "failures")
+
+
+def test_a_real_kernel_error_surfaces_on_a_triton_without_ptxaserror(monkeypatch):
+    _triton_without_ptxas_error(monkeypatch)
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.sorsa_linear", "_lowrank_down_kernel", ValueError("a real bug"))
+    x, res, U, S, V, b = _linear_inputs()
+    with pytest.raises(ValueError, match="a real bug"):
+        op.sorsa_linear(x, res, U, S, V, b)
+
+
+def test_out_of_resources_still_falls_back_on_a_triton_without_ptxaserror(monkeypatch):
+    _triton_without_ptxas_error(monkeypatch)
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.sorsa_linear", "_lowrank_down_kernel",
+                   OutOfResources(131072, 101376, "shared memory"))
+    x, res, U, S, V, b = _linear_inputs()
+    with pytest.warns(RuntimeWarning, match="_lowrank_down_kernel"):
+        op.sorsa_linear(x, res, U, S, V, b)
+
+
+def test_a_real_kernel_error_surfaces_when_the_failure_classifier_cannot_import(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sorsa_kernels.kernels.failures", None)  # import raises ImportError
+    _fail_launches(monkeypatch, "sorsa_kernels.kernels.sorsa_linear", "_lowrank_down_kernel", ValueError("a real bug"))
+    x, res, U, S, V, b = _linear_inputs()
+    with pytest.raises(ValueError, match="a real bug"):
+        op.sorsa_linear(x, res, U, S, V, b)

@@ -151,3 +151,30 @@ def test_op_rejects_transposed_flags_of_wrong_length(backend):
     mats, _ = _matrices(seed=9, dtype=torch.float32)
     with pytest.raises(ValueError, match="transposed has 2 flags for 4 matrices"):
         reg_op.ortho_value_and_grad_(mats, 1.0, [True, False])
+
+
+# --------------------------------------------------------------------------- custom ops
+def test_ortho_value_op_passes_opcheck():
+    """Schema, fake kernel and registered autograd of ``sorsa_kernels::ortho_value``."""
+    mats, flags = _matrices(seed=10, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.sorsa_kernels.ortho_value.default, (list(mats), flags))
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_ortho_value_and_grad_op_passes_opcheck_and_declares_its_gradient_writes(backend, name):
+    """``sorsa_kernels::ortho_value_and_grad_`` writes only the grads it declares mutated."""
+    if name == "triton":
+        pytest.importorskip("sorsa_kernels.kernels.ortho_reg")
+    backend(name)
+    mats, flags = _matrices(seed=11, dtype=torch.float32, device=DEVICE)
+    mats = [a.detach() for a in mats]
+    grads = [torch.randn_like(a) for a in mats]
+    torch.library.opcheck(torch.ops.sorsa_kernels.ortho_value_and_grad_.default,
+                          (mats, grads, 2.0, flags, name == "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ortho_value_compiles_to_one_graph():
+    mats, flags = _matrices(seed=12, dtype=torch.float32)
+    explained = torch._dynamo.explain(lambda ms: reg_op.ortho_value(ms, flags))(list(mats))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -101,8 +101,18 @@ def test_op_passes_torch_library_opcheck(backend):
     backend("reference")
     q, U, S, V, b = _case(m=24, n=64, r=4, seed=5)
     x = torch.randn(3, 64, requires_grad=True)
-    args = (x, None, *q.tensors(), 24, 64, 256, U, S, V, b, 1.0)
+    args = (x, None, list(q.tensors()), 24, 64, 256, U, S, V, b, 1.0)
     torch.library.opcheck(qlinear_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("name", ["triton", "reference"])
+def test_op_compiles_to_one_graph_without_breaks(backend, name):
+    backend(name)
+    q, U, S, V, b = _case(m=24, n=64, r=4, seed=8)
+    U.requires_grad_()
+    x = torch.randn(3, 5, 64)
+    explained = torch._dynamo.explain(lambda t: qsorsa_linear(t, q, U, S, V, b, 0.5))(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
 def test_rejects_input_with_wrong_feature_count():
