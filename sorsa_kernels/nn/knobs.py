@@ -93,6 +93,7 @@ KNOBS: dict[str, Rule] = {
     "gradient_accumulation_steps": _COUNT,
     "eval_batch_size": _COUNT,
     "max_length": _COUNT,
+    "loss_chunk_size": Rule("a non-negative integer (0: the whole sequence at once)", integer=True, low=0),
     # logging, evaluation, saving
     "logging_steps": _COUNT,
     "eval_steps": _COUNT,
