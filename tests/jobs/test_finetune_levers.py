@@ -113,3 +113,25 @@ def test_compare_trains_every_method_with_the_levers(tmp_path, monkeypatch):
                    if r.get("train_loss") is not None)
     assert calls["optimizers"] and set(calls["optimizers"]) == {"adamw8bit"}
     assert calls["chunked"] >= 4  # two methods × two steps
+
+
+def test_finetune_optimizer_for_bf16_adapters_keeps_steps_below_half_an_ulp(tmp_path):
+    import torch
+    from torch import nn
+
+    from sorsa_kernels.jobs.finetune.training import optimizer_spec, training_arguments
+    from sorsa_kernels.nn.linear import SORSALinear
+
+    cfg = F.FinetuneConfig(adapter_dtype="bfloat16").resolved()
+    args = training_arguments(cfg, tmp_path, has_eval=False)
+    factory, kwargs = optimizer_spec(cfg, args)
+    layer = SORSALinear.from_linear(nn.Linear(64, 64), 8, adapter_dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.S.fill_(5.0)  # a bf16 ulp is 2⁻⁵ here: an AdamW step of lr = 3e-3 is a tenth of it
+    opt = factory()(layer, **kwargs)
+    for _ in range(10):
+        for p in (layer.U, layer.S, layer.V):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert layer.S.dtype == torch.bfloat16
+    assert layer.S.float().mean().item() == pytest.approx(5.0 - 10 * args.learning_rate, abs=0.01)

@@ -114,7 +114,9 @@ class FinetuneConfig:
     svd: str = option("full", "SVD used at initialization", group=_SORSA, choices=SVD_MODES)
     residual_dtype: Optional[str] = option(None, "dtype of the frozen residual", group=_SORSA,
                                            choices=tuple(DTYPES), shown="the weight's")
-    adapter_dtype: Optional[str] = option(None, "dtype of U, S, V", group=_SORSA, choices=tuple(DTYPES),
+    adapter_dtype: Optional[str] = option(None, "dtype of U, S, V (bfloat16: each step is taken in fp32 and "
+                                          "rounded back stochastically, so steps under half a bf16 ulp count)",
+                                          group=_SORSA, choices=tuple(DTYPES),
                                           shown="float32")
     quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",),
                                      shown="none: dense residuals")
