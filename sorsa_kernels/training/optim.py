@@ -25,7 +25,8 @@ bytes per parameter for the whole run (more than bf16 saves), and over fp32 ``S`
 leaves U and V stalled.  Costs: the optimizer state is fp32 (or 8-bit) as for fp32 adapters,
 and during ``step()`` a transient fp32 copy of each bf16 parameter and its gradient (8 bytes per
 parameter, all adapters at once; one parameter at a time under gradient release).
-The rounding draws from the optimizer's own generator (seeded), never the global RNG.
+The rounding draws from the optimizer's own generator, seeded by (seed, step, parameter), never
+the global RNG, so a run resumed from a checkpoint rounds as the uninterrupted one did.
 """
 from __future__ import annotations
 
@@ -141,6 +142,10 @@ class _StochasticRounding:
         self.stepping: list[tuple[Tensor, Tensor]] = []
         optimizer.register_step_pre_hook(self.widen)
         optimizer.register_step_post_hook(self.round)
+        # loading a checkpoint casts floating state to its parameter's dtype: keep it fp32
+        optimizer.register_load_state_dict_pre_hook(self.widen_for_load)
+        optimizer.register_load_state_dict_post_hook(self.narrow_after_load)
+        self.loading: list[tuple[Tensor, Tensor]] = []
 
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self.generators:
@@ -157,10 +162,30 @@ class _StochasticRounding:
                 p.data = stored.float()
                 p.grad = grad.float()
                 self.stepping.append((p, stored))
+                state = optimizer.state.get(p, {})
+                for key, value in state.items():  # bitsandbytes' load casts fp32 state to the parameter's dtype
+                    if torch.is_tensor(value) and value.dtype == torch.bfloat16:
+                        state[key] = value.float()
+
+    def widen_for_load(self, optimizer, state_dict) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.dtype == torch.bfloat16:
+                    self.loading.append((p, p.data))
+                    p.data = p.data.float()
+
+    def narrow_after_load(self, optimizer) -> None:
+        for p, stored in self.loading:
+            p.data = stored
+        self.loading.clear()
 
     def round(self, optimizer, args, kwargs) -> None:
-        for p, stored in self.stepping:
-            stochastic_round_(stored, p.data, self.generator(stored.device))
+        for i, (p, stored) in enumerate(self.stepping):
+            # the noise is a function of (seed, step, parameter): a resumed run draws what the uninterrupted
+            # one drew.  The step counter is a CPU tensor (torch) or an int (bitsandbytes): no device sync.
+            step = int(optimizer.state[p].get("step", 0))
+            generator = self.generator(stored.device).manual_seed(hash((self.seed, step, i)) & (2 ** 63 - 1))
+            stochastic_round_(stored, p.data, generator)
             grad, p.grad = p.grad, None
             p.data = stored
             p.grad = grad.to(torch.bfloat16)

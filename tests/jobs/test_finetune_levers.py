@@ -135,3 +135,20 @@ def test_finetune_optimizer_for_bf16_adapters_keeps_steps_below_half_an_ulp(tmp_
         opt.step()
     assert layer.S.dtype == torch.bfloat16
     assert layer.S.float().mean().item() == pytest.approx(5.0 - 10 * args.learning_rate, abs=0.01)
+
+
+@pytest.mark.parametrize("lever", [dict(gradient_release=True, optim="adamw8bit"), dict(adapter_dtype="bfloat16"),
+                                   dict(adapter_dtype="bfloat16", optim="adamw8bit")],
+                         ids=["release-8bit", "bf16", "bf16-8bit"])
+def test_a_run_with_levers_resumes_from_its_checkpoint_with_the_same_losses(cached_base, tmp_path, lever):
+    fast = dict(pretrain_steps=20, max_steps=4, logging_steps=1, per_device_train_batch_size=4, evaluate=False,
+                progress=False, **lever)
+    full = F.run_finetune(F.FinetuneConfig(output_dir=str(tmp_path / "a"), save_steps=2, **fast))
+    ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    resumed = F.run_finetune(F.FinetuneConfig(output_dir=str(tmp_path / "a"), resume_from_checkpoint=str(ckpt),
+                                              **fast))
+    tail = dict(full.train_losses)
+    assert [s for s, _ in resumed.train_losses if s > 2] == [3, 4]
+    for step, loss in resumed.train_losses:
+        if step > 2:
+            assert loss == pytest.approx(tail[step], rel=1e-5, abs=1e-6)

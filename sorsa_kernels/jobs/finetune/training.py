@@ -102,8 +102,10 @@ def optimizer_spec(cfg: FinetuneConfig, args) -> Optional[tuple]:
         scales = adapter_scales(model)
         if not cfg.gradient_release:
             return optimizer_for_params(params, cfg.optim, args.learning_rate, fp32_state=scales, **kw)
+        index = {id(p): i for i, p in enumerate(params)}  # each parameter's own rounding seed
         return enable_gradient_release(
-            model, lambda ps: optimizer_for_params(ps, cfg.optim, args.learning_rate, fp32_state=scales, **kw),
+            model, lambda ps: optimizer_for_params(ps, cfg.optim, args.learning_rate, fp32_state=scales,
+                                                   **{**kw, "seed": cfg.seed * len(params) + index[id(ps[0])]}),
             gamma=cfg.gamma, lr_max=args.learning_rate, max_grad_norm=cfg.max_grad_norm)
 
     return (lambda: build), {}
