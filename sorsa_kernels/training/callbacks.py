@@ -7,6 +7,7 @@ from transformers import TrainerCallback
 
 from ..nn.knobs import check_gamma_rate, check_knob
 from ..nn.regularizer import add_regularizer_grad
+from .gradient_release import ReleasedOptimizer
 
 __all__ = ["SORSACallback"]
 
@@ -15,7 +16,10 @@ class SORSACallback(TrainerCallback):
     """Adds ``gamma / lr_max · ∇L_reg`` to the adapters' grads once per optimizer step.
 
     It runs in ``on_pre_optimizer_step``, which the Trainer calls after gradient clipping
-    and before ``optimizer.step()``, so the regularizer's gradient is never clipped.  The
+    and before ``optimizer.step()``, so the regularizer's gradient is never clipped.  Under
+    gradient release (:func:`~sorsa_kernels.training.gradient_release.enable_gradient_release`)
+    each parameter's backward hook adds it, in the same order, and this callback only logs the
+    value the hooks summed.  The
     value of ``L_reg`` is logged as ``orthonormality`` (averaged over the logging window).
     ``lr_max`` defaults to the Trainer's peak learning rate (``args.learning_rate``).
 
@@ -35,8 +39,14 @@ class SORSACallback(TrainerCallback):
         self._sum = None
         self._count = 0
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        value = add_regularizer_grad(model, self.gamma, self.lr_max or args.learning_rate)
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        released = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+        if isinstance(released, ReleasedOptimizer):  # the backward hooks added the gradient already
+            value = released.pop_regularizer_value()
+            if value is None:
+                return control
+        else:
+            value = add_regularizer_grad(model, self.gamma, self.lr_max or args.learning_rate)
         self._sum = value.detach() if self._sum is None else self._sum + value.detach()
         self._count += 1
         return control

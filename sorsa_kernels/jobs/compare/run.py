@@ -62,7 +62,7 @@ from ..finetune.encoding import ListDataset, ResponseOnlyCollator, encode_all
 from ..finetune.evaluation import default_max_new_tokens, exact_match
 from ..finetune.model import apply_config_sorsa, load_base
 from ..progress import library_bars
-from ..finetune.training import training_arguments
+from ..finetune.training import make_trainer, training_arguments
 from ..options import ConfigError
 from ...adapters.surgery import find_targets
 
@@ -373,7 +373,6 @@ def _check_diverged(run: dict[str, Any]) -> None:
 
 
 def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0: float) -> dict[str, Any]:
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ...training.callbacks import SORSACallback
@@ -383,7 +382,7 @@ def _train(method, model, tokenizer, cfg, train_ex, scratch: Path, recorder, t0:
         scratch, has_eval=False,
     )
     collator = _FingerprintCollator(tokenizer.pad_token_id)
-    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_ex), data_collator=collator)
+    trainer = make_trainer(cfg, model, args, train_dataset=ListDataset(train_ex), data_collator=collator)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     if method == "sorsa":

@@ -40,6 +40,7 @@ import torch
 from ...nn.checks import SVD_MODES
 from ...nn.knobs import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, Rule, check_gamma_rate,
                          check_scale)
+from ...training.optim import OPTIMIZERS
 from ..models.embedded import EMBEDDED_NAME, EMBEDDED_PROMPT_TEMPLATE, PRETRAIN_STEPS
 from ..options import ConfigError, check_fields, option
 
@@ -115,7 +116,9 @@ class FinetuneConfig:
     svd: str = option("full", "SVD used at initialization", group=_SORSA, choices=SVD_MODES)
     residual_dtype: Optional[str] = option(None, "dtype of the frozen residual", group=_SORSA,
                                            choices=tuple(DTYPES), shown="the weight's")
-    adapter_dtype: Optional[str] = option(None, "dtype of U, S, V", group=_SORSA, choices=tuple(DTYPES),
+    adapter_dtype: Optional[str] = option(None, "dtype of U, S, V (bfloat16: each step is taken in fp32 and "
+                                          "rounded back stochastically, so steps under half a bf16 ulp count)",
+                                          group=_SORSA, choices=tuple(DTYPES),
                                           shown="float32")
     quantize: Optional[str] = option(None, "store residuals in NF4 (QSORSA)", group=_SORSA, choices=("nf4",),
                                      shown="none: dense residuals")
@@ -143,6 +146,16 @@ class FinetuneConfig:
     bf16: bool = option(False, "bf16 mixed precision", group=_TRAINING)
     gradient_checkpointing: bool = option(False, "recompute activations in backward", group=_TRAINING)
     fsdp: bool = option(False, "shard with FSDP2 (under torchrun)", group=_TRAINING)
+    # ---- memory levers (sorsa_kernels.training: optim, gradient_release, loss)
+    optim: str = option("adamw", "optimizer: AdamW with fp32 state, or bitsandbytes' 8-bit AdamW (U and V in "
+                        "8-bit state, S in fp32; paged keeps the state in unified memory, non-paged on CPU)",
+                        group=_TRAINING, choices=OPTIMIZERS)
+    gradient_release: bool = option(False, "step each adapter in its backward hook, freeing its gradient at once; "
+                                    "gradient accumulation becomes 1 and {max_grad_norm:flag} clips each parameter "
+                                    "on its own", group=_TRAINING)
+    loss_chunk_size: int = option(0, "compute the loss N positions at a time, so the full fp32 logits never exist "
+                                  "(0: all at once)", group=_TRAINING, metavar="N",
+                                  rule=Rule("a non-negative integer (0: the whole sequence at once)", integer=True, low=0))
     seed: int = option(42, "random seed", group=_TRAINING,
                        rule=Rule("an integer in [0, 2**32)", integer=True, low=0, high=2**32, high_open=True))
     resume_from_checkpoint: Optional[str] = option(
@@ -192,6 +205,12 @@ class FinetuneConfig:
                               "held-out split)", self)
         if not self.embedded and self.data is None:
             raise ConfigError("{model:given} needs {data:flag} FILE (.jsonl, .json or .parquet)", self)
+        if self.gradient_release and (self.gradient_accumulation_steps or 1) > 1:
+            raise ConfigError("{gradient_release:flag} steps every backward: it cannot accumulate gradients; drop "
+                              "{gradient_accumulation_steps:given}", self)
+        if self.gradient_release and self.fsdp:
+            raise ConfigError("{gradient_release:flag} cannot run with {fsdp:flag}: its hooks see unsharded gradients "
+                              "before the reduce-scatter", self)
 
     def _check_arithmetic(self) -> None:
         """alpha and gamma whose finite values the computation still cannot hold, bounded by the
@@ -216,6 +235,8 @@ class FinetuneConfig:
         """A copy with every ``None`` default filled in for this model."""
         defaults = EMBEDDED_DEFAULTS if self.embedded else PAPER_DEFAULTS
         changes = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.gradient_release:  # each backward steps: nothing to accumulate
+            changes["gradient_accumulation_steps"] = 1
         if self.num_train_epochs is not None and self.max_steps is None:
             changes["max_steps"] = -1  # epochs given explicitly: they decide the length
         if self.prompt_template is None:
@@ -235,6 +256,9 @@ class FinetuneConfig:
                               "-m sorsa_kernels.cli", self)
         if self.fsdp and not torch.cuda.is_available():
             raise ConfigError(FSDP_CPU_MESSAGE, self)
+        if self.gradient_release and distributed():
+            raise ConfigError("{gradient_release:flag} runs in one process: its hooks would step each parameter "
+                              "before the processes average its gradient", self)
         if self.resume_from_checkpoint not in (None, "last") and not Path(self.resume_from_checkpoint).is_dir():
             raise ValueError(f"checkpoint folder {self.resume_from_checkpoint} does not exist")
         check_model_path(self.model)

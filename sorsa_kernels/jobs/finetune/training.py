@@ -12,14 +12,16 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ...training.data import arithmetic_problems, load_records, split_records
 from ..options import ConfigError
 from ..progress import LogLines, library_bars
-from .config import EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process
+from .config import (
+    DTYPES, EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process,
+)
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
 from .evaluation import default_max_new_tokens, evaluate, metrics_line
 from .model import apply_config_sorsa, load_base, load_sharded_quantized
@@ -45,7 +47,7 @@ def training_arguments(cfg: FinetuneConfig, trainer_dir: Path, has_eval: bool):
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler_type,
         weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=0.0 if cfg.gradient_release else cfg.max_grad_norm,  # released: clipped per parameter
         optim="adamw_torch",
         bf16=cfg.bf16,
         seed=cfg.seed,
@@ -79,6 +81,43 @@ def training_arguments(cfg: FinetuneConfig, trainer_dir: Path, has_eval: bool):
         kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True}
     kwargs.update(cfg.extra_training_args)
     return TrainingArguments(**kwargs)
+
+
+def optimizer_spec(cfg: FinetuneConfig, args) -> Optional[tuple]:
+    """The Trainer's ``optimizer_cls_and_kwargs`` for the memory levers (``optim``, ``gradient_release``,
+    bf16 adapters: :mod:`sorsa_kernels.training.optim`), or None for the Trainer's own AdamW.
+
+    The factory builds the optimizer from the model the Trainer trains (after any wrapping)."""
+    bf16 = DTYPES.get(cfg.adapter_dtype or "float32") == torch.bfloat16
+    if cfg.optim == "adamw" and not cfg.gradient_release and not bf16:
+        return None
+    from ...training.gradient_release import enable_gradient_release
+    from ...training.optim import adapter_scales, optimizer_for_params
+
+    kw = dict(weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+              seed=cfg.seed)
+
+    def build(model) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        scales = adapter_scales(model)
+        if not cfg.gradient_release:
+            return optimizer_for_params(params, cfg.optim, args.learning_rate, fp32_state=scales, **kw)
+        index = {id(p): i for i, p in enumerate(params)}  # each parameter's own rounding seed
+        return enable_gradient_release(
+            model, lambda ps: optimizer_for_params(ps, cfg.optim, args.learning_rate, fp32_state=scales,
+                                                   **{**kw, "seed": cfg.seed * len(params) + index[id(ps[0])]}),
+            gamma=cfg.gamma, lr_max=args.learning_rate, max_grad_norm=cfg.max_grad_norm)
+
+    return (lambda: build), {}
+
+
+def make_trainer(cfg: FinetuneConfig, model, args, **kwargs):
+    """The ``Trainer`` of a finetune (or compare) run: the chunked loss when ``loss_chunk_size`` is set,
+    the levers' optimizer (:func:`optimizer_spec`); ``kwargs`` as ``Trainer``'s."""
+    from ...training.loss import ChunkedLossTrainer
+
+    return ChunkedLossTrainer(model=model, args=args, loss_chunk_size=cfg.loss_chunk_size,
+                              optimizer_cls_and_kwargs=optimizer_spec(cfg, args), **kwargs)
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
@@ -241,7 +280,6 @@ def _check_finite(model, losses, step: int) -> None:
 
 def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows, use_chat,
                     fingerprint, t_start, data_counts) -> FinetuneResult:
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ...training.callbacks import SORSACallback
@@ -250,15 +288,17 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
     args = training_arguments(cfg, trainer_dir, eval_ex is not None)
     train_ds = ListDataset(train_ex)
     eval_ds = ListDataset(eval_ex) if eval_ex is not None else None
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=ResponseOnlyCollator(tokenizer.pad_token_id),
-    )
+    trainer = make_trainer(cfg, model, args, train_dataset=train_ds, eval_dataset=eval_ds,
+                           data_collator=ResponseOnlyCollator(tokenizer.pad_token_id))
     if cfg.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate (1.15) enables its FSDP plugin only for GPU-like devices; on CPU (gloo) it
         # drops it silently and would run plain DDP.  Say so instead of pretending.
         raise ConfigError(FSDP_CPU_MESSAGE, cfg)
     SORSACallback(gamma=cfg.gamma, lr_max=cfg.learning_rate).install(trainer)
+    if cfg.gradient_release and is_main_process():
+        from ...training.gradient_release import GRADIENT_RELEASE_NOTE
+
+        print(GRADIENT_RELEASE_NOTE, flush=True)
     trainer.add_callback(run_recorder(cfg, fingerprint))
     for printer in (PrinterCallback, ProgressCallback):  # dicts of strings → one compact line per log
         trainer.remove_callback(printer)
