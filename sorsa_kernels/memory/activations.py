@@ -26,7 +26,7 @@ routed experts (k rows/token)  gathered x, gate-up out, act, act·up,         ``
 
 With gradient checkpointing a layer keeps only its input (``c·h``); the layer being
 recomputed in backward holds its full set once, plus its backward's own temporaries
-(the MLP's gradients: ``3·c·I`` per token, ``k`` times for routed experts).
+(the MLP's gradients: ``2·c·I + c·h`` per token, ``k·I`` for routed experts).
 
 The loss: ``transformers`` casts the logits to float32 and takes ``log_softmax`` (saved, float32);
 at the start of backward the gradient of the saved output and the gradient of the logits
@@ -119,8 +119,10 @@ def layer_bytes_per_token(s: Shapes, c: int, rank: int, adapted_attn: int, adapt
 
 
 def backward_temporaries_per_token(s: Shapes, c: int, moe: bool) -> int:
-    """The largest temporaries of one layer's backward, per token: the MLP's gradients."""
-    return 3 * c * (s.top_k * s.expert_intermediate if moe else s.intermediate) + 2 * c * s.hidden
+    """The largest temporaries of one layer's backward, per token: the gradients of the MLP's
+    product and of its two factors (the product's own saved input is freed by then), and the
+    incoming gradient of the hidden state."""
+    return 2 * c * (s.top_k * s.expert_intermediate if moe else s.intermediate) + c * s.hidden
 
 
 def loss_bytes(s: Shapes, c: int, tokens: int, chunk: int = 0) -> int:
@@ -132,10 +134,11 @@ def loss_bytes(s: Shapes, c: int, tokens: int, chunk: int = 0) -> int:
 
 
 def activation_bytes(s: Shapes, c: int, tokens: int, seq: int, rank: int, adapted_attn: int, adapted_mlp: int,
-                     checkpointing: bool, expert_rank: int = 0) -> int:
-    """Peak bytes of the decoder layers' activations for ``tokens`` tokens (batch × sequence):
-    every layer's saved set, or with checkpointing every layer's input plus one recomputed layer
-    and its backward temporaries."""
+                     checkpointing: bool, expert_rank: int = 0) -> tuple[int, int]:
+    """``(kept, recompute)``: bytes of the decoder layers' activations kept through the forward
+    for ``tokens`` tokens (batch × sequence) — every layer's saved set, or with checkpointing
+    every layer's input — and, with checkpointing, the extra bytes of the one layer recomputed
+    in backward with its backward temporaries (0 without)."""
     dense = s.layers - s.moe_layers
     kinds = [(False, dense), (True, s.moe_layers)]
     args = (s, c, rank, adapted_attn, adapted_mlp)
@@ -144,10 +147,9 @@ def activation_bytes(s: Shapes, c: int, tokens: int, seq: int, rank: int, adapte
     first = layer_bytes_per_token(*args, first_moe, seq, first=True, expert_rank=expert_rank)
     common = tokens * (INDEX * 3) + 2 * seq * s.head_dim * c  # ids, labels, mask; rotary cos/sin
     if not checkpointing:
-        total = sum(per[moe] * n for moe, n in kinds) - per[first_moe] + first
-        return tokens * total + common
+        return tokens * (sum(per[moe] * n for moe, n in kinds) - per[first_moe] + first) + common, 0
     biggest = max((per[moe] + backward_temporaries_per_token(s, c, moe)) for moe, n in kinds if n)
-    return tokens * (s.layers * c * s.hidden + biggest) + common
+    return tokens * s.layers * c * s.hidden + common, tokens * biggest
 
 
 def nf4_expert_chunk_bytes(out_features: int, in_features: int, chunk: int, c: int) -> int:

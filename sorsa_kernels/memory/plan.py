@@ -8,9 +8,9 @@ tensor (:mod:`.optimizers`), activations and the loss from the model's shapes
 (:mod:`.activations`) and a fixed CUDA-context allowance, and returns a :class:`MemoryPlan`.
 
 The peak is the persistent bytes plus the larger of the two moments a step reaches:
-the start of backward (activations, the loss's logits and gradients, the dequantized NF4
-experts chunk of the reference path) and the optimizer step (every gradient plus the
-optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
+backward (the activations kept, plus the larger of the loss's logits and gradients and — with
+checkpointing — the layer recomputed later, plus the dequantized NF4 experts chunk of the
+reference path) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
 dropped in its post-accumulate-grad hook, so at most one module's gradients exist.
 """
 from __future__ import annotations
@@ -216,6 +216,7 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     tokens = s.batch_size * s.max_length
     act = {ckpt: activation_bytes(shapes, c, tokens, s.max_length, s.rank, tally.adapted_attn, tally.adapted_mlp,
                                   ckpt, expert_rank=tally.expert_rank) for ckpt in (False, True)}
+    kept, recompute = act[s.gradient_checkpointing]
     state = sum(optimizers.state_bytes(s.optim, n, e) for n, e, _ in tally.trainable) + optimizers.shared_bytes(s.optim)
     paged = sum(optimizers.paged_bytes(s.optim, n, e) for n, e, _ in tally.trainable)
     grads = tally.largest_module_grads if s.gradient_release else tally.adapters
@@ -224,19 +225,21 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     dequant = tally.nf4_expert_chunk + (tally.nf4_linear_dequant if s.device == "cpu" else 0)
     comp = dict(
         frozen_base=tally.frozen, quant_state=tally.quant_state, rest_of_model=tally.rest, adapters=tally.adapters,
-        gradients=grads, optimizer_state=state, activations=act[s.gradient_checkpointing],
+        gradients=grads, optimizer_state=state, activations=kept + recompute,
         logits_loss=loss_bytes(shapes, c, tokens, s.loss_chunk_size), nf4_dequant=dequant, optimizer_step=step,
         fsdp_gather=2 * tally.largest_layer if s.world_size > 1 else 0,
         cuda_context=CUDA_CONTEXT_BYTES if s.device == "cuda" else 0,
     )
     persistent = sum(comp[k] for k in ("frozen_base", "quant_state", "rest_of_model", "adapters",
                                        "optimizer_state", "fsdp_gather", "cuda_context")) - paged
-    backward = comp["activations"] + comp["logits_loss"] + comp["nf4_dequant"]
+    # the loss's backward comes first, the recomputed layer after it: they never coexist
+    backward = kept + max(comp["logits_loss"], recompute) + comp["nf4_dequant"]
     if s.gradient_release:  # each module's step runs in backward: its gradients and step beside the activations
         peak = persistent + backward + grads + step
     else:
         peak = persistent + max(backward, grads + step)
-    notes = dict(activations_without_checkpointing=act[False], activations_with_checkpointing=act[True],
+    notes = dict(activations_without_checkpointing=sum(act[False]), activations_with_checkpointing=sum(act[True]),
+                 transient_peak=backward,
                  paged_optimizer_state=paged, backward_start=persistent + backward, optimizer_step_moment=persistent
                  + grads + step)
     return MemoryPlan(components=comp, peak_bytes=peak, settings=s, notes=notes,
