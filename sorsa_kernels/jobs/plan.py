@@ -22,7 +22,7 @@ from .finetune.config import FinetuneConfig
 from .models.embedded import EMBEDDED_NAME
 from .options import ConfigError, check_fields, option
 
-__all__ = ["PlanConfig", "PlanReport", "load_model_config", "run_plan", "DEFAULT_GPUS", "settings_of"]
+__all__ = ["PlanConfig", "PlanReport", "load_model_config", "run_plan", "DEFAULT_GPUS", "settings_of", "check_run_fits"]
 
 #: The GPU sizes ``fits`` reports when none is given.
 DEFAULT_GPUS = ("12GB", "16GB", "24GB", "48GB", "80GB")
@@ -188,3 +188,29 @@ def run_plan(cfg: PlanConfig) -> PlanReport:
     fitting = {size: plans_that_fit(config, settings, parse_size(size), tallies=tallies)
                for size, ok in fits.items() if not ok and (cfg.gpu_memory or size == "24GB")}
     return PlanReport(plan, fits, fitting)
+
+
+def check_run_fits(cfg: Any, force: bool = False) -> Optional[str]:
+    """Before a finetune run: plan it, return the plan's one line, and on a GPU raise a one-line
+    ValueError (the line and the levers that would fit) when the peak exceeds the visible GPU's
+    memory, unless ``force``.  On a CPU the line is only printed.  A config that cannot be read
+    (offline Hub id) gives ``memory plan: unavailable (…)``, never a failure."""
+    import torch
+
+    try:
+        config = load_model_config(cfg.model)
+        settings = settings_of(cfg)
+        if not torch.cuda.is_available():
+            settings = dataclasses.replace(settings, device="cpu")
+        plan = plan_memory(config, settings)
+    except Exception as e:  # the plan informs; it never stops a run that could work
+        return f"memory plan: unavailable ({' '.join(str(e).split())[:120]})"
+    if not torch.cuda.is_available() or force:
+        return plan.line()
+    budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if plan.fits(budget):
+        return plan.line()
+    found = plans_that_fit(config, settings, budget)
+    fix = ("; levers that fit: " + "; ".join(f"{lever_flags(lv)} ({p.peak_bytes / GIB:.2f} GiB)" for lv, p in found)
+           if found else "; no combination of levers fits: use more GPUs (--fsdp) or a smaller rank")
+    raise ValueError(f"{plan.line()} exceeds this GPU's {budget / GIB:.2f} GiB{fix}; --force runs anyway")

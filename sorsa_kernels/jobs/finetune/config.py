@@ -139,6 +139,7 @@ class FinetuneConfig:
     bf16: bool = option(False, "bf16 mixed precision", group=_TRAINING)
     gradient_checkpointing: bool = option(False, "recompute activations in backward", group=_TRAINING)
     fsdp: bool = option(False, "shard with FSDP2 (under torchrun)", group=_TRAINING)
+    force: bool = option(False, "train even when the memory plan's peak exceeds the GPU's memory", group=_TRAINING)
     seed: int = option(42, "random seed", group=_TRAINING)
     resume_from_checkpoint: Optional[str] = option(
         None, "continue from a complete checkpoint folder (or 'last': the newest under OUTPUT/checkpoints) with "
