@@ -8,9 +8,9 @@ tensor (:mod:`.optimizers`), activations and the loss from the model's shapes
 (:mod:`.activations`) and a fixed CUDA-context allowance, and returns a :class:`MemoryPlan`.
 
 The peak is the persistent bytes plus the larger of the two moments a step reaches:
-backward (the activations kept, plus the larger of the loss's logits and gradients and — with
-checkpointing — the layer recomputed later, plus the dequantized NF4 experts chunk of the
-reference path) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
+backward (the activations kept, plus the larger of the loss's logits and gradients and what a
+layer's backward adds later: with checkpointing the recomputed layer, and the dequantized NF4
+experts chunk of the reference path) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
 dropped in its post-accumulate-grad hook, so at most one module's gradients exist.
 """
 from __future__ import annotations
@@ -232,8 +232,9 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     )
     persistent = sum(comp[k] for k in ("frozen_base", "quant_state", "rest_of_model", "adapters",
                                        "optimizer_state", "fsdp_gather", "cuda_context")) - paged
-    # the loss's backward comes first, the recomputed layer after it: they never coexist
-    backward = kept + max(comp["logits_loss"], recompute) + comp["nf4_dequant"]
+    # the loss's backward comes first, the layers' after it (a recomputed layer, the dequantized experts
+    # chunk): the two never coexist
+    backward = kept + max(comp["logits_loss"], recompute + comp["nf4_dequant"])
     if s.gradient_release:  # each module's step runs in backward: its gradients and step beside the activations
         peak = persistent + backward + grads + step
     else:
