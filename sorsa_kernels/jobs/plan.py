@@ -197,9 +197,11 @@ def check_run_fits(cfg: Any, force: bool = False) -> Optional[str]:
     (offline Hub id) gives ``memory plan: unavailable (…)``, never a failure."""
     import torch
 
+    import os
+
     try:
         config = load_model_config(cfg.model)
-        settings = settings_of(cfg)
+        settings = settings_of(cfg, int(os.environ.get("WORLD_SIZE", "1")) if getattr(cfg, "fsdp", False) else 1)
         if not torch.cuda.is_available():
             settings = dataclasses.replace(settings, device="cpu")
         plan = plan_memory(config, settings)

@@ -38,13 +38,16 @@ def adamw_state_bytes(t: torch.Tensor) -> int:
 
 
 def bytes_by_category(model: nn.Module, layer_types: tuple, frozen: dict[str, set[str]],
-                      optimizer_bytes: Optional[Callable[[torch.Tensor], int]] = None) -> dict[str, int]:
+                      optimizer_bytes: Optional[Callable[[torch.Tensor], int]] = None,
+                      nbytes: Optional[Callable[[torch.Tensor, bool], int]] = None) -> dict[str, int]:
     """Bytes rank 0 holds in the ``layer_types`` modules of ``model``, by category.
 
     Each frozen tensor goes under the category of ``frozen`` whose name set holds its name; each
     trainable one counts as ``adapters`` + its gradient shard (``grads``, same dtype) + its
     optimizer state (``adamw``: ``optimizer_bytes(t)``, default AdamW's m and v in the tensor's
-    dtype); every other tensor of the model is ``rest_of_model``.  A frozen tensor of those layers
+    dtype); every other tensor of the model is ``rest_of_model``.  ``nbytes(t, is_parameter)`` sizes a
+    tensor (default :func:`local_nbytes`: the shard a sharded model holds; the memory plan passes the
+    shard FSDP2 would make of an unsharded meta model).  A frozen tensor of those layers
     whose name is in no set raises an AssertionError (a new storage must be classified).
 
     Example::
@@ -53,14 +56,16 @@ def bytes_by_category(model: nn.Module, layer_types: tuple, frozen: dict[str, se
         {'frozen': ..., 'quant_state': ..., 'adapters': ..., 'grads': ..., 'adamw': ..., 'rest_of_model': ...}
     """
     optimizer_bytes = optimizer_bytes or adamw_state_bytes
+    nbytes = nbytes or (lambda t, _is_parameter: local_nbytes(t))
     out = dict.fromkeys([*frozen, "adapters", "grads", "adamw", "rest_of_model"], 0)
     seen = set()
     for layer in model.modules():
         if not isinstance(layer, layer_types):
             continue
-        for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+        params = [(n, t, True) for n, t in layer.named_parameters(recurse=False)]
+        for name, t, is_param in params + [(n, t, False) for n, t in layer.named_buffers(recurse=False)]:
             seen.add(id(t))
-            b = local_nbytes(t)
+            b = nbytes(t, is_param)
             category = next((c for c, names in frozen.items() if name in names), None)
             if category is not None and not t.requires_grad:
                 out[category] += b
@@ -70,7 +75,8 @@ def bytes_by_category(model: nn.Module, layer_types: tuple, frozen: dict[str, se
                 out["adamw"] += optimizer_bytes(t)
             else:
                 raise AssertionError(f"unclassified tensor {name}")
-    for t in [*model.parameters(), *model.buffers()]:
+    for t, is_param in [*((p, True) for p in model.parameters()), *((b, False) for b in model.buffers())]:
         if id(t) not in seen:
-            out["rest_of_model"] += local_nbytes(t)
+            seen.add(id(t))
+            out["rest_of_model"] += nbytes(t, is_param)
     return out

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..adapters.experts import _orient, expert_weight_names, plan_experts, sorsa_experts_forward
+from ..adapters.experts import expert_weight_names, plan_experts, sorsa_experts_forward
 from ..adapters.modules_to_save import resolve_modules_to_save
 from ..adapters.surgery import TargetSpec, find_targets, module_aliases, replace_everywhere
 from ..nn.checks import linear_weight
@@ -78,7 +78,8 @@ def adapt_on_meta(model: nn.Module, rank: int, target_modules: TargetSpec = None
     for name in experts:
         module = model.get_submodule(name)
         for attr in expert_weight_names(module):
-            w = _orient(module, getattr(module, attr))
+            w = getattr(module, attr)
+            w = w.mT if getattr(module, "is_transposed", False) else w  # seen as E×out×in
             E, m, n = w.shape
             has_bias = getattr(module, "has_bias", False)
             layer = experts_class(quantize)(E, n, m, rank, bias=has_bias, residual_dtype=residual_dtype or w.dtype,

@@ -26,7 +26,7 @@ from ..adapters.experts import adapted_experts, expert_weight_names
 from ..nn.experts import DEFAULT_EXPERT_CHUNK, SORSAExperts
 from ..nn.linear import SORSALinear
 from . import optimizers
-from .accounting import QUANT_STATE_NAMES
+from .accounting import FROZEN_NAMES, QUANT_STATE_NAMES, bytes_by_category
 from .activations import Shapes, activation_bytes, loss_bytes, nf4_expert_chunk_bytes
 from .build import adapt_on_meta, config_dtype, meta_model
 
@@ -108,20 +108,20 @@ class MemoryPlan:
 class Tally:
     """Bytes read off a meta model for one GPU (rank 0 of ``world_size``)."""
 
-    frozen: int = 0
-    quant_state: int = 0
-    rest: int = 0
-    adapters: int = 0
-    largest_module_grads: int = 0
-    largest_tensor: int = 0
-    trainable: list = field(default_factory=list)  # (numel, element_size, local bytes)
-    largest_layer: int = 0
-    nf4_linear_dequant: int = 0
-    nf4_expert_chunk: int = 0
-    adapted_attn: int = 0
-    adapted_mlp: int = 0
-    expert_rank: int = 0
-    moe_layers: int = 0
+    frozen: int = 0                 # residuals / NF4 codes and frozen biases of the SORSA layers
+    quant_state: int = 0            # absmax, nested absmax, offsets, code tables
+    rest: int = 0                   # embeddings, head, norms, routers, layers left unadapted
+    adapters: int = 0               # U, S, V
+    largest_module_grads: int = 0   # one module's gradients (gradient release)
+    largest_tensor: int = 0         # one tensor (a per-tensor optimizer step's temporary)
+    trainable: list = field(default_factory=list)  # (numel on this rank, element size) per trainable tensor
+    largest_layer: int = 0          # one decoder layer unsharded (FSDP2's all-gather)
+    nf4_linear_dequant: int = 0     # the largest NF4 linear dequantized (CPU reference path)
+    nf4_expert_chunk: int = 0       # the largest chunk of NF4 experts dequantized
+    adapted_attn: int = 0           # SORSA projections in one layer's attention
+    adapted_mlp: int = 0            # … in its dense MLP
+    expert_rank: int = 0            # rank of the adapted experts (0: frozen experts)
+    moe_layers: int = 0             # decoder layers with routed experts
 
 
 def _local(t: torch.Tensor, world: int, parameter: bool) -> int:
@@ -133,34 +133,24 @@ def _local(t: torch.Tensor, world: int, parameter: bool) -> int:
 
 
 def count_model(model: nn.Module, world_size: int = 1, compute_bytes: int = 2) -> Tally:
-    """The :class:`Tally` of an adapted (meta) model on rank 0 of ``world_size``."""
+    """The :class:`Tally` of an adapted (meta) model on rank 0 of ``world_size``: frozen, quantization
+    state, adapters and the rest by :func:`~sorsa_kernels.memory.accounting.bytes_by_category`, then
+    what the plan needs beyond them (each trainable tensor, the largest module's gradients, the
+    reference path's dequantized NF4 residuals, the decoder layers' shapes)."""
     from ..distributed.fsdp import decoder_layers
 
-    out = Tally()
-    adapted = {id(m) for m in model.modules() if isinstance(m, (SORSALinear, SORSAExperts))}
-    seen = set()
+    size = lambda t, is_param: _local(t, world_size, is_param)  # noqa: E731
+    cats = bytes_by_category(model, (SORSALinear, SORSAExperts),
+                             {"frozen": FROZEN_NAMES, "quant_state": QUANT_STATE_NAMES}, nbytes=size)
+    out = Tally(frozen=cats["frozen"], quant_state=cats["quant_state"], rest=cats["rest_of_model"],
+                adapters=cats["adapters"])
     for module in model.modules():
-        mine = [(n, t, True) for n, t in module.named_parameters(recurse=False)]
-        mine += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
-        module_grads = 0
-        for name, t, is_param in mine:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            b = _local(t, world_size, is_param)
+        mine = [size(t, True) for t in module.parameters(recurse=False) if t.requires_grad]
+        out.largest_module_grads = max(out.largest_module_grads, sum(mine))
+        for t in module.parameters(recurse=False):
             if t.requires_grad:
-                out.adapters += b
-                module_grads += b
-                out.largest_tensor = max(out.largest_tensor, b)
-                out.trainable.append((-(-t.numel() // world_size), t.element_size(), b))
-            elif id(module) in adapted:
-                if name in QUANT_STATE_NAMES:
-                    out.quant_state += b
-                else:
-                    out.frozen += b
-            else:
-                out.rest += b
-        out.largest_module_grads = max(out.largest_module_grads, module_grads)
+                out.largest_tensor = max(out.largest_tensor, size(t, True))
+                out.trainable.append((-(-t.numel() // world_size), t.element_size()))
         if getattr(module, "quantize", None) == "nf4" and isinstance(module, SORSAExperts):
             chunk = min(getattr(module, "expert_chunk", DEFAULT_EXPERT_CHUNK), module.num_experts)
             out.nf4_expert_chunk = max(out.nf4_expert_chunk, nf4_expert_chunk_bytes(
@@ -217,8 +207,8 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     act = {ckpt: activation_bytes(shapes, c, tokens, s.max_length, s.rank, tally.adapted_attn, tally.adapted_mlp,
                                   ckpt, expert_rank=tally.expert_rank) for ckpt in (False, True)}
     kept, recompute = act[s.gradient_checkpointing]
-    state = sum(optimizers.state_bytes(s.optim, n, e) for n, e, _ in tally.trainable) + optimizers.shared_bytes(s.optim)
-    paged = sum(optimizers.paged_bytes(s.optim, n, e) for n, e, _ in tally.trainable)
+    state = sum(optimizers.state_bytes(s.optim, n, e) for n, e in tally.trainable) + optimizers.shared_bytes(s.optim)
+    paged = sum(optimizers.paged_bytes(s.optim, n, e) for n, e in tally.trainable)
     grads = tally.largest_module_grads if s.gradient_release else tally.adapters
     step = optimizers.step_temporary_bytes(s.optim, tally.adapters, tally.largest_tensor,
                                            foreach=s.device == "cuda" and not s.gradient_release)
