@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sorsa_kernels.memory.levers import LEVERS, lever_flags, plans_that_fit
+from sorsa_kernels.memory.levers import COSTS, LEVERS, lever_flags, plans_that_fit
 from sorsa_kernels.memory.plan import GIB, PlanSettings, count_model, build_meta, plan_memory
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -102,6 +102,10 @@ def main() -> None:
         "`--adapter-dtype bfloat16`. Not yet measured on a GPU (issue 33 carries that row); the CPU check of "
         "the cost model is `tests/memory/test_plan_vs_measured.py` (every component within 10 %).",
         table, "## Targets (sequence as stated, batch 1, checkpointing)", "\n".join(target_rows),
+        "The Qwen3-30B-A3B row as a command (prints `fits 24GB: yes`): `sorsa-kernels plan --model "
+        "bench/configs/Qwen3-30B-A3B.json --quantize nf4 --rank 16 --max-length 1024 --batch-size 1 "
+        "--gradient-checkpointing --bf16 --optim adamw8bit --loss-chunk-size 256 --adapter-dtype bfloat16 "
+        "--gpu-memory 24GB`. What the levers cost: " + "; ".join(f"`{k}`: {v}" for k, v in COSTS.items()) + ".",
         "gpt-oss-20b: MXFP4 experts in the checkpoint are requantized to NF4 by QSORSA (counted as NF4 above). "
         "Its attention is eager (sinks), so the recomputed layer keeps seq² softmax probabilities per head. "
         "nf4_dequant: the NF4 experts' dequantized chunk of today's reference path (8 experts × out × in, bf16); "

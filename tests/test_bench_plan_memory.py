@@ -37,3 +37,11 @@ def test_committed_plan_table_meets_the_qwen3_target_on_one_24gb_gpu():
     rows = json.loads((Path(__file__).parents[1] / "bench" / "results" / "plan.json").read_text())["rows"]
     qwen = next(r for r in rows if r.get("target") == "Qwen3-30B-A3B")
     assert qwen["fits"] and qwen["peak_bytes"] <= 20 * 2 ** 30 and qwen["levers"]
+
+
+def test_plan_vs_cuda_plans_every_case_without_a_gpu(capsys):
+    from bench import plan_vs_cuda
+
+    plan_vs_cuda.main(["--plan-only"])
+    out = capsys.readouterr().out
+    assert all(f"| {case} |" in out for case in plan_vs_cuda.CASES)

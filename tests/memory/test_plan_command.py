@@ -64,3 +64,13 @@ def test_finetune_refuses_when_the_plan_exceeds_the_gpu(monkeypatch):
     with pytest.raises(ValueError, match="exceeds this GPU's 0.00 GiB.*--force runs anyway"):
         check_run_fits(FinetuneConfig().resolved())
     assert check_run_fits(FinetuneConfig().resolved(), force=True).startswith("memory plan: peak")
+
+
+def test_qwen3_30b_a3b_plan_fits_24gb_with_the_levers(capsys):
+    args = ["plan", "--model", str(CONFIGS / "Qwen3-30B-A3B.json"), "--quantize", "nf4", "--rank", "16",
+            "--max-length", "1024", "--batch-size", "1", "--gradient-checkpointing", "--bf16", "--optim", "adamw8bit",
+            "--loss-chunk-size", "256", "--adapter-dtype", "bfloat16", "--gpu-memory", "24GB", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_bytes"] <= 20 * 2 ** 30 and out["fits"] == {"24GB": True}
+    assert out["levers"]["optim"] == "adamw8bit" and out["levers"]["loss_chunk_size"] == 256
