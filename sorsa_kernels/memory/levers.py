@@ -26,12 +26,14 @@ LEVERS = (("gradient_checkpointing", True), ("optim", "adamw8bit"), ("gradient_r
           ("loss_chunk_size", LOSS_CHUNK), ("adapter_dtype", "bfloat16"))
 #: What each lever costs (step time, behaviour), stated once.
 COSTS = {
-    "gradient_checkpointing": "recomputes each layer's forward in backward: about +30 % step time",
-    "optim": "8-bit AdamW state (bitsandbytes, blockwise quantized); no measurable step-time cost",
-    "gradient_release": "optimizer step inside backward, one launch per tensor; no gradient accumulation, "
+    "gradient_checkpointing": "one more forward of each layer in backward (about a third more step FLOPs; "
+                              "step time not measured here)",
+    "optim": "8-bit blockwise AdamW state, updated by one bitsandbytes kernel per tensor (step time not measured here)",
+    "gradient_release": "the optimizer step runs inside backward, one call per tensor; no gradient accumulation, "
                         "clipping per tensor",
-    "loss_chunk_size": "logits recomputed per chunk in backward: one extra lm_head matmul per step",
-    "adapter_dtype": "U, S, V stored in bf16 (S and the regularizer as the bf16 lever defines)",
+    "loss_chunk_size": "the logits recomputed chunk by chunk in backward: one more lm_head matmul per step",
+    "adapter_dtype": "U, S, V, their gradients and AdamW state in bf16 (S and the regularizer as the bf16 lever "
+                     "defines)",
 }
 
 

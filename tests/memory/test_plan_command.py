@@ -74,3 +74,14 @@ def test_qwen3_30b_a3b_plan_fits_24gb_with_the_levers(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["peak_bytes"] <= 20 * 2 ** 30 and out["fits"] == {"24GB": True}
     assert out["levers"]["optim"] == "adamw8bit" and out["levers"]["loss_chunk_size"] == 256
+
+
+def test_plan_text_lists_every_component_and_a_fits_line_per_gpu(capsys):
+    from sorsa_kernels.memory.plan import COMPONENTS
+
+    assert main(["plan", "--gpu-memory", "24GB", "0.5GB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan: peak ")
+    assert all(f"\n{name} " in out for name in COMPONENTS)
+    assert "fits 24GB: yes" in out and "fits 0.5GB: no; no combination of levers fits" in out
+    assert "GiB with checkpointing" in out and "without" in out
