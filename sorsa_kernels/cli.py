@@ -101,8 +101,10 @@ def _config_classes() -> tuple[type, type]:
 
 
 def _config_fields() -> dict[str, dataclasses.Field]:
-    """Every option field of the finetune and compare configs, by name."""
-    return {f.name: f for cls in _config_classes() for f in dataclasses.fields(cls)}
+    """Every option field of the finetune, compare and plan configs, by name."""
+    from .jobs.plan import PlanConfig
+
+    return {f.name: f for cls in (*_config_classes(), PlanConfig) for f in dataclasses.fields(cls)}
 
 
 def _cli_name(field: str, form: str, value: Any) -> str:

@@ -85,3 +85,21 @@ def test_plan_text_lists_every_component_and_a_fits_line_per_gpu(capsys):
     assert all(f"\n{name} " in out for name in COMPONENTS)
     assert "fits 24GB: yes" in out and "fits 0.5GB: no; no combination of levers fits" in out
     assert "GiB with checkpointing" in out and "without" in out
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optim", "sgd", "optim must be one of adamw, adamw8bit, paged_adamw8bit, got 'sgd'"),
+    ("loss_chunk_size", -1, "loss_chunk_size must be 0 (unchunked) or a positive integer, got -1"),
+    ("world_size", 0, "world_size must be a positive integer, got 0"),
+    ("adapter_dtype", "int8", "adapter_dtype must be one of"),
+])
+def test_plan_settings_refuse_a_bad_value_naming_the_field(field, value, message):
+    from sorsa_kernels.memory.plan import PlanSettings
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PlanSettings(**{field: value})
+
+
+def test_plan_command_refuses_a_zero_world_size_in_one_line(capsys):
+    assert main(["plan", "--world-size", "0"]) == 1
+    assert "world-size must be a positive integer, got 0" in capsys.readouterr().err
