@@ -14,14 +14,14 @@ q, k, v inputs                 the normed hidden (one tensor, three users)   ``c
 q/k RMSNorm (Qwen3)            float32 q and k, their ``rsqrt``              ``4(q + kv + heads + kvh)``
 attention                      roped q, roped k, v, output, logsumexp        ``c(2q + 2kv) + 4·heads``
                                (SDPA: flash / memory-efficient / CPU flash)
-eager attention (gpt-oss)      + the softmax probabilities                   ``+ c·heads·(S + 1)``
+eager attention (gpt-oss)      + the softmax probabilities (with sinks)      ``+ c·heads·(S + 1)``
 SORSA low-rank branch          ``u = x·V`` per adapted projection            ``c·r`` each
 post-attention RMSNorm         float32 input, ``rsqrt``, normed hidden       ``4h + 4 + c·h``
 dense MLP (SwiGLU)             gate, up, act(gate), act·up                   ``4·c·I``
 MoE router                     softmax (float32), top-k weights and ids      ``4E + k(4·2 + 8·3)``
-routed experts (k rows/token)  gathered x, gate-up out, act, act·up,         ``k·c(2h + 4I + 1)``
+routed experts (k rows/token)  gathered x, gate-up out, act, act·up,         ``k·c(2h + 4I + 1 + 2r)``
                                expert out (for the routing multiply), its    (gpt-oss's clamped gate:
-                               routing weight                                ``k·c(2h + 6I + 1)``)
+                               routing weight, two ``u``                     ``k·c(2h + 6I + 1 + 2r)``)
 =============================  ============================================  ===========================
 
 With gradient checkpointing a layer keeps only its input (``c·h``); the layer being
@@ -36,8 +36,10 @@ holds that for one chunk plus its bf16/fp32 logits (``c·V``).
 
 The table is checked against measured steps on the CPU reference path
 (``tests/memory/test_plan_vs_measured.py``); on a GPU the kernels save the same tensors
-(``x`` and ``u``), and the NF4 experts' kernel path dequantizes no chunk of experts
-(:func:`nf4_expert_chunk_bytes` is the reference path's extra).
+(``x`` and ``u``).  The NF4 experts dequantize a chunk of experts per projection on every device
+today (:func:`nf4_expert_chunk_bytes`); the grouped NF4 experts kernel (issue 28, item 4) will
+dequantize inside its K loop and hold no chunk.  NF4 linear layers dequantize their whole residual
+on the CPU reference path only (the GPU kernel dequantizes in its K loop).
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ class Shapes:
             moe_layers=(config.num_hidden_layers if experts else 0) if moe_layers is None else moe_layers,
             experts=experts, top_k=top_k,
             expert_intermediate=getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0),
-            qk_norm=model_type.startswith("qwen3"), eager_attention=model_type == "gpt_oss",
+            qk_norm=model_type.startswith("qwen3"), eager_attention=False,
             clamped_gate=model_type == "gpt_oss",
         )
 

@@ -122,6 +122,7 @@ class Tally:
     adapted_mlp: int = 0            # … in its dense MLP
     expert_rank: int = 0            # rank of the adapted experts (0: frozen experts)
     moe_layers: int = 0             # decoder layers with routed experts
+    eager_attention: bool = False   # the model's attention keeps seq-long probability rows (no SDPA/flash)
 
 
 def _local(t: torch.Tensor, world: int, parameter: bool) -> int:
@@ -173,6 +174,7 @@ def count_model(model: nn.Module, world_size: int = 1, compute_bytes: int = 2) -
     if experts:
         first = next(iter(experts.values()))
         out.expert_rank = getattr(first, expert_weight_names(first)[0]).rank
+    out.eager_attention = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
     out.moe_layers = sum(1 for layer in layers if any(n.endswith("experts") for n, _ in layer.named_modules()))
     return out
 
@@ -202,7 +204,8 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     c = 2 if s.bf16 else config_dtype(config).itemsize
     if tally is None:
         tally = count_model(build_meta(config, s), s.world_size, c)
-    shapes = dataclasses.replace(Shapes.from_config(config), moe_layers=tally.moe_layers)
+    shapes = dataclasses.replace(Shapes.from_config(config), moe_layers=tally.moe_layers,
+                                 eager_attention=tally.eager_attention)
     tokens = s.batch_size * s.max_length
     act = {ckpt: activation_bytes(shapes, c, tokens, s.max_length, s.rank, tally.adapted_attn, tally.adapted_mlp,
                                   ckpt, expert_rank=tally.expert_rank) for ckpt in (False, True)}
