@@ -15,15 +15,14 @@ Run: ``python -m bench.plan_table`` (CPU, a minute or two) → ``bench/results/p
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 from pathlib import Path
 
 import torch
 
-from sorsa_kernels.memory.levers import COSTS, LEVERS, lever_flags, plans_that_fit
-from sorsa_kernels.memory.plan import GIB, PlanSettings, count_model, build_meta, plan_memory
+from sorsa_kernels.memory.levers import COSTS, LEVERS, lever_flags, plan_cached, plan_levers, plans_that_fit
+from sorsa_kernels.memory.plan import GIB, PlanSettings
 
 CONFIGS = Path(__file__).parent / "configs"
 MODELS = {"Qwen3-30B-A3B": None, "gpt-oss-20b": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
@@ -37,21 +36,8 @@ def load(name: str):
     return load_model_config(str(CONFIGS / f"{name}.json"))
 
 
-class Planner:
-    """Plans with the meta-model tallies cached per (model, rank, world, adapter dtype)."""
-
-    def __init__(self) -> None:
-        self.tallies: dict = {}
-
-    def __call__(self, name: str, config, s: PlanSettings):
-        key = (name, s.rank, s.world_size, s.adapter_dtype)
-        if key not in self.tallies:
-            self.tallies[key] = count_model(build_meta(config, s), s.world_size, 2)
-        return plan_memory(config, s, tally=self.tallies[key])
-
-
 def main() -> None:
-    planner = Planner()
+    cache: dict = {}  # one tally dict per (model, rank, world): the meta model built once per adapter dtype
     rows, raw = [], []
     lever_names = [k for k, _ in LEVERS if k != "gradient_checkpointing"]
     for name, targets in MODELS.items():
@@ -61,12 +47,8 @@ def main() -> None:
                 for world in (1, 2):
                     base = PlanSettings(rank=rank, target_modules=targets, quantize="nf4", bf16=True, max_length=seq,
                                         batch_size=1, gradient_checkpointing=True, world_size=world)
-                    plans = {"adamw": planner(name, config, base)}
-                    for k, v in LEVERS:
-                        if k in lever_names:
-                            plans[k] = planner(name, config, dataclasses.replace(base, **{k: v}))
-                    plans["all"] = planner(name, config, dataclasses.replace(
-                        base, **{k: v for k, v in LEVERS if k in lever_names}))
+                    tallies = cache.setdefault((name, rank, world), {})
+                    plans = {"adamw": plan_cached(config, base, tallies), **plan_levers(config, base, tallies)}
                     rows.append(f"| {name} | {rank} | {seq} | {world} | "
                                 + " | ".join(f"{p.peak_bytes / GIB:.2f}" for p in plans.values()) + " |")
                     raw.append(dict(model=name, rank=rank, seq=seq, world=world,
@@ -80,8 +62,9 @@ def main() -> None:
         config = load(name)
         base = PlanSettings(rank=rank, target_modules=MODELS[name], quantize="nf4", bf16=True, max_length=seq,
                             batch_size=1, gradient_checkpointing=True)
-        plan = planner(name, config, base)
-        found = [] if plan.fits(budget * GIB) else plans_that_fit(config, base, budget * GIB, limit=1)
+        tallies: dict = {}
+        plan = plan_cached(config, base, tallies)
+        found = [] if plan.fits(budget * GIB) else plans_that_fit(config, base, budget * GIB, tallies=tallies, limit=1)
         lv, fp = found[0] if found else ({}, plan)
         ok = fp.peak_bytes <= budget * GIB
         target_rows.append(f"| {name} QSORSA r={rank} seq {seq} | {budget} | {plan.peak_bytes / GIB:.2f} | "

@@ -30,11 +30,10 @@ _FT = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 _LEVERS = "memory levers"
 
 
-def _same(name: str, default: Any = dataclasses.MISSING) -> Any:
-    """A finetune option's field, declared once there: same flags, help and choices."""
+def _same(name: str) -> Any:
+    """A finetune option's field, declared once there: same default, flags, help and choices."""
     f = _FT[name]
-    meta = dict(f.metadata)
-    return dataclasses.field(default=f.default if default is dataclasses.MISSING else default, metadata=meta)
+    return dataclasses.field(default=f.default, metadata=dict(f.metadata))
 
 
 def _lever(name: str, default: Any, help: str, **kw: Any) -> Any:
@@ -143,6 +142,8 @@ class PlanReport:
     fitting: dict[str, list[tuple[dict[str, Any], MemoryPlan]]]
 
     def as_json(self) -> dict[str, Any]:
+        """``{"peak_bytes", "components", "levers" (the settings and, per GPU size that does not fit, the
+        lever combinations that would), "fits", "notes", "settings"}``."""
         s = self.plan.settings
         levers = {k: getattr(s, k) for k in ("optim", "gradient_release", "loss_chunk_size", "adapter_dtype",
                                              "gradient_checkpointing", "world_size")}
@@ -152,6 +153,8 @@ class PlanReport:
                 "fits": dict(self.fits), "notes": dict(self.plan.notes), "settings": dataclasses.asdict(s)}
 
     def text(self) -> str:
+        """The plan as ``sorsa-kernels plan`` prints it: the line, a component table, the peak's two
+        moments, activations with and without checkpointing, and one ``fits SIZE`` line per GPU size."""
         p = self.plan
         rows = [p.line(), "", f"{'component':24}{'GiB':>10}"]
         rows += [f"{k:24}{p.components[k] / GIB:10.3f}" for k in COMPONENTS]

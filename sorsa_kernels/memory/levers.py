@@ -14,10 +14,10 @@ import dataclasses
 import itertools
 from typing import Any, Optional
 
-from .plan import MemoryPlan, PlanSettings, Tally, build_meta, count_model, plan_memory
+from .plan import MemoryPlan, PlanSettings, build_meta, count_model, plan_memory
 from .build import config_dtype
 
-__all__ = ["LEVERS", "COSTS", "LOSS_CHUNK", "parse_size", "lever_flags", "plans_that_fit", "plan_levers"]
+__all__ = ["LEVERS", "COSTS", "LOSS_CHUNK", "parse_size", "lever_flags", "plans_that_fit", "plan_levers", "plan_cached"]
 
 #: Tokens per chunk the chunked cross-entropy lever proposes.
 LOSS_CHUNK = 256
@@ -79,7 +79,7 @@ def plans_that_fit(config: Any, settings: PlanSettings, budget: int, *, tallies:
             levers = dict(combo)
             if any(set(f).issubset(levers.items()) for f, _ in ((tuple(f.items()), p) for f, p in found)):
                 continue
-            plan = _plan(config, dataclasses.replace(settings, **levers), tallies)
+            plan = plan_cached(config, dataclasses.replace(settings, **levers), tallies)
             if plan.fits(budget):
                 batch.append((levers, plan))
         found += sorted(batch, key=lambda fp: fp[1].peak_bytes)
@@ -88,7 +88,9 @@ def plans_that_fit(config: Any, settings: PlanSettings, budget: int, *, tallies:
     return found[:limit]
 
 
-def _plan(config: Any, settings: PlanSettings, tallies: dict) -> MemoryPlan:
+def plan_cached(config: Any, settings: PlanSettings, tallies: dict) -> MemoryPlan:
+    """:func:`plan_memory`, reusing ``tallies`` (one meta model per adapter dtype; the same config, rank,
+    targets, quantization and world size in every call with the same dict)."""
     key = settings.adapter_dtype in ("bfloat16", "bf16")
     if key not in tallies:
         c = 2 if settings.bf16 else config_dtype(config).itemsize
@@ -100,13 +102,8 @@ def plan_levers(config: Any, settings: PlanSettings, tallies: Optional[dict] = N
     """The plan with each unset lever alone, and with all of them: ``{lever name or "all": plan}``."""
     tallies = {} if tallies is None else tallies
     options = _unset(settings)
-    out = {k: _plan(config, dataclasses.replace(settings, **{k: v}), tallies) for k, v in options}
+    out = {k: plan_cached(config, dataclasses.replace(settings, **{k: v}), tallies) for k, v in options}
     if options:
-        out["all"] = _plan(config, dataclasses.replace(settings, **dict(options)), tallies)
+        out["all"] = plan_cached(config, dataclasses.replace(settings, **dict(options)), tallies)
     return out
 
-
-def tally_for(config: Any, settings: PlanSettings) -> Tally:
-    """The tally :func:`plan_memory` would build for ``settings`` (to reuse across plans)."""
-    c = 2 if settings.bf16 else config_dtype(config).itemsize
-    return count_model(build_meta(config, settings), settings.world_size, c)
