@@ -2,7 +2,8 @@
 
 Scaled-down models — a dense Llama and a Qwen3-MoE, dense and NF4 residuals, with and without
 gradient checkpointing, AdamW, bitsandbytes' 8-bit AdamW, gradient release (AdamW per tensor in
-its gradient hook, :class:`GradientRelease`) and bf16 adapters — run a warm-up step, then one step
+its gradient hook, :class:`GradientRelease`), bf16 adapters, and fp32 or bf16 models (bf16 as a GPU
+run computes: float32 RMSNorm and loss, bf16 elsewhere) — run a warm-up step, then one step
 measured by the profiler's memory events (``tests/memory/measure.py``).  The plan
 (``plan_memory(..., device="cpu")``: the reference path, no CUDA context) must give every
 component within 10 %: frozen weights, quantization state, adapters, gradients, optimizer state,
@@ -70,14 +71,16 @@ def _optimizer(optim: str, params):
     return bnb.optim.AdamW8bit(params)
 
 
-def measure_and_plan(kind: str, quantize, checkpointing: bool, optim: str = "adamw", adapter_dtype=None):
+def measure_and_plan(kind: str, quantize, checkpointing: bool, optim: str = "adamw", adapter_dtype=None,
+                     dtype: str = "float32"):
     """``(measured, planned)`` dicts with the same keys, for one scaled-down training step
-    (``optim="release"``: AdamW with gradient release)."""
+    (``optim="release"``: AdamW with gradient release; ``dtype``: the model's, bf16 as on a GPU)."""
     from sorsa_kernels import apply_sorsa
 
     config = _config(kind)
+    config.dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     apply_sorsa(model, RANK, progress=False, quantize=quantize,
                 adapter_dtype=torch.bfloat16 if adapter_dtype == "bfloat16" else None)
     model.train()
@@ -120,15 +123,18 @@ def measure_and_plan(kind: str, quantize, checkpointing: bool, optim: str = "ada
     return measured, planned
 
 
-CASES = [(kind, q, ckpt, "adamw", None) for kind in ("dense", "moe") for q in (None, "nf4") for ckpt in (False, True)]
-CASES += [("dense", "nf4", True, "adamw8bit", None), ("moe", "nf4", False, "adamw8bit", None),
-          ("dense", "nf4", False, "release", None), ("moe", "nf4", False, "release", None),
-          ("dense", "nf4", True, "adamw", "bfloat16"), ("moe", "nf4", False, "adamw", "bfloat16")]
+F32, BF16 = "float32", "bfloat16"  # the model dtype
+CASES = [(kind, q, ckpt, "adamw", None, F32) for kind in ("dense", "moe") for q in (None, "nf4") for ckpt in (False, True)]
+CASES += [("dense", "nf4", True, "adamw8bit", None, F32), ("moe", "nf4", False, "adamw8bit", None, F32),
+          ("dense", "nf4", False, "release", None, F32), ("moe", "nf4", False, "release", None, F32),
+          ("dense", "nf4", True, "adamw", "bfloat16", F32), ("moe", "nf4", False, "adamw", "bfloat16", F32),
+          ("dense", "nf4", True, "adamw", None, BF16), ("moe", "nf4", False, "adamw", None, BF16)]
 
 
-@pytest.mark.parametrize("kind,quantize,checkpointing,optim,adapter_dtype", CASES)
-def test_plan_within_10_percent_of_a_measured_step_per_component(kind, quantize, checkpointing, optim, adapter_dtype):
-    measured, planned = measure_and_plan(kind, quantize, checkpointing, optim, adapter_dtype)
+@pytest.mark.parametrize("kind,quantize,checkpointing,optim,adapter_dtype,dtype", CASES)
+def test_plan_within_10_percent_of_a_measured_step_per_component(kind, quantize, checkpointing, optim, adapter_dtype,
+                                                                 dtype):
+    measured, planned = measure_and_plan(kind, quantize, checkpointing, optim, adapter_dtype, dtype)
     assert (measured["activations"] + measured["optimizer_state"]) >= 0.3 * measured["peak"], measured
     for key, got in measured.items():
         if got == 0:
