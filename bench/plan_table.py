@@ -82,8 +82,9 @@ def main() -> None:
         "checkpointing, NF4 residuals, fp32 adapters unless a lever says otherwise, 0.75 GiB CUDA context "
         "included. Levers: `--optim adamw8bit` (bitsandbytes 8-bit state; tensors < 4096 elements keep fp32 "
         "state), `--gradient-release` (each adapter stepped in its gradient hook), `--loss-chunk-size 256`, "
-        "`--adapter-dtype bfloat16`. Not yet measured on a GPU (issue 33 carries that row); the CPU check of "
-        "the cost model is `tests/memory/test_plan_vs_measured.py` (every component within 10 %).",
+        "`--adapter-dtype bfloat16`. Not yet measured on a GPU (issue 33 carries that row: "
+        "`python -m bench.plan_vs_cuda` against `torch.cuda.max_memory_allocated`); the CPU check of the cost model is "
+        "`tests/memory/test_plan_vs_measured.py` (every component within 10 %, fp32 and bf16 models).",
         table, "## Targets (sequence as stated, batch 1, checkpointing)", "\n".join(target_rows),
         "The Qwen3-30B-A3B row as a command (prints `fits 24GB: yes`): `sorsa-kernels plan --model "
         "bench/configs/Qwen3-30B-A3B.json --quantize nf4 --rank 16 --max-length 1024 --batch-size 1 "
