@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sorsa_kernels.memory.accounting import bytes_by_category
 from sorsa_kernels.nn.qlinear import QSORSALinear
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -100,41 +101,6 @@ def build(setup: dict, model_cfg: dict = LLAMA_7B) -> nn.Module:
                 new = QLoRAShape(n, m, setup["rank"], setup["dtype"])
             _set_submodule(model, name, new)
     return model
-
-
-def local_nbytes(t: torch.Tensor) -> int:
-    """Bytes of the tensor this rank holds (its local shard for a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
-    t = t.to_local() if isinstance(t, DTensor) else t
-    return t.numel() * t.element_size()
-
-
-def bytes_by_category(model: nn.Module, layer_types: tuple, frozen: dict[str, set[str]]) -> dict[str, int]:
-    """Bytes rank 0 holds in the ``layer_types`` modules of ``model``, by category: each frozen
-    tensor under the category whose name set holds its name (``frozen``), each trainable one as
-    adapters + its gradient shard + AdamW's m and v (same dtype); everything else is ``rest_of_model``."""
-    out = dict.fromkeys([*frozen, "adapters", "grads", "adamw", "rest_of_model"], 0)
-    seen = set()
-    for layer in model.modules():
-        if not isinstance(layer, layer_types):
-            continue
-        for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
-            seen.add(id(t))
-            b = local_nbytes(t)
-            category = next((c for c, names in frozen.items() if name in names), None)
-            if category is not None:
-                out[category] += b
-            elif t.requires_grad:
-                out["adapters"] += b
-                out["grads"] += b       # one gradient shard, same dtype
-                out["adamw"] += 2 * b   # exp_avg, exp_avg_sq in the parameter's dtype
-            else:
-                raise AssertionError(f"unclassified tensor {name}")
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            out["rest_of_model"] += local_nbytes(t)
-    return out
 
 
 def per_rank_bytes(model: nn.Module) -> dict[str, int]:

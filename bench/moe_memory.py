@@ -50,6 +50,7 @@ from torch import nn
 
 from bench import fsdp_memory
 from bench.fsdp_memory import QLoRAShape
+from sorsa_kernels.memory.accounting import bytes_by_category
 from sorsa_kernels.nn.qexperts import QSORSAExperts
 from sorsa_kernels.nn.qlinear import QSORSALinear
 
@@ -131,7 +132,7 @@ _QUANT = {"nf4_absmax", "nf4_nested_absmax", "absmax", "nested_absmax", "nf4_cod
 
 def per_rank_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes rank 0 holds for the adapted weights, by category (see the module docstring)."""
-    return fsdp_memory.bytes_by_category(model, (QSORSALinear, QSORSAExperts, QLoRAShape, PeftExpertsShape),
+    return bytes_by_category(model, (QSORSALinear, QSORSAExperts, QLoRAShape, PeftExpertsShape),
                                          {"frozen": _FROZEN, "quant_state": _QUANT})
 
 

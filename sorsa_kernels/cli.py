@@ -10,6 +10,7 @@ Subcommands::
     sorsa-kernels analyze --base out/base --adapter out/adapter      # ΔΣ/ΔD table + PNG (paper Fig. 2)
     sorsa-kernels merge --base out/base --adapter out/adapter --output merged
     sorsa-kernels export-lora --base out/base --adapter out/adapter --output lora
+    sorsa-kernels plan --model Qwen/Qwen3-30B-A3B --quantize nf4 --rank 16 --gpu-memory 24GB   # memory, no weights
 
 Every failure — bad input, a missing or corrupt file, a full disk, a refused resume —
 ends with one line ``sorsa-kernels: error: …`` naming the file and the problem, and exit
@@ -100,8 +101,10 @@ def _config_classes() -> tuple[type, type]:
 
 
 def _config_fields() -> dict[str, dataclasses.Field]:
-    """Every option field of the finetune and compare configs, by name."""
-    return {f.name: f for cls in _config_classes() for f in dataclasses.fields(cls)}
+    """Every option field of the finetune, compare and plan configs, by name."""
+    from .jobs.plan import PlanConfig
+
+    return {f.name: f for cls in (*_config_classes(), PlanConfig) for f in dataclasses.fields(cls)}
 
 
 def _cli_name(field: str, form: str, value: Any) -> str:
@@ -231,6 +234,18 @@ def _add_model_commands(sub) -> None:
         p.set_defaults(run=_merge if name == "merge" else _export)
 
 
+def _add_plan(sub) -> None:
+    from .jobs.plan import PlanConfig
+
+    p = sub.add_parser(
+        "plan", help="the GPU memory a finetune run needs, per component, from the model's config alone",
+        description="Build the model on the meta device (only its config is read: a Hub id, folder, config.json "
+                    "or .gguf file) and print, per GPU, every component of a training step's memory and the peak; "
+                    "say whether it fits each GPU size and, if not, which memory levers would make it fit.")
+    _add_options(p, PlanConfig)
+    p.set_defaults(run=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sorsa-kernels`` argument parser (one subparser per command)."""
     parser = _Parser(prog=PROG, description="Fast SORSA fine-tuning.")
@@ -244,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_compare(sub)
     _add_model_commands(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -322,6 +338,16 @@ def _compare(args: argparse.Namespace) -> int:
         more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
         raise ValueError(f"compare: method {m} {why}{more}; the other methods' results are in "
                          f"{result.output_dir / 'compare.json'}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .jobs.plan import PlanConfig, run_plan
+
+    report = run_plan(_config_from_args(args, PlanConfig))
+    print(json.dumps(report.as_json(), indent=2) if args.json else report.text())
     return 0
 
 

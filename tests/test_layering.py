@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: Layer of each top-level part of the package (a module may import its own layer or lower).
 LEVELS = {
-    "kernels": 0, "quant": 0, "dtensor": 0, "ops": 1, "nn": 2, "adapters": 3,
+    "kernels": 0, "quant": 0, "dtensor": 0, "ops": 1, "nn": 2, "adapters": 3, "memory": 4,
     "training": 4, "distributed": 4, "jobs": 5, "cli": 6,
 }
 #: Outside the layers: the package itself and ``__main__`` import anything; ``_version`` nothing.

@@ -156,6 +156,7 @@ class FinetuneConfig:
     loss_chunk_size: int = option(0, "compute the loss N positions at a time, so the full fp32 logits never exist "
                                   "(0: all at once)", group=_TRAINING, metavar="N",
                                   rule=Rule("a non-negative integer (0: the whole sequence at once)", integer=True, low=0))
+    force: bool = option(False, "train even when the memory plan's peak exceeds the GPU's memory", group=_TRAINING)
     seed: int = option(42, "random seed", group=_TRAINING,
                        rule=Rule("an integer in [0, 2**32)", integer=True, low=0, high=2**32, high_open=True))
     resume_from_checkpoint: Optional[str] = option(

@@ -139,6 +139,11 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """
     cfg = config.resolved()
     cfg.check_environment()
+    from ..plan import check_run_fits
+
+    line = check_run_fits(cfg, force=cfg.force)  # the plan's peak; refused here when it cannot fit the GPU
+    if is_main_process():
+        print(line, flush=True)
     # progress=False: no bar at all, transformers' own ("Loading weights", "Writing model shards") included
     with library_bars(cfg.progress and is_main_process()):
         if not cfg.embedded:
