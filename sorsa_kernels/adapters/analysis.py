@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .surgery import sorsa_layers
 
-__all__ = ["SingularDrift", "singular_drift", "model_singular_drift"]
+__all__ = ["SingularDrift", "Spectrum", "spectrum", "drift_from", "singular_drift", "model_singular_drift"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,49 @@ class SingularDrift:
 
     delta_sigma: float
     delta_d: float
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The thin SVD ``W = U·diag(S)·Vh`` of a reference weight, float64 on the CPU: what ΔΣ/ΔD need
+    of ``W0``, computed once and reused for every later weight (:func:`drift_from`)."""
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+    @property
+    def norm(self) -> float:
+        """``‖W‖_F``."""
+        return float(self.S.square().sum().sqrt())
+
+
+def spectrum(weight: Tensor) -> Spectrum:
+    """The float64 thin SVD of a matrix (see :class:`Spectrum`)."""
+    if weight.dim() != 2:
+        raise ValueError(f"need a matrix, got shape {tuple(weight.shape)}")
+    U, S, Vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
+    return Spectrum(U, S, Vh)
+
+
+def drift_from(weight: Tensor, initial: Spectrum) -> SingularDrift:
+    """ΔΣ and ΔD (Eq. 1–4) of ``weight`` against the SVD of the initial weight.
+
+    Example::
+
+        >>> drift_from(W0, spectrum(W0)).delta_sigma
+        0.0
+    """
+    if tuple(weight.shape) != (initial.U.shape[0], initial.Vh.shape[1]):
+        raise ValueError(f"need two matrices of one shape, got {tuple(weight.shape)} and "
+                         f"{(initial.U.shape[0], initial.Vh.shape[1])}")
+    now = spectrum(weight)
+    k = now.S.shape[0]
+    d_sigma = (now.S - initial.S).abs().mean()
+    du = (now.U * initial.U).sum(0).abs()        # |⟨u_t^i, u_0^i⟩| over columns
+    dv = (now.Vh * initial.Vh).sum(1).abs()      # |⟨v_t^i, v_0^i⟩| over rows of Vᵀ
+    d_d = 1.0 - (du.sum() + dv.sum()) / (2 * k)
+    return SingularDrift(float(d_sigma), float(d_d))
 
 
 def singular_drift(weight: Tensor, initial: Tensor) -> SingularDrift:
@@ -41,14 +84,7 @@ def singular_drift(weight: Tensor, initial: Tensor) -> SingularDrift:
     """
     if weight.shape != initial.shape or weight.dim() != 2:
         raise ValueError(f"need two matrices of one shape, got {tuple(weight.shape)} and {tuple(initial.shape)}")
-    Ut, st, Vht = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
-    U0, s0, Vh0 = torch.linalg.svd(initial.detach().to("cpu", torch.float64), full_matrices=False)
-    k = st.shape[0]
-    d_sigma = (st - s0).abs().mean()
-    du = (Ut * U0).sum(0).abs()           # |⟨u_t^i, u_0^i⟩| over columns
-    dv = (Vht * Vh0).sum(1).abs()         # |⟨v_t^i, v_0^i⟩| over rows of Vᵀ
-    d_d = 1.0 - (du.sum() + dv.sum()) / (2 * k)
-    return SingularDrift(float(d_sigma), float(d_d))
+    return drift_from(weight, spectrum(initial))
 
 
 def model_singular_drift(model: nn.Module) -> dict[str, SingularDrift]:
