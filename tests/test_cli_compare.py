@@ -48,7 +48,6 @@ def test_compare_says_under_its_table_what_the_toy_run_cannot_show_and_where_a_r
     (["--record-every", "2", "--eval-steps", "3"], "eval-steps 3 must be a multiple of record-every 2"),
     (["--quantize", "nf4"], "compare does not take --quantize"),
     (["--logging-steps", "5"], "compare does not take --logging-steps"),
-    (["--svd", "randomized"], "compare does not take --svd randomized"),
     (["--no-eval"], "compare does not take --no-eval"),
     (["--lr", "-1"], "learning-rate must be a positive finite number, got -1.0"),
 ])
@@ -85,7 +84,7 @@ def test_compare_takes_the_finetune_flags_and_its_own():
     choices = build_parser()._subparsers._group_actions[0].choices
     finetune = {a.dest for a in choices["finetune"]._actions}
     compare = {a.dest for a in choices["compare"]._actions}
-    assert compare - finetune == {"methods", "full", "record_every", "plots", "lr_sweep"}
+    assert compare - finetune == {"methods", "full", "record_every", "plots", "lr_sweep", "seeds"}
     assert finetune <= compare
     assert finetune - {"help"} <= set(FinetuneConfig.__dataclass_fields__)
 
