@@ -1,0 +1,133 @@
+"""``run_compare`` end to end on the embedded model with tiny budgets: the pretrained model is
+evaluated once, step time is reported apart from recording and evaluation, seeds give a mean
+and a range, only one pretrained copy and one working copy are alive, a prompt is never cut,
+and ``--lr-sweep auto`` extends the sweep beyond an optimum at its edge."""
+import gc
+
+import pytest
+
+import sorsa_kernels.jobs.compare.run as CMP
+from sorsa_kernels.jobs.compare.run import CompareConfig, run_compare
+from sorsa_kernels.jobs.finetune import FinetuneConfig
+
+TINY = dict(max_steps=2, pretrain_steps=0, eval_samples=2, rank=2, progress=False)
+LRS = (1e-3, 1e-2)
+
+
+def _live_models() -> int:
+    """Whole language models alive (their inner ``LlamaModel`` is not counted again)."""
+    from transformers import GenerationMixin
+
+    return sum(isinstance(o, GenerationMixin) for o in gc.get_objects())
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """One comparison (2 methods × 2 learning rates × 2 seeds) with the evaluations counted and
+    the models alive at each training start."""
+    mp = pytest.MonkeyPatch()
+    calls, alive = [], []
+    real_evaluator, real_train = CMP.evaluator, CMP.train_run
+
+    def evaluator(*args, **kwargs):
+        evaluate = real_evaluator(*args, **kwargs)
+        return lambda model: (calls.append(1), evaluate(model))[1]
+
+    def train_run(*args, **kwargs):
+        gc.collect()
+        alive.append(_live_models())
+        return real_train(*args, **kwargs)
+
+    mp.setattr(CMP, "evaluator", evaluator)
+    mp.setattr(CMP, "train_run", train_run)
+    try:
+        cfg = FinetuneConfig(output_dir=str(tmp_path_factory.mktemp("runs") / "out"), **TINY)
+        result = run_compare(CompareConfig(cfg, methods=("sorsa", "lora"), record_every=1, lr_sweep=LRS, seeds=2,
+                                           plots=False))
+    finally:
+        mp.undo()
+    return result, calls, alive
+
+
+def test_the_pretrained_model_is_evaluated_once_per_comparison(watched):
+    result, calls, _ = watched
+    runs = [r for cells in result.report["lr_sweep"]["runs"].values() for r in cells]
+    assert len(runs) == 4 and all(r["seeds"] == 2 for r in runs)
+    evaluated_records = 3 * 8  # steps 0, 1, 2 of each of 8 runs; step 0 comes from the one evaluation
+    assert len(calls) == 1 + evaluated_records - 8
+
+
+def test_step_time_is_reported_apart_from_recording_and_evaluation(watched):
+    result, _, _ = watched
+    for v in result.report["methods"].values():
+        assert 0 < v["step_s"] < v["train_s"] and v["record_s"] > 0 and v["evaluate_s"] > 0
+        assert v["step_s"] * v["steps"] + v["record_s"] + v["evaluate_s"] <= v["train_s"] * 1.05
+    md = (result.output_dir / "compare.md").read_text()
+    assert "step (median)" in md and "of which recording" in md
+
+
+def test_seeds_give_a_mean_and_a_min_max_range(watched):
+    result, _, _ = watched
+    for v in result.report["methods"].values():
+        lo, hi = v["final_range"]["heldout_loss"]
+        assert v["seeds_run"] == 2 and lo <= v["final"]["heldout_loss"] <= hi and lo < hi
+    assert result.report["settings"]["seeds"] == 2
+
+
+def test_one_pretrained_copy_and_one_working_copy_are_alive_while_training(watched):
+    result, _, alive = watched
+    # Two models: the pretrained copy and the method's working copy (the old code held a third for
+    # every learning rate of a sweep but the last, and each method's model until the next was built).
+    assert alive and max(alive) == 2, alive
+    assert result.report["machine"]["peak_rss_bytes"] > 0
+
+
+def test_peak_memory_of_a_small_compare_stays_below_its_bound(watched):
+    import resource
+
+    result, _, _ = watched
+    # Bound: the interpreter with torch, transformers and PEFT imported (≈ 0.5 GiB here) plus a few
+    # copies of a 353,920-parameter model (1.4 MB each): a leak of a copy per run stays far below it, a
+    # float64 copy per record of a 7B model would not — 1.5 GiB leaves room for the test process itself.
+    assert result.report["machine"]["peak_rss_bytes"] < 1.5 * 2**30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_a_prompt_that_leaves_no_room_to_generate_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(CMP, "train_run", lambda *a, **k: pytest.fail("trained"))
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "o"), max_length=40, **TINY)
+    with pytest.raises(ValueError, match=r"the longest held-out prompt has \d+ tokens and --max-length is 40: "
+                                         r"no token is left to generate an answer"):
+        run_compare(CompareConfig(cfg, methods=("sorsa",), record_every=1, plots=False))
+
+
+def test_auto_sweep_adds_one_step_beyond_an_edge_optimum_until_bracketed(tmp_path, monkeypatch):
+    import math
+
+    def fake_train(method, model, tokenizer, cfg, *args, **kwargs):  # best at 3e-3: one step beyond 1e-3
+        loss = 1 + (math.log10(cfg.learning_rate) - math.log10(3e-3)) ** 2
+        rec = {"step": 0, "heldout_loss": 2.0, "train_loss": None}
+        return {"records": [rec, {**rec, "step": 2, "heldout_loss": loss, "train_loss": loss}],
+                "trainable_params": 1, "steps": 2, "tokens": 1, "data_fingerprint": "x", "train_s": 0.0,
+                "step_s": 0.0, "record_s": 0.0, "evaluate_s": 0.0}
+
+    monkeypatch.setattr(CMP, "train_run", fake_train)
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "o"), **TINY)
+    result = run_compare(CompareConfig(cfg, methods=("lora",), record_every=1, lr_sweep="auto", plots=False))
+    sweep = result.report["lr_sweep"]
+    assert sweep["learning_rates"] == [1e-4, 3e-4, 1e-3, 3e-3, 9e-3]
+    assert sweep["best"] == {"lora": 3e-3} and sweep["bracketed"] == {"lora": True}
+
+
+def test_auto_sweep_stops_after_three_extensions_and_says_not_bracketed(tmp_path, monkeypatch):
+    def fake_train(method, model, tokenizer, cfg, *args, **kwargs):  # always better at a higher lr
+        rec = {"step": 0, "heldout_loss": 2.0, "train_loss": None}
+        return {"records": [rec, {**rec, "step": 2, "heldout_loss": 1 / cfg.learning_rate, "train_loss": 1.0}],
+                "trainable_params": 1, "steps": 2, "tokens": 1, "data_fingerprint": "x", "train_s": 0.0,
+                "step_s": 0.0, "record_s": 0.0, "evaluate_s": 0.0}
+
+    monkeypatch.setattr(CMP, "train_run", fake_train)
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "o"), **TINY)
+    result = run_compare(CompareConfig(cfg, methods=("lora",), record_every=1, lr_sweep="auto", plots=False))
+    assert result.report["lr_sweep"]["learning_rates"] == [1e-4, 3e-4, 1e-3, 3e-3, 9e-3, 0.027]
+    assert result.report["methods"]["lora"]["bracketed"] is False
