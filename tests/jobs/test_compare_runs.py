@@ -131,3 +131,24 @@ def test_auto_sweep_stops_after_three_extensions_and_says_not_bracketed(tmp_path
     result = run_compare(CompareConfig(cfg, methods=("lora",), record_every=1, lr_sweep="auto", plots=False))
     assert result.report["lr_sweep"]["learning_rates"] == [1e-4, 3e-4, 1e-3, 3e-3, 9e-3, 0.027]
     assert result.report["methods"]["lora"]["bracketed"] is False
+
+
+def test_finetune_and_compare_report_the_same_heldout_loss_for_sorsa(tmp_path):
+    from sorsa_kernels.jobs.finetune import run_finetune
+
+    small = dict(max_steps=2, pretrain_steps=5, eval_samples=1, rank=2, progress=False)
+    tuned = run_finetune(FinetuneConfig(output_dir=str(tmp_path / "ft"), **small))
+    compared = run_compare(CompareConfig(FinetuneConfig(output_dir=str(tmp_path / "cmp"), **small),
+                                         methods=("sorsa",), record_every=2, plots=False))
+    final = compared.report["methods"]["sorsa"]["final"]
+    # Both are the mean over every held-out response token (the Trainer's mean of batch means was not);
+    # before training, finetune evaluates the SVD-split model and compare the pretrained one: rounding apart.
+    assert final["heldout_loss_start"] == pytest.approx(tuned.before["loss"], rel=1e-6)
+    assert final["heldout_loss"] == pytest.approx(tuned.after["loss"], rel=1e-9)
+
+
+def test_compare_takes_randomized_svd_and_gives_pissa_its_niter_init():
+    from sorsa_kernels.jobs.compare.training import pissa_init
+
+    assert CompareConfig(FinetuneConfig(svd="randomized")).finetune.svd == "randomized"
+    assert pissa_init("randomized") == "pissa_niter_2" and pissa_init("full") == "pissa"

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from ...adapters.surgery import apply_sorsa
 from ..finetune.config import FinetuneConfig
 from ..finetune.encoding import ListDataset, ResponseOnlyCollator
-from ..finetune.evaluation import exact_match
+from ..finetune.evaluation import exact_match, heldout_loss
 from ..finetune.model import apply_config_sorsa
 from ..finetune.training import training_arguments
 from .config import NEEDS_PEFT
@@ -107,23 +107,10 @@ def restore(model, state: dict[str, torch.Tensor]) -> None:
 
 def evaluator(tokenizer, held_ds, em_rows, cfg: FinetuneConfig, use_chat: bool,
               max_new: int) -> Callable[[Any], dict[str, float]]:
-    """``evaluate(model)``: held-out loss (mean over all response tokens) and exact match."""
-    collate = ResponseOnlyCollator(tokenizer.pad_token_id)
+    """``evaluate(model)``: held-out loss (finetune's: the mean over all response tokens) and exact match."""
 
     def evaluate(model) -> dict[str, float]:
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        for start in range(0, len(held_ds), cfg.eval_batch_size):
-            batch = collate([held_ds[i] for i in range(start, min(start + cfg.eval_batch_size, len(held_ds)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
-        out = {"heldout_loss": total / max(count, 1)}
+        out = {"heldout_loss": heldout_loss(model, held_ds, tokenizer.pad_token_id, cfg.eval_batch_size)}
         if em_rows:
             out["exact_match"] = exact_match(model, tokenizer, em_rows, cfg.prompt_template, use_chat, max_new,
                                              cfg.eval_batch_size, max_length=cfg.max_length,
