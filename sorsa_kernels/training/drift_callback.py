@@ -68,9 +68,11 @@ def canonical_name(name: str) -> str:
 
 
 def _is_peft_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer on a matrix (not a ``ParamWrapper`` on fused expert weights, which has a
+    ``parameter_name`` and is not followed: ΔΣ/ΔD are over the linear target matrices)."""
     return (isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
             and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
-            and hasattr(module, "base_layer"))
+            and hasattr(module, "base_layer") and not hasattr(module, "parameter_name"))
 
 
 def tracked_layers(model: nn.Module, target_modules: Union[None, str, Sequence[str]] = None

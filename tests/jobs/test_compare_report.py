@@ -125,3 +125,44 @@ def test_equal_series_stay_visible_and_exact_match_is_plotted_in_percent(tmp_pat
 def test_rank_groups_compares_at_printed_precision():
     finals = {"a": {"heldout_loss": 1.00001}, "b": {"heldout_loss": 1.00002}}
     assert rank_groups(finals, {"a": {}, "b": {}}, "heldout_loss") == [["a", "b"]]
+
+
+def test_different_targets_are_stated_per_method_never_as_the_same_targets():
+    from sorsa_kernels.jobs.compare.report import parameter_matching
+    from sorsa_kernels.jobs.compare.training import method_targets
+
+    linear, experts = ["a.q_proj", "a.v_proj"], ["a.experts.gate_up_proj", "a.experts.down_proj"]
+    targets = {m: method_targets(m, linear, experts) for m in ("sorsa", "pissa", "lora")}
+    assert targets["lora"]["expert_parameters"] == experts and targets["pissa"]["expert_parameters"] == []
+    text = parameter_matching(targets)
+    assert "Same rank r and target matrices" not in text and "do not adapt the same weights" in text
+    assert "PiSSA: 2 linear matrices only" not in text and "PEFT's PiSSA cannot initialize" in text
+    assert "LoRA: 2 linear matrices and 2 fused routed-expert weights" in text
+    same = parameter_matching({m: method_targets(m, linear, []) for m in ("sorsa", "pissa", "lora")})
+    assert same.startswith("Same rank r and target matrices for every adapter")
+
+
+def test_lora_gets_the_experts_sorsa_adapts_on_an_moe_model():
+    import torch
+    import transformers
+
+    from sorsa_kernels.adapters.experts import expert_weight_names, find_expert_targets
+    from sorsa_kernels.adapters.surgery import find_targets
+    from sorsa_kernels.jobs.compare.training import prepare
+    from sorsa_kernels.training.drift_callback import tracked_layers
+
+    def mixtral():
+        torch.manual_seed(0)
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2))
+
+    base = mixtral()
+    linear = find_targets(base)
+    experts = [f"{n}.{p}" for n in find_expert_targets(base) for p in expert_weight_names(base.get_submodule(n))]
+    cfg = FinetuneConfig(rank=2, progress=False).resolved()
+    lora = prepare("lora", mixtral(), cfg, linear, tuple(experts))
+    only_linear = prepare("lora", mixtral(), cfg, linear, ())
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable(lora) > trainable(only_linear)
+    assert set(tracked_layers(lora)) == set(linear)  # the recorder follows the matrices, not the ParamWrappers

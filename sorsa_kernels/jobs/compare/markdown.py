@@ -178,7 +178,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"(data fingerprint `{v['data_fingerprint']}`); lr {v['learning_rate']:g}, seed {v['seed']}. "
                   f"Median step {_fmt(v.get('step_s'), '.3f')} s; training {v['train_s']:.1f} s of which recording "
                   f"{v.get('record_s', 0):.1f} s and evaluation {v.get('evaluate_s', 0):.1f} s; initialization "
-                  f"{v.get('prepare_s', 0):.1f} s.", "",
+                  f"{v.get('prepare_s', 0):.1f} s. {_targets_text(v.get('targets'))}", "",
                   "| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * len(head)) + "|"]
         for r in v["records"]:
             lines.append("| " + " | ".join([
@@ -188,6 +188,16 @@ def markdown(report: dict[str, Any]) -> str:
             ]) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _targets_text(targets: Optional[dict[str, Any]]) -> str:
+    if not targets:
+        return ""
+    n, e = len(targets.get("matrices", [])), len(targets.get("expert_parameters", []))
+    text = f"Adapts {n} linear matrices" + (f" and {e} fused routed-expert weights" if e else "")
+    if targets.get("note"):
+        text += f" ({targets['note']})"
+    return text + (" (ΔΣ/ΔD and ‖ΔW‖/‖W0‖ are over the linear matrices)." if e else ".")
 
 
 def sweep_markdown(sweep: dict[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ from .sweep import best_learning_rate, is_bracketed, spread
 
 __all__ = ["build_report", "write_report", "summary_table", "ordering_line", "scope_line", "timing_line",
            "markdown", "plot_all", "PLOT_FILES", "REAL_MODEL_COMPARISON", "sweep_section", "sweep_markdown",
-           "plot_sweep", "SWEEP_PLOT", "rank_groups"]
+           "plot_sweep", "SWEEP_PLOT", "rank_groups", "parameter_matching"]
 
 SWEEP_SELECTION = "lowest final held-out loss (mean over seeds)"
 IMPLEMENTATION = {
@@ -170,6 +170,28 @@ def sweep_section(sweep: dict[str, dict[float, list[dict[str, Any]]]], best: dic
     return section
 
 
+def parameter_matching(targets: dict[str, dict[str, Any]]) -> str:
+    """The parameter-matching note: "same targets" only when every method adapts the same matrices
+    and expert weights; otherwise what each one adapts."""
+    described = {m: (len(t.get("matrices", [])), len(t.get("expert_parameters", []))) for m, t in targets.items()}
+    if len(set(described.values())) <= 1:
+        experts = next(iter(described.values()), (0, 0))[1]
+        if not experts:
+            return PARAMETER_MATCHING
+        return PARAMETER_MATCHING.replace(
+            "Same rank r and target matrices for every adapter:",
+            f"Same rank r and target matrices for every adapter (the linear targets and {experts} fused routed-"
+            "expert weights, LoRA's through PEFT's target_parameters):")
+    parts = []
+    for m, t in targets.items():
+        n, e = described[m]
+        what = f"{n} linear matrices" + (f" and {e} fused routed-expert weights" if e else "")
+        parts.append(f"{LABELS[m]}: {what}" + (f" ({t['note']})" if t.get("note") else ""))
+    return ("The methods do not adapt the same weights — " + "; ".join(parts) + ". Compare their trainable "
+            "parameter counts; the ranking is between different adaptations. Same rank r and scaling otherwise: "
+            "SORSA scale alpha/r (1 without --alpha), LoRA/PiSSA lora_alpha = alpha (r without --alpha).")
+
+
 def build_report(config, cfg, sweep: dict[str, dict[float, list[dict[str, Any]]]],
                  sweep_failed: Optional[dict[str, dict[float, str]]] = None, *, record_every: int,
                  evaluate_every: int, data: dict[str, Any], timing: dict[str, float],
@@ -200,7 +222,7 @@ def build_report(config, cfg, sweep: dict[str, dict[float, list[dict[str, Any]]]
             methods[m]["bracketed"] = section["bracketed"][m]
     report = {
         "settings": settings,
-        "parameter_matching": PARAMETER_MATCHING,
+        "parameter_matching": parameter_matching({m: v.get("targets", {}) for m, v in methods.items()}),
         "definitions": f"{DEFINITIONS} {exact_match_definition(cfg.answer_pattern)}",
         "methods": methods,
         "ordering": _ordering(methods),

@@ -63,6 +63,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...adapters.experts import expert_weight_names, find_expert_targets
 from ...adapters.surgery import find_targets
 from ...nn.checks import validate_rank
 from ...training.data import arithmetic_problems, load_records, split_records
@@ -75,7 +76,8 @@ from ..progress import library_bars
 from .config import AUTO, AUTO_EXTENSIONS, AUTO_START, METHODS, CompareConfig, check_compare_environment, \
     check_eval_every
 from .sweep import best_learning_rate, next_auto_lr
-from .training import MethodFailed, evaluator, prepare, quiet_transformers, restore, say, train_run, trainable_state
+from .training import (MethodFailed, evaluator, method_targets, prepare, quiet_transformers, restore, say, train_run,
+                       trainable_state)
 
 __all__ = ["METHODS", "CompareConfig", "CompareResult", "MethodFailed", "run_compare", "load_splits",
            "best_learning_rate", "peak_rss_bytes"]
@@ -160,6 +162,7 @@ class _Setup:
     base: Any
     tokenizer: Any
     targets: list[str]
+    expert_parameters: list[str]
     train_ex: list
     record_every: int
     evaluate_every: int
@@ -188,6 +191,8 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     for name in targets:  # PEFT does not check the rank; fail as apply_sorsa would, for every method
         w = base.get_submodule(name).weight
         validate_rank(cfg.rank, w.shape[1], w.shape[0], name)
+    experts = find_expert_targets(base, target_spec(cfg))  # routed experts SORSA adapts (MoE models)
+    expert_parameters = [f"{n}.{p}" for n in experts for p in expert_weight_names(base.get_submodule(n))]
     use_chat = (not cfg.embedded) and getattr(tokenizer, "chat_template", None) is not None
     em_rows = held_rows[: cfg.eval_samples]
     budget = generation_budget(tokenizer, em_rows, cfg.prompt_template, use_chat, cfg.max_length, cfg.max_new_tokens)
@@ -213,7 +218,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     sweep_failed: dict[str, dict[float, str]] = {}
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, quiet_transformers():
-        setup = _Setup(config, cfg, base, tokenizer, targets, train_ex, record_every,
+        setup = _Setup(config, cfg, base, tokenizer, targets, expert_parameters, train_ex, record_every,
                        (cfg.eval_steps or record_every) // record_every, evaluate, start_metrics, Path(scratch))
         for method in config.method_list:
             try:  # one method diverging must not lose the others' results
@@ -261,7 +266,7 @@ def _method_cells(setup: _Setup, method: str, lines: bool) -> tuple[dict[float, 
                 say(f"{method}: initializing (seed {seed}, {cfg.svd} SVD)" if method in ("sorsa", "pissa")
                     else f"{method}: initializing (seed {seed})")
             torch.manual_seed(seed)  # LoRA's A init; the data order has its own seeded sampler
-            model = prepare(method, copy.deepcopy(setup.base), seed_cfg, setup.targets)
+            model = prepare(method, copy.deepcopy(setup.base), seed_cfg, setup.targets, setup.expert_parameters)
             prepare_s = time.perf_counter() - t0
             start = trainable_state(model)
             for lr in pending:
@@ -274,7 +279,8 @@ def _method_cells(setup: _Setup, method: str, lines: bool) -> tuple[dict[float, 
                     failed[lr] = str(e)
                     cells.pop(lr, None)
                     continue
-                run.update(learning_rate=lr, seed=seed, prepare_s=prepare_s)
+                run.update(learning_rate=lr, seed=seed, prepare_s=prepare_s,
+                           targets=method_targets(method, setup.targets, setup.expert_parameters))
                 cells.setdefault(lr, []).append(run)
             del model, start
             gc.collect()

@@ -30,7 +30,7 @@ from ..finetune.model import apply_config_sorsa
 from ..finetune.training import training_arguments
 from .config import NEEDS_PEFT
 
-__all__ = ["MethodFailed", "prepare", "pissa_init", "trainable_state", "restore", "evaluator", "train_run",
+__all__ = ["MethodFailed", "method_targets", "prepare", "pissa_init", "trainable_state", "restore", "evaluator", "train_run",
            "RecordLines", "quiet_transformers", "say"]
 
 #: Power iterations of the randomized SVD: apply_sorsa's default, given to PEFT's PiSSA as ``pissa_niter_K``.
@@ -70,10 +70,29 @@ def pissa_init(svd: str) -> str:
     return "pissa" if svd == "full" else f"pissa_niter_{RANDOMIZED_NITER}"
 
 
-def prepare(method: str, model, cfg: FinetuneConfig, targets: list[str]):
-    """Turn a fresh copy of the base into ``method``'s trainable model; returns the model."""
+def method_targets(method: str, targets: list[str], expert_parameters: list[str]) -> dict[str, Any]:
+    """What ``method`` adapts: ``{"matrices": [...], "expert_parameters": [...], "note": ...}``.
+
+    SORSA adapts the routed experts it finds (fused 3-D expert weights), LoRA gets the same ones
+    through PEFT's ``target_parameters``, full fine-tuning trains them; PEFT's PiSSA cannot
+    initialize them (its ``ParamWrapper`` reads a 2-D ``base_layer.weight``), so it adapts the
+    linear matrices only, and the note says so.
+    """
+    out: dict[str, Any] = {"matrices": list(targets), "expert_parameters": list(expert_parameters)}
+    if method == "pissa" and expert_parameters:
+        out["expert_parameters"] = []
+        out["note"] = (f"the {len(targets)} linear matrices only: PEFT's PiSSA cannot initialize the "
+                       f"{len(expert_parameters)} fused expert weights the other methods adapt")
+    return out
+
+
+def prepare(method: str, model, cfg: FinetuneConfig, targets: list[str], expert_parameters: tuple[str, ...] = ()):
+    """Turn a fresh copy of the base into ``method``'s trainable model; returns the model.
+
+    ``expert_parameters``: the fused expert weights SORSA adapts (see :func:`method_targets`)."""
     if method == "sorsa":
         return apply_config_sorsa(model, dataclasses.replace(cfg, progress=False))
+    experts = method_targets(method, targets, list(expert_parameters))["expert_parameters"]
     if method in ("pissa", "lora"):
         try:
             from peft import LoraConfig, get_peft_model
@@ -81,14 +100,16 @@ def prepare(method: str, model, cfg: FinetuneConfig, targets: list[str]):
             raise ImportError(NEEDS_PEFT) from None
         lora = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=0.0,
-            target_modules=targets, bias="none",
+            target_modules=targets, bias="none", target_parameters=experts or None,
             init_lora_weights=pissa_init(cfg.svd) if method == "pissa" else True,
         )
         return get_peft_model(model, lora)
-    for p in model.parameters():  # full: the target matrices' weights, nothing else
+    for p in model.parameters():  # full: the target matrices' and experts' weights, nothing else
         p.requires_grad_(False)
     for name in targets:
         model.get_submodule(name).weight.requires_grad_(True)
+    for name in experts:
+        model.get_parameter(name).requires_grad_(True)
     return model
 
 
