@@ -191,8 +191,8 @@ class TrajectoryCallback(TrainerCallback):
         evaluate_every: see ``evaluate``.
         drift: compute ΔΣ/ΔD (one float64 SVD per layer per record, plus ``W0``'s once; set
             False for large models if that is too slow).
-        svd_cache: ``{layer name: Spectrum}`` of the pretrained weights, filled on first use;
-            share one dict between callbacks that measure against the same ``W0``.
+        svd_cache: ``{(layer name, shape): Spectrum}`` of the pretrained weights, filled on first
+            use; share one dict between callbacks that measure against the same ``W0``.
         start_metrics: the ``evaluate`` result of the pretrained model, used for the step-0
             record instead of calling ``evaluate`` (every method starts from the same function,
             so a comparison evaluates it once).
@@ -222,7 +222,7 @@ class TrajectoryCallback(TrainerCallback):
         evaluate: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
         evaluate_every: int = 1,
         drift: bool = True,
-        svd_cache: Optional[MutableMapping[str, Spectrum]] = None,
+        svd_cache: Optional[MutableMapping[tuple, Spectrum]] = None,
         start_metrics: Optional[Mapping[str, float]] = None,
     ) -> None:
         if not isinstance(every, int) or every <= 0:
@@ -235,7 +235,7 @@ class TrajectoryCallback(TrainerCallback):
         self.evaluate = evaluate
         self.evaluate_every = evaluate_every
         self.drift = drift
-        self.svd_cache: MutableMapping[str, Spectrum] = {} if svd_cache is None else svd_cache
+        self.svd_cache: MutableMapping[tuple, Spectrum] = {} if svd_cache is None else svd_cache
         self.start_metrics = dict(start_metrics) if start_metrics is not None else None
         self.records: list[dict[str, Any]] = []
         self.record_seconds = 0.0
@@ -310,9 +310,10 @@ class TrajectoryCallback(TrainerCallback):
                 if not bool(delta.any()):  # untouched: exactly no drift, not the SVD's rounding
                     layers[name] = {"delta_sigma": 0.0, "delta_d": 0.0}
                     continue
-                if name not in self.svd_cache:
-                    self.svd_cache[name] = spectrum(w0)
-                d = drift_from(w0 + delta, self.svd_cache[name])
+                key = (name, tuple(w0.shape))  # a Conv1D layer is seen transposed by PEFT
+                if key not in self.svd_cache:
+                    self.svd_cache[key] = spectrum(w0)
+                d = drift_from(w0 + delta, self.svd_cache[key])
                 layers[name] = {"delta_sigma": d.delta_sigma, "delta_d": d.delta_d}
         out: dict[str, Any] = {
             "orthonormality": _orthonormality(ortho),

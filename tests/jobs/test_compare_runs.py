@@ -38,14 +38,20 @@ def watched(tmp_path_factory):
         alive.append(_live_models())
         return real_train(*args, **kwargs)
 
+    import sorsa_kernels.training.drift_callback as DC
+
+    real_spectrum = DC.spectrum
     mp.setattr(CMP, "evaluator", evaluator)
     mp.setattr(CMP, "train_run", train_run)
+    mp.setattr(DC, "spectrum", lambda w: (svds_in_runs.append(1), real_spectrum(w))[1])
+    svds_in_runs = []
     try:
         cfg = FinetuneConfig(output_dir=str(tmp_path_factory.mktemp("runs") / "out"), **TINY)
         result = run_compare(CompareConfig(cfg, methods=("sorsa", "lora"), record_every=1, lr_sweep=LRS, seeds=2,
                                            plots=False))
     finally:
         mp.undo()
+    result.svds_in_runs = svds_in_runs
     return result, calls, alive
 
 
@@ -152,3 +158,33 @@ def test_compare_takes_randomized_svd_and_gives_pissa_its_niter_init():
 
     assert CompareConfig(FinetuneConfig(svd="randomized")).finetune.svd == "randomized"
     assert pissa_init("randomized") == "pissa_niter_2" and pissa_init("full") == "pissa"
+
+
+def test_the_svd_of_w0_is_computed_once_in_setup_not_in_a_methods_time(watched):
+    result, _, _ = watched
+    assert result.svds_in_runs == []  # every recorder reused the setup's SVD of each pretrained matrix
+    assert result.report["timing_s"]["w0_svd_s"] > 0
+
+
+def test_every_prepared_method_evaluates_as_the_pretrained_model_so_one_start_evaluation_serves_all():
+    import copy
+
+    import torch
+
+    from sorsa_kernels.adapters.surgery import find_targets
+    from sorsa_kernels.jobs.compare.run import load_splits
+    from sorsa_kernels.jobs.compare.training import evaluator, prepare
+    from sorsa_kernels.jobs.finetune.encoding import ListDataset, encode_all
+    from sorsa_kernels.jobs.finetune.model import load_base
+
+    cfg = FinetuneConfig(pretrain_steps=5, rank=4, progress=False).resolved()
+    _, held = load_splits(cfg)
+    base, tok = load_base("embedded", pretrain_steps=5, progress=False)
+    evaluate = evaluator(tok, ListDataset(encode_all(tok, held, cfg, False, "held-out")), held[:4], cfg, False, 6)
+    with torch.no_grad():
+        start = evaluate(base.eval())
+        for method in ("sorsa", "pissa", "lora"):
+            torch.manual_seed(0)
+            got = evaluate(prepare(method, copy.deepcopy(base), cfg, find_targets(base)).eval())
+            assert got["heldout_loss"] == pytest.approx(start["heldout_loss"], rel=1e-5), method
+            assert got["exact_match"] == start["exact_match"], method

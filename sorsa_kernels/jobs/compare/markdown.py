@@ -131,8 +131,9 @@ def timing_line(report: dict[str, Any]) -> str:
     """Setup, total and CPU time and the run's peak memory (maximum resident set)."""
     t, peak = report["timing_s"], report["machine"].get("peak_rss_bytes")
     memory = f", peak memory (max RSS) {peak / 2**30:.2f} GiB" if peak else ""
-    return (f"setup {t['setup_s']:.1f} s (the pretrained model's evaluation {t.get('start_evaluation_s', 0):.1f} s, "
-            f"once), total {t['total_s']:.1f} s, CPU {t.get('cpu_s', 0):.1f} s{memory}")
+    return (f"setup {t['setup_s']:.1f} s (once for every run: the pretrained model's evaluation "
+            f"{t.get('start_evaluation_s', 0):.1f} s, the SVD of W0 {t.get('w0_svd_s', 0):.1f} s), total "
+            f"{t['total_s']:.1f} s, CPU {t.get('cpu_s', 0):.1f} s{memory}")
 
 
 def settings_lines(report: dict[str, Any]) -> list[str]:

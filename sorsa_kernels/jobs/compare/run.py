@@ -64,6 +64,7 @@ from typing import Any, Optional
 import torch
 
 from ...adapters.experts import expert_weight_names, find_expert_targets
+from ...adapters.analysis import spectrum
 from ...adapters.surgery import find_targets
 from ...nn.checks import validate_rank
 from ...training.data import arithmetic_problems, load_records, split_records
@@ -212,6 +213,12 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
         start_metrics = evaluate(base)
     base.train(was_training)
     start_eval_s = time.perf_counter() - t_eval
+    if lines:
+        say(f"compare: SVD of the {len(targets)} pretrained target matrices (once: ΔΣ/ΔD of every run use it)")
+    t_svd = time.perf_counter()
+    svd_cache = {(n, tuple(base.get_submodule(n).weight.shape)): spectrum(base.get_submodule(n).weight)
+                 for n in targets}
+    w0_svd_s = time.perf_counter() - t_svd
     setup_s = time.perf_counter() - t_start
 
     sweep: dict[str, dict[float, list[dict[str, Any]]]] = {}
@@ -219,7 +226,8 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sorsa-compare-") as scratch, quiet_transformers():
         setup = _Setup(config, cfg, base, tokenizer, targets, expert_parameters, train_ex, record_every,
-                       (cfg.eval_steps or record_every) // record_every, evaluate, start_metrics, Path(scratch))
+                       (cfg.eval_steps or record_every) // record_every, evaluate, start_metrics, Path(scratch),
+                       svd_cache)
         for method in config.method_list:
             try:  # one method diverging must not lose the others' results
                 sweep[method], sweep_failed[method] = _method_cells(setup, method, lines)
@@ -235,7 +243,7 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
               "exact_match_examples": len(em_rows), "max_new_tokens": budget.max_new_tokens,
               "prompts_cut": budget.prompts_cut, "answers_cut": budget.answers_cut,
               "longest_prompt_tokens": budget.longest_prompt, "chat_template": use_chat},
-        timing={"setup_s": setup_s, "start_evaluation_s": start_eval_s, "total_s": time.perf_counter() - t_start,
+        timing={"setup_s": setup_s, "start_evaluation_s": start_eval_s, "w0_svd_s": w0_svd_s, "total_s": time.perf_counter() - t_start,
                 "cpu_s": time.process_time() - cpu_start},
         machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "load_avg_start": load_start, "load_avg_end": load_end, "peak_rss_bytes": peak_rss_bytes()})
