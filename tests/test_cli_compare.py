@@ -50,6 +50,7 @@ def test_compare_says_under_its_table_what_the_toy_run_cannot_show_and_where_a_r
     (["--logging-steps", "5"], "compare does not take --logging-steps"),
     (["--no-eval"], "compare does not take --no-eval"),
     (["--lr", "-1"], "learning-rate must be a positive finite number, got -1.0"),
+    (["--seeds", "0"], "seeds must be a positive number of seeds, got 0"),
 ])
 def test_bad_compare_flags_give_one_line_errors(argv, message, tmp_path, capsys):
     line = _one_line_error(capsys, ["compare", *argv, "--output-dir", str(tmp_path / "o")])
@@ -97,3 +98,15 @@ def test_missing_peft_is_one_line_error_before_any_training(tmp_path, capsys, mo
     line = _one_line_error(capsys, ["compare", *TINY, "--output-dir", str(tmp_path / "o")])
     assert "pip install 'sorsa-kernels[compare]'" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_prints_one_plain_line_per_phase_and_recorded_step_without_a_terminal(tmp_path, capsys):
+    rc = main(["compare", *TINY, "--methods", "sorsa", "--no-plots", "--output-dir", str(tmp_path / "c")])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert any(l.startswith("compare: loading embedded") for l in lines)
+    assert any(l.startswith("compare: evaluating the pretrained model") for l in lines)
+    assert any(l.startswith("sorsa: initializing") for l in lines)
+    steps = [l for l in lines if l.startswith("sorsa lr ")]
+    assert [l.split("step ")[1].split()[0] for l in steps] == ["0/2", "1/2", "2/2"]
+    assert any("peak memory (max RSS)" in l for l in lines)

@@ -137,3 +137,20 @@ def test_generation_budget_refuses_a_prompt_it_would_have_to_cut_with_the_number
 
     with pytest.raises(ValueError, match=message):
         generation_budget(_tok(), [{"prompt": "3+4?", "response": "7"}], "Q: {prompt}\nA: ", False, **kwargs)
+
+
+def test_exact_match_says_when_it_cuts_a_prompt_instead_of_cutting_silently():
+    import torch
+
+    tok = _tok()
+
+    class Echo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, input_ids[:, :1]], 1)
+
+    with pytest.warns(UserWarning, match=r"exact match cut 1 held-out prompt\(s\) to their last 2 tokens"):
+        exact_match(Echo(), tok, [{"prompt": "3+4?", "response": "7"}], "Q: {prompt}\nA: ", False, 4, max_length=6)
