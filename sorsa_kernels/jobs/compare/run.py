@@ -18,7 +18,11 @@ matrices.  LoRA and PiSSA then train ``r(m+n)`` parameters per m×n matrix and S
 ``r(m+n)+r`` (its ``S`` vector); integer ranks cannot match that exactly, and the
 difference is ``1/(m+n)`` (0.4 % on the embedded model).  Scales match too: SORSA's scale
 is ``alpha/r`` (1 without ``--alpha``) and LoRA/PiSSA get ``lora_alpha = alpha`` (``r``
-without ``--alpha``), i.e. the same scaling — the PiSSA paper's ``lora_alpha = r``.
+without ``--alpha``), i.e. the same scaling — the PiSSA paper's ``lora_alpha = r``.  On an
+MoE model SORSA also adapts the routed experts; LoRA gets the same fused expert weights through
+PEFT's ``target_parameters``, PiSSA cannot (PEFT's PiSSA init reads a 2-D weight) and adapts the
+linear matrices only — the report states each method's targets and trainable count
+(:func:`.training.method_targets`).
 
 With ``--lr-sweep LR[,LR...]`` every method is trained at every learning rate with the same
 budget, and each is reported at its own best one — the lowest final held-out loss (papers
