@@ -45,6 +45,7 @@ def watched(tmp_path_factory):
     mp.setattr(CMP, "train_run", train_run)
     mp.setattr(DC, "spectrum", lambda w: (svds_in_runs.append(1), real_spectrum(w))[1])
     svds_in_runs = []
+    peak_before = CMP.peak_rss_bytes()
     try:
         cfg = FinetuneConfig(output_dir=str(tmp_path_factory.mktemp("runs") / "out"), **TINY)
         result = run_compare(CompareConfig(cfg, methods=("sorsa", "lora"), record_every=1, lr_sweep=LRS, seeds=2,
@@ -52,6 +53,7 @@ def watched(tmp_path_factory):
     finally:
         mp.undo()
     result.svds_in_runs = svds_in_runs
+    result.peak_before = peak_before
     return result, calls, alive
 
 
@@ -89,14 +91,13 @@ def test_one_pretrained_copy_and_one_working_copy_are_alive_while_training(watch
 
 
 def test_peak_memory_of_a_small_compare_stays_below_its_bound(watched):
-    import resource
-
     result, _, _ = watched
     # Bound: the interpreter with torch, transformers and PEFT imported (≈ 0.5 GiB here) plus a few
-    # copies of a 353,920-parameter model (1.4 MB each): a leak of a copy per run stays far below it, a
-    # float64 copy per record of a 7B model would not — 1.5 GiB leaves room for the test process itself.
-    assert result.report["machine"]["peak_rss_bytes"] < 1.5 * 2**30
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+    # copies of a 353,920-parameter model (1.4 MB each) and the data: 1.5 GiB leaves room for the test
+    # process itself.  The peak is the process's: where an earlier test already set a higher one, the
+    # comparison must not have raised it.
+    bound = max(1.5 * 2**30, result.peak_before or 0)
+    assert result.report["machine"]["peak_rss_bytes"] <= bound
 
 
 def test_a_prompt_that_leaves_no_room_to_generate_is_refused_before_training(tmp_path, monkeypatch):
