@@ -319,7 +319,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .jobs.compare.run import run_compare
-    from .jobs.compare.report import ordering_line, scope_line, summary_table
+    from .jobs.compare.markdown import ordering_line, scope_line, summary_table, timing_line
 
     args.finetune = _job_config(args)
     result = run_compare(_config_from_args(args, _config_classes()[1]))
@@ -328,7 +328,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(summary_table(report))
     print(ordering_line(report))
     print(scope_line(report))
-    print(f"setup {report['timing_s']['setup_s']:.1f} s, total {report['timing_s']['total_s']:.1f} s")
+    print(timing_line(report))
     for path in result.files:
         print(f"wrote {path}")
     if result.plot_note:

@@ -48,9 +48,9 @@ def test_compare_says_under_its_table_what_the_toy_run_cannot_show_and_where_a_r
     (["--record-every", "2", "--eval-steps", "3"], "eval-steps 3 must be a multiple of record-every 2"),
     (["--quantize", "nf4"], "compare does not take --quantize"),
     (["--logging-steps", "5"], "compare does not take --logging-steps"),
-    (["--svd", "randomized"], "compare does not take --svd randomized"),
     (["--no-eval"], "compare does not take --no-eval"),
     (["--lr", "-1"], "learning-rate must be a positive finite number, got -1.0"),
+    (["--seeds", "0"], "seeds must be a positive number of seeds, got 0"),
 ])
 def test_bad_compare_flags_give_one_line_errors(argv, message, tmp_path, capsys):
     line = _one_line_error(capsys, ["compare", *argv, "--output-dir", str(tmp_path / "o")])
@@ -85,7 +85,7 @@ def test_compare_takes_the_finetune_flags_and_its_own():
     choices = build_parser()._subparsers._group_actions[0].choices
     finetune = {a.dest for a in choices["finetune"]._actions}
     compare = {a.dest for a in choices["compare"]._actions}
-    assert compare - finetune == {"methods", "full", "record_every", "plots", "lr_sweep"}
+    assert compare - finetune == {"methods", "full", "record_every", "plots", "lr_sweep", "seeds"}
     assert finetune <= compare
     assert finetune - {"help"} <= set(FinetuneConfig.__dataclass_fields__)
 
@@ -98,3 +98,15 @@ def test_missing_peft_is_one_line_error_before_any_training(tmp_path, capsys, mo
     line = _one_line_error(capsys, ["compare", *TINY, "--output-dir", str(tmp_path / "o")])
     assert "pip install 'sorsa-kernels[compare]'" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_prints_one_plain_line_per_phase_and_recorded_step_without_a_terminal(tmp_path, capsys):
+    rc = main(["compare", *TINY, "--methods", "sorsa", "--no-plots", "--output-dir", str(tmp_path / "c")])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert any(l.startswith("compare: loading embedded") for l in lines)
+    assert any(l.startswith("compare: evaluating the pretrained model") for l in lines)
+    assert any(l.startswith("sorsa: initializing") for l in lines)
+    steps = [l for l in lines if l.startswith("sorsa lr ")]
+    assert [l.split("step ")[1].split()[0] for l in steps] == ["0/2", "1/2", "2/2"]
+    assert any("peak memory (max RSS)" in l for l in lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..nn.checks import linear_weight
@@ -113,10 +114,20 @@ def adaptation_summary(model: nn.Module) -> AdaptationSummary:
             s.saved_modules.append(name)
         elif name and is_linear_like(module):
             s.not_adapted.append(name)
-    for p in model.parameters():
-        s.total_parameters += p.numel()
-        if p.requires_grad:
-            s.trainable_parameters += p.numel()
+    seen: set[int] = set()
+    for module in model.modules():
+        # An NF4 residual is stored packed (two 4-bit codes a byte, plus scales): count the m·n
+        # parameters it holds, not its bytes (87.98 M instead of 134.5 M on SmolLM2 otherwise).
+        packed = isinstance(getattr(module, "nf4_packed", None), torch.Tensor)
+        if packed:
+            s.total_parameters += module.weight.shape.numel()  # metadata only: no dequantization
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen or (packed and pname.startswith("nf4_")):
+                continue
+            seen.add(id(p))
+            s.total_parameters += p.numel()
+            if p.requires_grad:
+                s.trainable_parameters += p.numel()
     s.fused_experts = [n for n in fused_expert_parameters(model) if not any(n.startswith(p + ".") for p in saved)]
     rank = max((m.rank for m in model.modules() if kind_of(m) is not None), default=0)
     s.below_rank = [n for n in s.not_adapted if min(linear_weight(model.get_submodule(n)).shape) < rank]

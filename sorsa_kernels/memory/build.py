@@ -3,8 +3,8 @@ the package's own surgery decisions, no weight read and no byte allocated.
 
 :func:`meta_model` builds the ``transformers`` causal LM from a config with every tensor on the
 meta device.  :func:`adapt_on_meta` then makes the layers :func:`sorsa_kernels.apply_sorsa`
-would make: the same target matcher (:func:`~sorsa_kernels.adapters.surgery.find_targets`,
-:func:`~sorsa_kernels.adapters.experts.plan_experts`, with their rank checks), the same layer
+would make: the same surgery plan (:func:`~sorsa_kernels.adapters.plan.plan_sorsa`: the one target
+matcher, with its rank checks; weight values are not read), the same layer
 classes (:func:`~sorsa_kernels.nn.factory.layer_class` / ``experts_class``) with the same
 dtype defaults, constructed on the meta device instead of from an SVD (which needs values).
 Every byte the plan counts for frozen weights, quantization state and adapters is read off
@@ -17,9 +17,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..adapters.experts import expert_weight_names, plan_experts, sorsa_experts_forward
-from ..adapters.modules_to_save import resolve_modules_to_save
-from ..adapters.surgery import TargetSpec, find_targets, module_aliases, replace_everywhere
+from ..adapters.experts import expert_weight_names, sorsa_experts_forward
+from ..adapters.plan import plan_sorsa
+from ..adapters.surgery import TargetSpec, module_aliases, replace_everywhere
 from ..nn.checks import linear_weight
 from ..nn.factory import experts_class, layer_class
 
@@ -62,9 +62,8 @@ def adapt_on_meta(model: nn.Module, rank: int, target_modules: TargetSpec = None
         >>> adapt_on_meta(meta_model(config), 16, quantize="nf4")
     """
     layer_class(quantize)
-    saved = resolve_modules_to_save(model, None)
-    experts = plan_experts(model, rank, target_modules, quantize=quantize, exclude=saved)
-    names = find_targets(model, target_modules, exclude=saved, allow_empty=bool(experts))
+    plan = plan_sorsa(model, rank, target_modules, quantize=quantize, quant_report=None)
+    names, experts = plan.linear, plan.experts
     model.requires_grad_(False)
     adapter_dtype = adapter_dtype or torch.float32
     kw = dict(alpha=alpha, adapter_dtype=adapter_dtype, device="meta")

@@ -34,19 +34,26 @@ aim for orthonormal factors: PiSSA's start at ``‖Σ_r − I‖_F``-like values
 ``√σ``) and LoRA's ``B = 0`` gives ``√r`` for B.  Plain linear layers have none (``None``).
 ``adapter_norm`` is the mean over layers of ``‖low-rank part‖_F / ‖W0‖_F``: 0 at the
 start for LoRA (``B = 0``), the top-r share of ``W0`` for PiSSA and SORSA (their SVD
-init); ``None`` for plain linear layers.
+init); ``None`` for plain linear layers.  ``relative_change`` is the mean over layers of
+``‖ΔW‖_F / ‖W0‖_F``, the size of what training has changed (0 at the start for every method).
+
+The SVD of each ``W0`` (what ΔΣ/ΔD need of it) is computed once per layer and kept in
+``svd_cache`` (pass one dict to several callbacks to share it across runs); a layer whose ΔW
+is exactly zero (every method at step 0) has ΔΣ = ΔD = 0 without an SVD, so no rounding noise.
+Timings: ``step_seconds`` (each optimizer step, recording excluded), ``record_seconds``
+(ΔΣ/ΔD and norms) and ``evaluate_seconds`` (the ``evaluate`` calls) are kept apart.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ..nn.linear import SORSALinear
-from ..adapters.analysis import singular_drift
+from ..adapters.analysis import Spectrum, drift_from, spectrum
 from ..adapters.surgery import find_targets
 
 __all__ = ["TrajectoryCallback", "tracked_layers", "canonical_name"]
@@ -61,9 +68,11 @@ def canonical_name(name: str) -> str:
 
 
 def _is_peft_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer on a matrix (not a ``ParamWrapper`` on fused expert weights, which has a
+    ``parameter_name`` and is not followed: ΔΣ/ΔD are over the linear target matrices)."""
     return (isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
             and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
-            and hasattr(module, "base_layer"))
+            and hasattr(module, "base_layer") and not hasattr(module, "parameter_name"))
 
 
 def tracked_layers(model: nn.Module, target_modules: Union[None, str, Sequence[str]] = None
@@ -180,13 +189,18 @@ class TrajectoryCallback(TrainerCallback):
             held-out loss and exact match); called on the first, the last and every
             ``evaluate_every``-th record, in eval mode under ``torch.no_grad``.
         evaluate_every: see ``evaluate``.
-        drift: compute ΔΣ/ΔD (two float64 SVDs per layer per record; set False for large
-            models if that is too slow).
+        drift: compute ΔΣ/ΔD (one float64 SVD per layer per record, plus ``W0``'s once; set
+            False for large models if that is too slow).
+        svd_cache: ``{(layer name, shape): Spectrum}`` of the pretrained weights, filled on first
+            use; share one dict between callbacks that measure against the same ``W0``.
+        start_metrics: the ``evaluate`` result of the pretrained model, used for the step-0
+            record instead of calling ``evaluate`` (every method starts from the same function,
+            so a comparison evaluates it once).
 
     ``records`` is a list of dicts with ``step``, ``train_loss``, ``learning_rate``,
-    ``orthonormality``, ``adapter_norm``, ``delta_sigma`` and ``delta_d`` (means over the
-    layers), ``layers`` (``{name: {"delta_sigma", "delta_d"}}``) and the ``evaluate`` keys;
-    ``record_seconds`` is the time spent recording.  ΔW is taken against the factors at the
+    ``orthonormality``, ``adapter_norm``, ``relative_change``, ``delta_sigma`` and ``delta_d``
+    (means over the layers), ``layers`` (``{name: {"delta_sigma", "delta_d"}}``) and the
+    ``evaluate`` keys; ``record_seconds``, ``evaluate_seconds`` and ``step_seconds`` time them.  ΔW is taken against the factors at the
     start of this ``train()`` call: attach the callback before training starts.
 
     Example::
@@ -208,6 +222,8 @@ class TrajectoryCallback(TrainerCallback):
         evaluate: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
         evaluate_every: int = 1,
         drift: bool = True,
+        svd_cache: Optional[MutableMapping[tuple, Spectrum]] = None,
+        start_metrics: Optional[Mapping[str, float]] = None,
     ) -> None:
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive number of steps, got {every}")
@@ -219,21 +235,27 @@ class TrajectoryCallback(TrainerCallback):
         self.evaluate = evaluate
         self.evaluate_every = evaluate_every
         self.drift = drift
+        self.svd_cache: MutableMapping[tuple, Spectrum] = {} if svd_cache is None else svd_cache
+        self.start_metrics = dict(start_metrics) if start_metrics is not None else None
         self.records: list[dict[str, Any]] = []
         self.record_seconds = 0.0
+        self.evaluate_seconds = 0.0
+        self.step_seconds: list[float] = []
+        self._step_start: Optional[float] = None
         self._layers: dict[str, tuple[str, nn.Module, Any, Tensor]] = {}
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._layers = {}
         self.records = []
-        self.record_seconds = 0.0
+        self.record_seconds = self.evaluate_seconds = 0.0
+        self.step_seconds = []
         for name, (kind, module) in tracked_layers(model, self.target_modules).items():
             start = _start(kind, module)
             if self.pretrained is not None:
                 if name not in self.pretrained:
                     raise ValueError(f"pretrained weights have no entry for layer {name}")
-                w0 = _f64(self.pretrained[name])
+                w0 = self.pretrained[name].detach()  # a reference, not a copy: read once per record
                 if getattr(module, "fan_in_fan_out", False):
                     w0 = w0.T
             else:
@@ -242,7 +264,14 @@ class TrajectoryCallback(TrainerCallback):
         self._record(model, state.global_step, final=False)
         return control
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._step_start is not None:
+            self.step_seconds.append(time.perf_counter() - self._step_start)
+            self._step_start = None
         step = state.global_step
         last = state.max_steps > 0 and step >= state.max_steps
         if step % self.every == 0 or last:
@@ -268,18 +297,28 @@ class TrajectoryCallback(TrainerCallback):
     # ------------------------------------------------------------------ measuring
     def measure(self) -> dict[str, Any]:
         """Orthonormality, adapter norm and ΔΣ/ΔD of the followed layers, now."""
-        ortho, norms, layers = [], [], {}
+        ortho, norms, changes, layers = [], [], [], {}
         for name, (kind, module, start, w0) in self._layers.items():
             part, delta = _low_rank(kind, module, start)
             ortho.extend(_factors(kind, module))
+            w0 = _f64(w0)
+            w0_norm = float(torch.linalg.matrix_norm(w0))
             if part is not None:
-                norms.append(float(torch.linalg.matrix_norm(part) / torch.linalg.matrix_norm(w0)))
+                norms.append(float(torch.linalg.matrix_norm(part)) / w0_norm)
+            changes.append(float(torch.linalg.matrix_norm(delta)) / w0_norm)
             if self.drift:
-                d = singular_drift(w0 + delta, w0)
+                if not bool(delta.any()):  # untouched: exactly no drift, not the SVD's rounding
+                    layers[name] = {"delta_sigma": 0.0, "delta_d": 0.0}
+                    continue
+                key = (name, tuple(w0.shape))  # a Conv1D layer is seen transposed by PEFT
+                if key not in self.svd_cache:
+                    self.svd_cache[key] = spectrum(w0)
+                d = drift_from(w0 + delta, self.svd_cache[key])
                 layers[name] = {"delta_sigma": d.delta_sigma, "delta_d": d.delta_d}
         out: dict[str, Any] = {
             "orthonormality": _orthonormality(ortho),
             "adapter_norm": sum(norms) / len(norms) if norms else None,
+            "relative_change": sum(changes) / len(changes) if changes else None,
         }
         if self.drift:
             out["delta_sigma"] = sum(v["delta_sigma"] for v in layers.values()) / len(layers)
@@ -291,13 +330,18 @@ class TrajectoryCallback(TrainerCallback):
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"step": int(step), "train_loss": None, "learning_rate": None}
         rec.update(self.measure())
+        t1 = time.perf_counter()
+        self.record_seconds += t1 - t0
         if self.evaluate is not None and (final or len(self.records) % self.evaluate_every == 0):
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    rec.update({k: float(v) for k, v in self.evaluate(model).items()})
-            finally:
-                model.train(was_training)
+            if not self.records and self.start_metrics is not None:
+                rec.update(self.start_metrics)
+            else:
+                was_training = model.training
+                model.eval()
+                try:
+                    with torch.no_grad():
+                        rec.update({k: float(v) for k, v in self.evaluate(model).items()})
+                finally:
+                    model.train(was_training)
         self.records.append(rec)
-        self.record_seconds += time.perf_counter() - t0
+        self.evaluate_seconds += time.perf_counter() - t1

@@ -42,5 +42,46 @@ def test_model_drift_of_a_merged_model_says_to_analyze_a_copy_made_before_mergin
     model = build_tiny_llama()
     apply_sorsa(model, 4, progress=False)
     merge_sorsa(model)
-    with pytest.raises(ValueError, match="no SORSA layers to analyze .*copy made before merging"):
+    with pytest.raises(ValueError, match="no SORSA layers or SORSA experts to analyze .*copy made before merging"):
         model_singular_drift(model)
+
+
+def _tiny_mixtral():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_an_experts_only_adapter_is_analyzed_per_projection_not_refused_as_merged():
+    from sorsa_kernels.adapters.analysis import expert_singular_drift
+    from sorsa_kernels.nn.experts import SORSAExperts
+
+    model = _tiny_mixtral()
+    apply_sorsa(model, 3, target_modules=["experts"], progress=False)
+    before = model_singular_drift(model)
+    assert sorted(before) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    assert all(abs(d.delta_sigma) < 1e-10 for d in before.values())
+    with torch.no_grad():  # move expert 1 of one projection only
+        proj = model.get_submodule("model.layers.0.mlp.experts.down_proj")
+        assert isinstance(proj, SORSAExperts)
+        proj.S[1] *= 1.5
+    per_expert = expert_singular_drift(proj)
+    assert len(per_expert) == 4 and per_expert[1].delta_sigma > 0
+    assert all(abs(per_expert[e].delta_sigma) < 1e-10 for e in (0, 2, 3))
+    after = model_singular_drift(model)
+    assert after["model.layers.0.mlp.experts.down_proj"].delta_sigma == pytest.approx(per_expert[1].delta_sigma / 4)
+
+
+def test_model_drift_includes_experts_beside_linear_layers():
+    model = _tiny_mixtral()
+    apply_sorsa(model, 3, progress=False)
+    names = set(model_singular_drift(model))
+    assert "model.layers.0.self_attn.q_proj" in names and "model.layers.1.mlp.experts.gate_up_proj" in names

@@ -79,3 +79,78 @@ def test_exact_match_counts_a_chain_of_thought_completion_by_its_answer():
     model = Scripted()
     assert exact_match(model, tok, rows, "Q: {prompt}\nA: ", False, 8) == 0.0
     assert exact_match(model, tok, rows, "Q: {prompt}\nA: ", False, 8, answer_pattern=r"#### (\S+)") == 0.5
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|aa)+$"])
+def test_a_catastrophically_backtracking_pattern_is_a_one_line_error_not_a_hang(pattern, monkeypatch):
+    import time
+
+    import sorsa_kernels.jobs.finetune.evaluation as EV
+
+    monkeypatch.setattr(EV, "ANSWER_TIMEOUT_S", 0.05)
+    extract = answer_extractor(pattern)
+    t0 = time.perf_counter()
+    try:
+        result = extract("a" * 40 + "b")
+    except ValueError as e:
+        assert pattern in str(e) and "\n" not in str(e)
+    else:
+        assert result is None
+    assert time.perf_counter() - t0 < 5
+
+
+def test_last_number_reads_a_comma_list_as_separate_numbers():
+    extract = answer_extractor("last-number")
+    assert extract("4,5") == "5"
+    assert not answers_match("4,5", "45", extract)
+    assert extract("1,2345") == "2345"
+    assert extract("it costs 12,345,678.50") == "12345678.5"
+
+
+def test_an_unmatched_group_is_no_answer_not_a_crash():
+    extract = answer_extractor(r"answer: (\d+)|done")
+    assert extract("done") is None and extract("answer: 7") == "7"
+    assert not answers_match("done", "answer: 7", extract)
+
+
+def _tok():
+    from sorsa_kernels.jobs.models.embedded import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_generation_budget_keeps_the_prompt_whole_and_counts_cut_answers():
+    from sorsa_kernels.jobs.finetune.evaluation import generation_budget
+
+    rows = [{"prompt": "3+4?", "response": "7" * 40}, {"prompt": "2+2?", "response": "4"}]
+    budget = generation_budget(_tok(), rows, "Q: {prompt}\nA: ", False, max_length=20)
+    assert budget.longest_prompt + budget.max_new_tokens <= 20 and budget.prompts_cut == 0
+    assert budget.answers_cut == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_length=4), "no token is left to generate an answer"),
+    (dict(max_length=20, max_new_tokens=30), "--max-new-tokens 30 does not fit beside the longest held-out prompt"),
+])
+def test_generation_budget_refuses_a_prompt_it_would_have_to_cut_with_the_numbers(kwargs, message):
+    from sorsa_kernels.jobs.finetune.evaluation import generation_budget
+
+    with pytest.raises(ValueError, match=message):
+        generation_budget(_tok(), [{"prompt": "3+4?", "response": "7"}], "Q: {prompt}\nA: ", False, **kwargs)
+
+
+def test_exact_match_says_when_it_cuts_a_prompt_instead_of_cutting_silently():
+    import torch
+
+    tok = _tok()
+
+    class Echo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, input_ids[:, :1]], 1)
+
+    with pytest.warns(UserWarning, match=r"exact match cut 1 held-out prompt\(s\) to their last 2 tokens"):
+        exact_match(Echo(), tok, [{"prompt": "3+4?", "response": "7"}], "Q: {prompt}\nA: ", False, 4, max_length=6)

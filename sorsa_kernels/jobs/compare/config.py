@@ -10,18 +10,24 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ..finetune.config import FinetuneConfig, distributed
 from ...nn.knobs import Rule
 from ..options import ConfigError, check_fields, field_default, option
 
-__all__ = ["ADAPTER_METHODS", "METHODS", "CompareConfig", "check_compare_environment", "check_eval_every",
-           "parse_lr_sweep"]
+__all__ = ["ADAPTER_METHODS", "METHODS", "AUTO", "AUTO_START", "AUTO_RANGE", "AUTO_EXTENSIONS", "CompareConfig",
+           "check_compare_environment", "check_eval_every", "parse_lr_sweep"]
 
 #: The adapters ``--methods`` picks from, and every method a report can hold, in report order.
 ADAPTER_METHODS = ("sorsa", "pissa", "lora")
 METHODS = (*ADAPTER_METHODS, "full")
+#: ``--lr-sweep auto``: start from these, then one ×3 step beyond an edge optimum at a time,
+#: at most AUTO_EXTENSIONS steps per method, within AUTO_RANGE.
+AUTO = "auto"
+AUTO_START = (1e-4, 3e-4, 1e-3)
+AUTO_RANGE = (1e-6, 1e-1)
+AUTO_EXTENSIONS = 3
 
 # finetune options that do not apply to a comparison, and why (refused unless left at their default).
 _NOT_FOR_COMPARE = {
@@ -34,7 +40,6 @@ _NOT_FOR_COMPARE = {
     "save_total_limit": "compare saves no checkpoints",
     "gradient_checkpointing": "the PEFT models would need extra set-up for it",
     "logging_steps": "compare logs at every {record_every:flag} step",
-    "svd": "SORSA and PiSSA both start from the full SVD",
     "evaluate": "held-out loss and exact match are what it compares",
 }
 
@@ -67,10 +72,14 @@ class CompareConfig:
         "match are measured (by default at every record)", group=_COMPARISON, metavar="N", shown="a tenth of the steps",
         rule=Rule("a positive number of steps", integer=True, low=1))
     plots: bool = option(True, "compare.json and compare.md only", group=_COMPARISON, flags=("--no-plots",))
-    lr_sweep: Optional[tuple[float, ...]] = option(
+    lr_sweep: Union[str, tuple[float, ...], None] = option(
         None, "train every method at each of these learning rates (same budget) and report each at its own best "
-        "final held-out loss; replaces {learning_rate:flag}", group=_COMPARISON, metavar="LR[,LR...]",
-        shown="one run per method at {learning_rate:flag}")
+        "final held-out loss; 'auto': 1e-4,3e-4,1e-3, then one ×3 step beyond an optimum at the edge at a time "
+        "(at most 3, within 1e-6..1e-1) until each method's best is bracketed; replaces {learning_rate:flag}",
+        group=_COMPARISON, metavar="LR[,LR...]|auto", shown="one run per method at {learning_rate:flag}")
+    seeds: int = option(1, "train every method (and learning rate) with N seeds ({seed:flag}, +1, …): the report "
+                        "shows the mean and the min–max range and ranks two methods only where their ranges do "
+                        "not overlap", group=_COMPARISON, metavar="N")
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -88,6 +97,8 @@ class CompareConfig:
         if not given.embedded and given.data is not None and given.eval_data is None and given.eval_fraction <= 0:
             raise ConfigError("compare needs held-out data: set {eval_fraction:flag} above 0 or pass "
                               "{eval_data:flag}", given)
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ConfigError("{seeds} must be a positive number of seeds, got {v!r}", self, v=self.seeds)
         if self.lr_sweep is not None:
             self.lr_sweep = parse_lr_sweep(self.lr_sweep)
             if given.learning_rate is not None:
@@ -103,7 +114,8 @@ class CompareConfig:
 
 
 def parse_lr_sweep(value) -> tuple[float, ...]:
-    """``lr_sweep`` as a tuple of floats: from ``"1e-4,3e-4"`` (the command line) or a sequence of numbers.
+    """``lr_sweep`` as a tuple of floats: from ``"1e-4,3e-4"`` (the command line) or a sequence of numbers;
+    ``"auto"`` stays ``"auto"`` (see :data:`AUTO_START`).
 
     Raises a one-line ConfigError unless it names distinct positive finite learning rates.
 
@@ -114,12 +126,14 @@ def parse_lr_sweep(value) -> tuple[float, ...]:
     """
     import math
 
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
     if isinstance(value, str):
         try:
             value = [float(part) for part in value.split(",")]
         except ValueError:
             raise ConfigError("{lr_sweep} {v!r} is not a comma-separated list of learning rates, e.g. "
-                              "1e-4,3e-4,1e-3", v=value) from None
+                              "1e-4,3e-4,1e-3, or auto", v=value) from None
     lrs = tuple(value)
     if not lrs:
         raise ConfigError("{lr_sweep} needs at least one learning rate, e.g. 1e-4,3e-4,1e-3")

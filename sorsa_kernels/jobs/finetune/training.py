@@ -329,7 +329,9 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
         output_dir=out, adapter_dir=out / "adapter", merged_dir=out / "merged",
         base_dir=(out / "base") if cfg.embedded else None, before=before, after=after,
         train_losses=losses, train_runtime_s=train_runtime, total_runtime_s=0.0,
-        settings={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra_training_args"},
+        settings={**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra_training_args"},
+                  # the template actually used: the tokenizer's chat template replaces prompt_template
+                  "chat_template": use_chat, "prompt_template": None if use_chat else cfg.prompt_template},
         data={k: v for k, v in data_counts.items() if v},
     )
     if trainer.is_world_process_zero():
