@@ -103,3 +103,21 @@ def test_corrupt_tensor_in_the_last_layer_leaves_the_first_layers_unchanged(tmp_
         load_adapter(base, tmp_path, allow_base_mismatch=True)
     _assert_unchanged(base, before)
     assert type(base.a) is nn.Linear and type(base.b) is nn.Linear
+
+
+def test_corrupt_expert_tensor_puts_every_rebuilt_layer_and_experts_module_back(tmp_path, monkeypatch):
+    """Experts are rebuilt in place, after the linear layers: a failure there undoes both kinds."""
+    from sorsa_kernels import apply_sorsa
+    from tests.adapters.test_experts_surgery import build
+
+    save_adapter(apply_sorsa(build("mixtral"), 4, progress=False), tmp_path)
+    config, tensors = adapter_load.read_adapter(tmp_path)
+    last = list(config["experts"])[-1]
+    tensors[f"{last}.down_proj.V0"] = tensors[f"{last}.down_proj.V0"][:, :-1]  # one input row short
+    monkeypatch.setattr(adapter_load, "read_adapter", lambda directory: (config, tensors))
+    base = build("mixtral")
+    before = _state(base)
+    with pytest.raises(ValueError):
+        load_adapter(base, tmp_path, allow_base_mismatch=True)
+    _assert_unchanged(base, before)
+    assert all("forward" not in m.__dict__ for n, m in base.named_modules() if n.endswith("experts"))
