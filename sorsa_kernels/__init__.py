@@ -3,6 +3,12 @@
 Fused Triton kernels for the SORSA linear layer and its orthonormal regularizer,
 QSORSA (NF4 residual), model surgery for Hugging Face ``transformers`` models,
 adapter files, and export to a standard PEFT LoRA adapter.
+
+Example::
+
+    >>> import sorsa_kernels
+    >>> spec = sorsa_kernels.SORSAInit(rank=8, alpha=16.0)   # the init options, declared once
+    >>> sorsa_kernels.apply_sorsa(model, spec)                # same as apply_sorsa(model, 8, alpha=16.0)
 """
 import logging as _logging
 
@@ -32,6 +38,7 @@ _EXPORTS = {
     "SORSALinear": ".nn.linear",
     "QSORSALinear": ".nn.qlinear",
     "QuantReport": ".quant",
+    "SORSAInit": ".nn.init_spec",
     "orthonormal_regularizer": ".nn.regularizer",
     "add_regularizer_grad": ".nn.regularizer",
     "apply_sorsa": ".adapters.surgery",
@@ -65,24 +72,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = [
-    "__version__",
-    "SORSALinear",
-    "QSORSALinear",
-    "QuantReport",
-    "apply_sorsa",
-    "merge_sorsa",
-    "DEFAULT_TARGET_MODULES",
-    "adaptation_summary",
-    "AdaptationSummary",
-    "orthonormal_regularizer",
-    "add_regularizer_grad",
-    "SORSACallback",
-    "TrajectoryCallback",
-    "save_adapter",
-    "load_adapter",
-    "export_peft_lora",
-    "singular_drift",
-    "model_singular_drift",
-    "SingularDrift",
-]
+#: Every public name: the version and the lazy exports above (one list, so the two cannot drift).
+__all__ = ["__version__", *_EXPORTS]

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 PACKAGE = "sorsa_kernels"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
@@ -190,6 +192,36 @@ def test_no_package_module_is_longer_than_800_lines():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
     assert len(sizes) > 20
     assert {f: n for f, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+#: Issue 30: no module outside ``kernels/`` grows past this.
+MAX_LINES_OUTSIDE_KERNELS = 400
+#: The parts whose modules are all within it already: any module over it fails at once.
+SPLIT_PARTS = ("adapters", "nn", "distributed", "quant", "training")
+
+
+def modules_over(limit: int, root: Path = ROOT) -> dict[str, int]:
+    """``{path relative to the package: lines}`` of every module outside ``kernels/`` longer than ``limit``."""
+    sizes = {p.relative_to(root).as_posix(): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
+    return {f: n for f, n in sizes.items() if n > limit and not f.startswith("kernels/")}
+
+
+@pytest.mark.parametrize("part", SPLIT_PARTS)
+def test_no_module_of_a_split_part_is_over_400_lines(part):
+    assert (ROOT / part).is_dir()
+    assert {f: n for f, n in modules_over(MAX_LINES_OUTSIDE_KERNELS).items() if f.startswith(part + "/")} == {}
+
+
+@pytest.mark.xfail(strict=False, reason="still over 400 lines, being split on other branches: "
+                                        "jobs/compare/run.py (409), jobs/compare/report.py (411), cli.py (413)")
+def test_no_module_outside_kernels_is_over_400_lines():
+    assert modules_over(MAX_LINES_OUTSIDE_KERNELS) == {}
+
+
+def test_line_limit_check_skips_kernels_and_counts_every_other_module(tmp_path):
+    root = _fake_package(tmp_path, {"kernels/big.py": "x = 1\n" * 9, "jobs/run.py": "x = 1\n" * 9,
+                                    "nn/small.py": "x = 1\n" * 3})
+    assert modules_over(5, root) == {"jobs/run.py": 9}
 
 
 # ---------------------------------------------------------------------- the checker itself

@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..nn.checks import is_conv1d, linear_weight
+from ..nn.init_spec import SORSAInit
 from ..nn.kinds import building, kind_of
 from .adapter_format import (CONFIG_NAME, DTYPE_NAMES, METADATA_KEY, WEIGHTS_NAME, AdapterError, PathLike, check_config,
                              check_tensors, dtype_name, layer_kind, saved_state_of)
 from .base_match import check_base_matches
 from .experts import adapt_experts, expert_weight_names, is_adapted_experts, is_fused_experts
-from .modules_to_save import SavedModule, check_saved_state, restore_saved_modules
-from .surgery import module_aliases, replace_everywhere
+from .modules_to_save import SavedModule, check_saved_state
+from .plan import SurgeryPlan, plan_sorsa
 
 __all__ = ["read_adapter", "load_adapter"]
 
@@ -128,8 +129,13 @@ def load_adapter(base_model: nn.Module, directory: PathLike, *, allow_base_misma
     kind whose residual is recomputed from its weight and the saved initial factors, and whose
     U, S, V (and any further tensors of its kind) are the saved trained ones (in the stored
     ``adapter_dtype``); each saved module (``modules_to_save``) gets its trained copy back.
-    ``directory`` is the adapter folder or its ``adapter.safetensors``.  Everything is checked
-    before the model is changed; a problem raises a ``ValueError`` naming the file, layer and field.
+    ``directory`` is the adapter folder or its ``adapter.safetensors``.  The file's layers and
+    experts are the targets, and its saved modules the ``modules_to_save``, of the same surgery
+    plan :func:`~sorsa_kernels.apply_sorsa` makes (:func:`~sorsa_kernels.adapters.plan.plan_sorsa`):
+    everything is checked before the model is changed (a saved module that is also a target
+    layer is refused), and the plan is applied as one transaction, so a failure while
+    rebuilding any layer leaves the model as it was.  A problem raises a ``ValueError``
+    naming the file, layer and field.  Layers of one file may have different ranks.
     The base must be the one the adapter was fitted to: each layer's weight is checked
     against the saved factors (:mod:`.base_match`; a merged model or another checkpoint is
     refused).  ``allow_base_mismatch=True`` applies it to another base on purpose.
@@ -141,7 +147,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike, *, allow_base_misma
     config, tensors = read_adapter(directory)
     layers = config["layers"]
     _check_experts_base(base_model, config)
-    for name, lc in layers.items():  # validate everything before changing the model
+    for name, lc in layers.items():  # file against base first: these messages name the file's fields
         try:
             linear = base_model.get_submodule(name)
         except AttributeError:
@@ -149,29 +155,49 @@ def load_adapter(base_model: nn.Module, directory: PathLike, *, allow_base_misma
         if kind_of(linear) is not None:
             raise AdapterError(f"layer {name} is already a SORSA layer; load the adapter on an untouched base model")
         _check_base_layer(linear, name, lc)
-    _check_base_rows(base_model, config, tensors, directory, allow_base_mismatch)
     saved = saved_state_of(config, tensors)
     try:
         check_saved_state(base_model, saved, str(directory))
     except ValueError as e:
         raise AdapterError(str(e)) from None
+    plan = _plan_of(base_model, config, list(saved), directory)
+    _check_base_rows(base_model, config, tensors, directory, allow_base_mismatch)
     _check_saved_dtypes(base_model, saved, directory)
-    for p in base_model.parameters():
-        p.requires_grad_(False)
-    aliases = module_aliases(base_model)  # a layer shared by two parents is replaced under both names
-    for name, lc in layers.items():
-        linear = base_model.get_submodule(name)
-        kind = layer_kind(lc, False, name)
-        U, S, V, U0, S0, V0 = (tensors[f"{name}.{k}"] for k in (*kind.trained, *kind.initial))
-        layer = kind.module_class.from_factors(
-            linear, U0, S0, V0, trained=(U, S, V), alpha=config.get("alpha"),
-            dropout=config.get("dropout", 0.0), residual_dtype=DTYPE_NAMES[lc["residual_dtype"]], name=name,
-        )
-        _restore_extra(layer, kind.extra, tensors, name)
-        replace_everywhere(base_model, linear, layer, aliases)
-    _load_experts(base_model, config, tensors)
-    restore_saved_modules(base_model, saved)
-    return base_model
+    return plan.apply(
+        base_model,
+        build_linear=lambda name, linear: _rebuild_layer(linear, name, config, tensors),
+        build_experts=lambda name, module: _rebuild_experts(module, name, config, tensors),
+        build_saved=lambda name, module: SavedModule.restored(module, saved[name]),
+    )
+
+
+def _plan_of(base_model: nn.Module, config: dict[str, Any], saved: list[str], source: PathLike) -> SurgeryPlan:
+    """The surgery plan of an adapter file: its layers and experts modules as the targets, its saved
+    modules as ``modules_to_save``.  The plan carries one rank, the file's smallest (every weight
+    must hold it); each layer is rebuilt at its own rank, from its saved factors."""
+    targets = [*config["layers"], *config.get("experts", {})]
+    ranks = [lc["rank"] for lc in config["layers"].values()] + [ec["rank"] for ec in config.get("experts", {}).values()]
+    init = SORSAInit(rank=min(ranks), alpha=config.get("alpha"), dropout=config.get("dropout", 0.0))
+    try:
+        plan = plan_sorsa(base_model, init, targets, modules_to_save=saved)
+    except ValueError as e:
+        raise AdapterError(f"adapter {source}: {e}") from None
+    plan.saved = saved  # the file's full names, each restored from its own tensors
+    return plan
+
+
+def _rebuild_layer(linear: nn.Module, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+                   ) -> nn.Module:
+    """The adapter layer of ``name`` rebuilt from the file's factors through its kind (no SVD)."""
+    lc = config["layers"][name]
+    kind = layer_kind(lc, False, name)
+    U, S, V, U0, S0, V0 = (tensors[f"{name}.{k}"] for k in (*kind.trained, *kind.initial))
+    layer = kind.module_class.from_factors(
+        linear, U0, S0, V0, trained=(U, S, V), alpha=config.get("alpha"),
+        dropout=config.get("dropout", 0.0), residual_dtype=DTYPE_NAMES[lc["residual_dtype"]], name=name,
+    )
+    _restore_extra(layer, kind.extra, tensors, name)
+    return layer
 
 
 def _restore_extra(layer: nn.Module, extra: dict, tensors: dict[str, torch.Tensor], prefix: str) -> None:
@@ -268,16 +294,17 @@ def _check_experts_base(base_model: nn.Module, config: dict[str, Any]) -> None:
                                    f"trained on {want} (experts, out_features, in_features)")
 
 
-def _load_experts(base_model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    for name, ec in config.get("experts", {}).items():
-        kind = layer_kind(ec, True, name)
-        factors = {}
-        for attr in ec["projections"]:
-            U, S, V, U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in (*kind.trained, *kind.initial))
-            factors[attr] = {"U0": U0, "S0": S0, "V0": V0, "trained": (U, S, V)}
-        module = base_model.get_submodule(name)
-        with building(kind.method):  # adapt_experts builds through the factory, which reads the kind being built
-            adapt_experts(module, ec["rank"], name=name, factors=factors, quantize=kind.quantize,
-                          alpha=config.get("alpha"), residual_dtype=DTYPE_NAMES[ec["residual_dtype"]])
-        for attr in ec["projections"]:
-            _restore_extra(getattr(module, attr), kind.extra, tensors, f"{name}.{attr}")
+def _rebuild_experts(module: nn.Module, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+                     ) -> None:
+    """Adapt the experts module ``name`` in place from the file's factors through its kind (no SVD)."""
+    ec = config["experts"][name]
+    kind = layer_kind(ec, True, name)
+    factors = {}
+    for attr in ec["projections"]:
+        U, S, V, U0, S0, V0 = (tensors[f"{name}.{attr}.{k}"] for k in (*kind.trained, *kind.initial))
+        factors[attr] = {"U0": U0, "S0": S0, "V0": V0, "trained": (U, S, V)}
+    with building(kind.method):  # adapt_experts builds through the factory, which reads the kind being built
+        adapt_experts(module, ec["rank"], name=name, factors=factors, quantize=kind.quantize,
+                      alpha=config.get("alpha"), residual_dtype=DTYPE_NAMES[ec["residual_dtype"]])
+    for attr in ec["projections"]:
+        _restore_extra(getattr(module, attr), kind.extra, tensors, f"{name}.{attr}")

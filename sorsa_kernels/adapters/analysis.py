@@ -28,7 +28,13 @@ __all__ = ["SingularDrift", "Spectrum", "spectrum", "drift_from", "singular_drif
 
 @dataclass(frozen=True)
 class SingularDrift:
-    """ΔΣ and ΔD of one layer."""
+    """ΔΣ and ΔD of one layer: the mean change of its singular values and of their directions (0 = none).
+
+    Example::
+
+        >>> singular_drift(layer.merge().weight, W0).delta_sigma   # how far training moved the spectrum
+        0.0123
+    """
 
     delta_sigma: float
     delta_d: float

@@ -204,6 +204,21 @@ def _publish(tmp: Path, final: Path, replace: bool, is_dir: bool) -> None:
 
 
 @contextlib.contextmanager
+def _staged(tmp: Path, final: Path, *, replace: bool, fsync: bool, is_dir: bool) -> Iterator[Path]:
+    """Yield ``tmp``; when the block succeeds, normalize its modes, fsync it and publish it as
+    ``final``; when anything fails, remove it and re-raise (``final`` untouched)."""
+    try:
+        yield tmp
+        _normalize_modes(tmp)
+        if fsync:
+            (_fsync_tree if is_dir else _fsync_path)(tmp)
+        _publish(tmp, final, replace, is_dir=is_dir)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(final: PathLike, *, replace: bool = True, fsync: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes ``final`` when the block succeeds.
 
@@ -230,15 +245,8 @@ def atomic_dir(final: PathLike, *, replace: bool = True, fsync: bool = True) -> 
     recover(final)
     tmp = _sibling(final, _TMP)
     os.mkdir(tmp, default_mode(directory=True))
-    try:
-        yield tmp
-        _normalize_modes(tmp)
-        if fsync:
-            _fsync_tree(tmp)
-        _publish(tmp, final, replace, is_dir=True)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with _staged(tmp, final, replace=replace, fsync=fsync, is_dir=True) as path:
+        yield path
 
 
 @contextlib.contextmanager
@@ -263,15 +271,8 @@ def atomic_file(final: PathLike, *, replace: bool = True, fsync: bool = True) ->
     tmp = _sibling(final, _TMP)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # open() applies the umask
     os.close(fd)
-    try:
-        yield tmp
-        _normalize_modes(tmp)
-        if fsync:
-            _fsync_path(tmp)
-        _publish(tmp, final, replace, is_dir=False)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with _staged(tmp, final, replace=replace, fsync=fsync, is_dir=False) as path:
+        yield path
 
 
 def atomic_write_bytes(final: PathLike, data: bytes, *, replace: bool = True) -> Path:

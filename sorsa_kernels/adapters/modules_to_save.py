@@ -20,12 +20,10 @@ from .targets import Targets, default_modules_to_save, inside
 __all__ = [
     "SavedModule",
     "resolve_modules_to_save",
-    "wrap_modules_to_save",
     "saved_modules",
     "unwrap_saved_modules",
     "saved_state",
     "check_saved_state",
-    "restore_saved_modules",
 ]
 
 
@@ -50,6 +48,15 @@ class SavedModule(nn.Module):
             p.requires_grad_(False)
         for p in self.trained.parameters():
             p.requires_grad_(True)
+
+    @classmethod
+    def restored(cls, original: nn.Module, state: dict[str, torch.Tensor]) -> "SavedModule":
+        """The wrapper of ``original`` whose trained copy holds ``state`` (a saved module's tensors,
+        cast to the copy's own devices and dtypes): how ``load_adapter`` brings a saved head back."""
+        wrapped = cls(original)
+        own = wrapped.trained.state_dict()
+        wrapped.trained.load_state_dict({k: t.to(own[k].device, own[k].dtype) for k, t in state.items()})
+        return wrapped
 
     def forward(self, *args, **kwargs):
         return self.trained(*args, **kwargs)
@@ -86,14 +93,6 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Optional[Sequence
             )
         out += [n for n in found if n not in out]
     return [n for n in out if not inside(n, [o for o in out if o != n])]
-
-
-def wrap_modules_to_save(model: nn.Module, names: Sequence[str]) -> None:
-    """Replace each named module by a :class:`SavedModule` (a module already wrapped is left as it is)."""
-    for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, SavedModule):
-            model.set_submodule(name, SavedModule(module))
 
 
 def saved_modules(model: nn.Module) -> dict[str, SavedModule]:
@@ -134,12 +133,3 @@ def check_saved_state(model: nn.Module, state: dict[str, dict[str, torch.Tensor]
                     f"{source}: saved module {name}.{key} has shape {tuple(t.shape)} but the base model's has "
                     f"{tuple(own[key].shape)}"
                 )
-
-
-def restore_saved_modules(model: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Wrap each module of ``state`` as a :class:`SavedModule` and load the saved tensors into its copy."""
-    wrap_modules_to_save(model, list(state))
-    for name, tensors in state.items():
-        trained = model.get_submodule(name).trained
-        own = trained.state_dict()
-        trained.load_state_dict({k: t.to(own[k].device, own[k].dtype) for k, t in tensors.items()})

@@ -12,8 +12,9 @@ changes anything, and a failure anywhere puts every step back, newest first, and
 ``requires_grad`` flags as they were.
 
 The streaming loader builds its layers from the same plan (``plan.linear``,
-``plan.init``), and ``load_adapter`` can apply a plan with its own builders (factors from
-the file instead of an SVD): ``plan.apply(model, build_linear=..., build_experts=...)``.
+``plan.init``), and ``load_adapter`` plans the file's layers, experts and saved modules the
+same way and applies the plan with its own builders (factors from the file instead of an
+SVD): ``plan.apply(model, build_linear=..., build_experts=..., build_saved=...)``.
 
 Example::
 
@@ -235,7 +236,8 @@ class SurgeryPlan:
 
     def apply(self, model: nn.Module, *, progress: bool = False,
               build_linear: Optional[Callable[[str, nn.Module], nn.Module]] = None,
-              build_experts: Optional[Callable[[str, nn.Module], None]] = None) -> nn.Module:
+              build_experts: Optional[Callable[[str, nn.Module], None]] = None,
+              build_saved: Optional[Callable[[str, nn.Module], nn.Module]] = None) -> nn.Module:
         """Change ``model`` as planned, as one :class:`Transaction`: freeze every parameter, replace
         each linear layer (under every name it has), adapt each experts module in place, wrap each
         saved module.  Any failure restores the model exactly and re-raises.
@@ -243,11 +245,14 @@ class SurgeryPlan:
         ``build_linear(name, linear)`` returns the new layer (default: an SVD split by
         :func:`~sorsa_kernels.nn.factory.make_sorsa_linear` with :attr:`init`);
         ``build_experts(name, module)`` adapts an experts module in place (default
-        :func:`~sorsa_kernels.adapters.experts.adapt_experts` with :attr:`init`).
+        :func:`~sorsa_kernels.adapters.experts.adapt_experts` with :attr:`init`);
+        ``build_saved(name, module)`` returns the wrapper of a saved module (default
+        :class:`~sorsa_kernels.adapters.modules_to_save.SavedModule`; ``load_adapter`` also fills its copy).
         """
         self.check_weights(model)
         build_linear = build_linear or self.build_linear
         build_experts = build_experts or (lambda name, module: adapt_experts(module, self.init, name=name))
+        build_saved = build_saved or (lambda name, module: SavedModule(module))
         aliases = module_aliases(model)
         tx = Transaction(model)
         try:
@@ -264,7 +269,7 @@ class SurgeryPlan:
             for name in self.saved:
                 module = model.get_submodule(name)
                 if not isinstance(module, SavedModule):
-                    tx.replace([name], SavedModule(module))
+                    tx.replace([name], build_saved(name, module))
         except BaseException:  # all or nothing, whatever kind of module failed
             tx.rollback()
             raise

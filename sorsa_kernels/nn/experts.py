@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from ..ops import reference
 from ..ops.experts import sorsa_experts
-from .checks import check_dtype, layer_suffix, validate_rank
+from .checks import check_dtype, layer_suffix
 from .factory import register_experts_class
 from .init_spec import SORSAInit
-from .knobs import check_knob
+from .lowrank import init_low_rank
 
 __all__ = ["SORSAExperts", "DEFAULT_EXPERT_CHUNK", "expert_chunks", "check_expert_stack", "routed_experts_forward"]
 
@@ -88,27 +88,10 @@ class SORSAExperts(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
-        validate_rank(rank, in_features, out_features)
-        self.check_residual_dtype(residual_dtype)
-        check_dtype(adapter_dtype, "adapter_dtype")
-        check_knob("alpha", alpha)
         self.num_experts = num_experts
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.alpha = alpha
-        self.scale = 1.0 if alpha is None else float(alpha) / rank
-        E, m, n, r = num_experts, out_features, in_features, rank
-        fk = dict(device=device)
-        self.allocate_residual(residual_dtype, device)
-        self.U = nn.Parameter(torch.zeros(E, m, r, dtype=adapter_dtype, **fk))
-        self.S = nn.Parameter(torch.zeros(E, r, dtype=adapter_dtype, **fk))
-        self.V = nn.Parameter(torch.zeros(E, n, r, dtype=adapter_dtype, **fk))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(E, m, dtype=residual_dtype, **fk), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self.check_residual_dtype(residual_dtype)
+        init_low_rank(self, in_features, out_features, rank, bias=bias, alpha=alpha, residual_dtype=residual_dtype,
+                      adapter_dtype=adapter_dtype, device=device, lead=(num_experts,))
 
     # ------------------------------------------------------------------ residual storage
     @staticmethod

@@ -14,12 +14,13 @@ from .checks import (
     check_factor_shapes,
     check_linear,
     is_conv1d,
+    layer_suffix,
     linear_weight,
-    validate_rank,
 )
 from .factory import register_layer_class
 from .init_spec import SORSAInit
-from .knobs import check_knob, check_scale
+from .knobs import check_knob
+from .lowrank import init_low_rank
 
 __all__ = ["SORSALinear", "SUPPORTED_DTYPES"]
 
@@ -72,29 +73,16 @@ class SORSALinear(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
-        validate_rank(rank, in_features, out_features)
-        check_dtype(residual_dtype, "residual_dtype")
-        check_dtype(adapter_dtype, "adapter_dtype")
-        check_scale(alpha, rank, adapter_dtype)  # alpha = 0 would make S = σ / 0 = inf, 1e300 S = 0
+        self.check_residual_dtype(residual_dtype)
         check_knob("dropout", dropout)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.alpha = alpha
-        self.scale = 1.0 if alpha is None else float(alpha) / rank
         self.dropout_p = float(dropout)
-        fk = dict(device=device)
-        self.residual = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=residual_dtype, **fk), requires_grad=False
-        )
-        self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, **fk))
-        self.S = nn.Parameter(torch.zeros(rank, dtype=adapter_dtype, **fk))
-        self.V = nn.Parameter(torch.zeros(in_features, rank, dtype=adapter_dtype, **fk))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=residual_dtype, **fk), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        init_low_rank(self, in_features, out_features, rank, bias=bias, alpha=alpha, residual_dtype=residual_dtype,
+                      adapter_dtype=adapter_dtype, device=device)
+
+    def allocate_residual(self, dtype: torch.dtype, device: Optional[Union[str, torch.device]]) -> None:
+        """The frozen residual's (zero) storage: a dense out×in parameter."""
+        self.residual = nn.Parameter(torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device),
+                                     requires_grad=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -172,25 +160,38 @@ class SORSALinear(nn.Module):
 
         This is how :func:`sorsa_kernels.load_adapter` rebuilds the training-time model:
         the residual is recomputed from ``linear.weight`` and ``(U0, S0, V0)`` by the same
-        float32 computation as at initialization.
+        float32 computation as at initialization, then kept as the class stores it
+        (:meth:`store_residual`: dense here, NF4 for :class:`~sorsa_kernels.nn.qlinear.QSORSALinear`).
+        ``residual_dtype`` defaults to the weight's dtype.
+
+        Example::
+
+            >>> again = SORSALinear.from_factors(lin, *layer.init_factors, trained=(layer.U, layer.S, layer.V))
         """
         check_linear(linear, name)
-        W = linear_weight(linear)
+        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
         m, n = W.shape
-        r = S0.shape[0]
         check_factor_shapes(m, n, U0, S0, V0, trained, name)
         residual_dtype = residual_dtype or W.dtype
+        cls.check_residual_dtype(residual_dtype, name)
         layer = cls(
-            n, m, r, bias=linear.bias is not None, alpha=alpha, dropout=dropout,
+            n, m, S0.shape[0], bias=linear.bias is not None, alpha=alpha, dropout=dropout,
             residual_dtype=residual_dtype, adapter_dtype=U0.dtype, device="meta",
         )
-        dev = W.device
-        U0, S0, V0 = (t.to(dev) for t in (U0, S0, V0))
+        U0, S0, V0 = (t.to(W.device) for t in (U0, S0, V0))
         with torch.no_grad():
-            res = reference.compute_residual(W, U0, S0, V0, layer.scale).to(residual_dtype)
-        layer.residual = nn.Parameter(res, requires_grad=False)
+            layer.store_residual(reference.compute_residual(W, U0, S0, V0, layer.scale), residual_dtype)
         layer._adopt_factors(linear, U0, S0, V0, trained, residual_dtype)
         return layer
+
+    @classmethod
+    def check_residual_dtype(cls, dtype: torch.dtype, name: Optional[str] = None) -> None:
+        """Refuse a residual dtype this class cannot store (one line naming the layer)."""
+        check_dtype(dtype, "residual_dtype" + layer_suffix(name))
+
+    def store_residual(self, residual: Tensor, dtype: torch.dtype) -> None:
+        """Keep the frozen residual ``Wr`` (out×in, float32) as this class stores it: dense, in ``dtype``."""
+        self.residual = nn.Parameter(residual.to(dtype), requires_grad=False)
 
     def _adopt_factors(self, linear: nn.Linear, U0: Tensor, S0: Tensor, V0: Tensor,
                        trained: Optional[tuple[Tensor, Tensor, Tensor]], residual_dtype: torch.dtype) -> None:
@@ -231,11 +232,15 @@ class SORSALinear(nn.Module):
         """The residual ``Wr`` as a dense tensor in ``dtype`` (default its own; dequantized for QSORSA)."""
         return self.residual if dtype is None else self.residual.to(dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> None:
+        """Refuse an input whose last dimension is not ``in_features`` (one line naming both)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
         return sorsa_linear(
             x, self.residual, self.U, self.S, self.V, self.bias, self.scale,
             self.dropout_p, self.training,

@@ -24,14 +24,7 @@ from ..ops.qsorsa_linear import qsorsa_linear
 from ..quant.dense_view import NF4DenseView
 from ..quant.init import REPORT_MODES, LayerQuantReport, layer_quant_report
 from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_bnb, quantize_nf4
-from .checks import (
-    check_dtype,
-    check_factor_shapes,
-    check_linear,
-    layer_suffix,
-    linear_weight,
-    validate_rank,
-)
+from .checks import layer_suffix, linear_weight
 from .factory import register_layer_class
 from .init_spec import SORSAInit
 from .linear import SORSALinear
@@ -126,35 +119,15 @@ class QSORSALinear(SORSALinear):
 
     quantize = "nf4"
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        *,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        residual_dtype: torch.dtype = torch.float32,
-        adapter_dtype: torch.dtype = torch.float32,
-        device: Optional[Union[str, torch.device]] = None,
-    ) -> None:
-        nn.Module.__init__(self)  # SORSALinear.__init__ would allocate a dense residual
-        validate_rank(rank, in_features, out_features)
-        _check_nf4_dtype(residual_dtype, None)
-        check_dtype(adapter_dtype, "adapter_dtype")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.alpha = alpha
-        self.scale = 1.0 if alpha is None else float(alpha) / rank
-        self.dropout_p = float(dropout)
-        self.compute_dtype = residual_dtype
+    def allocate_residual(self, dtype: torch.dtype, device: Optional[Union[str, torch.device]]) -> None:
+        """The NF4 storage (bitsandbytes layout, zeros): packed bytes, absmax codes and nested absmax as
+        frozen parameters (so FSDP2 shards them), offsets and code tables as buffers; ``dtype`` is the
+        compute dtype ``deq(Q)`` is produced in.  ``quant_report`` starts empty (``from_linear`` fills it)."""
+        self.quant_report: Optional[LayerQuantReport] = None
+        self.compute_dtype = dtype
         self.blocksize = BLOCKSIZE
         self.nested_blocksize = NESTED_BLOCKSIZE
-        numel = in_features * out_features
+        numel = self.in_features * self.out_features
         nblocks = -(-numel // BLOCKSIZE)
         fk = dict(device=device)
         self.nf4_packed = _frozen(torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, **fk))
@@ -163,15 +136,6 @@ class QSORSALinear(SORSALinear):
         self.register_buffer("nf4_nested_code", torch.zeros(256, dtype=torch.int32, **fk))
         self.register_buffer("nf4_offset", torch.zeros(1, dtype=torch.int32, **fk))
         self.register_buffer("nf4_code", torch.zeros(16, dtype=torch.int32, **fk))
-        self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, **fk))
-        self.S = nn.Parameter(torch.zeros(rank, dtype=adapter_dtype, **fk))
-        self.V = nn.Parameter(torch.zeros(in_features, rank, dtype=adapter_dtype, **fk))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=residual_dtype, **fk), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self.init_factors: Optional[tuple[Tensor, Tensor, Tensor]] = None
-        self.quant_report: Optional[LayerQuantReport] = None
 
     # ------------------------------------------------------------------ NF4 storage
     def nf4(self) -> NF4Weight:
@@ -311,57 +275,18 @@ class QSORSALinear(SORSALinear):
         return layer
 
     @classmethod
-    def from_factors(
-        cls,
-        linear: nn.Linear,
-        U0: Tensor,
-        S0: Tensor,
-        V0: Tensor,
-        *,
-        trained: Optional[tuple[Tensor, Tensor, Tensor]] = None,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        residual_dtype: Optional[torch.dtype] = None,
-        name: Optional[str] = None,
-    ) -> "QSORSALinear":
-        """Build the layer from known initial factors (no SVD), optionally with trained ones.
+    def check_residual_dtype(cls, dtype: torch.dtype, name: Optional[str] = None) -> None:
+        """Refuse a compute dtype NF4 cannot dequantize into (float32, float16 or bfloat16 only)."""
+        _check_nf4_dtype(dtype, name)
 
-        ``Q = NF4(compute_residual(W0, U0, S0, V0, scale))`` is re-derived on the weight's
-        device — deterministic, so an adapter file needs only the factors.  ``residual_dtype``
-        is the compute dtype (default the weight's dtype).
-
-        Example::
-
-            >>> again = QSORSALinear.from_factors(lin, *layer.init_factors,
-            ...                                   trained=(layer.U, layer.S, layer.V))
-        """
-        check_linear(linear, name)
-        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
-        m, n = W.shape
-        r = S0.shape[0]
-        check_factor_shapes(m, n, U0, S0, V0, trained, name)
-        residual_dtype = residual_dtype or W.dtype
-        _check_nf4_dtype(residual_dtype, name)
-        dev = W.device
-        layer = cls(
-            n, m, r, bias=linear.bias is not None, alpha=alpha, dropout=dropout,
-            residual_dtype=residual_dtype, adapter_dtype=U0.dtype, device="meta",
-        )
-        U0, S0, V0 = (t.to(dev) for t in (U0, S0, V0))
-        with torch.no_grad():
-            res = reference.compute_residual(W, U0, S0, V0, layer.scale)
-            q = quantize_nf4(res, dtype=residual_dtype)
-            del res
-        layer.set_nf4(q)
-        layer._adopt_factors(linear, U0, S0, V0, trained, residual_dtype)
-        return layer
+    def store_residual(self, residual: Tensor, dtype: torch.dtype) -> None:
+        """Keep ``Q = NF4(Wr)`` with ``dtype`` as the compute dtype: deterministic, so
+        :meth:`from_factors` (inherited) re-derives it from the file's factors bit for bit."""
+        self.set_nf4(quantize_nf4(residual, dtype=dtype))
 
     # ------------------------------------------------------------------ module API
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}"
-            )
+        self.check_input(x)
         return qsorsa_linear(
             x, self.nf4(), self.U, self.S, self.V, self.bias, self.scale, self.dropout_p, self.training,
         )

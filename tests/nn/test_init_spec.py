@@ -69,3 +69,25 @@ def test_the_finetune_config_becomes_one_spec():
     targets, init = sorsa_arguments(cfg)
     assert init == SORSAInit(rank=8, alpha=16.0, svd="randomized", adapter_dtype=torch.bfloat16, quantize="nf4")
     assert set(INIT_FIELDS) >= {"alpha", "svd", "niter", "oversample", "quantize", "quant_iters", "dropout"}
+
+
+def test_sorsa_init_is_exported_from_the_package_with_an_example():
+    import sorsa_kernels
+
+    assert "SORSAInit" in sorsa_kernels.__all__ and sorsa_kernels.SORSAInit is SORSAInit
+    assert "sorsa_kernels.SORSAInit(" in sorsa_kernels.__doc__
+
+
+def test_the_package_all_is_every_lazy_export_and_the_version():
+    import sorsa_kernels
+
+    assert sorted(sorsa_kernels.__all__) == sorted(["__version__", *sorsa_kernels._EXPORTS])
+
+
+def test_importing_the_package_and_its_init_export_name_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sorsa_kernels; 'SORSAInit' in sorsa_kernels.__all__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
