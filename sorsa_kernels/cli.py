@@ -53,7 +53,9 @@ class _Parser(argparse.ArgumentParser):
     _subcommand = False
 
     def error(self, message: str):
-        return super().error(message + _suggestion(message, self))
+        """One line naming the problem (with the nearest option or command), then where help is: not
+        the whole usage, which for ``finetune`` is 37 lines that push the useful one off the screen."""
+        self.exit(2, f"{self.prog}: error: {message}{_suggestion(message, self)}\nsee {self.prog} --help\n")
 
 
 class _SubcommandParser(_Parser):
@@ -76,20 +78,15 @@ def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
     return f" (did you mean {' '.join(near)}?)" if near else ""
 
 
-def _add_finetune(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)",
-        description=(
-            "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
-            "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
-            "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
-            "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
-            "and step count; each option's help gives both defaults."
-        ),
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
+        "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
+        "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
+        "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
+        "and step count; each option's help gives both defaults."
     )
     _add_job_flags(p)
-    p.set_defaults(run=_finetune)
 
 
 def _config_classes() -> tuple[type, type]:
@@ -190,49 +187,96 @@ def _add_job_flags(p) -> None:
     _add_options(p, _config_classes()[0])
 
 
-def _add_compare(sub) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis",
-        description=_cli_text(
-            "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
-            "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
-            "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
-            "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
-            "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
-        ),
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.description = _cli_text(
+        "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
+        "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
+        "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
+        "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
+        "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
     )
     _add_job_flags(p)
     _add_options(p, _config_classes()[1])
-    p.set_defaults(run=_compare)
 
 
-def _add_model_commands(sub) -> None:
-    p = sub.add_parser("analyze", help="ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG")
-    p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
+_BASE_HELP = ("base model: a model folder, a Hub id, a .gguf file or 'embedded' (a classifier base loads as "
+              "the class the adapter was trained on)")
+
+
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Measure how far fine-tuning moved each adapted layer from its pretrained weights, as the paper's "
+        "Section 3 does: ΔΣ (change of the singular values) and ΔD (change of the singular vectors) of "
+        "W0 + ΔW against W0. Prints one row per layer and their mean, and draws ΔD against ΔΣ (the paper's "
+        "Figure 2); given several adapters (e.g. saved at successive steps) it draws each layer's trajectory. "
+        "The base must be the model the adapter was fitted to; it is only read, never changed."
+    )
+    p.add_argument("--base", required=True, help=_BASE_HELP)
     p.add_argument("--adapter", required=True, nargs="+", help="adapter folder(s); several give a trajectory")
     p.add_argument("--plot", metavar="PNG",
                    help="figure to write (default: singular_drift.png next to the (last) adapter)")
     p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the adapter(s) to a base other than the one they were fitted to, on purpose")
-    p.set_defaults(run=_analyze)
-    for name, what in (("merge", "merge an adapter into its base and save_pretrained the result"),
-                       ("export-lora", "write an adapter as a standard PEFT LoRA adapter for the base")):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
-        p.add_argument("--adapter", required=True, help="adapter folder written by finetune / save_adapter")
-        p.add_argument("--output", required=True, help="folder to create")
-        p.add_argument("--allow-base-mismatch", action="store_true",
-                       help="apply the adapter to a base other than the one it was fitted to, on purpose")
-        if name == "merge":
-            p.add_argument("--allow-non-finite", action="store_true",
-                           help="write the merged model even if a weight is NaN/Inf (refused by default)")
-        p.set_defaults(run=_merge if name == "merge" else _export)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sorsa-kernels`` argument parser (one subparser per command)."""
+def _add_adapter_output(p: argparse.ArgumentParser) -> None:
+    """The flags ``merge`` and ``export-lora`` share."""
+    p.add_argument("--base", required=True, help=_BASE_HELP)
+    p.add_argument("--adapter", required=True, help="adapter folder written by finetune / save_adapter")
+    p.add_argument("--output", required=True, help="folder to create")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter to a base other than the one it was fitted to, on purpose")
+
+
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Fold a SORSA adapter into its base model and save a plain transformers model: every adapted "
+        "layer becomes an ordinary Linear (or Conv1D / experts tensor) holding W0 + ΔW and saved heads are "
+        "restored, so the folder loads with from_pretrained (AutoModelForCausalLM, or the model class the "
+        "adapter was trained on) without sorsa-kernels. The tokenizer is copied when the base has one. "
+        "Non-finite merged weights are refused; the output folder is written whole or not at all."
+    )
+    _add_adapter_output(p)
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="write the merged model even if a weight is NaN/Inf (refused by default)")
+
+
+def _add_export_lora(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Write a SORSA adapter as a standard PEFT LoRA adapter (rank 2r) for the original base model: "
+        "PeftModel.from_pretrained(base, OUTPUT) then gives the fine-tuned model's outputs, so the adapter "
+        "can be served or shared wherever PEFT is used, without sorsa-kernels. Saved heads become PEFT's "
+        "modules_to_save, and the task type follows the adapter's model class."
+    )
+    _add_adapter_output(p)
+
+
+#: Every command: its one-line help (in the top-level ``--help``), the function that adds its
+#: description and flags, and the name of the one that runs it.  Only the command being run gets
+#: its flags built, so ``--help``, ``--version`` and the model commands never import torch to parse.
+_COMMANDS = {
+    "finetune": ("SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)", _add_finetune,
+                 "_finetune"),
+    "compare": ("train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis", _add_compare,
+                "_compare"),
+    "analyze": ("ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG", _add_analyze, "_analyze"),
+    "merge": ("merge an adapter into its base and save_pretrained the result", _add_merge, "_merge"),
+    "export-lora": ("write an adapter as a standard PEFT LoRA adapter for the base", _add_export_lora, "_export"),
+}
+
+
+def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The ``sorsa-kernels`` argument parser (one subparser per command).
+
+    ``commands``: the commands whose description and flags are built (default: all); the others
+    are listed by name and help only, so that parsing loads nothing they need.
+
+    Example::
+
+        >>> build_parser(["merge"]).parse_args(["merge", "--base", "b", "--adapter", "a", "--output", "o"]).output
+        'o'
+    """
     parser = _Parser(prog=PROG, description="Fast SORSA fine-tuning.")
     from ._version import __version__
 
@@ -241,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of a failure (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
-    _add_finetune(sub)
-    _add_compare(sub)
-    _add_model_commands(sub)
+    for name, (help_line, add, run) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_line)
+        if commands is None or name in commands:
+            add(p)
+        p.set_defaults(run=globals()[run])
     return parser
 
 
@@ -386,7 +432,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     if debug:  # accepted after the command too (`finetune ... --debug`), so take it out here
         argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the first word is the command
+    args = build_parser([command] if command in _COMMANDS else []).parse_args(argv)
     debug = debug or bool(os.environ.get("SORSA_KERNELS_DEBUG"))
     try:
         return args.run(args)
