@@ -290,7 +290,8 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     t_start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     train_rows, held_rows = load_splits(cfg)
-    base, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress)
+    base, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress,
+                                cache=cfg.pretrain_cache)
     if config.full and sum(p.numel() for p in base.parameters()) > FULL_MAX_PARAMS:
         raise ConfigError("{full:flag} is for small models (up to {most:,} parameters); {model_name} has {n:,}",
                           most=FULL_MAX_PARAMS, model_name=cfg.model, n=sum(p.numel() for p in base.parameters()))

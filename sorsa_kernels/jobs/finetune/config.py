@@ -162,6 +162,9 @@ class FinetuneConfig:
     report_to: str = option("none", "Trainer loggers: none, tensorboard, wandb …", group=_LOGGING)
     pretrain_steps: Optional[int] = option(None, "embedded model only: in-process pretraining steps",
                                            group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}")
+    pretrain_cache: bool = option(True, "embedded model only: pretrain again instead of reading the pretrained "
+                                  "weights cached by an earlier run (and leave the cache as it is)", group=_LOGGING,
+                                  flags=("--no-cache",))
     progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
                                     "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
     verbose: bool = option(False, "after the one-line adaptation summary, list every linear layer and fused "

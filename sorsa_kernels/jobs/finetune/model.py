@@ -14,12 +14,13 @@ import torch
 
 from ..models.embedded import EMBEDDED_NAME, PRETRAIN_STEPS, build_embedded
 from ..options import ConfigError
+from ..progress import phase_line
 from ..models.gguf import gguf_folder, is_gguf
 from .config import DTYPES, FinetuneConfig, check_model_path, is_main_process, target_spec
 
 
 def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0, progress: bool = True,
-              dtype: Optional[torch.dtype] = None):
+              dtype: Optional[torch.dtype] = None, cache: bool = True):
     """``(model, tokenizer)`` for ``"embedded"``, a local path / Hub id of a causal LM, or a ``.gguf`` file.
 
     A GGUF file is dequantized (once, into a cached folder: see
@@ -30,7 +31,7 @@ def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0,
     """
     if name == EMBEDDED_NAME:
         steps = PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
-        return build_embedded(pretrain_steps=steps, seed=0, progress=progress)
+        return build_embedded(pretrain_steps=steps, seed=0, progress=progress, cache=cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_path(name)
@@ -66,10 +67,18 @@ def sorsa_arguments(cfg: FinetuneConfig) -> tuple:
 
 def apply_config_sorsa(model, cfg: FinetuneConfig):
     """SORSA surgery on ``model`` with the config's rank, targets, SVD, dtypes and quantization."""
+    import time
+
     from ...adapters.surgery import apply_sorsa
 
     targets, kwargs = sorsa_arguments(cfg)
-    return apply_sorsa(model, cfg.rank, targets, **kwargs)
+    bars = cfg.progress and is_main_process()
+    what = f"NF4 residual, {cfg.svd} SVD" if cfg.quantize else f"{cfg.svd} SVD"
+    phase_line(f"SORSA init: rank {cfg.rank}, {what}", bars)
+    start = time.perf_counter()
+    model = apply_sorsa(model, cfg.rank, targets, **kwargs)
+    phase_line(f"SORSA init finished in {time.perf_counter() - start:.1f} s", bars)
+    return model
 
 
 def _fsdp_mesh():
@@ -102,7 +111,8 @@ def load_sharded_quantized(cfg: FinetuneConfig, mesh=None):
     if cfg.embedded:
         import copy
 
-        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=kwargs["progress"])
+        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=kwargs["progress"],
+                                     cache=cfg.pretrain_cache)
         base_copy = copy.deepcopy(model)
         from ...adapters.surgery import apply_sorsa
 

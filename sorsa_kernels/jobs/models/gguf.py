@@ -17,8 +17,9 @@ template without any download at run time.
   file and load it; without the wheel or the ``gguf`` package they raise
   :class:`RealModelMissing`, whose message names the pip commands.
 
-The cache lives in ``$SORSA_KERNELS_CACHE`` (default ``~/.cache/sorsa-kernels``), one folder
-per GGUF file named by its stem and a hash of its path, size and modification time.
+The cache lives in :func:`cache_root` (``$SORSA_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/sorsa-kernels``,
+else ``~/.cache/sorsa-kernels``), one folder per GGUF file named by its stem and a hash of its
+path, size and modification time.
 
 Example::
 
@@ -110,8 +111,18 @@ def _tied(model, key: str) -> bool:
 
 
 def cache_root() -> Path:
-    """Where converted GGUF folders are kept: ``$SORSA_KERNELS_CACHE`` or ``~/.cache/sorsa-kernels``."""
-    return Path(os.environ.get("SORSA_KERNELS_CACHE") or Path.home() / ".cache" / "sorsa-kernels").expanduser()
+    """The user cache folder of this package (converted GGUF folders, the pretrained embedded model):
+    ``$SORSA_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/sorsa-kernels``, else ``~/.cache/sorsa-kernels``.
+
+    Example::
+
+        >>> os.environ["XDG_CACHE_HOME"] = "/tmp/c"; cache_root()
+        PosixPath('/tmp/c/sorsa-kernels')
+    """
+    if os.environ.get("SORSA_KERNELS_CACHE"):
+        return Path(os.environ["SORSA_KERNELS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sorsa-kernels"
 
 
 def gguf_folder(path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
