@@ -280,6 +280,9 @@ def _adapter_state(model: nn.Module, base_model_name_or_path: Optional[str]):
         "target_modules": list(layers),
         "layers": layer_cfg,
     }
+    model_class = next((c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None)
+    if model_class is not None:  # the class merge/export-lora/analyze load the base as (FSDP's wrapper skipped)
+        config["model_class"] = model_class
     _add_experts(experts, config, tensors)
     _add_saved_modules(model, config, tensors)
     return config, tensors, sharded
