@@ -199,62 +199,50 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     _add_options(p, _config_classes()[1])
 
 
-_BASE_HELP = ("base model: a model folder, a Hub id, a .gguf file or 'embedded' (a classifier base loads as "
-              "the class the adapter was trained on)")
-
-
 def _add_analyze(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Measure how far fine-tuning moved each adapted layer from its pretrained weights, as the paper's "
-        "Section 3 does: ΔΣ (change of the singular values) and ΔD (change of the singular vectors) of "
-        "W0 + ΔW against W0. Prints one row per layer and their mean, and draws ΔD against ΔΣ (the paper's "
-        "Figure 2); given several adapters (e.g. saved at successive steps) it draws each layer's trajectory. "
-        "The base must be the model the adapter was fitted to; it is only read, never changed."
-    )
-    p.add_argument("--base", required=True, help=_BASE_HELP)
-    p.add_argument("--adapter", required=True, nargs="+", help="adapter folder(s); several give a trajectory")
+        "Measure how far fine-tuning moved each adapted layer from its pretrained weight (the paper's Section 3): "
+        "ΔΣ, the change of its singular values, and ΔD, of its singular vectors. Prints a row per layer and the "
+        "mean, and draws ΔD against ΔΣ (Figure 2); several adapters (saved at successive steps) draw each layer's "
+        "trajectory. The base must be the model the adapter was fitted to; it is only read.")
+    _add_model_flags(p, nargs="+", what="adapter folder(s); several give a trajectory")
     p.add_argument("--plot", metavar="PNG",
                    help="figure to write (default: singular_drift.png next to the (last) adapter)")
     p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="apply the adapter(s) to a base other than the one they were fitted to, on purpose")
 
 
-def _add_adapter_output(p: argparse.ArgumentParser) -> None:
-    """The flags ``merge`` and ``export-lora`` share."""
-    p.add_argument("--base", required=True, help=_BASE_HELP)
-    p.add_argument("--adapter", required=True, help="adapter folder written by finetune / save_adapter")
-    p.add_argument("--output", required=True, help="folder to create")
+def _add_model_flags(p: argparse.ArgumentParser, nargs=None, what="adapter folder written by finetune / save_adapter",
+                     output: bool = False) -> None:
+    """The flags analyze, merge and export-lora share."""
+    p.add_argument("--base", required=True, help="base model: a model folder, a Hub id, a .gguf file or 'embedded' "
+                   "(loaded as the model class the adapter was trained on)")
+    p.add_argument("--adapter", required=True, nargs=nargs, help=what)
+    if output:
+        p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the adapter to a base other than the one it was fitted to, on purpose")
 
 
 def _add_merge(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Fold a SORSA adapter into its base model and save a plain transformers model: every adapted "
-        "layer becomes an ordinary Linear (or Conv1D / experts tensor) holding W0 + ΔW and saved heads are "
-        "restored, so the folder loads with from_pretrained (AutoModelForCausalLM, or the model class the "
-        "adapter was trained on) without sorsa-kernels. The tokenizer is copied when the base has one. "
-        "Non-finite merged weights are refused; the output folder is written whole or not at all."
-    )
-    _add_adapter_output(p)
+        "Fold a SORSA adapter into its base and save a plain transformers model (W0 + ΔW in every adapted layer, "
+        "saved heads restored) that from_pretrained loads without sorsa-kernels; the tokenizer is copied when "
+        "the base has one. Non-finite weights are refused; the folder is written whole or not at all.")
+    _add_model_flags(p, output=True)
     p.add_argument("--allow-non-finite", action="store_true",
                    help="write the merged model even if a weight is NaN/Inf (refused by default)")
 
 
 def _add_export_lora(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Write a SORSA adapter as a standard PEFT LoRA adapter (rank 2r) for the original base model: "
-        "PeftModel.from_pretrained(base, OUTPUT) then gives the fine-tuned model's outputs, so the adapter "
-        "can be served or shared wherever PEFT is used, without sorsa-kernels. Saved heads become PEFT's "
-        "modules_to_save, and the task type follows the adapter's model class."
-    )
-    _add_adapter_output(p)
+        "Write a SORSA adapter as a standard PEFT LoRA adapter (rank 2r) for the original base: "
+        "PeftModel.from_pretrained(base, OUTPUT) gives the fine-tuned model without sorsa-kernels. Saved heads "
+        "become PEFT's modules_to_save; the task type follows the adapter's model class.")
+    _add_model_flags(p, output=True)
 
 
-#: Every command: its one-line help (in the top-level ``--help``), the function that adds its
-#: description and flags, and the name of the one that runs it.  Only the command being run gets
-#: its flags built, so ``--help``, ``--version`` and the model commands never import torch to parse.
+#: Every command: its help line, the function that adds its description and flags, and the name of the
+#: one that runs it.  Only the command run gets its flags built: parsing never imports torch.
 _COMMANDS = {
     "finetune": ("SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)", _add_finetune,
                  "_finetune"),
@@ -267,10 +255,7 @@ _COMMANDS = {
 
 
 def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
-    """The ``sorsa-kernels`` argument parser (one subparser per command).
-
-    ``commands``: the commands whose description and flags are built (default: all); the others
-    are listed by name and help only, so that parsing loads nothing they need.
+    """The ``sorsa-kernels`` argument parser; ``commands``: those whose flags are built (default: all).
 
     Example::
 

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..models.paths import check_on_disk
 from ..progress import library_bars
 from .config import check_model_path, check_output_dir
 from .model import load_base
@@ -64,6 +65,7 @@ def merge_job(base: str, adapter: str, output: str, progress: bool = False, *, a
 
     out = Path(output)
     check_output_dir(out)
+    check_on_disk(out)
     model, tokenizer = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
     merge_sorsa(model, allow_non_finite=allow_non_finite)
     with publishing(out) as tmp, library_bars(progress):  # whole or not at all: never only config.json
@@ -85,6 +87,7 @@ def export_lora_job(base: str, adapter: str, output: str, progress: bool = False
 
     out = Path(output)
     check_output_dir(out)
+    check_on_disk(out)
     model, _ = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
     with publishing(out) as tmp:
         export_peft_lora(model, tmp)

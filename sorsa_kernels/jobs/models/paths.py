@@ -6,7 +6,8 @@ when it does not exist the error says so at once and names the nearest existing 
 that could be either (``org/model`` while a local ``org/`` exists) is looked up on the Hub
 once, with a short timeout and no retries; if the Hub has no such model, or cannot be
 reached, the error names the local near-misses.  An existing folder must hold a model:
-``config.json`` and weights (:func:`check_model_folder`).
+``config.json`` and weights (:func:`check_model_folder`).  An output folder must be on a disk,
+not on a kernel file system such as ``/proc`` (:func:`check_on_disk`).
 
 Example::
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Optional
 
-__all__ = ["looks_like_local_path", "near_misses", "check_model_folder", "check_model_name", "HUB_TIMEOUT_S"]
+__all__ = ["looks_like_local_path", "near_misses", "check_model_folder", "check_model_name", "check_on_disk",
+           "HUB_TIMEOUT_S"]
 
 #: Seconds the one Hub lookup of an ambiguous ``org/model`` may take.
 HUB_TIMEOUT_S = 10.0
@@ -125,3 +128,41 @@ def check_model_name(name: str, embedded_name: str = "embedded") -> None:
         why = _hub_has(name)
         if why:
             raise ValueError(f"cannot load model: no such {what}: {name}{_did_you_mean(name)}, and {why}")
+
+
+# File systems of the kernel (``/proc``, ``/sys``, …): they exist and may look writable, but hold no
+# ordinary folders, so creating one fails with a bare errno line ("No such file or directory").
+_VIRTUAL_FILE_SYSTEMS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                                   "securityfs", "configfs", "pstore", "bpf", "efivarfs", "mqueue", "hugetlbfs",
+                                   "fusectl", "binfmt_misc", "autofs", "nsfs"})
+
+
+def _file_system(path: Path) -> Optional[str]:
+    """The type of the file system ``path`` (an existing path) is on, from ``/proc/self/mounts``; None if unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    real = os.path.realpath(path)
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def check_on_disk(out: Path) -> None:
+    """Raise a one-line ValueError when the output folder ``out`` would be on a kernel file system
+    (``/proc/x``, ``/sys/x``), naming the folder and what is wrong there."""
+    existing = Path(os.path.abspath(out))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    kind = _file_system(existing)
+    if kind in _VIRTUAL_FILE_SYSTEMS:
+        raise ValueError(f"output folder {out} cannot be created: {existing} is on {kind}, a virtual file system "
+                         "of the kernel that holds no ordinary folders or files; choose a folder on a disk")
