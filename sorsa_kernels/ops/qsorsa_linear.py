@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import fallen_back, kernel_path, pow2_bucket, run_with_fallback
+from .dispatch import autocast_dtype, fallen_back, kernel_path, pow2_bucket, run_with_fallback
 from .sorsa_linear import bias_grad
 
 __all__ = ["qsorsa_linear", "qlinear_fwd", "qlinear_bwd"]
@@ -272,6 +272,11 @@ def qsorsa_linear(
     """
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {q.shape[1]}")
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # mixed precision: compute in the autocast dtype, as F.linear does
+        with torch.autocast(x.device.type, enabled=False):
+            return qsorsa_linear(x.to(dtype), q, U.to(dtype), S.to(dtype), V.to(dtype),
+                                 None if bias is None else bias.to(dtype), scale, dropout_p, training)
     x_lowrank = F.dropout(x, dropout_p, True) if dropout_p > 0.0 and training else None
     y, _ = qlinear_fwd(
         x, x_lowrank, *q.tensors(), q.shape[0], q.blocksize, q.nested_blocksize,
