@@ -64,3 +64,21 @@ def test_export_lora_records_the_local_base_as_an_absolute_path(tiny_run, tmp_pa
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((out / "base").resolve())
     assert Path(config["base_model_name_or_path"]).is_absolute()
+
+
+def test_sorsa_init_bar_counts_every_layer_the_summary_counts_on_tiny_mixtral(monkeypatch):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import sorsa_kernels as sk
+    from sorsa_kernels.adapters import surgery
+
+    totals = []
+    real = surgery.tqdm
+    monkeypatch.setattr(surgery, "tqdm", lambda *a, **k: totals.append(k.get("total")) or real(*a, **k))
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2))
+    sk.apply_sorsa(moe, rank=4, progress=False)
+    assert totals == [12] and sk.adaptation_summary(moe).line().startswith("SORSA: 12 layers adapted")

@@ -13,7 +13,7 @@ from ..nn.checks import check_finite, check_weight_for_svd, linear_weight, valid
 from ..nn.factory import layer_class, make_sorsa_linear
 from ..nn.knobs import check_knob, check_scale
 from ..nn.linear import SORSALinear
-from .experts import apply_experts, is_expert_module, merge_all_experts, plan_experts
+from .experts import apply_experts, expert_weight_names, is_expert_module, merge_all_experts, plan_experts
 from .modules_to_save import resolve_modules_to_save, unwrap_saved_modules, wrap_modules_to_save
 from .summary import adaptation_summary
 from .targets import (ALL_LINEAR, TARGETS_BY_MODEL_TYPE, all_linear_names, default_target_modules, is_all_linear,
@@ -244,22 +244,29 @@ def apply_sorsa(
         kwargs["quant_report"] = quant_report
     aliases = module_aliases(model)
     done: list[tuple[nn.Module, nn.Module]] = []
+    # the bar counts what the summary counts: each linear layer and each fused expert weight
+    expert_weights = sum(len(expert_weight_names(model.get_submodule(n))) for n in experts)
+    bar = tqdm(total=len(names) + expert_weights, desc="SORSA init", unit="layer", disable=not progress)
     try:
-        for name in tqdm(names, desc="SORSA init", unit="layer", disable=not progress):
+        for name in names:
             linear = model.get_submodule(name)
             layer = make_sorsa_linear(linear, rank, quantize=quantize, quant_iters=quant_iters, name=name, **kwargs)
             replace_everywhere(model, linear, layer, aliases)
             done.append((linear, layer))
             del linear
+            bar.update(1)
         apply_experts(model, experts, rank, svd=svd, niter=niter, oversample=oversample, svd_dtype=svd_dtype,
                       residual_dtype=residual_dtype, adapter_dtype=adapter_dtype, alpha=alpha, quantize=quantize,
                       quant_iters=quant_iters)
+        bar.update(expert_weights)
         wrap_modules_to_save(model, saved)
     except BaseException:  # all or nothing: put every converted layer back, unfreeze as before
         _undo(model, done, aliases)
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
         raise
+    finally:
+        bar.close()
     logger.info("%s", adaptation_summary(model).line())
     return model
 
