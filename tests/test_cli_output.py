@@ -82,3 +82,13 @@ def test_sorsa_init_bar_counts_every_layer_the_summary_counts_on_tiny_mixtral(mo
                                            num_experts_per_tok=2))
     sk.apply_sorsa(moe, rank=4, progress=False)
     assert totals == [12] and sk.adaptation_summary(moe).line().startswith("SORSA: 12 layers adapted")
+
+
+def test_finetune_with_bars_draws_no_writing_model_shards_bar_but_one_saving_line(tmp_path, capsys):
+    from sorsa_kernels.jobs.finetune import FinetuneConfig, run_finetune
+
+    run_finetune(FinetuneConfig(output_dir=str(tmp_path / "run"), pretrain_steps=2, max_steps=1,
+                                per_device_train_batch_size=2, evaluate=False, progress=True))
+    out, err = capsys.readouterr()
+    assert "Writing model shards" not in err
+    assert out.count("saving the adapter and the merged model to") == 1

@@ -301,8 +301,10 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
         # Resuming a finished run replaces its results: drop the finished mark first, so a
         # failure part-way leaves a resumable run, never old metrics beside new artifacts.
         (out / METRICS_FILE).unlink(missing_ok=True)
-    phase_line(f"saving the adapter and the merged model to {out}", bars)
-    save_outputs(trainer, tokenizer, cfg, result, base_copy, train_out)
+    # one line, bars or not, instead of a "Writing model shards" bar per saved model (merged/, base/)
+    phase_line(f"saving the adapter and the merged model to {out}", not trainer.is_world_process_zero())
+    with library_bars(False):
+        save_outputs(trainer, tokenizer, cfg, result, base_copy, train_out)
     result.total_runtime_s = time.perf_counter() - t_start
     if trainer.is_world_process_zero():
         write_metrics(result)
