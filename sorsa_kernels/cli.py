@@ -356,7 +356,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_base(base: str) -> None:
+    """A mistyped ``--base`` fails before torch is imported (about 0.1 s, not 6)."""
+    from .jobs.models.paths import check_model_name
+
+    check_model_name(base)
+
+
 def _analyze(args: argparse.Namespace) -> int:
+    _check_base(args.base)
     from .jobs.finetune import analyze_job, default_plot_path, plot_drift
 
     drift = analyze_job(args.base, args.adapter, progress=_bars_wanted(),
@@ -376,6 +384,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    _check_base(args.base)
     from .jobs.finetune import merge_job
 
     out = merge_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
@@ -385,6 +394,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _check_base(args.base)
     from .jobs.finetune import export_lora_job
 
     out = export_lora_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
@@ -395,9 +405,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _one_line(e: BaseException) -> str:
     """An exception as one line: its message (with the type for unexpected kinds)."""
-    from .jobs.options import ConfigError
-
-    message = " ".join((e.render(_cli_name) if isinstance(e, ConfigError) else str(e)).split())
+    options = sys.modules.get(f"{__package__}.jobs.options")  # a ConfigError exists only once it is loaded
+    is_config = options is not None and isinstance(e, options.ConfigError)
+    message = " ".join((e.render(_cli_name) if is_config else str(e)).split())
     if isinstance(e, (ValueError, OSError, ImportError)) and message:
         return message
     if isinstance(e, KeyError):  # str(KeyError("x")) is "'x'"
@@ -430,15 +440,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # every failure is one line; --debug shows the traceback
         if debug:
             raise
-        from .jobs.finetune.config import is_main_process
-
-        if is_main_process():
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 says it once
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        from .jobs.finetune import shutdown_distributed
+        if "sorsa_kernels.jobs.finetune" in sys.modules:  # a job ran (an early error imports no torch)
+            from .jobs.finetune import shutdown_distributed
 
-        shutdown_distributed()
+            shutdown_distributed()
 
 
 if __name__ == "__main__":

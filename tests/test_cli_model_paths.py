@@ -143,3 +143,17 @@ def test_finetune_on_a_folder_without_a_tokenizer_says_so_in_one_whole_line(tmp_
     rc, _, err = run_cli(capsys, "finetune", *FAST, "--model", tmp_path / "base", "--data", tmp_path / "d.jsonl",
                          "--output-dir", tmp_path / "o")
     assert "the folder has no tokenizer (none of tokenizer.json" in one_line_error(rc, err)
+
+
+def test_mistyped_base_fails_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "out" / "base").mkdir(parents=True)
+    code = ("import sys\nfrom sorsa_kernels.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, 'torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, "merge", "--base", "./out/bsae", "--adapter", "a",
+                           "--output", "m"], capture_output=True, text=True, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert lines[-2].endswith("no such model folder: ./out/bsae (did you mean out/base?)"), done.stderr
+    assert lines[-1] == "1 False"
