@@ -138,8 +138,11 @@ class swapped_weights:
 
 
 def measure_qsorsa(model, tokenizer, names: Sequence[str], ranks=RANKS, iters=ITERS, prompts: int = PROMPTS,
-                   progress: bool = False) -> dict:
-    """Per-layer and logits errors of QSORSA (each rank, each ``quant_iters``) and of NF4(W0) on ``names``."""
+                   progress: bool = False, on_layer=None) -> dict:
+    """Per-layer and logits errors of QSORSA (each rank, each ``quant_iters``) and of NF4(W0) on ``names``.
+
+    ``on_layer(layers)``, when given, is called after each finished (rank, layer) with the per-layer
+    results so far, so that an interrupted run keeps what it measured (:func:`write_partial`)."""
     batches = chat_batches(tokenizer, prompts)
     reference = logits_of(model, batches)
     layers: dict[str, dict] = {}
@@ -161,6 +164,8 @@ def measure_qsorsa(model, tokenizer, names: Sequence[str], ranks=RANKS, iters=IT
             layers[name]["qsorsa"][str(rank)] = {str(k): res[k][0] for k in iters}
             for k in iters:
                 effective[k][name] = res[k][1]
+            if on_layer is not None:
+                on_layer(layers)
             if progress and (i + 1) % 21 == 0:
                 print(f"  r={rank}: {i + 1}/{len(names)} layers, {time.perf_counter() - t0:.0f} s", flush=True)
         for k in iters:
@@ -169,6 +174,15 @@ def measure_qsorsa(model, tokenizer, names: Sequence[str], ranks=RANKS, iters=IT
         del effective
     return {"layers": layers, "logits": logits, "ranks": list(ranks), "iters": list(iters),
             "prompts": prompts, "totals": qsorsa_totals(layers, ranks, iters)}
+
+
+def write_partial(path: Path, result: dict, layers: dict) -> None:
+    """Write ``result`` with the per-layer QSORSA errors finished so far to ``path`` (replaced whole)."""
+    done = {n: l for n, l in layers.items() if l["qsorsa"]}
+    partial = {**result, "qsorsa_partial": {"finished": False, "layers_done": len(done), "layers": done}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(partial, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def qsorsa_totals(layers: dict, ranks=RANKS, iters=ITERS) -> dict:
@@ -306,17 +320,20 @@ def main(argv=None) -> int:
                     f"load average {os.getloadavg()[0]:.1f} at the start"),
         "command": "python bench/real_qsorsa_error.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    out = Path(args.result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")  # each finished layer, so an interrupted run keeps its results
     if args.part in ("qsorsa", "all"):
-        result["qsorsa"] = measure_qsorsa(model, tokenizer, names, prompts=args.prompts, progress=True)
+        result["qsorsa"] = measure_qsorsa(model, tokenizer, names, prompts=args.prompts, progress=True,
+                                          on_layer=lambda layers: write_partial(partial, result, layers))
         print(json.dumps(result["qsorsa"]["totals"]["all"], indent=1), flush=True)
     if args.part in ("init", "all"):
         result["init"] = measure_init(model, tokenizer, names, prompts=args.prompts)
         print(json.dumps(result["init"]["by_rank"], indent=1), flush=True)
     result["wall_s"] = time.perf_counter() - t0
-    out = Path(args.result)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.write_text(markdown(result))
+    partial.unlink(missing_ok=True)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -54,7 +54,9 @@ class _Parser(argparse.ArgumentParser):
     _subcommand = False
 
     def error(self, message: str):
-        return super().error(message + _suggestion(message, self))
+        """One line naming the problem (with the nearest option or command), then where help is: not
+        the whole usage, which for ``finetune`` is 37 lines that push the useful one off the screen."""
+        self.exit(2, f"{self.prog}: error: {message}{_suggestion(message, self)}\nsee {self.prog} --help\n")
 
 
 class _SubcommandParser(_Parser):
@@ -77,20 +79,15 @@ def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
     return f" (did you mean {' '.join(near)}?)" if near else ""
 
 
-def _add_finetune(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)",
-        description=(
-            "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
-            "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
-            "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
-            "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
-            "and step count; each option's help gives both defaults."
-        ),
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
+        "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
+        "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
+        "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
+        "and step count; each option's help gives both defaults."
     )
     _add_job_flags(p)
-    p.set_defaults(run=_finetune)
 
 
 def _config_classes() -> tuple[type, type]:
@@ -193,61 +190,93 @@ def _add_job_flags(p) -> None:
     _add_options(p, _config_classes()[0])
 
 
-def _add_compare(sub) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis",
-        description=_cli_text(
-            "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
-            "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
-            "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
-            "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
-            "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
-        ),
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.description = _cli_text(
+        "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
+        "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
+        "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
+        "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
+        "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
     )
     _add_job_flags(p)
     _add_options(p, _config_classes()[1])
-    p.set_defaults(run=_compare)
 
 
-def _add_model_commands(sub) -> None:
-    p = sub.add_parser("analyze", help="ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG")
-    p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
-    p.add_argument("--adapter", required=True, nargs="+", help="adapter folder(s); several give a trajectory")
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Measure how far fine-tuning moved each adapted layer from its pretrained weight (the paper's Section 3): "
+        "ΔΣ, the change of its singular values, and ΔD, of its singular vectors. Prints a row per layer and the "
+        "mean, and draws ΔD against ΔΣ (Figure 2); several adapters (saved at successive steps) draw each layer's "
+        "trajectory. The base must be the model the adapter was fitted to; it is only read.")
+    _add_model_flags(p, nargs="+", what="adapter folder(s); several give a trajectory")
     p.add_argument("--plot", metavar="PNG",
                    help="figure to write (default: singular_drift.png next to the (last) adapter)")
     p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="apply the adapter(s) to a base other than the one they were fitted to, on purpose")
-    p.set_defaults(run=_analyze)
-    for name, what in (("merge", "merge an adapter into its base and save_pretrained the result"),
-                       ("export-lora", "write an adapter as a standard PEFT LoRA adapter for the base")):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("--base", required=True, help="base model path / Hub id, or 'embedded'")
-        p.add_argument("--adapter", required=True, help="adapter folder written by finetune / save_adapter")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, nargs=None, what="adapter folder written by finetune / save_adapter",
+                     output: bool = False) -> None:
+    """The flags analyze, merge and export-lora share."""
+    p.add_argument("--base", required=True, help="base model: a model folder, a Hub id, a .gguf file or 'embedded' "
+                   "(loaded as the model class the adapter was trained on)")
+    p.add_argument("--adapter", required=True, nargs=nargs, help=what)
+    if output:
         p.add_argument("--output", required=True, help="folder to create")
-        p.add_argument("--allow-base-mismatch", action="store_true",
-                       help="apply the adapter to a base other than the one it was fitted to, on purpose")
-        if name == "merge":
-            p.add_argument("--allow-non-finite", action="store_true",
-                           help="write the merged model even if a weight is NaN/Inf (refused by default)")
-        p.set_defaults(run=_merge if name == "merge" else _export)
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter to a base other than the one it was fitted to, on purpose")
 
 
-def _add_plan(sub) -> None:
+def _add_plan(p: argparse.ArgumentParser) -> None:
     from .jobs.plan import PlanConfig
 
-    p = sub.add_parser(
-        "plan", help="the GPU memory a finetune run needs, per component, from the model's config alone",
-        description="Build the model on the meta device (only its config is read: a Hub id, folder, config.json "
-                    "or .gguf file) and print, per GPU, every component of a training step's memory and the peak; "
-                    "say whether it fits each GPU size and, if not, which memory levers would make it fit.")
+    p.description = (
+        "Build the model on the meta device (only its config is read: a Hub id, folder, config.json or .gguf file) "
+        "and print, per GPU, every component of a training step's memory and the peak; say whether it fits each "
+        "GPU size and, if not, which memory levers would make it fit.")
     _add_options(p, PlanConfig)
-    p.set_defaults(run=_plan)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sorsa-kernels`` argument parser (one subparser per command)."""
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Fold a SORSA adapter into its base and save a plain transformers model (W0 + ΔW in every adapted layer, "
+        "saved heads restored) that from_pretrained loads without sorsa-kernels; the tokenizer is copied when "
+        "the base has one. Non-finite weights are refused; the folder is written whole or not at all.")
+    _add_model_flags(p, output=True)
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="write the merged model even if a weight is NaN/Inf (refused by default)")
+
+
+def _add_export_lora(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Write a SORSA adapter as a standard PEFT LoRA adapter (rank 2r) for the original base: "
+        "PeftModel.from_pretrained(base, OUTPUT) gives the fine-tuned model without sorsa-kernels. Saved heads "
+        "become PEFT's modules_to_save; the task type follows the adapter's model class.")
+    _add_model_flags(p, output=True)
+
+
+#: Every command: its help line, the function that adds its description and flags, and the name of the
+#: one that runs it.  Only the command run gets its flags built: parsing never imports torch.
+_COMMANDS = {
+    "finetune": ("SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)", _add_finetune,
+                 "_finetune"),
+    "compare": ("train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis", _add_compare,
+                "_compare"),
+    "analyze": ("ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG", _add_analyze, "_analyze"),
+    "merge": ("merge an adapter into its base and save_pretrained the result", _add_merge, "_merge"),
+    "export-lora": ("write an adapter as a standard PEFT LoRA adapter for the base", _add_export_lora, "_export"),
+    "plan": ("the GPU memory a finetune run needs, per component, from the model's config alone", _add_plan,
+             "_plan"),
+}
+
+
+def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The ``sorsa-kernels`` argument parser; ``commands``: those whose flags are built (default: all).
+
+    Example::
+
+        >>> build_parser(["merge"]).parse_args(["merge", "--base", "b", "--adapter", "a", "--output", "o"]).output
+        'o'
+    """
     parser = _Parser(prog=PROG, description="Fast SORSA fine-tuning.")
     from ._version import __version__
 
@@ -256,10 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of a failure (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
-    _add_finetune(sub)
-    _add_compare(sub)
-    _add_model_commands(sub)
-    _add_plan(sub)
+    for name, (help_line, add, run) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_line)
+        if commands is None or name in commands:
+            add(p)
+        p.set_defaults(run=globals()[run])
     return parser
 
 
@@ -351,7 +381,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_base(base: str) -> None:
+    """A mistyped ``--base`` fails before torch is imported (about 0.1 s, not 6)."""
+    from .jobs.models.paths import check_model_name
+
+    check_model_name(base)
+
+
 def _analyze(args: argparse.Namespace) -> int:
+    _check_base(args.base)
     from .jobs.finetune import analyze_job, default_plot_path, plot_drift
 
     drift = analyze_job(args.base, args.adapter, progress=_bars_wanted(),
@@ -371,6 +409,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    _check_base(args.base)
     from .jobs.finetune import merge_job
 
     out = merge_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
@@ -380,6 +419,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _check_base(args.base)
     from .jobs.finetune import export_lora_job
 
     out = export_lora_job(args.base, args.adapter, args.output, progress=_bars_wanted(),
@@ -390,9 +430,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _one_line(e: BaseException) -> str:
     """An exception as one line: its message (with the type for unexpected kinds)."""
-    from .jobs.options import ConfigError
-
-    message = " ".join((e.render(_cli_name) if isinstance(e, ConfigError) else str(e)).split())
+    options = sys.modules.get(f"{__package__}.jobs.options")  # a ConfigError exists only once it is loaded
+    is_config = options is not None and isinstance(e, options.ConfigError)
+    message = " ".join((e.render(_cli_name) if is_config else str(e)).split())
     if isinstance(e, (ValueError, OSError, ImportError)) and message:
         return message
     if isinstance(e, KeyError):  # str(KeyError("x")) is "'x'"
@@ -412,7 +452,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     if debug:  # accepted after the command too (`finetune ... --debug`), so take it out here
         argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the first word is the command
+    args = build_parser([command] if command in _COMMANDS else []).parse_args(argv)
     debug = debug or bool(os.environ.get("SORSA_KERNELS_DEBUG"))
     try:
         return args.run(args)
@@ -424,15 +465,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # every failure is one line; --debug shows the traceback
         if debug:
             raise
-        from .jobs.finetune.config import is_main_process
-
-        if is_main_process():
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 says it once
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        from .jobs.finetune import shutdown_distributed
+        if "sorsa_kernels.jobs.finetune" in sys.modules:  # a job ran (an early error imports no torch)
+            from .jobs.finetune import shutdown_distributed
 
-        shutdown_distributed()
+            shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _user_cache_in_tmp(request, monkeypatch, tmp_path_factory):
+    """Every test but the real tier's gets an empty user cache of its own (the pretrained embedded
+    model, converted GGUF files), so no test reads what another wrote or writes to ~/.cache."""
+    if "real" not in request.node.keywords:
+        monkeypatch.setenv("SORSA_KERNELS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ computed in float64."""
     a = a.detach().double()

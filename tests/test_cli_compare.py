@@ -75,7 +75,9 @@ def test_malformed_compare_command_lines_exit_2(argv, capsys):
         main(["compare", *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("sorsa-kernels compare: error:")
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[0].startswith("sorsa-kernels compare: error:")
+    assert lines[1:] == ["see sorsa-kernels compare --help"]
 
 
 def test_compare_takes_the_finetune_flags_and_its_own():

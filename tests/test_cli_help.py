@@ -11,11 +11,12 @@ def _usage_error(capsys, *argv) -> str:
     return capsys.readouterr().err
 
 
-def test_misspelt_flag_gets_a_suggestion_and_the_subcommands_own_usage(capsys):
+def test_misspelt_flag_prints_one_line_and_the_suggestion_then_where_help_is_not_the_usage(capsys):
     err = _usage_error(capsys, "finetune", "--learnig-rate", "3e-3")
-    assert err.startswith("usage: sorsa-kernels finetune ")
-    assert err.rstrip().endswith(
-        "sorsa-kernels finetune: error: unrecognized arguments: --learnig-rate 3e-3 (did you mean --learning-rate?)")
+    assert err.splitlines() == [
+        "sorsa-kernels finetune: error: unrecognized arguments: --learnig-rate 3e-3 (did you mean --learning-rate?)",
+        "see sorsa-kernels finetune --help",
+    ]
 
 
 def test_misspelt_flag_with_a_value_after_equals_gets_a_suggestion(capsys):
@@ -25,7 +26,7 @@ def test_misspelt_flag_with_a_value_after_equals_gets_a_suggestion(capsys):
 
 def test_misspelt_command_gets_a_suggestion(capsys):
     err = _usage_error(capsys, "finetun")
-    assert "invalid choice: 'finetun'" in err and err.rstrip().endswith("(did you mean finetune?)")
+    assert "invalid choice: 'finetun'" in err and err.splitlines()[0].endswith("(did you mean finetune?)")
 
 
 def test_unknown_flag_far_from_any_gets_no_suggestion(capsys):
@@ -60,3 +61,43 @@ def test_svd_shows_its_default_in_the_help():
 def test_help_prints_no_doubled_percent_sign(command):
     sub, _ = _options(command)
     assert "%%" not in sub.format_help()
+
+
+def _child_cpu_seconds(*argv) -> float:
+    """CPU seconds (user + system) of ``python -m sorsa_kernels ARGV`` in a fresh process."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-m", "sorsa_kernels", *argv], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_take_under_half_a_second_of_cpu(flag):
+    assert _child_cpu_seconds(flag) < 0.5
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["merge", "--help"], ["analyze", "--help"],
+                                  ["export-lora", "--help"]])
+def test_parsing_without_running_imports_no_torch(argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom sorsa_kernels.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+
+
+@pytest.mark.parametrize("command", ["analyze", "merge", "export-lora"])
+def test_model_commands_help_describes_what_the_command_does(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]  # usage, blank line, the description
+    assert len(description.split()) > 30 and not description.startswith("options"), out

@@ -64,3 +64,31 @@ def test_export_lora_records_the_local_base_as_an_absolute_path(tiny_run, tmp_pa
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((out / "base").resolve())
     assert Path(config["base_model_name_or_path"]).is_absolute()
+
+
+def test_sorsa_init_bar_counts_every_layer_the_summary_counts_on_tiny_mixtral(monkeypatch):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import sorsa_kernels as sk
+    from sorsa_kernels.adapters import surgery
+
+    totals = []
+    real = surgery.tqdm
+    monkeypatch.setattr(surgery, "tqdm", lambda *a, **k: totals.append(k.get("total")) or real(*a, **k))
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2))
+    sk.apply_sorsa(moe, rank=4, progress=False)
+    assert totals == [12] and sk.adaptation_summary(moe).line().startswith("SORSA: 12 layers adapted")
+
+
+def test_finetune_with_bars_draws_no_writing_model_shards_bar_but_one_saving_line(tmp_path, capsys):
+    from sorsa_kernels.jobs.finetune import FinetuneConfig, run_finetune
+
+    run_finetune(FinetuneConfig(output_dir=str(tmp_path / "run"), pretrain_steps=2, max_steps=1,
+                                per_device_train_batch_size=2, evaluate=False, progress=True))
+    out, err = capsys.readouterr()
+    assert "Writing model shards" not in err
+    assert out.count("saving the adapter and the merged model to") == 1

@@ -5,6 +5,7 @@ In-process runs on the embedded model with 2 steps and no pretraining."""
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,23 @@ def test_compare_reads_target_modules_as_finetune_does(tmp_path, monkeypatch, sp
     with pytest.raises(KeyboardInterrupt):
         CMP.run_compare(CMP.CompareConfig(cfg, methods=("sorsa",)))
     assert seen == [target_spec(cfg.resolved())]
+
+
+@pytest.mark.skipif(not Path("/proc/self/mounts").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("folder, fs", [("/proc/x", "proc"), ("/sys/x", "sysfs")])
+def test_output_dir_on_a_kernel_file_system_names_the_folder_and_what_is_wrong(folder, fs, capsys, no_model_load):
+    rc, _, err = run_cli(capsys, "finetune", *FAST, "--output-dir", folder)
+    line = one_line_error(rc, err)
+    assert line.startswith(f"sorsa-kernels: error: output folder {folder} cannot be created: ")
+    assert f"is on {fs}, a virtual file system of the kernel" in line
+
+
+def test_output_folder_that_cannot_be_created_names_it_and_the_reason(tmp_path, monkeypatch):
+    from sorsa_kernels.jobs.finetune import rundir
+
+    def refuse(self, *a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ValueError, match=r"^output folder .*/x cannot be created: Operation not permitted$"):
+        rundir.claim_run_folder(tmp_path / "x")

@@ -215,3 +215,67 @@ def test_a_flag_missing_from_help_is_reported():
 
 if __name__ == "__main__":
     print("\n".join(not_runnable_here()))
+
+
+# ---------------------------------------------------------------------- what the README must hold
+_NOISY = ("transformers", "peft", "trl", "bitsandbytes", "datasets")  # importing them can load bitsandbytes
+
+
+def _imports(code: str) -> list[str]:
+    """Top-level module names the snippet imports, in order."""
+    names = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names += [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("snippet", [s for s in ALL if s.language == "python" and "sorsa_kernels" in _imports(s.code)],
+                         ids=lambda s: s.id)
+def test_snippets_import_sorsa_kernels_before_what_loads_bitsandbytes(snippet):
+    names = _imports(snippet.code)
+    first_noisy = next((i for i, n in enumerate(names) if n in _NOISY), len(names))
+    assert names.index("sorsa_kernels") < first_noisy, f"{snippet.id}: import sorsa_kernels first (README: API tour)"
+
+
+def test_importing_sorsa_kernels_first_keeps_bitsandbytes_cpu_kernel_warning_out():
+    import sys
+
+    code = "import sorsa_kernels\nimport peft\nfrom transformers import Trainer\nimport bitsandbytes\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "gemm_4bit_forward" not in done.stderr
+
+
+def test_readme_says_what_the_bitsandbytes_cpu_kernel_warning_means_and_how_to_silence_it():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "Failed to load CPU gemm_4bit_forward" in text and "pip uninstall kernels" in text
+
+
+@pytest.mark.parametrize("section, must_use", [
+    ("## Use your fine-tuned model", ("generate", "PeftModel.from_pretrained")),
+    ("## Mixture-of-experts models", ("MixtralForCausalLM", "apply_sorsa")),
+    ("### TRL's SFTTrainer", ("SFTTrainer", "SORSACallback", "save_adapter")),
+])
+def test_readme_has_the_section_with_a_snippet_that_runs_here(section, must_use):
+    text = (ROOT / "README.md").read_text()
+    assert section in text, f"README.md has no section {section!r}"
+    start = text.count("\n", 0, text.index(section)) + 1
+    following = [s for s in snippets("README.md") if s.line > start and s.language == "python"]
+    assert following and following[0].not_runnable is None, f"{section}: its snippet must run in this test"
+    assert all(word in following[0].code for word in must_use), following[0].code
+
+
+def test_ci_test_command_installs_the_extras_the_tests_need():
+    text = (ROOT / "README.md").read_text()
+    command = text.split("<!-- ci:test-command -->", 1)[1].split("```", 2)[1]
+    assert '".[test,real,trl]"' in command
+    assert 'trl = ["trl>=' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_real_model_section_installs_pytest_before_running_it():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## A real model offline", 1)[1].split("\n## ", 1)[0]
+    assert 'pip install -e ".[real,test]"' in section and "python -m pytest" in section

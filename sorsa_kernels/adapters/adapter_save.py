@@ -87,6 +87,9 @@ def adapter_state(model: nn.Module, base_model_name_or_path: Optional[str] = Non
         "target_modules": list(layers),
         "layers": layer_cfg,
     }
+    model_class = next((c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None)
+    if model_class is not None:  # the class merge/export-lora/analyze load the base as (FSDP's wrapper skipped)
+        config["model_class"] = model_class
     if experts:
         config["experts"] = {name: _experts_entry(tensors, name, module) for name, module in experts.items()}
     state = saved_state(model)

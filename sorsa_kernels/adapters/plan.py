@@ -37,7 +37,7 @@ from ..nn.experts import SORSAExperts
 from ..nn.factory import make_sorsa_linear
 from ..nn.init_spec import SORSAInit
 from ..nn.linear import SORSALinear
-from .experts import adapt_experts, expert_stacks, is_adapted_experts, is_fused_experts
+from .experts import adapt_experts, expert_stacks, expert_weight_names, is_adapted_experts, is_fused_experts
 from .modules_to_save import SavedModule, resolve_modules_to_save
 from .targets import Targets, TargetSpec, inside, is_linear_like, nearest_names
 
@@ -258,14 +258,21 @@ class SurgeryPlan:
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for name in tqdm(self.linear, desc="SORSA init", unit="layer", disable=not progress):
-                linear = model.get_submodule(name)
-                tx.replace(aliases.get(id(linear), [name]), build_linear(name, linear))
-                del linear
-            for name in self.experts:
-                module = model.get_submodule(name)
-                tx.record(module)
-                build_experts(name, module)
+            # the bar counts what the summary counts: each linear layer and each fused expert weight
+            weights = {name: len(expert_weight_names(model.get_submodule(name))) for name in self.experts}
+            bar = tqdm(total=len(self.linear) + sum(weights.values()), desc="SORSA init", unit="layer",
+                       disable=not progress)
+            with bar:
+                for name in self.linear:
+                    linear = model.get_submodule(name)
+                    tx.replace(aliases.get(id(linear), [name]), build_linear(name, linear))
+                    del linear
+                    bar.update(1)
+                for name in self.experts:
+                    module = model.get_submodule(name)
+                    tx.record(module)
+                    build_experts(name, module)
+                    bar.update(weights[name])
             for name in self.saved:
                 module = model.get_submodule(name)
                 if not isinstance(module, SavedModule):

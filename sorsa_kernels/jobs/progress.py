@@ -5,7 +5,9 @@
 (when bars are on) and, every logging step, one compact line with the numbers as numbers
 (:func:`log_line`) instead of a dict of strings.  :func:`library_bars` turns transformers'
 and huggingface_hub's own bars ("Loading weights", "Writing model shards") off for a block,
-so that ``progress=False`` means no bar at all.
+so that ``progress=False`` means no bar at all.  :func:`phase_line` says, in one plain line, which
+phase a run without bars is in (pretraining, SVD init, evaluation), so a log file is never silent
+for long.
 
 Example::
 
@@ -20,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 from transformers import TrainerCallback
 
-__all__ = ["LogLines", "log_line", "library_bars"]
+__all__ = ["LogLines", "log_line", "library_bars", "phase_line"]
 
 # How each logged number is named and written; other keys keep their name and 4 significant digits.
 _FIELDS = {
@@ -119,6 +121,20 @@ class LogLines(TrainerCallback):
         if self.training_bar is not None:
             self.training_bar.close()
             self.training_bar = None
+
+
+def phase_line(text: str, bars: bool) -> None:
+    """Print ``text`` as one plain line (stdout, flushed) when no bar shows the phase, on the main process.
+
+    Example::
+
+        >>> phase_line("SVD init: 14 layers", bars=False)
+        SVD init: 14 layers
+    """
+    import os
+
+    if not bars and os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
 
 
 @contextlib.contextmanager

@@ -149,3 +149,16 @@ def run_with_fallback(op: str, key: tuple, device: torch.device, shape: str,
 def pow2_bucket(M: int) -> int:
     """M rounded up to a power of two (fallback keys, like the autotune keys, bucket M)."""
     return 1 << max(M - 1, 0).bit_length()
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype an op on ``x`` computes in under ``torch.autocast`` (None outside it, or while compiling).
+
+    Mixed precision (``Trainer``/TRL ``bf16=True`` on a float32 model) hands a layer inputs in
+    bfloat16 while its adapters stay float32: an op then casts its floating inputs to this dtype
+    in the graph, as ``F.linear`` does, so the float32 masters still get the gradients.
+    """
+    device = x.device.type
+    if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)

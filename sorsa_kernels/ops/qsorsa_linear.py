@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import pow2_bucket
+from .dispatch import autocast_dtype, pow2_bucket
 from .kernel_op import KernelOp
 from .sorsa_linear import bias_grad
 
@@ -261,6 +261,11 @@ def qsorsa_linear(
     """
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {q.shape[1]}")
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # mixed precision: compute in the autocast dtype, as F.linear does
+        with torch.autocast(x.device.type, enabled=False):
+            return qsorsa_linear(x.to(dtype), q, U.to(dtype), S.to(dtype), V.to(dtype),
+                                 None if bias is None else bias.to(dtype), scale, dropout_p, training)
     x_lowrank = F.dropout(x, dropout_p, True) if dropout_p > 0.0 and training else None
     nf4, blocks, scale = list(q.tensors()), (q.blocksize, q.nested_blocksize), float(scale)
     kernel = FORWARD.decide(x, x_lowrank, nf4, blocks, q.shape[0], U, S, V, bias, scale)  # once per call

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference
-from .dispatch import pow2_bucket
+from .dispatch import autocast_dtype, pow2_bucket
 from .kernel_op import KernelOp
 
 __all__ = ["sorsa_linear", "linear_fwd", "linear_bwd", "FORWARD", "BACKWARD"]
@@ -265,6 +265,11 @@ def sorsa_linear(
     """
     scale = float(scale)
     _check_frozen_residual(residual)
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # mixed precision: compute in the autocast dtype, as F.linear does
+        with torch.autocast(x.device.type, enabled=False):
+            return sorsa_linear(x.to(dtype), _residual_as(residual, dtype), U.to(dtype), S.to(dtype), V.to(dtype),
+                                None if bias is None else bias.to(dtype), scale, dropout_p, training)
     if dropout_p > 0.0 and training:
         base = F.linear(x, _residual_as(residual, x.dtype), None if bias is None else bias.to(x.dtype))
         return base + _linear(F.dropout(x, dropout_p, True), None, U, S, V, None, scale)

@@ -40,3 +40,25 @@ def test_library_bars_off_silences_transformers_bars_and_restores_them():
     with library_bars(False):
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_finetune_without_bars_prints_one_plain_line_per_phase(capsys, tmp_path):
+    from tests.cli_helpers import run_cli
+
+    rc, out, err = run_cli(capsys, "finetune", "--pretrain-steps", "2", "--max-steps", "1", "--batch-size", "2",
+                           "--eval-samples", "2", "--quiet", "--output-dir", tmp_path / "run")
+    assert rc == 0, err
+    phases = ["pretraining the embedded model: 2 steps", "pretraining finished in", "SORSA init: rank 16, full SVD",
+              "SORSA init finished in", "evaluation before fine-tuning: held-out loss on",
+              "evaluation after fine-tuning: held-out loss on", "saving the adapter and the merged model to"]
+    lines = out.splitlines()
+    at = [next((i for i, line in enumerate(lines) if line.startswith(p)), None) for p in phases]
+    assert None not in at and at == sorted(at), out
+
+
+def test_phase_line_is_silent_when_a_bar_shows_the_phase(capsys):
+    from sorsa_kernels.jobs.progress import phase_line
+
+    phase_line("SORSA init", bars=True)
+    phase_line("evaluation", bars=False)
+    assert capsys.readouterr().out == "evaluation\n"

@@ -50,3 +50,58 @@ def test_loading_a_gguf_without_the_gguf_package_says_how_to_install_it(tmp_path
 def test_the_cache_folder_follows_sorsa_kernels_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SORSA_KERNELS_CACHE", str(tmp_path / "c"))
     assert real_model.cache_root() == tmp_path / "c"
+
+
+def _tiny_gguf(path):
+    """A valid GGUF file with two small tensors (no model: enough for the size check)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("a", np.ones((4, 8), dtype=np.float32))
+    writer.add_tensor("b", np.ones((16,), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [-1, 0.5])
+def test_truncated_gguf_says_truncated_or_corrupt_with_expected_and_actual_size(tmp_path, keep):
+    pytest.importorskip("gguf")
+    data = _tiny_gguf(tmp_path / "full.gguf").read_bytes()
+    real_model.check_gguf_size(tmp_path / "full.gguf")  # the whole file passes
+    cut = len(data) + keep if keep < 0 else int(len(data) * keep)
+    (tmp_path / "m.gguf").write_bytes(data[:cut])
+    from sorsa_kernels.jobs.finetune.model import load_base
+
+    with pytest.raises(ValueError) as e:
+        load_base(str(tmp_path / "m.gguf"))
+    message = str(e.value)
+    assert "file is truncated or corrupt" in message and str(tmp_path / "m.gguf") in message
+    if keep < 0:
+        assert message.endswith(f"(expected {len(data)} bytes, got {cut})")
+
+
+def test_gguf_header_cut_short_is_truncated_or_corrupt(tmp_path):
+    pytest.importorskip("gguf")
+    (tmp_path / "m.gguf").write_bytes(_tiny_gguf(tmp_path / "full.gguf").read_bytes()[:30])
+    with pytest.raises(ValueError, match=r"file is truncated or corrupt \(its header ends early; got 30 bytes\)"):
+        real_model.check_gguf_size(tmp_path / "m.gguf")
+
+
+def test_unwritable_gguf_cache_is_refused_before_the_conversion(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    _tiny_gguf(tmp_path / "m.gguf")
+    (tmp_path / "file").write_text("")  # a cache that cannot be created, whoever runs the test
+    monkeypatch.setenv("SORSA_KERNELS_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(real_model, "load_gguf", lambda *a, **k: pytest.fail("converted before the check"))
+    with pytest.raises(ValueError, match=r"cache folder .*file/cache cannot be written .*is not a folder"):
+        real_model.gguf_folder(tmp_path / "m.gguf")
+
+
+def test_the_cache_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("SORSA_KERNELS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert real_model.cache_root() == tmp_path / "x" / "sorsa-kernels"

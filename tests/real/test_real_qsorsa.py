@@ -11,10 +11,25 @@ from bench.real_qsorsa_error import measure_qsorsa, targets
 LAYERS = (0,)
 
 
+SNAPSHOTS = []  # the per-layer results measure_qsorsa reported as it went
+
+
 @pytest.fixture(scope="module")
 def measured(smollm2):
     model, tokenizer = smollm2
-    return measure_qsorsa(model, tokenizer, targets(model, LAYERS), ranks=(16, 64), iters=(0, 1, 5), prompts=2)
+    return measure_qsorsa(model, tokenizer, targets(model, LAYERS), ranks=(16, 64), iters=(0, 1, 5), prompts=2,
+                          on_layer=lambda layers: SNAPSHOTS.append(sum(bool(l["qsorsa"]) for l in layers.values())))
+
+
+def test_each_finished_layer_is_reported_so_an_interrupted_run_keeps_it(measured, tmp_path):
+    from bench.real_qsorsa_error import write_partial
+
+    n = len(measured["layers"])
+    assert SNAPSHOTS[:n] == list(range(1, n + 1))  # rank 16: one more finished layer each time
+    write_partial(tmp_path / "p.json", {"date": "d"}, measured["layers"])
+    import json
+
+    assert json.loads((tmp_path / "p.json").read_text())["qsorsa_partial"]["layers_done"] == n
 
 
 def test_qsorsa_stores_every_sampled_matrix_with_less_error_than_nf4_of_w0(measured):

@@ -186,7 +186,8 @@ def _run(config: CompareConfig, cfg: FinetuneConfig, out: Path) -> CompareResult
     if lines:
         say(f"compare: loading {cfg.model}")
     train_rows, held_rows = load_splits(cfg)
-    base, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress)
+    base, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress,
+                                cache=cfg.pretrain_cache)
     n_params = sum(p.numel() for p in base.parameters())
     if config.full and n_params > FULL_MAX_PARAMS:
         raise ConfigError("{full:flag} is for small models (up to {most:,} parameters); {model_name} has {n:,}",

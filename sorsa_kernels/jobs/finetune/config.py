@@ -185,6 +185,9 @@ class FinetuneConfig:
     pretrain_steps: Optional[int] = option(None, "embedded model only: in-process pretraining steps",
                                            group=_LOGGING, paper=0, embedded=PRETRAIN_STEPS, shown="{embedded}",
                                            rule=NON_NEGATIVE_COUNT)
+    pretrain_cache: bool = option(True, "embedded model only: pretrain again instead of reading the pretrained "
+                                  "weights cached by an earlier run (and leave the cache as it is)", group=_LOGGING,
+                                  flags=("--no-cache",))
     progress: bool = option(True, "no progress bars, transformers' own included (the command line draws "
                                     "none when its output is not a terminal)", group=_LOGGING, flags=("--quiet",))
     verbose: bool = option(False, "after the one-line adaptation summary, list every linear layer and fused "
@@ -329,22 +332,14 @@ def check_prompt_template(template: str) -> None:
         ) from None
 
 
-def looks_like_path(name: str) -> bool:
-    """Whether a ``--model`` value is meant as a local folder rather than a Hub id ("org/name")."""
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-            or Path(name).exists())
-
-
 def check_model_path(name: str) -> None:
-    """Raise ``cannot load model: no such model folder: PATH`` for a local path that does not exist
-    (``no such GGUF file`` for a missing ``.gguf`` file; a ``.gguf`` file is the one file accepted)."""
-    if name != EMBEDDED_NAME and looks_like_path(name):
-        path = Path(name).expanduser()
-        gguf = str(name).lower().endswith(".gguf")
-        if not path.exists():
-            raise ValueError(f"cannot load model: no such {'GGUF file' if gguf else 'model folder'}: {name}")
-        if not path.is_dir() and not (gguf and path.is_file()):
-            raise ValueError(f"cannot load model: {name} is a file, not a model folder or a .gguf file")
+    """Raise at once for a model value that names nothing loadable: a missing local path (naming the
+    nearest existing names), a folder without a model, a file other than ``.gguf``; an ambiguous
+    ``org/model`` beside a local ``org/`` is looked up on the Hub once
+    (:func:`sorsa_kernels.jobs.models.paths.check_model_name`)."""
+    from ..models.paths import check_model_name
+
+    check_model_name(name, EMBEDDED_NAME)
 
 
 def check_output_dir(path: Path, allow_existing: bool = False, hint: str = "") -> None:

@@ -13,24 +13,46 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..models.paths import check_on_disk
 from ..progress import library_bars
-from .config import check_output_dir
+from .config import check_model_path, check_output_dir
 from .model import load_base
 from .outputs import publishing
 
 
 def _load_with_adapter(base: str, adapter: str, progress: bool = False, allow_base_mismatch: bool = False):
+    """``(model with the adapter loaded, tokenizer or None)``: the base loaded as the class the adapter
+    was trained on; these commands need no tokenizer (merge copies one when the base has it)."""
     from ...adapters.adapter_io import load_adapter, read_adapter
 
-    read_adapter(adapter)  # fail on a bad adapter before loading a (possibly large) base model
+    check_model_path(base)  # a mistyped base fails first: it costs nothing
+    config, _ = read_adapter(adapter)  # fail on a bad adapter before loading a (possibly large) base model
     with library_bars(progress):
-        model, tokenizer = load_base(base, progress=progress)
+        model, tokenizer = load_base(base, progress=progress, model_class=_adapter_model_class(config, base),
+                                     need_tokenizer=False)
     return load_adapter(model, adapter, allow_base_mismatch=allow_base_mismatch), tokenizer
+
+
+def _adapter_model_class(config: dict, base: str) -> Optional[str]:
+    """The class to load the base as: the one the adapter records, else (an adapter with saved heads
+    from before it recorded one) the class the base folder was saved as; None: a causal LM."""
+    import json
+
+    if config.get("model_class"):
+        return config["model_class"]
+    if config.get("modules_to_save") and (Path(base) / "config.json").is_file():
+        try:
+            architectures = json.loads((Path(base) / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError):
+            return None
+        return architectures[0] if architectures else None
+    return None
 
 
 def merge_job(base: str, adapter: str, output: str, progress: bool = False, *, allow_base_mismatch: bool = False,
               allow_non_finite: bool = False) -> Path:
-    """Load ``base`` + ``adapter``, merge, and ``save_pretrained`` model and tokenizer to ``output``.
+    """Load ``base`` + ``adapter``, merge, and ``save_pretrained`` the model (and the tokenizer, when the
+    base has one) to ``output``; the base is loaded as the class the adapter was trained on.
 
     ``base`` must be the model the adapter was fitted to (not one it is already merged into)
     unless ``allow_base_mismatch``; non-finite merged weights are refused unless ``allow_non_finite``.
@@ -43,11 +65,13 @@ def merge_job(base: str, adapter: str, output: str, progress: bool = False, *, a
 
     out = Path(output)
     check_output_dir(out)
+    check_on_disk(out)
     model, tokenizer = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
     merge_sorsa(model, allow_non_finite=allow_non_finite)
     with publishing(out) as tmp, library_bars(progress):  # whole or not at all: never only config.json
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # a base without a tokenizer merges all the same
+            tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -63,6 +87,7 @@ def export_lora_job(base: str, adapter: str, output: str, progress: bool = False
 
     out = Path(output)
     check_output_dir(out)
+    check_on_disk(out)
     model, _ = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
     with publishing(out) as tmp:
         export_peft_lora(model, tmp)

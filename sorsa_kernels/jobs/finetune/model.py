@@ -17,37 +17,91 @@ import torch
 from ...adapters.targets import ALL_LINEAR, NoDefaultTargetsError
 from ..models.embedded import EMBEDDED_NAME, PRETRAIN_STEPS, build_embedded
 from ..options import ConfigError
+from ..progress import phase_line
 from ..models.gguf import gguf_folder, is_gguf
 from .config import DTYPES, FinetuneConfig, check_model_path, is_main_process, target_spec
 
 
 def load_base(name: str, *, pretrain_steps: Optional[int] = None, seed: int = 0, progress: bool = True,
-              dtype: Optional[torch.dtype] = None):
+              dtype: Optional[torch.dtype] = None, cache: bool = True, model_class: Optional[str] = None,
+              need_tokenizer: bool = True):
     """``(model, tokenizer)`` for ``"embedded"``, a local path / Hub id of a causal LM, or a ``.gguf`` file.
 
     A GGUF file is dequantized (once, into a cached folder: see
     :func:`sorsa_kernels.jobs.models.gguf.gguf_folder`) and its tokenizer,
-    chat template included, comes from the same file.
+    chat template included, comes from the same file.  ``model_class`` (a ``transformers`` class
+    name, e.g. ``"BertForSequenceClassification"``) loads the base as that class instead of
+    ``AutoModelForCausalLM``; without ``need_tokenizer`` a base without one gives ``tokenizer=None``.
+    ``cache=False`` pretrains the embedded model again instead of reading its cached weights.
 
     Errors (no such model, not a causal LM) are raised as one-line ValueErrors.
     """
+    from ...ops.dispatch import backend
+
+    backend()  # a misspelt SORSA_KERNELS_BACKEND fails here, before a model is pretrained or loaded
     if name == EMBEDDED_NAME:
         steps = PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
-        return build_embedded(pretrain_steps=steps, seed=0, progress=progress)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        return build_embedded(pretrain_steps=steps, seed=0, progress=progress, cache=cache)
     check_model_path(name)
+    from transformers import AutoTokenizer
+
     try:
         # a GGUF file is converted once to a cached folder (float32), then loaded in ``dtype`` like any other
         folder = str(gguf_folder(name)) if is_gguf(name) else name
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    except ValueError:  # one line naming the file already (truncated, unwritable cache, …)
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load model {name!r}: {_first_line(e)}") from None
+    tokenizer = None
+    if not has_tokenizer_files(folder):  # transformers would make up an empty tokenizer, or fail mid-sentence
+        if need_tokenizer:
+            raise ValueError(f"cannot load model {name!r}: the folder has no tokenizer (none of "
+                             f"{', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the model it came from "
+                             "into it")
+    else:
+        try:  # the tokenizer first: it is cheap, and a broken one must not cost a model load
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            if need_tokenizer:
+                raise ValueError(f"cannot load model {name!r}: no usable tokenizer: {_first_line(e)}") from None
+    try:
+        model = _model_class(model_class).from_pretrained(folder, dtype=dtype or "auto")
     except Exception as e:  # OSError, ValueError, SafetensorError (truncated weights), …
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load model {name!r}: {first}") from None
-    if tokenizer.pad_token_id is None:
+        raise ValueError(f"cannot load model {name!r}: {_first_line(e)}") from None
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+#: Files one of which a local model folder's tokenizer is read from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether ``folder`` (a local folder; a Hub id is taken to have them) holds a tokenizer."""
+    from pathlib import Path
+
+    path = Path(folder).expanduser()
+    return not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(e).__name__
+
+
+def _model_class(name: Optional[str]):
+    """The ``transformers`` class a base loads as: ``AutoModelForCausalLM`` unless an adapter names its own."""
+    import transformers
+
+    if name is None:
+        return transformers.AutoModelForCausalLM
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"the adapter was trained on a {name}, which this transformers "
+                         f"{transformers.__version__} does not have")
+    return cls
 
 
 def sorsa_arguments(cfg: FinetuneConfig) -> tuple:
@@ -85,11 +139,19 @@ def targets_worded(cfg: FinetuneConfig) -> Iterator[None]:
 
 def apply_config_sorsa(model, cfg: FinetuneConfig):
     """SORSA surgery on ``model`` with the config's rank, targets, SVD, dtypes and quantization."""
+    import time
+
     from ...adapters.surgery import apply_sorsa
 
     targets, init = sorsa_arguments(cfg)
+    bars = cfg.progress and is_main_process()
+    what = f"NF4 residual, {cfg.svd} SVD" if cfg.quantize else f"{cfg.svd} SVD"
+    phase_line(f"SORSA init: rank {cfg.rank}, {what}", bars)
+    start = time.perf_counter()
     with targets_worded(cfg):
-        return apply_sorsa(model, init, targets, progress=cfg.progress and is_main_process())
+        model = apply_sorsa(model, init, targets, progress=bars)
+    phase_line(f"SORSA init finished in {time.perf_counter() - start:.1f} s", bars)
+    return model
 
 
 def _fsdp_mesh():
@@ -123,7 +185,8 @@ def load_sharded_quantized(cfg: FinetuneConfig, mesh=None):
     if cfg.embedded:
         import copy
 
-        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=progress)
+        model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps, progress=progress,
+                                     cache=cfg.pretrain_cache)
         base_copy = copy.deepcopy(model)
         apply_config_sorsa(model, cfg)
         return shard_model(model, mesh), tokenizer, base_copy
@@ -131,6 +194,9 @@ def load_sharded_quantized(cfg: FinetuneConfig, mesh=None):
 
     from ...distributed.streaming import load_sorsa_streaming
 
+    from ...ops.dispatch import backend
+
+    backend()  # before the streaming load
     check_model_path(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..models.paths import check_on_disk
 from .config import FinetuneConfig, check_writable
 
 __all__ = [
@@ -191,6 +192,7 @@ def check_run_folder(out: Path, resume: Optional[str]) -> Optional[Path]:
     out = Path(out)
     state = inspect_output_dir(out)
     check_writable(out)
+    check_on_disk(out)
     if state.kind == "foreign":
         shown = ", ".join(state.foreign[:3]) + (" …" if len(state.foreign) > 3 else "")
         raise ValueError(f"output folder {out} already exists and is not empty (it holds {shown}, which a "
@@ -315,6 +317,8 @@ def claim_run_folder(out: Path) -> RunLock:
         created = True
     except FileExistsError:
         created = False
+    except OSError as e:  # a bare "[Errno 1] Operation not permitted: '/sys/x'" names neither side
+        raise ValueError(f"output folder {out} cannot be created: {e.strerror or e}") from None
     path = out / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -18,7 +18,7 @@ import torch
 
 from ...training.data import arithmetic_problems, load_records, split_records
 from ..options import ConfigError
-from ..progress import LogLines, library_bars
+from ..progress import LogLines, library_bars, phase_line
 from .config import (
     DTYPES, EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process,
 )
@@ -215,7 +215,7 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
         fingerprint = None
     else:
         model, tokenizer = load_base(cfg.model, pretrain_steps=cfg.pretrain_steps,
-                                     progress=cfg.progress and is_main_process())
+                                     progress=cfg.progress and is_main_process(), cache=cfg.pretrain_cache)
         fingerprint = base_fingerprint(model)
         if ckpt is not None:
             check_resume_matches(ckpt, cfg, fingerprint)
@@ -266,6 +266,11 @@ def print_adaptation_summary(model, cfg: FinetuneConfig) -> None:
             print(f"  {line}", flush=True)
 
 
+def _evaluation_phase(when: str, eval_ds, em_rows) -> str:
+    exact = f", exact match on {len(em_rows)}" if em_rows else ""
+    return f"evaluation {when}: held-out loss on {len(eval_ds)} examples{exact}"
+
+
 def _check_finite(model, losses, step: int) -> None:
     """Refuse to publish a diverged adapter (NaN/Inf factors or loss)."""
     from ...adapters.surgery import sorsa_layers
@@ -312,6 +317,9 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
     em_rows = held_rows[: cfg.eval_samples] if held_rows else []
     max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, em_rows)
     fsdp_pre_eval = cfg.fsdp and distributed()
+    bars = cfg.progress or not trainer.is_world_process_zero()  # phase lines: the main process, without bars
+    if eval_ds is not None and cfg.evaluate and not fsdp_pre_eval:
+        phase_line(_evaluation_phase("before fine-tuning", eval_ds, em_rows), bars)
     before = {} if fsdp_pre_eval else evaluate(trainer, model, tokenizer, eval_ds, em_rows, cfg, use_chat, max_new)
     if before and trainer.is_world_process_zero():
         print(metrics_line("before fine-tuning", before), flush=True)
@@ -321,6 +329,8 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
     train_runtime = time.perf_counter() - t_train
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     _check_finite(trainer.model, losses, trainer.state.global_step)
+    if eval_ds is not None and cfg.evaluate:
+        phase_line(_evaluation_phase("after fine-tuning", eval_ds, em_rows), bars)
     after = evaluate(trainer, trainer.model, tokenizer, eval_ds, em_rows, cfg, use_chat, max_new)
     if after and trainer.is_world_process_zero():
         print(metrics_line("after fine-tuning", after), flush=True)
@@ -338,7 +348,10 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
         # Resuming a finished run replaces its results: drop the finished mark first, so a
         # failure part-way leaves a resumable run, never old metrics beside new artifacts.
         (out / METRICS_FILE).unlink(missing_ok=True)
-    save_outputs(trainer, tokenizer, cfg, result, base_copy, train_out)
+    # one line, bars or not, instead of a "Writing model shards" bar per saved model (merged/, base/)
+    phase_line(f"saving the adapter and the merged model to {out}", not trainer.is_world_process_zero())
+    with library_bars(False):
+        save_outputs(trainer, tokenizer, cfg, result, base_copy, train_out)
     result.total_runtime_s = time.perf_counter() - t_start
     if trainer.is_world_process_zero():
         write_metrics(result)

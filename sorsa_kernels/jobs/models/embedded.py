@@ -8,18 +8,25 @@ teaches it to answer word problems (see :mod:`sorsa_kernels.training.data`).
 
 Everything is deterministic for a given seed: pretraining runs on one CPU thread, so
 every process of a distributed run — and every later ``--base embedded`` — rebuilds
-bit-identical weights.
+bit-identical weights.  The pretrained weights are cached (:func:`cached_pretrained`, in the
+user cache folder, keyed by package version, seed, step count and configuration), so only the
+first run on a machine pretrains; ``--no-cache`` pretrains again.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import string
-from typing import Iterator
+import time
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from ...training.data import arithmetic_equations
+from ..progress import phase_line
 
 __all__ = [
     "EMBEDDED_NAME",
@@ -28,6 +35,7 @@ __all__ = [
     "build_model",
     "pretrain",
     "build_embedded",
+    "cache_folder",
 ]
 
 #: The value of ``--model`` / ``--base`` that selects the embedded default.
@@ -166,8 +174,57 @@ def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS, seed: int = 0, progr
     return model
 
 
-def build_embedded(pretrain_steps: int = PRETRAIN_STEPS, seed: int = 0, progress: bool = True):
+def cache_folder(pretrain_steps: int, seed: int) -> Path:
+    """Where the embedded model pretrained ``pretrain_steps`` steps from ``seed`` is cached: a folder of
+    the user cache (:func:`~sorsa_kernels.jobs.models.gguf.cache_root`) named by a hash of
+    everything the weights depend on (package and torch versions, seed, steps, model and
+    pretraining configuration)."""
+    from ..._version import __version__
+    from .gguf import cache_root
+
+    recipe = dict(version=__version__, torch=torch.__version__.split("+")[0], seed=seed, steps=pretrain_steps,
+                  model=_MODEL, batch=_PRETRAIN_BATCH, seq=_PRETRAIN_SEQ, lr=_PRETRAIN_LR, chars="".join(_CHARS))
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / f"embedded-{key}"
+
+
+_WEIGHTS = "model.safetensors"
+
+
+def _read_cache(model, folder: Path) -> bool:
+    """Load cached weights into ``model``; False when there are none or they cannot be read."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(folder / _WEIGHTS))
+        model.load_state_dict(state, strict=True)
+    except Exception:  # absent, truncated, from another layout: pretrain again (and rewrite it)
+        return False
+    return True
+
+
+def _write_cache(model, folder: Path) -> Optional[str]:
+    """Publish ``model``'s weights to ``folder`` whole; the reason when the cache cannot be written."""
+    from safetensors.torch import save_file
+
+    from ...adapters.atomic import atomic_dir
+
+    try:
+        with atomic_dir(folder) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / _WEIGHTS))
+    except OSError as e:
+        return f"{e.strerror or e} ({folder.parent})"
+    return None
+
+
+def build_embedded(pretrain_steps: int = PRETRAIN_STEPS, seed: int = 0, progress: bool = True,
+                   cache: bool = True):
     """Tokenizer and briefly pretrained tiny Llama: the embedded default base model.
+
+    With ``cache`` the pretrained weights are read from :func:`cache_folder` when a previous run
+    wrote them there (and written there otherwise), so pretraining runs once per machine;
+    ``cache=False`` pretrains and leaves the cache alone.  Without ``progress`` each phase
+    is one plain line (for a log file).
 
     Example::
 
@@ -177,5 +234,17 @@ def build_embedded(pretrain_steps: int = PRETRAIN_STEPS, seed: int = 0, progress
     """
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
+    if pretrain_steps <= 0:
+        return model, tokenizer
+    folder = cache_folder(pretrain_steps, seed) if cache else None
+    if folder is not None and _read_cache(model, folder):
+        model.eval()
+        phase_line(f"embedded model: pretrained weights read from the cache {folder}", progress)
+        return model, tokenizer
+    phase_line(f"pretraining the embedded model: {pretrain_steps} steps", progress)
+    start = time.perf_counter()
     pretrain(model, tokenizer, steps=pretrain_steps, seed=seed, progress=progress)
+    note = _write_cache(model, folder) if folder is not None else None
+    cached = (f"; cache not written: {note}" if note else f"; cached in {folder}") if folder is not None else ""
+    phase_line(f"pretraining finished in {time.perf_counter() - start:.1f} s{cached}", progress)
     return model, tokenizer

