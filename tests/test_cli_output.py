@@ -71,7 +71,7 @@ def test_sorsa_init_bar_counts_every_layer_the_summary_counts_on_tiny_mixtral(mo
     from transformers import MixtralConfig, MixtralForCausalLM
 
     import sorsa_kernels as sk
-    from sorsa_kernels.adapters import surgery
+    from sorsa_kernels.adapters import plan as surgery  # the surgery plan draws the bar
 
     totals = []
     real = surgery.tqdm
