@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 try:
+    from . import report_plot
     from . import targets as target_checks
 except ImportError:  # run as a script: python bench/report.py
+    import report_plot  # type: ignore[no-redef]
     import targets as target_checks  # type: ignore[no-redef]
 
 MODES = ("forward", "backward", "fwd_bwd", "step")
@@ -287,66 +289,6 @@ def pick_rank(rows: list[Row], wanted: Optional[int]) -> Optional[int]:
     return min(ranks, key=lambda r: (abs(r - 64), r))
 
 
-def plot(rows: list[Row], png: Path, rank: Optional[int], title: str) -> None:
-    """Median time against tokens, one line per provider and shape, a panel per mode (+ the e2e step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
-    axes = axes.ravel()
-    colors = {p: plt.cm.tab10(i) for i, p in enumerate(PROVIDERS)}
-    shapes = sorted({r.shape for r in rows if r.kind == "linear"}, key=lambda s: (s[0] or 0, s[1] or 0))
-    markers = "osD^v<>px*h"
-    for ax, mode in zip(axes, MODES):
-        sel = [r for r in rows if r.kind == "linear" and r.mode == mode and (r.rank == rank or r.provider == "frozen")]
-        for provider in PROVIDERS:
-            for si, shape in enumerate(shapes):
-                pts = sorted((r.tokens, r.median_s * 1e3) for r in sel if r.provider == provider and r.shape == shape)
-                if not pts:
-                    continue
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker=markers[si % len(markers)], color=colors[provider],
-                        linestyle="-" if si % 2 == 0 else "--",
-                        label=f"{provider} {shape[0]}×{shape[1]}")
-        ax.set_title(f"{mode} (r={rank}; frozen has no adapter)")
-        ax.set_xlabel("tokens M")
-        ax.set_ylabel("median ms")
-        if sel:
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.xaxis.set_major_formatter(plain)
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-            ax.tick_params(axis="y", which="minor", labelsize=7)
-            ax.grid(True, which="both", alpha=0.3)
-        else:
-            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[5].legend(handles, labels, loc="center", fontsize=7, ncol=2)
-    axes[5].axis("off")
-    ax = axes[4]
-    e2e = sorted((r for r in rows if r.kind == "e2e"), key=lambda r: (r.rank or 0, _order(r.provider, E2E_PROVIDERS)))
-    if e2e:
-        labels_e2e = [f"{r.provider}\nr={r.rank}" for r in e2e]
-        ax.bar(range(len(e2e)), [r.tokens / r.median_s for r in e2e],
-               color=[plt.cm.tab10(_order(r.provider, E2E_PROVIDERS)) for r in e2e])
-        ax.set_xticks(range(len(e2e)), labels_e2e, fontsize=7)
-        ax.set_ylabel("tokens/s")
-        ax.set_title("end-to-end Llama training step")
-    else:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- entry point
 def have_matplotlib() -> bool:
     """Whether matplotlib imports here (the PNG needs it; the markdown does not)."""
@@ -386,7 +328,7 @@ def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None
     md.write_text(text)
     if png is not None:
         device = rows[0].get("device_name") if rows else "unknown device"
-        plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}")
+        report_plot.plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}", PROVIDERS, E2E_PROVIDERS, MODES)
     return md, png
 
 
