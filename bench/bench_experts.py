@@ -80,25 +80,31 @@ def moe_block(s: MoEShape) -> torch.nn.Module:
     return block
 
 
+def peft_lora_experts(block: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """PEFT LoRA on ``block``'s expert parameters (in place): only the LoRA factors train, B non-zero
+    as after some training (a zero B would let PEFT's ΔW be zeros)."""
+    import peft
+
+    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_parameters=TARGETS)
+    model = peft.inject_adapter_in_model(cfg, block)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model
+
+
 def build(provider: str, block: torch.nn.Module, rank: int) -> torch.nn.Module:
     """``provider``'s adapted copy of ``block`` (raises :class:`providers.Unavailable` with the reason)."""
     model = copy.deepcopy(block)
     if provider == "lora":
         providers.require_module("lora", "peft", "LoRA on target_parameters")
-        import peft
-
-        cfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_parameters=TARGETS)
         try:
-            model = peft.inject_adapter_in_model(cfg, model)
+            return peft_lora_experts(model, rank)
         except (TypeError, ValueError) as exc:  # a PEFT without target_parameters
             raise providers.Unavailable(f"lora: PEFT cannot adapt target_parameters here ({exc})") from exc
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
-        with torch.no_grad():  # a non-zero B, as after some training
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.01)
-        return model
     from sorsa_kernels.adapters.experts import adapt_experts
 
     options = dict(svd="randomized")

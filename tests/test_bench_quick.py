@@ -37,6 +37,19 @@ def test_quick_on_the_cpu_grid_uses_its_own_sizes(monkeypatch):
         "qsorsa-fwd_bwd-M256-256x256-r32-fp32", "qlora-fwd_bwd-M256-256x256-r32-fp32"}
 
 
+def _collect_gpu(root: Path, target: str) -> list[str]:
+    """Test ids that ``pytest -p bench.gpu_marker -m gpu`` collects under ``root``."""
+    (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "bench.gpu_marker", "-m", "gpu", "--collect-only", "-q",
+         "-p", "no:cacheprovider", target],
+        cwd=root, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted(line for line in proc.stdout.splitlines() if "::" in line)
+
+
 def test_gpu_marker_plugin_selects_marked_and_cuda_only_tests(tmp_path: Path):
     (tmp_path / "test_sample.py").write_text(textwrap.dedent('''
         import pytest
@@ -57,16 +70,7 @@ def test_gpu_marker_plugin_selects_marked_and_cuda_only_tests(tmp_path: Path):
 
         def test_plain(): pass
     '''))
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "bench.gpu_marker", "-m", "gpu", "--collect-only", "-q",
-         "-p", "no:cacheprovider", "test_sample.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    collected = sorted(line for line in proc.stdout.splitlines() if "::" in line)
-    assert collected == ["test_sample.py::test_cuda_only", "test_sample.py::test_marked",
+    assert _collect_gpu(tmp_path, "test_sample.py") == ["test_sample.py::test_cuda_only", "test_sample.py::test_marked",
                          "test_sample.py::test_param[bf16]"]
 
 
@@ -99,16 +103,7 @@ def test_gpu_marker_selects_the_dtype_cases_of_the_kernel_numerics_files(tmp_pat
     ''')
     (kernels / "test_grouped_sorsa.py").write_text(body)
     (kernels / "test_other.py").write_text(body)
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "bench.gpu_marker", "-m", "gpu", "--collect-only", "-q",
-         "-p", "no:cacheprovider", "tests"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    collected = sorted(line for line in proc.stdout.splitlines() if "::" in line)
-    assert collected == ["tests/kernels/test_grouped_sorsa.py::test_numerics[float16]",
+    assert _collect_gpu(tmp_path, "tests") == ["tests/kernels/test_grouped_sorsa.py::test_numerics[float16]",
                          "tests/kernels/test_grouped_sorsa.py::test_numerics[float32]"]
 
 
