@@ -99,6 +99,12 @@ case "$mode" in
         if [[ "$skip_tests" == 0 ]]; then
             test_cmd=("$python" -m pytest tests -m gpu -p bench.gpu_marker -p bench.quick_autotune
                       -p bench.on_timeout -q -rs -p no:cacheprovider --junitxml "$stem-tests.xml")
+            # Compiles dominate a cold run and Triton compiles one kernel at a time per process:
+            # with pytest-xdist the GPU tests run in SORSA_TEST_WORKERS processes (default 8).
+            workers=${SORSA_TEST_WORKERS:-8}
+            if [[ "$workers" =~ ^[0-9]+$ && "$workers" -gt 1 ]] && "$python" -c "import xdist" 2>/dev/null; then
+                test_cmd+=(-n "$workers")
+            fi
         fi
         ;;
 esac

@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,12 @@ def test_budget_refuses_a_value_that_is_not_whole_seconds_of_at_least_120(value)
     assert proc.returncode == 2 and f"--budget is whole seconds, at least 120 (got '{value}')" in proc.stderr
 
 
+def test_gpu_tests_run_in_one_process_without_xdist_or_with_one_worker(monkeypatch):
+    monkeypatch.setenv("PYTHON", sys.executable)  # this interpreter: xdist or not, one worker asked
+    monkeypatch.setenv("SORSA_TEST_WORKERS", "1")
+    assert "-n" not in _dry_run("--quick")["tests"]
+
+
 def test_quick_compiled_loop_opts_in_the_compiled_baseline():
     assert _option(_dry_run("--quick", "--compiled-loop")["bench"], "-m") == "quick"
 
@@ -180,7 +187,10 @@ def stub_run(tmp_path: Path):
 def test_quick_exit_status_is_pytests(stub_run, tests, bench, expected):
     proc, calls = stub_run("--quick", tests=tests, bench=bench)
     assert proc.returncode == expected, proc.stderr
-    assert [c.split()[:2] for c in calls] == [["-c", "import"], ["-m", "pytest"], ["-m", "pytest"], ["-m", "bench.report"]]
+    assert [c.split()[:2] for c in calls] == [["-c", "import"], ["-c", "import"], ["-m", "pytest"],
+                                              ["-m", "pytest"], ["-m", "bench.report"]]
+    assert calls[1] == "-c import xdist"
+    assert " -n 8" in calls[2]  # the stub imports xdist: the GPU tests run in 8 processes
     assert f"GPU tests: pytest exit status {tests}" in proc.stderr
     assert f"benchmarks: pytest exit status {bench}" in proc.stderr
 
