@@ -3,7 +3,7 @@
 # its .md report (and .png when matplotlib is installed).
 #
 #   bash bench/run_gpu.sh                  # whole suite (layers, end-to-end step, regularizer)
-#   bash bench/run_gpu.sh --quick          # GPU tests (-m gpu) + every target of issue 33 (-m quick), ≈ 6 min on one H100
+#   bash bench/run_gpu.sh --quick          # GPU tests (-m gpu) + every target of issue 33 (-m quick), ≈ 4-7 min on one H100 (bench/README.md counts it)
 #   bash bench/run_gpu.sh --quick --compiled-loop   # … plus the torch.compile regularizer baseline (minutes of compiling)
 #   bash bench/run_gpu.sh --quick --skip-tests      # the quick benchmarks without the GPU tests
 #   bash bench/run_gpu.sh --issue3         # issue 3's benchmark only
