@@ -65,7 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if install(driver.active):
         from triton.runtime.autotuner import Autotuner
 
-        cap_configs(Autotuner)
+        if hasattr(Autotuner, "prune_configs"):  # every Triton 3.x has it; an older one keeps all configs
+            cap_configs(Autotuner)
         config.stash[_INSTALLED] = True
 
 
