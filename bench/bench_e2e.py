@@ -179,6 +179,7 @@ def test_plan_against_measured_peak(benchmark, request, monkeypatch):
     before = torch.cuda.memory_allocated() if harness.ON_CUDA else 0
     model = _llama(size, dtype)
     model.config.use_cache = False
+    model.config.dtype = dtype  # the plan reads the weights' dtype from the config, as from a checkpoint's
     model, regularize = _adapt("sorsa", model, rank, dtype)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
