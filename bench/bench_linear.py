@@ -29,6 +29,11 @@ ISSUE3_PROVIDERS = ("frozen", "sorsa_fused", "sorsa_reference", "lora", "dense")
 ISSUE3_MODES = ("forward", "fwd_bwd")
 QUICK_PROVIDERS = ("frozen", "sorsa_fused", "lora")
 QUICK_QUANT_PROVIDERS = ("qsorsa", "qlora")
+#: Providers whose output is checked against the reference path at the benchmark's shape
+#: (the autotuner picked their configs there, which the quick GPU tests may not have run).
+CHECKED_PROVIDERS = {"sorsa_fused": "reference", "qsorsa": "reference"}
+#: ‖fused − reference‖ / ‖reference‖ allowed per dtype (both paths round to the dtype).
+CHECK_TOL = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2}
 
 
 def _is_issue3(provider: str, mode: str, shape: tuple[int, int], grid: harness.Grid) -> bool:
@@ -165,6 +170,15 @@ def _check(mode: str, result: Any, built: providers.Built, x: torch.Tensor, shap
             harness.assert_sane(p.detach(), p.shape, f"trainable parameter {i} after the step")
 
 
+def check_against_reference(module: torch.nn.Module, x: torch.Tensor, monkeypatch, backend: str) -> float:
+    """``‖y − y_ref‖ / ‖y_ref‖`` of the module's forward against the same module on ``backend``."""
+    with torch.no_grad():
+        y = module(x).float()
+        monkeypatch.setenv("SORSA_KERNELS_BACKEND", backend)
+        y_ref = module(x).float()
+    return float((y - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
+
+
 @pytest.mark.parametrize(("provider", "mode", "tokens", "n", "m", "rank", "dtype"), _cases())
 def test_linear_layer(benchmark, request, monkeypatch, provider, mode, tokens, n, m, rank, dtype):
     """Time one mode of one provider's layer; record throughput and memory in extra_info."""
@@ -191,10 +205,16 @@ def test_linear_layer(benchmark, request, monkeypatch, provider, mode, tokens, n
         del y
         peak, peak_delta = harness.peak_memory(target, setup)
 
+    rel_err = None
+    if mode == "fwd_bwd" and provider in CHECKED_PROVIDERS and harness.ON_CUDA:
+        rel_err = check_against_reference(built.module, x, monkeypatch, CHECKED_PROVIDERS[provider])
+        monkeypatch.setenv("SORSA_KERNELS_BACKEND", built.backend)
+        assert rel_err < CHECK_TOL[dtype], f"{provider} differs from the reference path by {rel_err:.3g}"
     harness.record(
         benchmark, kind="linear", provider=provider, mode=mode, tokens=tokens, dtype=torch_dtype,
         median_s=median_s, flops=harness.linear_flops(mode, tokens, n, m, rank),
         peak_bytes=peak, peak_delta_bytes=peak_delta, saved_bytes=saved,
         n=n, m=m, rank=rank or None, adapter_dtype=harness.dtype_name(built.adapter_dtype),
         backend=built.backend, trainable_params=sum(p.numel() for p in built.trainable),
+        rel_err_vs_reference=rel_err,
     )

@@ -57,17 +57,9 @@ def _block(H, I, E, k):
 
 
 def _peft(block, r):
-    import peft
+    from .bench_experts import peft_lora_experts
 
-    cfg = peft.LoraConfig(r=r, lora_alpha=r, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    model = peft.inject_adapter_in_model(cfg, copy.deepcopy(block))
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
-    with torch.no_grad():  # a non-zero B, as after some training
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    return model
+    return peft_lora_experts(copy.deepcopy(block), r)
 
 
 def _routed(self, hidden_states, top_k_index, top_k_weights):

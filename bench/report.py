@@ -25,6 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+try:
+    from . import report_plot
+    from . import targets as target_checks
+except ImportError:  # run as a script: python bench/report.py
+    import report_plot  # type: ignore[no-redef]
+    import targets as target_checks  # type: ignore[no-redef]
+
 MODES = ("forward", "backward", "fwd_bwd", "step")
 PROVIDERS = ("frozen", "sorsa_fused", "sorsa_reference", "lora", "qlora", "dense", "qsorsa")
 E2E_PROVIDERS = ("sorsa", "lora", "qlora", "qsorsa")
@@ -35,16 +42,6 @@ NO_PNG_NOTE = (
     "No plot: matplotlib is not installed here. `python3 -m pip install matplotlib` (or carry its "
     "wheel, see bench/README.md), then `python3 -m bench.report {json} --out {out}` writes `{png}`."
 )
-#: The regularizer target: grouped kernel vs the per-matrix reference loop, at least this speed-up.
-REGULARIZER_SPEEDUP_MIN = 10.0
-
-#: Issue 12's targets (which relaxed issue 3's 1.08 / 1.12 to the design's memory-traffic floor
-#: plus margin), checked on fwd+bwd rows.
-TIME_VS_FLOOR_LIMITS = {64: 1.15, 128: 1.20}
-SPEEDUP_VS_LORA_MIN = (64, 1.4)
-SPEEDUP_QSORSA_VS_QLORA_MIN = (64, 1.3)
-
-
 @dataclass
 class Row:
     """One benchmark of the file, with what the report needs."""
@@ -167,43 +164,6 @@ def linear_table(rows: list[Row]) -> list[str]:
             *_table(header, body), ""]
 
 
-def targets_table(rows: list[Row]) -> list[str]:
-    """Issue 3's targets on the fwd+bwd rows (pass/fail), or why they cannot be checked."""
-    fb = [r for r in rows if r.kind == "linear" and r.mode == "fwd_bwd"]
-    floor = {_linear_key(r): r for r in fb if r.provider == "frozen"}
-    by = {(r.provider, _linear_key(r), r.rank): r for r in fb}
-    body = []
-
-    def case(r: Row) -> str:
-        return f"M={r.tokens} {r.n}×{r.m} r={r.rank} {r.dtype}"
-
-    def add(what: str, r: Row, value: Optional[float], limit: float, at_most: bool) -> None:
-        if value is None:
-            return
-        ok = value <= limit if at_most else value >= limit
-        body.append([what, case(r), f"{value:.2f}", ("≤ " if at_most else "≥ ") + f"{limit:g}", "pass" if ok else "FAIL"])
-
-    for r in sorted((r for r in fb if r.provider == "sorsa_fused"), key=lambda r: (r.tokens, r.n, r.m, r.rank)):
-        f = floor.get(_linear_key(r))
-        lo = by.get(("lora", _linear_key(r), r.rank))
-        if r.rank in TIME_VS_FLOOR_LIMITS and f:
-            add("fwd+bwd time ÷ frozen", r, r.median_s / f.median_s, TIME_VS_FLOOR_LIMITS[r.rank], True)
-        if r.rank == SPEEDUP_VS_LORA_MIN[0] and lo:
-            add("speed-up vs PEFT LoRA", r, lo.median_s / r.median_s, SPEEDUP_VS_LORA_MIN[1], False)
-        if lo and r.get("peak_bytes") is not None and lo.get("peak_bytes"):
-            add("peak memory ÷ PEFT LoRA", r, r.get("peak_bytes") / lo.get("peak_bytes"), 1.0, True)
-    for r in (r for r in fb if r.provider == "qsorsa" and r.rank == SPEEDUP_QSORSA_VS_QLORA_MIN[0]):
-        ql = by.get(("qlora", _linear_key(r), r.rank))
-        if ql:
-            add("QSORSA speed-up vs QLoRA", r, ql.median_s / r.median_s, SPEEDUP_QSORSA_VS_QLORA_MIN[1], False)
-    lines = ["## Targets (issue 3, forward+backward)", ""]
-    if not body:
-        lines += ["No rows to check: the targets need `sorsa_fused` (or `qsorsa` with `qlora`) next to "
-                  "`frozen` and `lora` at r = 64/128, i.e. a run on a CUDA GPU.", ""]
-        return lines
-    return lines + _table(["target", "case", "value", "limit", "result"], body) + [""]
-
-
 def e2e_table(rows: list[Row]) -> list[str]:
     """The end-to-end Llama step, with speed-up and memory against PEFT LoRA."""
     e2e = [r for r in rows if r.kind == "e2e"]
@@ -244,22 +204,15 @@ def regularizer_table(others: list[dict]) -> list[str]:
         return []
     loop = {b["extra_info"].get("dtype"): b["extra_info"]["ms_per_step"]
             for b in regs if b["extra_info"].get("provider") == "reference_loop"}
-    body, targets = [], []
+    body = []
     for b in regs:
         info = b["extra_info"]
         dtype, ms = info.get("dtype"), info["ms_per_step"]
         speedup = _div(loop.get(dtype), ms)
         body.append([str(dtype), str(info.get("provider")), f"{ms:.3f}", str(info.get("matrices", "—")),
                      str(info.get("rank", "—")), "—" if info.get("provider") == "reference_loop" else _ratio(speedup)])
-        if info.get("provider") == "grouped_fused" and speedup is not None:
-            ok = speedup >= REGULARIZER_SPEEDUP_MIN
-            targets.append([f"grouped vs per-matrix loop, {dtype}", f"{speedup:.1f}",
-                            f"≥ {REGULARIZER_SPEEDUP_MIN:g}", "pass" if ok else "FAIL"])
-    lines = ["## Regularizer step (Llama-7B adapter set)", "",
-             *_table(["dtype", "provider", "ms/step", "matrices", "r", "loop ÷ time"], body), ""]
-    if targets:
-        lines += _table(["target", "value", "limit", "result"], targets) + [""]
-    return lines
+    return ["## Regularizer step (Llama-7B adapter set)", "",
+            *_table(["dtype", "provider", "ms/step", "matrices", "r", "loop ÷ time"], body), ""]
 
 
 def others_table(others: list[dict]) -> list[str]:
@@ -301,10 +254,23 @@ def header_lines(path: Path, data: dict, rows: list[Row]) -> list[str]:
     return lines
 
 
-def markdown(path: Path, data: dict, rows: list[Row], others: list[dict]) -> str:
+def tests_xml(path: Path) -> Path:
+    """The GPU tests' JUnit XML that ``bench/run_gpu.sh`` writes beside the results JSON."""
+    return Path(path).with_name(f"{Path(path).stem}-tests.xml")
+
+
+def run_targets(path: Path, data: dict) -> list:
+    """Issue 33's targets of the results at ``path`` (with its GPU-test XML when there is one)."""
+    xml = tests_xml(path)
+    tests = target_checks.read_junit(xml) if xml.is_file() else None
+    return target_checks.evaluate(data["benchmarks"], tests)
+
+
+def markdown(path: Path, data: dict, rows: list[Row], others: list[dict], checked: Optional[list] = None) -> str:
     regularizer = regularizer_table(others)
     rest = [b for b in others if not (regularizer and _is_regularizer(b))]
-    parts = (header_lines(path, data, rows) + linear_table(rows) + targets_table(rows) + e2e_table(rows)
+    checked = run_targets(path, data) if checked is None else checked
+    parts = (header_lines(path, data, rows) + target_checks.markdown(checked) + linear_table(rows) + e2e_table(rows)
              + regularizer + others_table(rest))
     if not rows and not others:
         parts.append("The file holds no benchmark results (was it run with --benchmark-disable?).")
@@ -323,66 +289,6 @@ def pick_rank(rows: list[Row], wanted: Optional[int]) -> Optional[int]:
     return min(ranks, key=lambda r: (abs(r - 64), r))
 
 
-def plot(rows: list[Row], png: Path, rank: Optional[int], title: str) -> None:
-    """Median time against tokens, one line per provider and shape, a panel per mode (+ the e2e step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
-    axes = axes.ravel()
-    colors = {p: plt.cm.tab10(i) for i, p in enumerate(PROVIDERS)}
-    shapes = sorted({r.shape for r in rows if r.kind == "linear"}, key=lambda s: (s[0] or 0, s[1] or 0))
-    markers = "osD^v<>px*h"
-    for ax, mode in zip(axes, MODES):
-        sel = [r for r in rows if r.kind == "linear" and r.mode == mode and (r.rank == rank or r.provider == "frozen")]
-        for provider in PROVIDERS:
-            for si, shape in enumerate(shapes):
-                pts = sorted((r.tokens, r.median_s * 1e3) for r in sel if r.provider == provider and r.shape == shape)
-                if not pts:
-                    continue
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker=markers[si % len(markers)], color=colors[provider],
-                        linestyle="-" if si % 2 == 0 else "--",
-                        label=f"{provider} {shape[0]}×{shape[1]}")
-        ax.set_title(f"{mode} (r={rank}; frozen has no adapter)")
-        ax.set_xlabel("tokens M")
-        ax.set_ylabel("median ms")
-        if sel:
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.xaxis.set_major_formatter(plain)
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-            ax.tick_params(axis="y", which="minor", labelsize=7)
-            ax.grid(True, which="both", alpha=0.3)
-        else:
-            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[5].legend(handles, labels, loc="center", fontsize=7, ncol=2)
-    axes[5].axis("off")
-    ax = axes[4]
-    e2e = sorted((r for r in rows if r.kind == "e2e"), key=lambda r: (r.rank or 0, _order(r.provider, E2E_PROVIDERS)))
-    if e2e:
-        labels_e2e = [f"{r.provider}\nr={r.rank}" for r in e2e]
-        ax.bar(range(len(e2e)), [r.tokens / r.median_s for r in e2e],
-               color=[plt.cm.tab10(_order(r.provider, E2E_PROVIDERS)) for r in e2e])
-        ax.set_xticks(range(len(e2e)), labels_e2e, fontsize=7)
-        ax.set_ylabel("tokens/s")
-        ax.set_title("end-to-end Llama training step")
-    else:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- entry point
 def have_matplotlib() -> bool:
     """Whether matplotlib imports here (the PNG needs it; the markdown does not)."""
@@ -397,7 +303,8 @@ def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None
     """Write ``out/<stem>.md`` and ``out/<stem>.png`` for the JSON at ``path``; return both paths.
 
     Without matplotlib only the markdown is written (it says how to get the PNG) and the
-    second path is None.
+    second path is None.  The targets (``bench/targets.py``) go into the markdown and into the
+    JSON itself, under ``"sorsa_targets"`` (the file is rewritten with that one key added).
 
     Example::
 
@@ -409,7 +316,10 @@ def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{path.stem}.md"
     png: Optional[Path] = out / f"{path.stem}.png"
-    text = markdown(path, data, rows, others)
+    checked = run_targets(path, data)
+    text = markdown(path, data, rows, others, checked)
+    data["sorsa_targets"] = target_checks.as_json(checked)
+    path.write_text(json.dumps(data, indent=2))
     if have_matplotlib():
         text += f"\n![time vs tokens]({png.name})\n"
     else:
@@ -418,7 +328,7 @@ def write_report(path: Path, out: Path = DEFAULT_OUT, rank: Optional[int] = None
     md.write_text(text)
     if png is not None:
         device = rows[0].get("device_name") if rows else "unknown device"
-        plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}")
+        report_plot.plot(rows, png, chosen, f"sorsa-kernels — {device} — {path.name}", PROVIDERS, E2E_PROVIDERS, MODES)
     return md, png
 
 

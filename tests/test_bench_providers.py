@@ -65,3 +65,20 @@ def test_benchmark_of_a_provider_missing_its_library_is_skipped_with_the_reason(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SKIPPED" in proc.stdout and "qsorsa needs bitsandbytes" in proc.stdout, proc.stdout[-3000:]
     assert "passed" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
+
+
+def test_benchmark_value_check_compares_the_module_with_itself_on_the_reference_backend(monkeypatch):
+    import os
+
+    import torch
+
+    from bench.bench_linear import check_against_reference
+
+    class BackendDependent(torch.nn.Module):
+        def forward(self, x):
+            return x * (2.0 if os.environ.get("SORSA_KERNELS_BACKEND") == "reference" else 1.0)
+
+    monkeypatch.setenv("SORSA_KERNELS_BACKEND", "auto")
+    x = torch.randn(8, 4)
+    assert abs(check_against_reference(BackendDependent(), x, monkeypatch, "reference") - 0.5) < 1e-6
+    assert check_against_reference(torch.nn.Linear(4, 3), x, monkeypatch, "reference") == 0.0

@@ -37,6 +37,19 @@ def test_quick_on_the_cpu_grid_uses_its_own_sizes(monkeypatch):
         "qsorsa-fwd_bwd-M256-256x256-r32-fp32", "qlora-fwd_bwd-M256-256x256-r32-fp32"}
 
 
+def _collect_gpu(root: Path, target: str) -> list[str]:
+    """Test ids that ``pytest -p bench.gpu_marker -m gpu`` collects under ``root``."""
+    (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "bench.gpu_marker", "-m", "gpu", "--collect-only", "-q",
+         "-p", "no:cacheprovider", target],
+        cwd=root, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted(line for line in proc.stdout.splitlines() if "::" in line)
+
+
 def test_gpu_marker_plugin_selects_marked_and_cuda_only_tests(tmp_path: Path):
     (tmp_path / "test_sample.py").write_text(textwrap.dedent('''
         import pytest
@@ -57,16 +70,7 @@ def test_gpu_marker_plugin_selects_marked_and_cuda_only_tests(tmp_path: Path):
 
         def test_plain(): pass
     '''))
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "bench.gpu_marker", "-m", "gpu", "--collect-only", "-q",
-         "-p", "no:cacheprovider", "test_sample.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    collected = sorted(line for line in proc.stdout.splitlines() if "::" in line)
-    assert collected == ["test_sample.py::test_cuda_only", "test_sample.py::test_marked",
+    assert _collect_gpu(tmp_path, "test_sample.py") == ["test_sample.py::test_cuda_only", "test_sample.py::test_marked",
                          "test_sample.py::test_param[bf16]"]
 
 
@@ -84,3 +88,59 @@ def test_quick_autotune_makes_the_benchmarker_short():
     assert bench.keywords == {"warmup": quick_autotune.WARMUP_MS, "rep": quick_autotune.REP_MS}
     assert bench.func.__name__ == "do_bench"
     assert not quick_autotune.install(object())  # a Triton without get_benchmarker: left alone
+
+
+def test_gpu_marker_selects_the_dtype_cases_of_the_kernel_numerics_files(tmp_path: Path):
+    kernels = tmp_path / "tests" / "kernels"
+    kernels.mkdir(parents=True)
+    body = textwrap.dedent('''
+        import pytest, torch
+
+        @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+        def test_numerics(dtype): pass
+
+        def test_prune_rule(): pass
+    ''')
+    (kernels / "test_grouped_sorsa.py").write_text(body)
+    (kernels / "test_other.py").write_text(body)
+    assert _collect_gpu(tmp_path, "tests") == ["tests/kernels/test_grouped_sorsa.py::test_numerics[float16]",
+                         "tests/kernels/test_grouped_sorsa.py::test_numerics[float32]"]
+
+
+def test_quick_autotune_keeps_at_most_max_configs_after_the_kernels_own_prune():
+    from bench import quick_autotune
+
+    class FakeAutotuner:
+        def prune_configs(self, kwargs):
+            return [c for c in ["a", "b", "c", "d"] if c != kwargs.get("drop")]
+
+    quick_autotune.cap_configs(FakeAutotuner, limit=2)
+    quick_autotune.cap_configs(FakeAutotuner, limit=2)  # installing twice does not cap twice
+    assert FakeAutotuner().prune_configs({"drop": "a"}) == ["b", "c"]
+    quick_autotune.cap_configs(FakeAutotuner, limit=3)
+    assert FakeAutotuner().prune_configs({}) == ["a", "b", "c"]
+
+
+def test_on_timeout_plugin_writes_the_benchmark_json_and_junit_when_sigterm_stops_the_run(tmp_path: Path):
+    (tmp_path / "test_slow.py").write_text(textwrap.dedent('''
+        import os, signal, time
+
+        def test_fast(benchmark):
+            benchmark.pedantic(lambda: None, rounds=1)
+
+        def test_stopped(benchmark):
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
+            time.sleep(30)
+    '''))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "bench.on_timeout", "-p", "no:cacheprovider", "test_slow.py",
+         "--benchmark-json", "out.json", "--junitxml", "out.xml", "-q"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert proc.returncode != 0
+    import json
+
+    names = [b["name"] for b in json.loads((tmp_path / "out.json").read_text())["benchmarks"]]
+    assert names == ["test_fast"]
+    assert 'name="test_fast"' in (tmp_path / "out.xml").read_text()

@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def _dry_run(*args: str) -> dict[str, list[str]]:
     steps = {}
     for line in proc.stdout.splitlines():
         name, _, command = line.partition(":")
-        steps[name] = shlex.split(command)
+        if name in ("tests", "bench", "report"):
+            steps[name] = shlex.split(command)
     return steps
 
 
@@ -62,11 +64,62 @@ def test_quick_runs_gpu_tests_then_the_quick_benchmarks_without_compiled_loop():
     assert "bench.gpu_marker" in plugins and "bench.quick_autotune" in plugins
     assert "--benchmark-only" not in tests  # tests are not benchmarks: --benchmark-only would skip them
     assert bench[:5] == ["python3", "-m", "pytest", "bench/bench_linear.py", "bench/bench_regularizer.py"]
+    assert _option(tests, "--junitxml") == _option(bench, "--benchmark-json").replace(".json", "-tests.xml")
     assert _option(bench, "-m") == "quick and not compiled_loop"
     assert "--benchmark-only" in bench
     assert _option(bench, "--benchmark-json").startswith("bench/results/DEVICE-")
     assert _option(bench, "--benchmark-json").endswith("-quick.json")
     assert steps["report"][:4] == ["python3", "-m", "bench.report", _option(bench, "--benchmark-json")]
+
+
+def test_quick_plan_covers_every_target_of_issue_33(monkeypatch):
+    """Each target's benchmark file is in the quick step, each selected case carries ``quick``, and
+    the report checks every target name (bench/targets.py) — the bf16 numerics from the GPU tests."""
+    from bench import bench_e2e, bench_experts, bench_linear, bench_regularizer, bench_svd_init, harness, targets
+
+    bench = _dry_run("--quick")["bench"]
+    files = {a for a in bench if a.startswith("bench/bench_")}
+    assert files == {"bench/bench_linear.py", "bench/bench_regularizer.py", "bench/bench_experts.py",
+                     "bench/bench_svd_init.py", "bench/bench_e2e.py"}
+    monkeypatch.setattr(harness, "grid", lambda: harness.GPU_GRID)
+    quick = {c.id for c in bench_linear._cases() if any(m.name == "quick" for m in c.marks)}
+    for rank in (64, 128):  # fused vs frozen and vs PEFT LoRA, both shapes
+        for shape in ("4096x4096", "4096x11008"):
+            assert {f"{p}-fwd_bwd-M4096-{shape}-r{rank}-bf16" for p in ("sorsa_fused", "lora")} <= quick
+    assert {"qsorsa-fwd_bwd-M4096-4096x4096-r64-bf16", "qlora-fwd_bwd-M4096-4096x4096-r64-bf16"} <= quick
+    assert bench_regularizer.RANK == 128 and bench_regularizer.LAYERS * len(bench_regularizer.PROJECTIONS) == 224
+    assert (bench_svd_init.LAYERS_GPU * len(bench_svd_init.PROJECTIONS_7B), bench_svd_init.RANK_GPU) == (224, 128)
+    s = bench_experts.QWEN3_30B_A3B
+    assert (s.experts, s.top_k, s.hidden, s.intermediate, s.tokens) == (128, 8, 2048, 768, 4096)
+    assert any(m.name == "quick" for m in bench_experts.pytestmark)
+    assert bench_svd_init.pytestmark.name == "quick"
+    assert any(m.name == "quick" for m in bench_e2e.test_plan_against_measured_peak.pytestmark)
+    checked = {t.name.split(" (")[0].split(":")[0] for t in targets.evaluate([], [])}
+    assert checked == set(targets.TARGET_NAMES)
+
+
+def test_budget_splits_the_time_and_out_copies_every_result():
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--quick", "--budget", "540", "--out", "/tmp/o"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "budget: 540 s; tests 216 s; report 30 s; benchmarks the rest" in proc.stdout
+    copy = [line for line in proc.stdout.splitlines() if line.startswith("copy:")][0]
+    for suffix in (".json", ".md", ".png", "-tests.xml", "-bench.xml"):
+        assert f"-quick{suffix}" in copy
+    assert copy.endswith("-> /tmp/o")
+
+
+@pytest.mark.parametrize("value", ["abc", "60"])
+def test_budget_refuses_a_value_that_is_not_whole_seconds_of_at_least_120(value):
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--quick", "--budget", value],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"--budget is whole seconds, at least 120 (got '{value}')" in proc.stderr
+
+
+def test_gpu_tests_run_in_one_process_without_xdist_or_with_one_worker(monkeypatch):
+    monkeypatch.setenv("PYTHON", sys.executable)  # this interpreter: xdist or not, one worker asked
+    monkeypatch.setenv("SORSA_TEST_WORKERS", "1")
+    assert "-n" not in _dry_run("--quick")["tests"]
 
 
 def test_quick_compiled_loop_opts_in_the_compiled_baseline():
@@ -134,7 +187,10 @@ def stub_run(tmp_path: Path):
 def test_quick_exit_status_is_pytests(stub_run, tests, bench, expected):
     proc, calls = stub_run("--quick", tests=tests, bench=bench)
     assert proc.returncode == expected, proc.stderr
-    assert [c.split()[:2] for c in calls] == [["-c", "import"], ["-m", "pytest"], ["-m", "pytest"], ["-m", "bench.report"]]
+    assert [c.split()[:2] for c in calls] == [["-c", "import"], ["-c", "import"], ["-m", "pytest"],
+                                              ["-m", "pytest"], ["-m", "bench.report"]]
+    assert calls[1] == "-c import xdist"
+    assert " -n 8" in calls[2]  # the stub imports xdist: the GPU tests run in 8 processes
     assert f"GPU tests: pytest exit status {tests}" in proc.stderr
     assert f"benchmarks: pytest exit status {bench}" in proc.stderr
 
