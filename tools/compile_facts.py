@@ -153,7 +153,7 @@ def _label(kernel, args, kwargs) -> str:
     if "a1_ptr" in args:
         flags.append("fwd" if args.get("_phase") == "fwd" else "dx")
         flags = [f for f in flags if not f.startswith("HAS_")]
-        flags += [f"res={int(kwargs['HAS_RESIDUAL'])}", f"bias={int(kwargs['HAS_BIAS'])}"]
+        flags += [f"res={int(kwargs.get('HAS_RESIDUAL', 1))}", f"bias={int(kwargs['HAS_BIAS'])}"]
     return name + ("[" + ",".join(flags) + "]" if flags else "")
 
 

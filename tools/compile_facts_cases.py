@@ -142,6 +142,30 @@ def _experts_launches(M: int, E: int, n: int, m: int, r: int, cd: torch.dtype) -
     return [(k, {**a, "_phase": "fwd"}, kw) for k, a, kw in fwd] + [(k, {**a, "_phase": "bwd"}, kw) for k, a, kw in bwd]
 
 
+def _routed_experts_launches(M: int, E: int, n: int, m: int, r: int, cd: torch.dtype, nf4: bool = False) -> list:
+    """The routed (gather / routing multiply / scatter folded in) experts launches; ``nf4``: an NF4
+    residual stack (kernels/grouped_nf4.py), its tensors empty (nothing runs, only shapes count)."""
+    from sorsa_kernels.kernels import grouped_sorsa as K
+
+    e = lambda *s, dtype=cd: torch.empty(*s, dtype=dtype)  # noqa: E731
+    counts = torch.full((E,), M // E, dtype=torch.int64)
+    x, dy, u = e(M // 2, n), e(M, m), e(M, r)  # top-2: M grouped rows read M / 2 token rows
+    tok, slots, row_w = torch.arange(M) // 2, torch.arange(M), torch.empty(M, dtype=torch.float32)
+    res = e(E, m, n)
+    if nf4:
+        from sorsa_kernels.kernels.grouped_nf4 import NF4Experts
+
+        blocks = m * n // 64
+        f = torch.float32
+        res = NF4Experts((torch.empty(E, m * n // 2, dtype=torch.uint8), torch.empty(E, blocks, dtype=torch.uint8),
+                          e(E, blocks // 256, dtype=f), e(256, dtype=f), e(E, dtype=f), e(16, dtype=f)), (m, n))
+    U, S, V = e(E, m, r, dtype=torch.float32), e(E, r, dtype=torch.float32), e(E, n, r, dtype=torch.float32)
+    fwd = capture(lambda: K.grouped_forward(x, counts, res, U, S, V, None, 1.0, K.RowMap(tok, row_w, slots), M))
+    bwd = capture(lambda: K.grouped_backward(dy, x, u, counts, res, U, S, V, 1.0, True, tok,
+                                             K.RowMap(tok, row_w, None)))
+    return [(k, {**a, "_phase": "fwd"}, kw) for k, a, kw in fwd] + [(k, {**a, "_phase": "bwd"}, kw) for k, a, kw in bwd]
+
+
 def launch_classes(arch: int, quick: bool = False) -> list:
     """``(case, thunk)`` per launch class compiled for ``arch``; ``thunk()`` captures its launches.
 
@@ -176,6 +200,11 @@ def launch_classes(arch: int, quick: bool = False) -> list:
         (f"ortho {hn} 7B adapters r128", lambda: _ortho_launches(h, 128, adapters=True)),
         ("ortho fp32 7B adapters r128", lambda: _ortho_launches(f32, 128, adapters=True)),
         ("ortho fp32 7B adapters r256", lambda: _ortho_launches(f32, 256, adapters=True)),
+        (f"experts {hn} M8192 E8 4096->14336 r256", lambda: _experts_launches(8192, 8, 4096, 14336, 256, h)),
+        (f"experts routed {hn} M8192 E8 4096->14336 r128",
+         lambda: _routed_experts_launches(8192, 8, 4096, 14336, 128, h)),
+        (f"experts routed nf4 {hn} M8192 E8 4096->14336 r128",
+         lambda: _routed_experts_launches(8192, 8, 4096, 14336, 128, h, nf4=True)),
         ("experts fp32-high M8192 E8 4096->14336 r128", lambda: _fp32_high(
             lambda: _experts_launches(8192, 8, 4096, 14336, 128, f32))),
     ]

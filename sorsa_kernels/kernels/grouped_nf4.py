@@ -31,25 +31,11 @@ from torch import Tensor
 
 from . import grouped_nf4_configs as configs
 from ._launch import input_precision
-from .grouped_sorsa import RowMap
+from .grouped_sorsa import RowMap, grouped_lowrank_segment, grouped_store_rows, grouped_tile
 from .grouped_sorsa_configs import ROW_BLOCK
+from .nf4_gemm import nf4_dequant_tile
 
 __all__ = ["NF4Experts", "launch_grouped_nf4_gemm"]
-
-
-@triton.jit
-def _expert_nf4_values(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
-                       flat, mask, QBLOCK: tl.constexpr, NESTED_QBLOCK: tl.constexpr):
-    """float32 values of one expert's NF4 elements at flat (row-major) indices ``flat`` (int64);
-    the pointers already point at that expert's row of the stacked storage."""
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
-    level = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = flat // QBLOCK
-    qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-    scale2 = tl.load(nested_absmax_ptr + block // NESTED_QBLOCK, mask=mask, other=0.0)
-    absmax = tl.load(nested_code_ptr + qabs, mask=mask, other=0.0) * scale2 + offset
-    return level * absmax
 
 
 @triton.autotune(configs=configs.gemm_configs(), key=["N", "K1", "K2", "TRANS_W", "HAS_SCALE", "HAS_BIAS"],
@@ -77,24 +63,13 @@ def _grouped_nf4_lowrank_gemm_kernel(
 ):
     """Rows [row0, row1) of expert e:
     ``C[c_idx] = (w·A1[a_idx])·deq(Wr_e)^(T) + (A2·diag(σ_e))·B2_e (+ w·b_e)``."""
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tiles_ptr + tile * 3)
+    e, rm, rn, rk, offs_k, mask_m, mask_n = grouped_tile(tiles_ptr, N, BLOCK_M, BLOCK_N, BLOCK_K)
     if e < 0:  # past the last real tile (the grid is an upper bound)
         return
-    row0 = tl.load(tiles_ptr + tile * 3 + 1)
-    row1 = tl.load(tiles_ptr + tile * 3 + 2)
     e64 = e.to(tl.int64)
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < row1
-    mask_n = offs_n < N
-    rm = offs_m.to(tl.int64)
-    rn = offs_n.to(tl.int64)
-    rk = offs_k.to(tl.int64)
     cdt = a1_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w = rm  # a placeholder: the routing weights are read only with HAS_ROW_W
     if HAS_ROW_W:
         w = tl.load(row_w_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
     if HAS_A_IDX:
@@ -118,38 +93,17 @@ def _grouped_nf4_lowrank_gemm_kernel(
             flat = kk[:, None] * W_COLS + rn[None, :]
         else:
             flat = rn[None, :] * W_COLS + kk[:, None]
-        b = _expert_nf4_values(packed_e, absmax_e, nested_e, nested_code_ptr, code_ptr, offset, flat,
-                               mask_k[:, None] & mask_n[None, :], QBLOCK, NESTED_QBLOCK)
+        b = nf4_dequant_tile(packed_e, absmax_e, nested_e, nested_code_ptr, code_ptr, offset, flat,
+                             mask_k[:, None] & mask_n[None, :], QBLOCK, NESTED_QBLOCK)
         # cast like bitsandbytes does (float32 value → compute dtype), then an fp32-accumulated dot
         acc = tl.dot(a.to(cdt), b.to(cdt), acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_a1k
 
-    a_ptrs = a2_ptr + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
-    b_ptrs = b2_ptr + e64 * stride_b2e + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
-    for k in range(0, tl.cdiv(K2, BLOCK_K)):
-        k_left = K2 - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if HAS_SCALE:
-            sk = k * BLOCK_K + rk
-            sig = tl.load(scale_ptr + e64 * stride_se + sk * stride_sk, mask=offs_k < k_left, other=0.0)
-            a = (a.to(tl.float32) * sig[None, :]).to(cdt)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(cdt), b.to(cdt), acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_a2k
-        b_ptrs += BLOCK_K * stride_b2k
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + e64 * stride_biase + rn * stride_biasn, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ROW_W:
-            acc += w[:, None] * bias[None, :]
-        else:
-            acc += bias[None, :]
-    if HAS_C_IDX:
-        rc = tl.load(c_idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
-    else:
-        rc = rm
-    tl.store(c_ptr + rc[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    acc = grouped_lowrank_segment(acc, a2_ptr, b2_ptr, scale_ptr, e64, rm, rn, rk, offs_k, mask_m, mask_n, K2,
+                                  stride_a2m, stride_a2k, stride_b2e, stride_b2k, stride_b2n, stride_se, stride_sk,
+                                  HAS_SCALE, INPUT_PRECISION, BLOCK_K)
+    grouped_store_rows(acc, c_ptr, bias_ptr, c_idx_ptr, w, e64, rm, rn, mask_m, mask_n,
+                       stride_biase, stride_biasn, stride_cm, stride_cn, HAS_BIAS, HAS_ROW_W, HAS_C_IDX)
 
 
 # =============================================================================== launchers

@@ -48,10 +48,72 @@ from ._launch import device_guard, input_precision
 from .grouped_sorsa_configs import MAX_BLOCK_R, ROW_BLOCK
 
 __all__ = ["grouped_forward", "grouped_backward", "tile_table", "expert_ranges", "RowMap",
-           "launch_grouped_gemm", "launch_weight_grad", "launch_rowdot", "block_r"]
+           "launch_grouped_gemm", "launch_weight_grad", "launch_rowdot", "block_r",
+           "grouped_tile", "grouped_lowrank_segment", "grouped_store_rows"]
 
 
 # =============================================================================== kernels
+@triton.jit
+def grouped_tile(tiles_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of a grouped GEMM: ``(e, rm, rn, rk, offs_k, mask_m, mask_n)`` — the
+    expert of its tile-table entry (−1 past the last real tile), its rows [row0, row1) and
+    output columns (int64 offsets and masks) and the K offsets of one block."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tiles_ptr + tile * 3)
+    row0 = tl.load(tiles_ptr + tile * 3 + 1)
+    row1 = tl.load(tiles_ptr + tile * 3 + 2)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row1
+    mask_n = offs_n < N
+    return e, offs_m.to(tl.int64), offs_n.to(tl.int64), offs_k.to(tl.int64), offs_k, mask_m, mask_n
+
+
+@triton.jit
+def grouped_lowrank_segment(acc, a2_ptr, b2_ptr, scale_ptr, e64, rm, rn, rk, offs_k, mask_m, mask_n, K2,
+                            stride_a2m, stride_a2k, stride_b2e, stride_b2k, stride_b2n, stride_se, stride_sk,
+                            HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + (A2·diag(σ_e))·B2_e`` over expert e's rows: the low-rank segment of both grouped
+    GEMM kernels (this file's and :mod:`~.grouped_nf4`'s), σ_e applied to the A2 tile on load."""
+    cdt = a2_ptr.dtype.element_ty
+    a_ptrs = a2_ptr + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
+    b_ptrs = b2_ptr + e64 * stride_b2e + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
+    for k in range(0, tl.cdiv(K2, BLOCK_K)):
+        k_left = K2 - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        if HAS_SCALE:  # σ_e on the low-rank columns, in fp32, then back to the compute dtype
+            sk = k * BLOCK_K + rk
+            sig = tl.load(scale_ptr + e64 * stride_se + sk * stride_sk, mask=offs_k < k_left, other=0.0)
+            a = (a.to(tl.float32) * sig[None, :]).to(cdt)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a.to(cdt), b.to(cdt), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_a2k
+        b_ptrs += BLOCK_K * stride_b2k
+    return acc
+
+
+@triton.jit
+def grouped_store_rows(acc, c_ptr, bias_ptr, c_idx_ptr, w, e64, rm, rn, mask_m, mask_n,
+                       stride_biase, stride_biasn, stride_cm, stride_cn,
+                       HAS_BIAS: tl.constexpr, HAS_ROW_W: tl.constexpr, HAS_C_IDX: tl.constexpr):
+    """``C[c_idx] = acc (+ w·b_e)``: the bias (times each row's routing weight ``w``, read only
+    with ``HAS_ROW_W``) and the permute-y store of both grouped GEMM kernels."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e64 * stride_biase + rn * stride_biasn, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ROW_W:
+            acc += w[:, None] * bias[None, :]
+        else:
+            acc += bias[None, :]
+    if HAS_C_IDX:  # permute-y: row i lands in row c_idx[i] of C
+        rc = tl.load(c_idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
+    else:
+        rc = rm
+    c_ptrs = c_ptr + rc[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 @triton.autotune(configs=configs.gemm_configs(), key=["N", "K1", "K2", "HAS_RESIDUAL", "HAS_SCALE", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": configs.prune_gemm_configs})
 @triton.jit
@@ -74,24 +136,13 @@ def _grouped_residual_lowrank_gemm_kernel(
 ):
     """Rows [row0, row1) of expert e (tile table entry):
     ``C[c_idx] = (w·A1[a_idx])·B1_e + (A2·diag(σ_e))·B2_e (+ w·b_e)``."""
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tiles_ptr + tile * 3)
+    e, rm, rn, rk, offs_k, mask_m, mask_n = grouped_tile(tiles_ptr, N, BLOCK_M, BLOCK_N, BLOCK_K)
     if e < 0:  # past the last real tile (the grid is an upper bound)
         return
-    row0 = tl.load(tiles_ptr + tile * 3 + 1)
-    row1 = tl.load(tiles_ptr + tile * 3 + 2)
     e64 = e.to(tl.int64)
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < row1
-    mask_n = offs_n < N
-    rm = offs_m.to(tl.int64)
-    rn = offs_n.to(tl.int64)
-    rk = offs_k.to(tl.int64)
     cdt = a2_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w = rm  # a placeholder: the routing weights are read only with HAS_ROW_W
     if HAS_ROW_W:  # the routing weight of each row, fp32
         w = tl.load(row_w_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
 
@@ -112,32 +163,11 @@ def _grouped_residual_lowrank_gemm_kernel(
             a_ptrs += BLOCK_K * stride_a1k
             b_ptrs += BLOCK_K * stride_b1k
 
-    a_ptrs = a2_ptr + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
-    b_ptrs = b2_ptr + e64 * stride_b2e + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
-    for k in range(0, tl.cdiv(K2, BLOCK_K)):
-        k_left = K2 - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if HAS_SCALE:  # σ_e on the low-rank columns, in fp32, then back to the compute dtype
-            sk = k * BLOCK_K + rk
-            sig = tl.load(scale_ptr + e64 * stride_se + sk * stride_sk, mask=offs_k < k_left, other=0.0)
-            a = (a.to(tl.float32) * sig[None, :]).to(cdt)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b.to(cdt), acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_a2k
-        b_ptrs += BLOCK_K * stride_b2k
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + e64 * stride_biase + rn * stride_biasn, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ROW_W:
-            acc += w[:, None] * bias[None, :]
-        else:
-            acc += bias[None, :]
-    if HAS_C_IDX:  # permute-y: row i lands in row c_idx[i] of C
-        rc = tl.load(c_idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
-    else:
-        rc = rm
-    c_ptrs = c_ptr + rc[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    acc = grouped_lowrank_segment(acc, a2_ptr, b2_ptr, scale_ptr, e64, rm, rn, rk, offs_k, mask_m, mask_n, K2,
+                                  stride_a2m, stride_a2k, stride_b2e, stride_b2k, stride_b2n, stride_se, stride_sk,
+                                  HAS_SCALE, INPUT_PRECISION, BLOCK_K)
+    grouped_store_rows(acc, c_ptr, bias_ptr, c_idx_ptr, w, e64, rm, rn, mask_m, mask_n,
+                       stride_biase, stride_biasn, stride_cm, stride_cn, HAS_BIAS, HAS_ROW_W, HAS_C_IDX)
 
 
 @triton.autotune(configs=configs.weight_grad_configs(), key=["K", "R", "HAS_A_IDX", "HAS_ROW_W"],

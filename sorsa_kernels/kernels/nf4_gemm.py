@@ -43,14 +43,17 @@ from . import nf4_gemm_configs as configs
 from ._launch import device_guard
 from .residual_gemm import launch_gemm
 
-__all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx", "nf4_dequantize"]
+__all__ = ["nf4_lowrank_forward", "nf4_lowrank_dx", "nf4_dequantize", "nf4_dequant_tile"]
 
 @triton.jit
-def _nf4_dequant_tile(
+def nf4_dequant_tile(
     packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
     flat, mask, QBLOCK: tl.constexpr, NESTED_QBLOCK: tl.constexpr,
 ):
-    """float32 values of the NF4 elements at flat (row-major) indices ``flat`` (int64)."""
+    """float32 values of the NF4 elements at flat (row-major) indices ``flat`` (int64).
+
+    Also the grouped NF4 experts kernel's (kernels/grouped_nf4.py), with the pointers already
+    at one expert's row of the stacked storage."""
     byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
     level = tl.load(code_ptr + nibble, mask=mask, other=0.0)
@@ -109,7 +112,7 @@ def _fused_nf4_lowrank_gemm_kernel(
         else:
             flat = offs_n[None, :] * W_COLS + offs_k[:, None]
         b_mask = mask_k[:, None] & mask_n[None, :]
-        b = _nf4_dequant_tile(
+        b = nf4_dequant_tile(
             packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
             flat, b_mask, QBLOCK, NESTED_QBLOCK,
         )

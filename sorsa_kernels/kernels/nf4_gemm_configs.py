@@ -39,7 +39,7 @@ CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
 # Bytes per element of the dequantized B tile that the K loop pipelines through shared memory:
-# the five gathers of _nf4_dequant_tile (packed byte 1, code level 4, absmax byte 1, nested
+# the five gathers of nf4_dequant_tile (packed byte 1, code level 4, absmax byte 1, nested
 # absmax 4, nested code 4).  With the A tile this matches the compile facts (M128 N64 K64 at
 # 4 stages: 3 × (16 + 56) KB = 216 KB on sm_90, 3 buffers even where the dot is a wgmma).
 _DEQUANT_TILE_BYTES = 14

@@ -16,9 +16,10 @@ the K loop, one launch per projection).
 Registered as ``torch.library`` custom ops (``sorsa_kernels::experts_fwd`` / ``experts_bwd``
 and ``qexperts_fwd`` / ``qexperts_bwd``) with fake implementations and an autograd formula,
 so ``torch.compile`` sees one node per call and no graph break.  The kernel-or-reference
-decision is made once per call (:func:`~sorsa_kernels.ops.dispatch.kernel_path`) and passed to
-both ops; a kernel that cannot compile or launch falls back to the reference for that shape
-(:func:`~sorsa_kernels.ops.dispatch.run_with_fallback`).  ``counts`` must sum to the number
+decision is made once per call and passed to both ops; each direction is a
+:class:`~sorsa_kernels.ops.kernel_op.KernelOp` (:data:`~sorsa_kernels.ops.experts_paths.FORWARD`,
+``BACKWARD``), so a kernel that cannot compile or launch falls back to the reference for that
+shape.  ``counts`` must sum to the number
 of grouped rows: checked on the device (``torch._assert_async``), without a host sync.  The
 kernel path has no host sync at all; the reference path reads ``counts`` on the host.
 
@@ -34,9 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dispatch import fallen_back, kernel_path
-from .experts_paths import (FORWARD, REFERENCE_DEQUANT_BYTES, NF4Residual, dequantize_experts, empty_if_none,
-                            fallback_key, grouped_rows, reference_chunk, run_backward, run_forward)
+from .experts_paths import (BACKWARD, FORWARD, REFERENCE_DEQUANT_BYTES, NF4Residual, check_rows, dequantize_experts,
+                            empty_if_none, grouped_rows, reference_chunk)
 
 __all__ = ["sorsa_experts", "qsorsa_experts", "dequantize_experts", "reference_chunk", "REFERENCE_DEQUANT_BYTES"]
 
@@ -53,8 +53,14 @@ def _fake_backward(x, U, S, V, weights, needs_dx, needs_dw):
         V.new_empty(V.shape), dw
 
 
-def _placeholders(grads, x):
-    dx, dU, dS, dV, dw = grads
+def _run_forward(x, counts, res, U, S, V, bias, scale, route, kernel):
+    check_rows(counts, grouped_rows(x, route[0]))
+    return FORWARD(kernel, x, counts, res, U, S, V, bias, scale, route)
+
+
+def _run_backward(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw, kernel):
+    """``(dx, dU, dS, dV, dw)`` with empty tensors for the ``dx`` / ``dw`` not needed."""
+    dx, dU, dS, dV, dw = BACKWARD(kernel, dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw)
     return empty_if_none(dx, x), dU, dS, dV, empty_if_none(dw, x)
 
 
@@ -63,7 +69,7 @@ def experts_fwd(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tensor
                 bias: Optional[Tensor], scale: float, slots: Optional[Tensor], weights: Optional[Tensor],
                 top_k: int, gather: bool, scatter: bool, kernel: bool) -> tuple[Tensor, Tensor]:
     """``(y, u)`` of :func:`sorsa_experts` (``kernel``: the call's dispatch decision)."""
-    return run_forward(x, counts, residual, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights), kernel)
+    return _run_forward(x, counts, residual, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights), kernel)
 
 
 @experts_fwd.register_fake
@@ -77,8 +83,8 @@ def experts_bwd(dy: Tensor, x: Tensor, u: Tensor, counts: Tensor, residual: Opti
                 top_k: int, gather: bool, scatter: bool, needs_dx: bool, needs_dw: bool,
                 kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dU, dS, dV, dw)``; ``dx`` / ``dw`` are empty tensors when not needed."""
-    return _placeholders(run_backward(dy, x, u, counts, residual, U, S, V, bias, scale,
-                                   (slots, top_k, gather, scatter, weights), needs_dx, needs_dw, kernel), x)
+    return _run_backward(dy, x, u, counts, residual, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights),
+                         needs_dx, needs_dw, kernel)
 
 
 @experts_bwd.register_fake
@@ -114,7 +120,7 @@ def qexperts_fwd(x: Tensor, counts: Tensor, packed: Tensor, absmax: Tensor, nest
                  kernel: bool) -> tuple[Tensor, Tensor]:
     """``(y, u)`` of :func:`qsorsa_experts`; ``meta`` = (m, n, blocksize, nested_blocksize, expert_chunk)."""
     res = NF4Residual((packed, absmax, nested_absmax, nested_code, offset, code), meta, counts, x.dtype)
-    return run_forward(x, counts, res, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights), kernel)
+    return _run_forward(x, counts, res, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights), kernel)
 
 
 @qexperts_fwd.register_fake
@@ -131,8 +137,8 @@ def qexperts_bwd(dy: Tensor, x: Tensor, u: Tensor, counts: Tensor, packed: Tenso
                  needs_dw: bool, kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dU, dS, dV, dw)`` of :func:`qsorsa_experts`; ``dx`` / ``dw`` empty when not needed."""
     res = NF4Residual((packed, absmax, nested_absmax, nested_code, offset, code), meta, counts, dy.dtype)
-    return _placeholders(run_backward(dy, x, u, counts, res, U, S, V, bias, scale,
-                                   (slots, top_k, gather, scatter, weights), needs_dx, needs_dw, kernel), x)
+    return _run_backward(dy, x, u, counts, res, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights),
+                         needs_dx, needs_dw, kernel)
 
 
 @qexperts_bwd.register_fake
@@ -223,8 +229,7 @@ def sorsa_experts(x: Tensor, counts: Tensor, residual: Optional[Tensor], U: Tens
         >>> h = sorsa_experts(hidden, counts, Wr, U, S, V, slots=slots, top_k=2, gather=True)
     """
     _check(x, counts, residual, U, S, V, bias, slots, top_k, gather, scatter, weights)
-    kernel = kernel_path(x, residual, U, S, V) and not fallen_back(
-        FORWARD, fallback_key(x, residual, U, bias, (slots, top_k, gather, scatter, weights)))
+    kernel = FORWARD.decide(x, counts, residual, U, S, V, bias, scale, (slots, top_k, gather, scatter, weights))
     return experts_fwd(x, counts, residual, U, S, V, bias, float(scale), slots, weights, top_k, gather, scatter,
                        kernel)[0]
 
@@ -251,7 +256,6 @@ def qsorsa_experts(x: Tensor, counts: Tensor, nf4: tuple[Tensor, ...], U: Tensor
     if isinstance(expert_chunk, bool) or not isinstance(expert_chunk, int) or expert_chunk < 1:
         raise ValueError(f"expert_chunk must be a positive int (experts dequantized at a time), got {expert_chunk!r}")
     meta = [m, n, int(blocksize), int(nested_blocksize), expert_chunk]
-    key = fallback_key(x, nf4, U, bias, tuple(route.values()))
-    kernel = kernel_path(x, U, S, V) and not fallen_back(FORWARD, key)
+    kernel = FORWARD.decide(x, counts, nf4, U, S, V, bias, scale, tuple(route.values()))
     return qexperts_fwd(x, counts, *nf4, meta, U, S, V, bias, float(scale), route["slots"], route["weights"],
                         route["top_k"], route["gather"], route["scatter"], kernel)[0]

@@ -1,10 +1,17 @@
 """The two paths of the SORSA experts ops (:mod:`sorsa_kernels.ops.experts`): the grouped Triton
-kernels and the reference, one dispatch decision per call, the fallback between them, the
-device-side row-count check and the NF4 residual as each path reads it.
+kernels and the reference, each direction described once as a
+:class:`~sorsa_kernels.ops.kernel_op.KernelOp` (:data:`FORWARD`, :data:`BACKWARD`: key, shapes,
+kernel, reference, fallback), the device-side row-count check and the NF4 residual as each
+path reads it.
+
+Both directions take the op's arguments with the routing as one tuple ``route`` =
+``(slots, top_k, gather, scatter, weights)``: forward ``(x, counts, res, U, S, V, bias, scale,
+route)``, backward ``(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw)``.
+``res`` is None, a dense E×m×n stack, or an NF4 stack (the ``nf4`` tuple when deciding,
+:class:`NF4Residual` inside the custom op).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -12,23 +19,14 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import fallen_back, pow2_bucket, run_with_fallback
+from .dispatch import pow2_bucket
+from .kernel_op import KernelOp
 
-__all__ = ["FORWARD", "REFERENCE_DEQUANT_BYTES", "dequantize_experts", "reference_chunk", "NF4Residual",
-           "grouped_rows", "fallback_key", "run_forward", "run_backward", "empty_if_none"]
+__all__ = ["FORWARD", "BACKWARD", "REFERENCE_DEQUANT_BYTES", "dequantize_experts", "reference_chunk",
+           "NF4Residual", "grouped_rows", "fallback_key", "check_rows", "empty_if_none"]
 
-FORWARD = "sorsa_experts forward"
-BACKWARD = "sorsa_experts backward"
 #: Bytes of dequantized residual the NF4 reference path holds at once (beside the half-stack cap).
 REFERENCE_DEQUANT_BYTES = 256 << 20
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """kernels/grouped_sorsa.py, imported on the first kernel call (it needs Triton)."""
-    from ..kernels import grouped_sorsa
-
-    return grouped_sorsa
 
 
 # --------------------------------------------------------------------------- NF4 residual
@@ -120,7 +118,8 @@ def route_rows(route: tuple, M: int):
 
 
 def _kernel_forward(x, counts, res, U, S, V, bias, scale, route):
-    K = _kernels()
+    from ..kernels import grouped_sorsa as K  # on the first kernel call: it needs Triton
+
     slots, top_k, _, scatter, _ = route
     M = grouped_rows(x, slots)
     a_idx, row_w, _ = route_rows(route, M)
@@ -133,7 +132,8 @@ def _kernel_forward(x, counts, res, U, S, V, bias, scale, route):
 
 
 def _kernel_backward(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw):
-    K = _kernels()
+    from ..kernels import grouped_sorsa as K
+
     slots, top_k, gather, _, weights = route
     M = u.shape[0]
     a_idx, row_w, dy_idx = route_rows(route, M)
@@ -163,34 +163,43 @@ def _kernel_backward(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_d
     return (da.view(M // top_k, top_k, -1).sum(1) if gather else da), dU, dS, dV, dw
 
 
-def run_forward(x, counts, res, U, S, V, bias, scale, route, kernel):
-    check_rows(counts, grouped_rows(x, route[0]))
+def _reference_forward(x, counts, res, U, S, V, bias, scale, route):
     slots, top_k, gather, scatter, weights = route
-    kw = dict(slots=slots, top_k=top_k, gather=gather, scatter=scatter, weights=weights)
-
-    def ref():
-        return reference.experts_forward(x, counts, res, U, S, V, bias, scale, **kw)
-
-    key = fallback_key(x, res, U, bias, route)
-    if kernel and not fallen_back(FORWARD, key):
-        return run_with_fallback(FORWARD, key, x.device, _shape(x, U),
-                                 lambda: _kernel_forward(x, counts, res, U, S, V, bias, scale, route), ref)
-    return ref()
+    return reference.experts_forward(x, counts, res, U, S, V, bias, scale, slots=slots, top_k=top_k,
+                                     gather=gather, scatter=scatter, weights=weights)
 
 
-def run_backward(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw, kernel):
+def _reference_backward(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw):
     slots, top_k, gather, scatter, weights = route
-    kw = dict(bias=bias, slots=slots, top_k=top_k, gather=gather, scatter=scatter, weights=weights,
-              needs_dw=needs_dw)
+    return reference.experts_backward(dy, x, u, counts, res, U, S, V, scale, needs_dx, bias=bias, slots=slots,
+                                      top_k=top_k, gather=gather, scatter=scatter, weights=weights,
+                                      needs_dw=needs_dw)
 
-    def ref():
-        return reference.experts_backward(dy, x, u, counts, res, U, S, V, scale, needs_dx, **kw)
 
-    key = fallback_key(x, res, U, bias, route)
-    if kernel and not fallen_back(BACKWARD, key):
-        return run_with_fallback(BACKWARD, key, dy.device, _shape(x, U), lambda: _kernel_backward(
-            dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw), ref)
-    return ref()
+def _decision_tensors(x, res, U, S, V) -> tuple:
+    """x first (the compute dtype); a dense residual's dtype decides too, an NF4 one's does not."""
+    return x, (res if isinstance(res, Tensor) else None), U, S, V
+
+
+#: ``(x, counts, res, U, S, V, bias, scale, route) -> (y, u)``.
+FORWARD = KernelOp(
+    name="sorsa_experts forward",
+    key=lambda x, counts, res, U, S, V, bias, scale, route: fallback_key(x, res, U, bias, route),
+    shape=lambda x, counts, res, U, *_: _shape(x, U),
+    kernel=_kernel_forward,
+    reference=_reference_forward,
+    tensors=lambda x, counts, res, U, S, V, *_: _decision_tensors(x, res, U, S, V),
+)
+
+#: ``(dy, x, u, counts, res, U, S, V, bias, scale, route, needs_dx, needs_dw) -> (dx, dU, dS, dV, dw)``.
+BACKWARD = KernelOp(
+    name="sorsa_experts backward",
+    key=lambda dy, x, u, counts, res, U, S, V, bias, scale, route, *_: fallback_key(x, res, U, bias, route),
+    shape=lambda dy, x, u, counts, res, U, *_: _shape(x, U),
+    kernel=_kernel_backward,
+    reference=_reference_backward,
+    tensors=lambda dy, x, u, counts, res, U, S, V, *_: _decision_tensors(x, res, U, S, V),
+)
 
 
 def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:

@@ -8,6 +8,9 @@ reads.  It replaces the ``_kernels`` / ``_key`` / ``_shape`` / ``_decide`` /
 is its own: the ``torch.library`` custom op (schema, fake kernel, registered autograd) and
 argument checks.
 
+Every fused op adopts it: the linear, QSORSA linear and regularizer ops, and the experts ops
+(dense and NF4, grouped and routed: :mod:`sorsa_kernels.ops.experts_paths`).
+
 Adopting it (the linear op, :mod:`sorsa_kernels.ops.sorsa_linear`, as the example)::
 
     FORWARD = KernelOp(

@@ -162,3 +162,21 @@ def test_fp32_regularizer_at_rank_128_fits_and_does_not_spill_on_99kb_cards(regu
     assert not over, over
     spills = [(r["kernel"], r["config"], r["spill_bytes"]) for r in kept if r["spill_bytes"] > SPILL_LIMIT]
     assert not spills, spills
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_committed_table_holds_every_kept_config_of_the_experts_classes(pruned, arch):
+    # issue 29 item 22: r = 256 (the grouped weight-gradient kernel's capped rank tile) and the
+    # routed experts, dense and NF4 (gather, routing multiply and scatter folded in), are compiled.
+    sys.path.insert(0, ROOT)
+    from tools.compile_facts import parse_md
+
+    h = "bf16" if arch >= 80 else "fp16"
+    want = {f"experts {h} M8192 E8 4096->14336 r256", f"experts routed {h} M8192 E8 4096->14336 r128",
+            f"experts routed nf4 {h} M8192 E8 4096->14336 r128"}
+    kept = {(r["case"], r["kernel"], r["config"]) for r in pruned[arch]
+            if r["case"].startswith("experts") and not r.get("pruned")}
+    assert want <= {case for case, _, _ in kept}
+    table = parse_md(open(os.path.join(ROOT, "docs", f"compile-facts-sm{arch}.md")).read())
+    compiled = {(r["case"], r["kernel"], r["config"]) for r in table if "shared" in r}
+    assert not kept - compiled, sorted(kept - compiled)

@@ -139,3 +139,27 @@ def test_principal_split_of_a_stack_matches_each_matrix():
         u, se, v = reference.principal_split(w[e], 4)
         assert torch.allclose(s[e], se, atol=1e-5)
         assert torch.allclose((U[e] * s[e]) @ V[e].T, (u * se) @ v.T, atol=1e-4)
+
+
+def test_experts_ops_dispatch_each_direction_through_the_kernel_op_seam(monkeypatch):
+    from sorsa_kernels.ops.kernel_op import KernelOp
+    from sorsa_kernels.ops.experts import qsorsa_experts
+    from sorsa_kernels.quant.nf4 import quantize_nf4
+
+    seen, call = [], KernelOp.__call__
+
+    def spy(self, kernel, *args):
+        seen.append(self.name)
+        return call(self, kernel, *args)
+
+    monkeypatch.setattr(KernelOp, "__call__", spy)
+    res, U, S, V, _ = _stacks(dtype=torch.float32)
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(sum(COUNTS), 18)
+    sorsa_experts(x, counts, res, U, S, V).sum().backward()
+    assert seen == ["sorsa_experts forward", "sorsa_experts backward"]
+    qs = [quantize_nf4(w) for w in res]
+    st = lambda f: torch.stack([getattr(q, f).reshape(-1) for q in qs])  # noqa: E731
+    nf4 = (st("packed"), st("absmax"), st("nested_absmax"), qs[0].nested_code, st("offset").reshape(-1), qs[0].code)
+    qsorsa_experts(x, counts, nf4, U, S, V).sum().backward()
+    assert seen[2:] == ["sorsa_experts forward", "sorsa_experts backward"]
