@@ -9,8 +9,8 @@ tensor (:mod:`.optimizers`), activations and the loss from the model's shapes
 
 The peak is the persistent bytes plus the larger of the two moments a step reaches:
 backward (the activations kept, plus the larger of the loss's logits and gradients and what a
-layer's backward adds later: with checkpointing the recomputed layer, and the dequantized NF4
-experts chunk of the reference path) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
+layer's backward adds later: with checkpointing the recomputed layer, and on the CPU reference path
+the dequantized NF4 residual or chunk of experts) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
 dropped in its post-accumulate-grad hook, so at most one module's gradients exist.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from ..adapters.experts import adapted_experts, expert_weight_names
 from ..nn.experts import DEFAULT_EXPERT_CHUNK, SORSAExperts
 from ..nn.linear import SORSALinear
+from ..ops.experts import reference_chunk
 from . import optimizers
 from .accounting import FROZEN_NAMES, QUANT_STATE_NAMES, bytes_by_category
 from .activations import Shapes, activation_bytes, loss_bytes, nf4_expert_chunk_bytes
@@ -40,6 +41,7 @@ COMPONENTS = ("frozen_base", "quant_state", "rest_of_model", "adapters", "gradie
               "activations", "logits_loss", "nf4_dequant", "optimizer_step", "fsdp_gather", "cuda_context")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+_COMPUTE = {4: torch.float32, 2: torch.bfloat16}  # compute dtype by its bytes (the chunk's size is all that counts)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def count_model(model: nn.Module, world_size: int = 1, compute_bytes: int = 2) -
                 out.largest_tensor = max(out.largest_tensor, size(t, True))
                 out.trainable.append((-(-t.numel() // world_size), t.element_size()))
         if getattr(module, "quantize", None) == "nf4" and isinstance(module, SORSAExperts):
-            chunk = min(getattr(module, "expert_chunk", DEFAULT_EXPERT_CHUNK), module.num_experts)
+            chunk = reference_chunk(module.num_experts, module.out_features, module.in_features,
+                                    _COMPUTE[compute_bytes], getattr(module, "expert_chunk", DEFAULT_EXPERT_CHUNK))
             out.nf4_expert_chunk = max(out.nf4_expert_chunk, nf4_expert_chunk_bytes(
                 module.out_features, module.in_features, chunk, compute_bytes))
         elif getattr(module, "quantize", None) == "nf4":
@@ -215,7 +218,9 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     grads = tally.largest_module_grads if s.gradient_release else tally.adapters
     step = optimizers.step_temporary_bytes(s.optim, tally.adapters, tally.largest_tensor,
                                            foreach=s.device == "cuda" and not s.gradient_release)
-    dequant = tally.nf4_expert_chunk + (tally.nf4_linear_dequant if s.device == "cpu" else 0)
+    # the GPU kernels (dense NF4 GEMM, grouped NF4 experts) dequantize inside their K loop: only the CPU
+    # reference path holds a dequantized residual or chunk of experts
+    dequant = tally.nf4_expert_chunk + tally.nf4_linear_dequant if s.device == "cpu" else 0
     comp = dict(
         frozen_base=tally.frozen, quant_state=tally.quant_state, rest_of_model=tally.rest, adapters=tally.adapters,
         gradients=grads, optimizer_state=state, activations=kept + recompute,
