@@ -132,7 +132,8 @@ def backward_temporaries_per_token(s: Shapes, c: int, moe: bool) -> int:
 
 def loss_bytes(s: Shapes, c: int, tokens: int, chunk: int = 0) -> int:
     """Peak bytes of the logits and the loss: ``3 · 4 · V`` per token of a chunk (the whole
-    sequence when ``chunk`` is 0), plus the chunk's logits in the compute dtype when chunked."""
+    batch when ``chunk`` is 0), plus the chunk's logits in the compute dtype when chunked.
+    ``chunk`` counts tokens: batch × the chunked loss's positions per chunk."""
     if chunk and chunk < tokens:
         return chunk * s.vocab * (3 * F32 + c)
     return tokens * s.vocab * 3 * F32
