@@ -3,7 +3,8 @@
 A scaled-down Llama (hidden 2048, intermediate 5632, 8 layers, 16/4 heads, vocab 32000: 0.6 B
 parameters, bf16) is adapted with QSORSA r=16 on the GPU and trained one warm-up step, then one
 measured step (forward, backward, optimizer step, ``zero_grad(set_to_none=True)``) per case:
-AdamW with and without gradient checkpointing, and 8-bit AdamW.  Batch 4 × 1024 tokens, so
+AdamW with and without gradient checkpointing, 8-bit AdamW, and 8-bit AdamW with gradient release and
+bf16 adapters (the job's own optimizers: ``make_optimizer``, ``enable_gradient_release``).  Batch 4 × 1024 tokens, so
 activations and optimizer state are a large share of the peak.  Each case compares the plan's peak
 without its CUDA-context allowance (``plan_memory(..., device="cuda")``) with the step's
 ``torch.cuda.max_memory_allocated()`` (tensors only: the context is not in it), and prints the ratio;
@@ -28,7 +29,9 @@ MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_
 BATCH, SEQ, RANK = 4, 1024, 16
 CASES = {"adamw": dict(optim="adamw", gradient_checkpointing=False),
          "adamw-checkpointing": dict(optim="adamw", gradient_checkpointing=True),
-         "adamw8bit": dict(optim="adamw8bit", gradient_checkpointing=False)}
+         "adamw8bit": dict(optim="adamw8bit", gradient_checkpointing=False),
+         "adamw8bit-release-bf16": dict(optim="adamw8bit", gradient_checkpointing=True, gradient_release=True,
+                                        adapter_dtype="bfloat16")}
 
 
 def config():
@@ -52,18 +55,24 @@ def measure(case: str) -> int:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(config()).to(torch.bfloat16)
-    apply_sorsa(model, RANK, quantize="nf4", svd="randomized", progress=False)
+    case_settings = CASES[case]
+    bf16_adapters = case_settings.get("adapter_dtype") == "bfloat16"
+    apply_sorsa(model, RANK, quantize="nf4", svd="randomized", progress=False,
+                adapter_dtype=torch.bfloat16 if bf16_adapters else None)
     model.train()
     model.config.use_cache = False
     if CASES[case]["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    if CASES[case]["optim"] == "adamw":
-        opt = torch.optim.AdamW(params)
-    else:
-        import bitsandbytes as bnb
+    from sorsa_kernels.training.gradient_release import enable_gradient_release
+    from sorsa_kernels.training.optim import adapter_scales, make_optimizer, optimizer_for_params
 
-        opt = bnb.optim.AdamW8bit(params)
+    if case_settings.get("gradient_release"):
+        scales = adapter_scales(model)
+        opt = enable_gradient_release(model, lambda ps: optimizer_for_params(ps, case_settings["optim"], 1e-4,
+                                                                             fp32_state=scales),
+                                      gamma=4e-4, lr_max=1e-4)
+    else:
+        opt = make_optimizer(model, case_settings["optim"], lr=1e-4)
     x = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), device="cuda")
 
     def step() -> None:
@@ -77,7 +86,7 @@ def measure(case: str) -> int:
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    del model, opt, params
+    del model, opt
     torch.cuda.empty_cache()
     return peak
 

@@ -165,7 +165,8 @@ class PlanReport:
                  f"activations: {n['activations_with_checkpointing'] / GIB:.3f} GiB with checkpointing, "
                  f"{n['activations_without_checkpointing'] / GIB:.3f} GiB without",
                  f"cuda_context: a fixed allowance of {p.components['cuda_context'] / GIB:.2f} GiB per GPU; "
-                 "nf4_dequant: the NF4 experts' dequantized chunk (reference path; the grouped kernel needs none)"]
+                 "nf4_dequant: the CPU reference path's dequantized NF4 residual or experts chunk (0 on a GPU: "
+                 "the kernels dequantize in their K loop)"]
         if n.get("paged_optimizer_state"):
             rows.append(f"paged optimizer state (in unified memory, outside the peak): "
                         f"{n['paged_optimizer_state'] / GIB:.3f} GiB")

@@ -19,9 +19,12 @@ SORSA low-rank branch          ``u = x·V`` per adapted projection            ``
 post-attention RMSNorm         float32 input, ``rsqrt``, normed hidden       ``4h + 4 + c·h``
 dense MLP (SwiGLU)             gate, up, act(gate), act·up                   ``4·c·I``
 MoE router                     softmax (float32), top-k weights and ids      ``4E + k(4·2 + 8·3)``
-routed experts (k rows/token)  gathered x, gate-up out, act, act·up,         ``k·c(2h + 4I + 1 + 2r)``
-                               expert out (for the routing multiply), its    (gpt-oss's clamped gate:
-                               routing weight, two ``u``                     ``k·c(2h + 6I + 1 + 2r)``)
+routed experts (k rows/token)  gate-up out, act, act·up (down's input),       ``k·c(4I + 2r) + 8k``
+                               two ``u``, the slots (int64): the routed op   (gpt-oss's clamped gate:
+                               (``ops/experts.py``) reads its input as token ``k·c(6I + 2r) + 8k``)
+                               rows (the normed hidden, through the sort:
+                               no gathered copy) and folds the scatter and
+                               routing multiply in (no M×h rows kept)
 =============================  ============================================  ===========================
 
 With gradient checkpointing a layer keeps only its input (``c·h``); the layer being
@@ -36,10 +39,10 @@ holds that for one chunk plus its bf16/fp32 logits (``c·V``).
 
 The table is checked against measured steps on the CPU reference path
 (``tests/memory/test_plan_vs_measured.py``); on a GPU the kernels save the same tensors
-(``x`` and ``u``).  The NF4 experts dequantize a chunk of experts per projection on every device
-today (:func:`nf4_expert_chunk_bytes`); the grouped NF4 experts kernel (issue 28, item 4) will
-dequantize inside its K loop and hold no chunk.  NF4 linear layers dequantize their whole residual
-on the CPU reference path only (the GPU kernel dequantizes in its K loop).
+(``x`` and ``u``).  On the CPU reference path the NF4 experts dequantize a chunk of experts with
+rows per projection (:func:`nf4_expert_chunk_bytes`, sized by ``ops.experts.reference_chunk``) and
+NF4 linear layers their whole residual; on a GPU the grouped NF4 experts kernel and the NF4 GEMM
+dequantize inside their K loop and hold neither.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def layer_bytes_per_token(s: Shapes, c: int, rank: int, adapted_attn: int, adapt
         k, inter = s.top_k, s.expert_intermediate
         act = 6 * inter if s.clamped_gate else 4 * inter
         out += F32 * s.experts + k * (F32 * 2 + INDEX * 3)
-        out += k * c * (2 * s.hidden + act + 1 + 2 * expert_rank)
+        out += k * c * (act + 2 * expert_rank) + k * INDEX  # + the slots (sorted (token, choice) ids)
     else:
         out += 4 * c * s.intermediate + c * rank * adapted_mlp
     return out
@@ -129,7 +132,8 @@ def backward_temporaries_per_token(s: Shapes, c: int, moe: bool) -> int:
 
 def loss_bytes(s: Shapes, c: int, tokens: int, chunk: int = 0) -> int:
     """Peak bytes of the logits and the loss: ``3 · 4 · V`` per token of a chunk (the whole
-    sequence when ``chunk`` is 0), plus the chunk's logits in the compute dtype when chunked."""
+    batch when ``chunk`` is 0), plus the chunk's logits in the compute dtype when chunked.
+    ``chunk`` counts tokens: batch × the chunked loss's positions per chunk."""
     if chunk and chunk < tokens:
         return chunk * s.vocab * (3 * F32 + c)
     return tokens * s.vocab * 3 * F32

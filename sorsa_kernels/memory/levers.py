@@ -4,7 +4,8 @@ planned, the smallest combinations that fit first.
 A lever is one finetune flag (:data:`LEVERS`): ``--optim adamw8bit`` (8-bit AdamW state),
 ``--gradient-release`` (each adapter stepped in its gradient hook: no full set of gradients),
 ``--loss-chunk-size`` (cross-entropy over chunks of tokens: no full-sequence float32 logits),
-``--adapter-dtype bfloat16`` (U, S, V, their gradients and AdamW state in bf16) and
+``--adapter-dtype bfloat16`` (U, S, V and their gradients in bf16; the optimizer state as fp32
+adapters', each stepped in fp32 and stochastically rounded back) and
 ``--gradient-checkpointing`` (one layer's activations at a time).  Each costs something:
 :data:`COSTS` says what, in one line each.
 """
@@ -32,8 +33,9 @@ COSTS = {
     "gradient_release": "the optimizer step runs inside backward, one call per tensor; no gradient accumulation, "
                         "clipping per tensor",
     "loss_chunk_size": "the logits recomputed chunk by chunk in backward: one more lm_head matmul per step",
-    "adapter_dtype": "U, S, V, their gradients and AdamW state in bf16 (S and the regularizer as the bf16 lever "
-                     "defines)",
+    "adapter_dtype": "U, S, V and their gradients in bf16, stepped in fp32 and stochastically rounded back: an fp32 "
+                     "copy of every adapter and its gradient during the step (one at a time with gradient "
+                     "release); the optimizer state stays as for fp32 adapters",
 }
 
 

@@ -9,8 +9,8 @@ tensor (:mod:`.optimizers`), activations and the loss from the model's shapes
 
 The peak is the persistent bytes plus the larger of the two moments a step reaches:
 backward (the activations kept, plus the larger of the loss's logits and gradients and what a
-layer's backward adds later: with checkpointing the recomputed layer, and the dequantized NF4
-experts chunk of the reference path) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
+layer's backward adds later: with checkpointing the recomputed layer, and on the CPU reference path
+the dequantized NF4 residual or chunk of experts) and the optimizer step (every gradient plus the optimizer's temporaries).  With gradient release each tensor is stepped and its gradient
 dropped in its post-accumulate-grad hook, so at most one module's gradients exist.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from ..adapters.experts import adapted_experts, expert_weight_names
 from ..nn.experts import DEFAULT_EXPERT_CHUNK, SORSAExperts
 from ..nn.linear import SORSALinear
+from ..ops.experts import reference_chunk
 from . import optimizers
 from .accounting import FROZEN_NAMES, QUANT_STATE_NAMES, bytes_by_category
 from .activations import Shapes, activation_bytes, loss_bytes, nf4_expert_chunk_bytes
@@ -40,6 +41,7 @@ COMPONENTS = ("frozen_base", "quant_state", "rest_of_model", "adapters", "gradie
               "activations", "logits_loss", "nf4_dequant", "optimizer_step", "fsdp_gather", "cuda_context")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+_COMPUTE = {4: torch.float32, 2: torch.bfloat16}  # compute dtype by its bytes (the chunk's size is all that counts)
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,7 @@ class Tally:
     rest: int = 0                   # embeddings, head, norms, routers, layers left unadapted
     adapters: int = 0               # U, S, V
     largest_module_grads: int = 0   # one module's gradients (gradient release)
-    largest_tensor: int = 0         # one tensor (a per-tensor optimizer step's temporary)
-    trainable: list = field(default_factory=list)  # (numel on this rank, element size) per trainable tensor
+    trainable: list = field(default_factory=list)  # an optimizers.Trainable per trainable tensor (this rank)
     largest_layer: int = 0          # one decoder layer unsharded (FSDP2's all-gather)
     nf4_linear_dequant: int = 0     # the largest NF4 linear dequantized (CPU reference path)
     nf4_expert_chunk: int = 0       # the largest chunk of NF4 experts dequantized
@@ -139,7 +140,9 @@ def count_model(model: nn.Module, world_size: int = 1, compute_bytes: int = 2) -
     what the plan needs beyond them (each trainable tensor, the largest module's gradients, the
     reference path's dequantized NF4 residuals, the decoder layers' shapes)."""
     from ..distributed.fsdp import decoder_layers
+    from ..training.optim import adapter_scales
 
+    scales = adapter_scales(model)  # make_optimizer keeps S's state in float32, as every vector's
     size = lambda t, is_param: _local(t, world_size, is_param)  # noqa: E731
     cats = bytes_by_category(model, (SORSALinear, SORSAExperts),
                              {"frozen": FROZEN_NAMES, "quant_state": QUANT_STATE_NAMES}, nbytes=size)
@@ -150,10 +153,12 @@ def count_model(model: nn.Module, world_size: int = 1, compute_bytes: int = 2) -
         out.largest_module_grads = max(out.largest_module_grads, sum(mine))
         for t in module.parameters(recurse=False):
             if t.requires_grad:
-                out.largest_tensor = max(out.largest_tensor, size(t, True))
-                out.trainable.append((-(-t.numel() // world_size), t.element_size()))
+                out.trainable.append(optimizers.Trainable(
+                    -(-t.numel() // world_size), t.element_size(), bf16=t.dtype == torch.bfloat16,
+                    matrix=t.dim() >= 2 and id(t) not in scales))
         if getattr(module, "quantize", None) == "nf4" and isinstance(module, SORSAExperts):
-            chunk = min(getattr(module, "expert_chunk", DEFAULT_EXPERT_CHUNK), module.num_experts)
+            chunk = reference_chunk(module.num_experts, module.out_features, module.in_features,
+                                    _COMPUTE[compute_bytes], getattr(module, "expert_chunk", DEFAULT_EXPERT_CHUNK))
             out.nf4_expert_chunk = max(out.nf4_expert_chunk, nf4_expert_chunk_bytes(
                 module.out_features, module.in_features, chunk, compute_bytes))
         elif getattr(module, "quantize", None) == "nf4":
@@ -210,16 +215,20 @@ def plan_memory(config: Any, settings: Optional[PlanSettings] = None, *, tally: 
     act = {ckpt: activation_bytes(shapes, c, tokens, s.max_length, s.rank, tally.adapted_attn, tally.adapted_mlp,
                                   ckpt, expert_rank=tally.expert_rank) for ckpt in (False, True)}
     kept, recompute = act[s.gradient_checkpointing]
-    state = sum(optimizers.state_bytes(s.optim, n, e) for n, e in tally.trainable) + optimizers.shared_bytes(s.optim)
-    paged = sum(optimizers.paged_bytes(s.optim, n, e) for n, e in tally.trainable)
-    grads = tally.largest_module_grads if s.gradient_release else tally.adapters
-    step = optimizers.step_temporary_bytes(s.optim, tally.adapters, tally.largest_tensor,
-                                           foreach=s.device == "cuda" and not s.gradient_release)
-    dequant = tally.nf4_expert_chunk + (tally.nf4_linear_dequant if s.device == "cpu" else 0)
+    state = sum(optimizers.state_bytes(s.optim, t) for t in tally.trainable)
+    state += optimizers.shared_bytes(s.optim, tally.trainable, per_tensor=s.gradient_release)
+    paged = sum(optimizers.paged_bytes(s.optim, t) for t in tally.trainable)
+    grads = (tally.largest_module_grads + optimizers.gradient_copy_bytes(tally.trainable, per_tensor=True)
+             if s.gradient_release else tally.adapters)
+    step = optimizers.step_temporary_bytes(s.optim, tally.trainable, foreach=s.device == "cuda",
+                                           per_tensor=s.gradient_release)
+    # the GPU kernels (dense NF4 GEMM, grouped NF4 experts) dequantize inside their K loop: only the CPU
+    # reference path holds a dequantized residual or chunk of experts
+    dequant = tally.nf4_expert_chunk + tally.nf4_linear_dequant if s.device == "cpu" else 0
     comp = dict(
         frozen_base=tally.frozen, quant_state=tally.quant_state, rest_of_model=tally.rest, adapters=tally.adapters,
         gradients=grads, optimizer_state=state, activations=kept + recompute,
-        logits_loss=loss_bytes(shapes, c, tokens, s.loss_chunk_size), nf4_dequant=dequant, optimizer_step=step,
+        logits_loss=loss_bytes(shapes, c, tokens, s.batch_size * s.loss_chunk_size), nf4_dequant=dequant, optimizer_step=step,
         fsdp_gather=2 * tally.largest_layer if s.world_size > 1 else 0,
         cuda_context=CUDA_CONTEXT_BYTES if s.device == "cuda" else 0,
     )

@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn.knobs import check_gamma_rate, check_knob
+from ..nn.knobs import NON_NEGATIVE, check_gamma_rate, check_knob
 
 __all__ = ["ReleasedOptimizer", "enable_gradient_release", "GRADIENT_RELEASE_NOTE"]
 
@@ -112,7 +112,7 @@ def enable_gradient_release(model: nn.Module, optimizer_factory: OptimizerFactor
 
     check_knob("gamma", gamma, required=True)
     check_knob("lr_max", lr_max, required=True)
-    check_knob("max_grad_norm", max_grad_norm)
+    NON_NEGATIVE.check(max_grad_norm, "max_grad_norm")  # a training option: not one of the layers' KNOBS
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; call sorsa_kernels.apply_sorsa first")

@@ -62,8 +62,9 @@ def profile_bytes(fn: Callable[[], None]) -> dict[str, int]:
     return {"peak_above_start": peak, "transient": transient, "gradients": grad_peak}
 
 
-def tensor_bytes(model: nn.Module, optimizer) -> dict[str, int]:
-    """Frozen, quantization-state and adapter bytes of the adapted layers, and the optimizer state."""
+def tensor_bytes(model: nn.Module, optimizer_state: dict) -> dict[str, int]:
+    """Frozen, quantization-state and adapter bytes of the adapted layers, and the optimizer state
+    (``{param: state}``; tensors shared between states, such as bitsandbytes' quantile maps, once)."""
     out = dict(frozen=0, quant_state=0, adapters=0, optimizer_state=0, persistent=0)
     seen = set()
     for m in model.modules():
@@ -78,7 +79,7 @@ def tensor_bytes(model: nn.Module, optimizer) -> dict[str, int]:
             elif isinstance(m, (SORSALinear, SORSAExperts)):
                 out["quant_state" if name in QUANT_STATE_NAMES else "frozen"] += b
     storages = set()
-    for state in optimizer.state.values():
+    for state in optimizer_state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in storages:
                 storages.add(v.untyped_storage().data_ptr())

@@ -66,14 +66,31 @@ def test_finetune_refuses_when_the_plan_exceeds_the_gpu(monkeypatch):
     assert check_run_fits(FinetuneConfig().resolved(), force=True).startswith("memory plan: peak")
 
 
+#: The issue's flagship run (Qwen3-30B-A3B QSORSA r=16, sequence 1024, one GPU) with the levers that fit it
+#: under 20 GiB: 8-bit AdamW, gradient release, chunked loss, bf16 adapters (checkpointing, bf16 model).
+QWEN3_30B_LEVERS = ["plan", "--model", str(CONFIGS / "Qwen3-30B-A3B.json"), "--quantize", "nf4", "--rank", "16",
+                    "--max-length", "1024", "--batch-size", "1", "--gradient-checkpointing", "--bf16", "--optim",
+                    "adamw8bit", "--gradient-release", "--loss-chunk-size", "256", "--adapter-dtype", "bfloat16",
+                    "--gpu-memory", "24GB"]
+
+
 def test_qwen3_30b_a3b_plan_fits_24gb_with_the_levers(capsys):
-    args = ["plan", "--model", str(CONFIGS / "Qwen3-30B-A3B.json"), "--quantize", "nf4", "--rank", "16",
-            "--max-length", "1024", "--batch-size", "1", "--gradient-checkpointing", "--bf16", "--optim", "adamw8bit",
-            "--loss-chunk-size", "256", "--adapter-dtype", "bfloat16", "--gpu-memory", "24GB", "--json"]
-    assert main(args) == 0
+    assert main([*QWEN3_30B_LEVERS, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["peak_bytes"] <= 20 * 2 ** 30 and out["fits"] == {"24GB": True}
     assert out["levers"]["optim"] == "adamw8bit" and out["levers"]["loss_chunk_size"] == 256
+    assert out["levers"]["gradient_release"] is True
+
+
+def test_qwen3_30b_a3b_plan_text_prints_the_peak_with_its_levers_and_fits_24gb(capsys):
+    assert main(QWEN3_30B_LEVERS) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    peak = float(first.split("peak ")[1].split(" GiB")[0])
+    assert peak <= 20, first
+    assert all(lever in first for lever in ("adamw8bit", "gradient release", "loss chunk 256", "adapters bfloat16",
+                                            "checkpointing")), first
+    assert "\nfits 24GB: yes" in out
 
 
 def test_plan_text_lists_every_component_and_a_fits_line_per_gpu(capsys):
