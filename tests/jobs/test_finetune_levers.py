@@ -22,7 +22,7 @@ def cached_base():
     built = {}
     real = finetune_model.build_embedded
 
-    def build(pretrain_steps, seed=0, progress=True):
+    def build(pretrain_steps, seed=0, progress=True, **_):  # cache=: this fixture is the cache
         key = (pretrain_steps, seed)
         if key not in built:
             built[key] = real(pretrain_steps=pretrain_steps, seed=seed, progress=False)
