@@ -19,17 +19,15 @@ command line) or ``SORSA_KERNELS_DEBUG=1`` shows the traceback instead.
 
 The ``finetune`` and ``compare`` flags, their help and the defaults shown are generated from
 the fields of their config dataclasses (:mod:`sorsa_kernels.jobs.options`;
-an option is added there, not here).  The configs name fields in their errors;
-:func:`_cli_name` is the one place those names become flags.
+an option is added there, not here) by :mod:`sorsa_kernels.jobs.flags`, where the
+field names in the configs' errors become flags.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import typing
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     from .jobs.finetune import FinetuneConfig
@@ -79,139 +77,46 @@ def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
     return f" (did you mean {' '.join(near)}?)" if near else ""
 
 
-def _add_finetune(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
-        "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
-        "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
-        "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
-        "and step count; each option's help gives both defaults."
-    )
-    _add_job_flags(p)
+_FINETUNE = (
+    "SORSA-fine-tune a causal LM on prompt/response pairs with the loss on the response only. "
+    "Defaults for a real --model are the paper's (Table 3: AdamW, cosine schedule, global batch 128). "
+    "With no --model, a tiny Llama is built and pretrained locally and fine-tuned on generated "
+    "arithmetic word problems in under two minutes on a CPU, with its own rank, learning rate, batch "
+    "and step count; each option's help gives both defaults.")
+_COMPARE = (
+    "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
+    "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
+    "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
+    "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
+    "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default.")
+_ANALYZE = (
+    "Measure how far fine-tuning moved each adapted layer from its pretrained weight (the paper's Section 3): "
+    "ΔΣ, the change of its singular values, and ΔD, of its singular vectors. Prints a row per layer and the "
+    "mean, and draws ΔD against ΔΣ (Figure 2); several adapters (saved at successive steps) draw each layer's "
+    "trajectory. The base must be the model the adapter was fitted to; it is only read.")
+_MERGE = (
+    "Fold a SORSA adapter into its base and save a plain transformers model (W0 + ΔW in every adapted layer, "
+    "saved heads restored) that from_pretrained loads without sorsa-kernels; the tokenizer is copied when "
+    "the base has one. Non-finite weights are refused; the folder is written whole or not at all.")
+_EXPORT = (
+    "Write a SORSA adapter as a standard PEFT LoRA adapter (rank 2r) for the original base: "
+    "PeftModel.from_pretrained(base, OUTPUT) gives the fine-tuned model without sorsa-kernels. Saved heads "
+    "become PEFT's modules_to_save; the task type follows the adapter's model class.")
+_PLAN = (
+    "Build the model on the meta device (only its config is read: a Hub id, folder, config.json or .gguf file) "
+    "and print, per GPU, every component of a training step's memory and the peak; say whether it fits each "
+    "GPU size and, if not, which memory levers would make it fit.")
 
 
-def _config_classes() -> tuple[type, type]:
-    from .jobs.compare.config import CompareConfig
-    from .jobs.finetune.config import FinetuneConfig
+def _add_configs(*which: int):
+    """The adder of a command whose flags are those of the ``which``-th job configs
+    (:func:`~sorsa_kernels.jobs.flags.config_classes`: 0 finetune, 1 compare, 2 plan)."""
+    def add(p: argparse.ArgumentParser) -> None:
+        from .jobs.flags import add_options, config_classes
 
-    return FinetuneConfig, CompareConfig
-
-
-def _config_fields() -> dict[str, dataclasses.Field]:
-    """Every option field of the finetune, compare and plan configs, by name."""
-    from .jobs.plan import PlanConfig
-
-    return {f.name: f for cls in (*_config_classes(), PlanConfig) for f in dataclasses.fields(cls)}
-
-
-def _cli_name(field: str, form: str, value: Any) -> str:
-    """How the command line names a config field: the one place field names become flags.
-
-    ``form`` is that of a :class:`~sorsa_kernels.jobs.options.ConfigError`
-    template: ``""`` the setting (``learning-rate``), ``"flag"`` the option (``--fsdp``),
-    ``"given"`` the option as given (``--quantize nf4``, ``--no-eval``).
-    """
-    from .jobs.options import is_switch, option_flags
-
-    f = _config_fields().get(field)
-    if f is None:  # not an option: a plain value name
-        return field
-    flag = option_flags(f)[0]
-    if form == "flag" or form == "given" and is_switch(f):
-        return flag
-    if form == "given":
-        return " ".join([flag, *map(str, value if isinstance(value, (list, tuple)) else [value])])
-    return flag[2:]
-
-
-def _cli_text(template: str, **values: Any) -> str:
-    from .jobs.options import render
-
-    return render(template, _cli_name, **values)
-
-
-def _shown(value: Any) -> str:
-    """A default as ``--help`` shows it: ``4e-4`` rather than ``0.0004``, ``1`` rather than ``1.0``."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    if not isinstance(value, float):
-        return str(value)
-    plain = f"{value:g}"
-    mantissa, _, exponent = f"{value:e}".partition("e")
-    short = f"{float(mantissa):g}e{int(exponent)}"
-    return short if len(short) < len(plain) and float(short) == value else plain
-
-
-def _help(f: dataclasses.Field) -> str:
-    """A field's ``--help`` line: its help, then its default (the value; the paper's and the
-    embedded model's; or ``shown``)."""
-    from .jobs.options import field_default, is_switch
-
-    meta = f.metadata
-    shown = meta.get("shown")
-    if shown is None and "paper" in meta:
-        shown = "{paper}" if meta["paper"] == meta["embedded"] else "{paper}; embedded {embedded}"
-    elif shown is None and field_default(f) is not None and not is_switch(f):
-        shown = _shown(field_default(f)).replace("{", "{{").replace("}", "}}")  # a value, not a template
-    text = meta["help"] + (f" (default: {shown})" if shown else "")
-    values = {k: _shown(meta[k]) for k in ("paper", "embedded") if k in meta}
-    return _cli_text(text, **values).replace("%", "%%")
-
-
-def _add_options(p: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per option field of ``config_class``, generated from the field (``dest`` is its name)."""
-    from .jobs.options import allowed_values, field_default, is_switch, option_flags
-
-    hints = typing.get_type_hints(config_class)
-    groups: dict[str, Any] = {}
-    for f in dataclasses.fields(config_class):
-        meta = f.metadata
-        if meta.get("internal"):
-            continue
-        if meta["group"] not in groups:
-            groups[meta["group"]] = p.add_argument_group(meta["group"])
-        kwargs: dict[str, Any] = dict(dest=f.name, default=field_default(f), help=_help(f))
-        if is_switch(f):
-            kwargs["action"] = "store_false" if field_default(f) else "store_true"
-        else:
-            kind = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t in (int, float)), None)
-            if kind is not None:
-                kwargs["type"] = kind
-            if isinstance(meta.get("choices"), tuple):  # a function's choices are checked by the config
-                kwargs["choices"] = allowed_values(f)
-            for key in ("nargs", "metavar"):
-                if key in meta:
-                    kwargs[key] = meta[key]
-        groups[meta["group"]].add_argument(*option_flags(f), **kwargs)
-
-
-def _add_job_flags(p) -> None:
-    """The finetune job's flags (model, data, SORSA, training, evaluation), shared with ``compare``."""
-    _add_options(p, _config_classes()[0])
-
-
-def _add_compare(p: argparse.ArgumentParser) -> None:
-    p.description = _cli_text(
-        "Train SORSA (this package), PiSSA and LoRA (PEFT), and with {full:flag} full fine-tuning of the "
-        "target matrices, with one budget (steps, batch, learning-rate schedule, seed, data order) and "
-        "the same rank; record training loss, held-out loss, exact match, orthonormality and the paper's "
-        "ΔΣ/ΔD every {record_every:flag} steps; write compare.json, compare.md and PNGs to {output_dir:flag} "
-        "(default ./sorsa-compare-<time>). Takes the finetune flags; with none, the embedded default."
-    )
-    _add_job_flags(p)
-    _add_options(p, _config_classes()[1])
-
-
-def _add_analyze(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Measure how far fine-tuning moved each adapted layer from its pretrained weight (the paper's Section 3): "
-        "ΔΣ, the change of its singular values, and ΔD, of its singular vectors. Prints a row per layer and the "
-        "mean, and draws ΔD against ΔΣ (Figure 2); several adapters (saved at successive steps) draw each layer's "
-        "trajectory. The base must be the model the adapter was fitted to; it is only read.")
-    _add_model_flags(p, nargs="+", what="adapter folder(s); several give a trajectory")
-    p.add_argument("--plot", metavar="PNG",
-                   help="figure to write (default: singular_drift.png next to the (last) adapter)")
-    p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
+        for i in which:
+            add_options(p, config_classes()[i])
+    return add
 
 
 def _add_model_flags(p: argparse.ArgumentParser, nargs=None, what="adapter folder written by finetune / save_adapter",
@@ -226,46 +131,33 @@ def _add_model_flags(p: argparse.ArgumentParser, nargs=None, what="adapter folde
                    help="apply the adapter to a base other than the one it was fitted to, on purpose")
 
 
-def _add_plan(p: argparse.ArgumentParser) -> None:
-    from .jobs.plan import PlanConfig
-
-    p.description = (
-        "Build the model on the meta device (only its config is read: a Hub id, folder, config.json or .gguf file) "
-        "and print, per GPU, every component of a training step's memory and the peak; say whether it fits each "
-        "GPU size and, if not, which memory levers would make it fit.")
-    _add_options(p, PlanConfig)
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    _add_model_flags(p, nargs="+", what="adapter folder(s); several give a trajectory")
+    p.add_argument("--plot", metavar="PNG",
+                   help="figure to write (default: singular_drift.png next to the (last) adapter)")
+    p.add_argument("--no-plot", dest="draw", action="store_false", help="table only")
 
 
 def _add_merge(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Fold a SORSA adapter into its base and save a plain transformers model (W0 + ΔW in every adapted layer, "
-        "saved heads restored) that from_pretrained loads without sorsa-kernels; the tokenizer is copied when "
-        "the base has one. Non-finite weights are refused; the folder is written whole or not at all.")
     _add_model_flags(p, output=True)
     p.add_argument("--allow-non-finite", action="store_true",
                    help="write the merged model even if a weight is NaN/Inf (refused by default)")
 
 
-def _add_export_lora(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Write a SORSA adapter as a standard PEFT LoRA adapter (rank 2r) for the original base: "
-        "PeftModel.from_pretrained(base, OUTPUT) gives the fine-tuned model without sorsa-kernels. Saved heads "
-        "become PEFT's modules_to_save; the task type follows the adapter's model class.")
-    _add_model_flags(p, output=True)
-
-
-#: Every command: its help line, the function that adds its description and flags, and the name of the
-#: one that runs it.  Only the command run gets its flags built: parsing never imports torch.
+#: Every command: its help line, its description (a template of :func:`~sorsa_kernels.jobs.flags.cli_text`),
+#: the function that adds its flags, and the name of the one that runs it.  Only the command run gets its
+#: description and flags built: parsing never imports torch.
 _COMMANDS = {
-    "finetune": ("SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)", _add_finetune,
-                 "_finetune"),
-    "compare": ("train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis", _add_compare,
-                "_compare"),
-    "analyze": ("ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG", _add_analyze, "_analyze"),
-    "merge": ("merge an adapter into its base and save_pretrained the result", _add_merge, "_merge"),
-    "export-lora": ("write an adapter as a standard PEFT LoRA adapter for the base", _add_export_lora, "_export"),
-    "plan": ("the GPU memory a finetune run needs, per component, from the model's config alone", _add_plan,
-             "_plan"),
+    "finetune": ("SORSA-fine-tune a causal LM (no arguments: the embedded offline demo)", _FINETUNE,
+                 _add_configs(0), "_finetune"),
+    "compare": ("train SORSA, PiSSA and LoRA side by side and record the paper's ΔΣ/ΔD analysis", _COMPARE,
+                _add_configs(0, 1), "_compare"),
+    "analyze": ("ΔΣ and ΔD per layer (paper Section 3) as a table and a PNG", _ANALYZE, _add_analyze, "_analyze"),
+    "merge": ("merge an adapter into its base and save_pretrained the result", _MERGE, _add_merge, "_merge"),
+    "export-lora": ("write an adapter as a standard PEFT LoRA adapter for the base", _EXPORT,
+                    lambda p: _add_model_flags(p, output=True), "_export"),
+    "plan": ("the GPU memory a finetune run needs, per component, from the model's config alone", _PLAN,
+             _add_configs(2), "_plan"),
 }
 
 
@@ -285,9 +177,14 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
                         help="show the traceback of a failure (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
-    for name, (help_line, add, run) in _COMMANDS.items():
+    for name, (help_line, description, add, run) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_line)
         if commands is None or name in commands:
+            p.description = description
+            if "{" in description:  # names flags: loads the configs (and torch), so only for a template
+                from .jobs.flags import cli_text
+
+                p.description = cli_text(description)
             add(p)
         p.set_defaults(run=globals()[run])
     return parser
@@ -304,12 +201,9 @@ def config_from_args(args: argparse.Namespace) -> "FinetuneConfig":
         >>> config_from_args(build_parser().parse_args(["finetune", "--rank", "8"])).rank
         8
     """
-    return _config_from_args(args, _config_classes()[0])
+    from .jobs.flags import config_classes, config_from_args as from_args
 
-
-def _config_from_args(args: argparse.Namespace, config_class: type):
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+    return from_args(args, config_classes()[0])
 
 
 def _bars_wanted() -> bool:
@@ -348,11 +242,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from .jobs.compare.config import CompareConfig
     from .jobs.compare.run import run_compare
     from .jobs.compare.markdown import ordering_line, scope_line, summary_table, timing_line
 
+    from .jobs.flags import config_from_args as from_args
+
     args.finetune = _job_config(args)
-    result = run_compare(_config_from_args(args, _config_classes()[1]))
+    result = run_compare(from_args(args, CompareConfig))
     report = result.report
     print()
     print(summary_table(report))
@@ -374,9 +271,10 @@ def _compare(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
+    from .jobs.flags import config_from_args as from_args
     from .jobs.plan import PlanConfig, run_plan
 
-    report = run_plan(_config_from_args(args, PlanConfig))
+    report = run_plan(from_args(args, PlanConfig))
     print(json.dumps(report.as_json(), indent=2) if args.json else report.text())
     return 0
 
@@ -432,7 +330,9 @@ def _one_line(e: BaseException) -> str:
     """An exception as one line: its message (with the type for unexpected kinds)."""
     options = sys.modules.get(f"{__package__}.jobs.options")  # a ConfigError exists only once it is loaded
     is_config = options is not None and isinstance(e, options.ConfigError)
-    message = " ".join((e.render(_cli_name) if is_config else str(e)).split())
+    if is_config:
+        from .jobs.flags import cli_name
+    message = " ".join((e.render(cli_name) if is_config else str(e)).split())
     if isinstance(e, (ValueError, OSError, ImportError)) and message:
         return message
     if isinstance(e, KeyError):  # str(KeyError("x")) is "'x'"

@@ -283,7 +283,7 @@ def test_a_declared_option_becomes_a_flag_with_its_help_and_defaults():
     from dataclasses import dataclass
     from typing import Optional
 
-    from sorsa_kernels.cli import _add_options
+    from sorsa_kernels.jobs.flags import add_options
     from sorsa_kernels.jobs.options import option
 
     @dataclass
@@ -293,7 +293,7 @@ def test_a_declared_option_becomes_a_flag_with_its_help_and_defaults():
         rate: float = option(0.5, "a rate of {data:flag}", group="g", flags=("--rate", "-r"))
 
     parser = argparse.ArgumentParser()
-    _add_options(parser, Job)
+    add_options(parser, Job)
     args = parser.parse_args(["--verbose", "--steps", "2", "-r", "0.25"])
     assert (args.verbose, args.steps, args.rate) == (True, 2, 0.25)
     text = " ".join(parser.format_help().split())

@@ -167,16 +167,16 @@ TINY = ("--max-steps", "2", "--record-every", "1", "--pretrain-steps", "0", "--e
 def test_compare_keeps_the_finished_methods_and_names_the_one_that_diverged(tmp_path, capsys, monkeypatch):
     import torch
 
-    real = CMP._prepare
+    real = CMP.prepare
 
-    def poison_lora(method, model, cfg, targets):
-        model = real(method, model, cfg, targets)
+    def poison_lora(method, model, cfg, targets, *rest):
+        model = real(method, model, cfg, targets, *rest)
         if method == "lora":
             with torch.no_grad():
                 next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
         return model
 
-    monkeypatch.setattr(CMP, "_prepare", poison_lora)
+    monkeypatch.setattr(CMP, "prepare", poison_lora)
     out = tmp_path / "cmp"
     rc, stdout, err = run_cli(capsys, "compare", *TINY, "--methods", "sorsa", "lora", "--output-dir", out)
     line = one_line_error(rc, err)
@@ -193,11 +193,11 @@ def test_compare_reads_target_modules_as_finetune_does(tmp_path, monkeypatch, sp
 
     seen = []
 
-    def stop(model, targets):
+    def stop(model, rank, targets, **_):
         seen.append(targets)
         raise KeyboardInterrupt  # enough: the targets are what this test is about
 
-    monkeypatch.setattr(CMP, "find_targets", stop)
+    monkeypatch.setattr(CMP, "plan_sorsa", stop)
     cfg = FinetuneConfig(target_modules=spec, pretrain_steps=0, progress=False, output_dir=str(tmp_path / "c"))
     with pytest.raises(KeyboardInterrupt):
         CMP.run_compare(CMP.CompareConfig(cfg, methods=("sorsa",)))

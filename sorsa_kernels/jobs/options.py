@@ -21,7 +21,7 @@ template           Python                     command line
 
 (``{learning_rate}`` reads ``learning-rate`` on the command line: a field is named by its
 first flag.)  Any other ``{key}`` is a value passed to the error; ``{{`` and ``}}`` are
-literal braces.  The command line renders the names in one place (``cli._cli_name``).
+literal braces.  The command line renders the names in one place (``jobs.flags.cli_name``).
 
 Example::
 

@@ -96,6 +96,10 @@ class SORSALinear(nn.Module):
     ) -> "SORSALinear":
         """Split ``linear.weight`` by SVD into a trainable top-``rank`` part and a frozen residual.
 
+        The one body for every layer class: a subclass changes how the weight is split
+        (:meth:`split_weight`) and what is recorded after (:meth:`after_split`), and declares
+        its own keywords in :attr:`layer_options` (QSORSA's ``quant_report``).
+
         Args:
             linear: the layer to adapt (left untouched): an ``nn.Linear`` or a ``transformers``
                 ``Conv1D`` (then ``fan_in_fan_out`` is set).
@@ -116,21 +120,36 @@ class SORSALinear(nn.Module):
         ``Wr = W0 − U0·diag(σ)·V0ᵀ`` is computed in float32 on the weight's device from the
         stored (adapter-dtype) factors, then cast to ``residual_dtype``.
         """
+        own = {key: options.pop(key, default) for key, default in cls.layer_options.items()}
         spec = cls.init_spec(linear, rank, name, options)
-        W = linear_weight(linear)
+        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
+        residual_dtype = spec.residual_dtype or W.dtype
+        cls.check_residual_dtype(residual_dtype, name)
         with torch.no_grad():
             w = W.detach().to(spec.svd_device) if spec.svd_device is not None else W.detach()
-            U0, sigma, V0 = reference.principal_split(w, spec.rank, svd=spec.svd, niter=spec.niter,
-                                                      oversample=spec.oversample, dtype=spec.svd_dtype)
+            factors, details = cls.split_weight(w, spec, **own)
             del w
-            factors = (
-                U0.to(W.device, spec.factor_dtype),
-                (sigma / spec.scale).to(W.device, spec.factor_dtype),
-                V0.to(W.device, spec.factor_dtype),
-            )
-            del U0, sigma, V0
-        return cls.from_factors(linear, *factors, alpha=spec.alpha, dropout=spec.dropout,
-                                residual_dtype=spec.residual_dtype or W.dtype, name=name)
+            factors = tuple(f.to(W.device) for f in factors)
+        layer = cls.from_factors(linear, *factors, alpha=spec.alpha, dropout=spec.dropout,
+                                 residual_dtype=residual_dtype, name=name)
+        layer.after_split(W, factors, spec, details, name=name, **own)
+        return layer
+
+    #: Keywords of :meth:`from_linear` beyond :class:`~sorsa_kernels.nn.init_spec.SORSAInit`'s fields,
+    #: with their defaults; passed to :meth:`split_weight` and :meth:`after_split`.
+    layer_options: dict[str, Any] = {}
+
+    @classmethod
+    def split_weight(cls, weight: Tensor, spec: SORSAInit, **own: Any) -> tuple[tuple[Tensor, Tensor, Tensor], Any]:
+        """``((U0, S0, V0) in the adapter dtype, details for after_split)``: the principal
+        ``spec.rank`` singular triplets of ``weight``, with ``S0 = σ / scale``."""
+        U0, sigma, V0 = reference.principal_split(weight, spec.rank, svd=spec.svd, niter=spec.niter,
+                                                  oversample=spec.oversample, dtype=spec.svd_dtype)
+        return (U0.to(spec.factor_dtype), (sigma / spec.scale).to(spec.factor_dtype), V0.to(spec.factor_dtype)), None
+
+    def after_split(self, weight: Tensor, factors: tuple[Tensor, ...], spec: SORSAInit, details: Any, *,
+                    name: Optional[str] = None, **own: Any) -> None:
+        """Record what the split found on the built layer (nothing for a dense residual)."""
 
     @classmethod
     def init_spec(cls, linear: nn.Module, rank: Union[int, SORSAInit], name: Optional[str],

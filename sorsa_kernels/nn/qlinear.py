@@ -24,7 +24,7 @@ from ..ops.qsorsa_linear import qsorsa_linear
 from ..quant.dense_view import NF4DenseView
 from ..quant.init import REPORT_MODES, LayerQuantReport, layer_quant_report
 from ..quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_bnb, quantize_nf4
-from .checks import layer_suffix, linear_weight
+from .checks import layer_suffix
 from .factory import register_layer_class
 from .init_spec import SORSAInit
 from .linear import SORSALinear
@@ -220,59 +220,39 @@ class QSORSALinear(SORSALinear):
         return self.residual
 
     # ------------------------------------------------------------------ construction
+    #: ``quant_report`` of :meth:`~sorsa_kernels.nn.linear.SORSALinear.from_linear`: ``"full"``
+    #: (Frobenius and nuclear errors; two extra SVDs of the weight's size), ``"fro"`` (Frobenius
+    #: only) or None; stored as ``.quant_report``.
+    layer_options = {"quant_report": "full"}
+
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        rank: Union[int, SORSAInit],
-        *,
-        name: Optional[str] = None,
-        quant_report: Optional[str] = "full",
-        **options: Any,
-    ) -> "QSORSALinear":
-        """SVD-split ``linear.weight``, run ``quant_iters`` error-reducing iterations, store ``Wr`` in NF4.
-
-        Args:
-            linear: the layer to adapt (left untouched).
-            rank: r, with ``1 ≤ r ≤ min(in_features, out_features)``, or a whole
-                :class:`~sorsa_kernels.nn.init_spec.SORSAInit`.
-            name: the layer's name, used in error messages and the report.
-            quant_report: ``"full"`` (Frobenius and nuclear errors; two extra SVDs of the
-                weight's size), ``"fro"`` (Frobenius only) or None; stored as ``.quant_report``.
-            **options: fields of :class:`~sorsa_kernels.nn.init_spec.SORSAInit`, as
-                :meth:`SORSALinear.from_linear`, and ``quant_iters`` (T error-reducing
-                iterations; 0 = plain: NF4 of the SVD residual; they run on ``svd_device``
-                too).  ``residual_dtype`` is the dtype ``deq(Q)`` is produced in (the compute
-                dtype; default the weight's dtype; float32, float16 or bfloat16).
-
-        The residual is then rebuilt by :meth:`from_factors` from the kept factors, so
-        ``from_factors(linear, *layer.init_factors)`` reproduces the layer bit for bit.
-        """
+    def split_weight(cls, weight: Tensor, spec: SORSAInit, *, quant_report: Optional[str] = "full") -> tuple[Any, Any]:
+        """The SVD split, then ``spec.quant_iters`` error-reducing iterations (T; 0 = plain: NF4 of
+        the SVD residual; they run on ``svd_device`` too); details: ``(history, best_iter)``.
+        ``residual_dtype`` is the dtype ``deq(Q)`` is produced in (the compute dtype; default the
+        weight's dtype; float32, float16 or bfloat16).  The residual is then rebuilt by
+        :meth:`from_factors` from the kept factors, so ``from_factors(linear, *layer.init_factors)``
+        reproduces the layer bit for bit."""
         if quant_report not in REPORT_MODES:
             raise ValueError(f"quant_report must be one of {REPORT_MODES}, got {quant_report!r}")
-        spec = cls.init_spec(linear, rank, name, options)
-        W = linear_weight(linear)  # out×in (a transposed view for a Conv1D)
-        residual_dtype = spec.residual_dtype or W.dtype
-        _check_nf4_dtype(residual_dtype, name)
-        with torch.no_grad():
-            w = W.detach().to(spec.svd_device) if spec.svd_device is not None else W.detach()
-            factors, history, best_iter = error_reducing_split(
-                w, spec.rank, iters=spec.quant_iters, scale=spec.scale, svd=spec.svd, niter=spec.niter,
-                oversample=spec.oversample, svd_dtype=spec.svd_dtype, factor_dtype=spec.factor_dtype,
-            )
-            del w
-            factors = tuple(f.to(W.device) for f in factors)
-        layer = cls.from_factors(
-            linear, *factors, alpha=spec.alpha, dropout=spec.dropout, residual_dtype=residual_dtype, name=name
+        factors, history, best_iter = error_reducing_split(
+            weight, spec.rank, iters=spec.quant_iters, scale=spec.scale, svd=spec.svd, niter=spec.niter,
+            oversample=spec.oversample, svd_dtype=spec.svd_dtype, factor_dtype=spec.factor_dtype,
         )
-        if quant_report is not None:
-            with torch.no_grad():
-                res = reference.compute_residual(W, *factors, layer.scale)
-                layer.quant_report = layer_quant_report(
-                    W, res, layer.nf4(), rank=spec.rank, iters=spec.quant_iters, best_iter=best_iter,
-                    history=history, nuclear=quant_report == "full", name=name or "",
-                )
-        return layer
+        return factors, (history, best_iter)
+
+    def after_split(self, weight: Tensor, factors: tuple[Tensor, ...], spec: SORSAInit, details: Any, *,
+                    name: Optional[str] = None, quant_report: Optional[str] = "full") -> None:
+        """Fill ``.quant_report`` (unless ``quant_report`` is None): the NF4 error of the residual."""
+        if quant_report is None:
+            return
+        history, best_iter = details
+        with torch.no_grad():
+            res = reference.compute_residual(weight, *factors, self.scale)
+            self.quant_report = layer_quant_report(
+                weight, res, self.nf4(), rank=spec.rank, iters=spec.quant_iters, best_iter=best_iter,
+                history=history, nuclear=quant_report == "full", name=name or "",
+            )
 
     @classmethod
     def check_residual_dtype(cls, dtype: torch.dtype, name: Optional[str] = None) -> None:

@@ -6,7 +6,7 @@ help text, flags, ``--help`` section, allowed values and, where ``None`` means "
 default for this model", the paper's and the embedded model's values
 (:data:`PAPER_DEFAULTS` and :data:`EMBEDDED_DEFAULTS` are read off the fields).  The
 command line generates its flags, help and the defaults it shows from the fields, and
-translates field names in messages into its flags, in one place (``cli._cli_name``).
+translates field names in messages into its flags, in one place (``jobs.flags.cli_name``).
 
 **Adding an option is one change, here**: add the field, e.g.
 ``verbose: bool = option(False, "print every log line", group=_LOGGING)``.  A number gets

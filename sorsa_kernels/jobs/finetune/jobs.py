@@ -63,10 +63,7 @@ def merge_job(base: str, adapter: str, output: str, progress: bool = False, *, a
     """
     from ...adapters.surgery import merge_sorsa
 
-    out = Path(output)
-    check_output_dir(out)
-    check_on_disk(out)
-    model, tokenizer = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
+    out, model, tokenizer = _load_for_output(base, adapter, output, progress, allow_base_mismatch)
     merge_sorsa(model, allow_non_finite=allow_non_finite)
     with publishing(out) as tmp, library_bars(progress):  # whole or not at all: never only config.json
         model.save_pretrained(tmp)
@@ -85,13 +82,20 @@ def export_lora_job(base: str, adapter: str, output: str, progress: bool = False
     """
     from ...adapters.peft_export import export_peft_lora
 
-    out = Path(output)
-    check_output_dir(out)
-    check_on_disk(out)
-    model, _ = _load_with_adapter(base, adapter, progress, allow_base_mismatch)
+    out, model, _ = _load_for_output(base, adapter, output, progress, allow_base_mismatch)
     with publishing(out) as tmp:
         export_peft_lora(model, tmp)
     return out
+
+
+def _load_for_output(base: str, adapter: str, output: str, progress: bool,
+                     allow_base_mismatch: bool) -> tuple[Path, Any, Any]:
+    """``(output as a Path, model with the adapter, tokenizer or None)`` for a command that writes a
+    new folder: ``output`` is checked (new, on a disk with room) before any model is loaded."""
+    out = Path(output)
+    check_output_dir(out)
+    check_on_disk(out)
+    return (out, *_load_with_adapter(base, adapter, progress, allow_base_mismatch))
 
 
 def analyze_job(base: str, adapters: Sequence[str], progress: bool = False, *,
