@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -162,3 +162,14 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
+
+
+def rows_to_shape(y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The 2-D row-major result ``y`` (M×m) given the leading shape of the input, as a non-view.
+
+    Every op computes on 2-D rows and returns ``y`` in the input's leading shape.  A plain
+    ``reshape`` would hand out a view of a tensor made inside an autograd Function (or a custom
+    op), and autograd forbids in-place ops on those: ``y = layer(x); y += r`` would fail in
+    backward.  ``_unsafe_view`` (what ``torch.matmul`` itself returns) is not tracked as a view.
+    """
+    return torch.ops.aten._unsafe_view(y, tuple(shape))

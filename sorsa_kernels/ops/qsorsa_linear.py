@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..quant.nf4 import NF4Weight, dequantize_nf4_bnb
 from . import reference
-from .dispatch import autocast_dtype, pow2_bucket
+from .dispatch import autocast_dtype, pow2_bucket, rows_to_shape
 from .kernel_op import KernelOp
 from .sorsa_linear import bias_grad
 
@@ -159,7 +159,7 @@ def qlinear_fwd(
     args = (x.reshape(-1, n), None if x_lowrank is None else x_lowrank.reshape(-1, n),
             nf4, (blocksize, nested_blocksize), out_features, U, S, V, bias, scale)
     y, u = FORWARD(FORWARD.decide(*args) if kernel is None else kernel, *args)
-    return reference.rows_to_shape(y, (*x.shape[:-1], out_features)), u
+    return rows_to_shape(y, (*x.shape[:-1], out_features)), u
 
 
 @qlinear_fwd.register_fake

@@ -30,23 +30,11 @@ __all__ = [
     "ortho_norms",
     "ortho_grad",
     "ortho_value_and_grad_",
-    "rows_to_shape",
     "experts_forward",
     "experts_backward",
     "experts_dense",
     "counts_list",
 ]
-
-
-def rows_to_shape(y: Tensor, shape: Sequence[int]) -> Tensor:
-    """The 2-D row-major result ``y`` (M×m) given the leading shape of the input, as a non-view.
-
-    Every op computes on 2-D rows and returns ``y`` in the input's leading shape.  A plain
-    ``reshape`` would hand out a view of a tensor made inside an autograd Function (or a custom
-    op), and autograd forbids in-place ops on those: ``y = layer(x); y += r`` would fail in
-    backward.  ``_unsafe_view`` (what ``torch.matmul`` itself returns) is not tracked as a view.
-    """
-    return torch.ops.aten._unsafe_view(y, tuple(shape))
 
 
 # --------------------------------------------------------------------------- init

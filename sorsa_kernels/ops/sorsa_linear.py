@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference
-from .dispatch import autocast_dtype, pow2_bucket
+from .dispatch import autocast_dtype, pow2_bucket, rows_to_shape
 from .kernel_op import KernelOp
 
 __all__ = ["sorsa_linear", "linear_fwd", "linear_bwd", "FORWARD", "BACKWARD"]
@@ -87,7 +87,7 @@ def _forward(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Ten
              bias: Optional[Tensor], scale: float, kernel: bool) -> tuple[Tensor, Tensor]:
     """``(y, u)`` on any leading shape of ``x`` by the kernels (``kernel``) or the reference."""
     y, u = FORWARD(kernel, x.reshape(-1, x.shape[-1]), residual, U, S, V, bias, scale)
-    return reference.rows_to_shape(y, (*x.shape[:-1], U.shape[0])), u
+    return rows_to_shape(y, (*x.shape[:-1], U.shape[0])), u
 
 
 def _backward_impl(dy: Tensor, x: Tensor, u: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor,
