@@ -86,7 +86,7 @@ def build(setup: dict, model_cfg: dict = LLAMA_7B) -> nn.Module:
     """The Llama skeleton (bf16, meta) with the setup's targets replaced by shape-only layers."""
     import transformers
 
-    from sorsa_kernels.adapters.surgery import _set_submodule
+    from sorsa_kernels.adapters.plan import set_submodule
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_cfg)).to(torch.bfloat16)
@@ -99,7 +99,7 @@ def build(setup: dict, model_cfg: dict = LLAMA_7B) -> nn.Module:
                                    adapter_dtype=setup["dtype"], device="meta")
             else:
                 new = QLoRAShape(n, m, setup["rank"], setup["dtype"])
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
     return model
 
 

@@ -99,7 +99,7 @@ def build(setup: dict, model_cfg: dict = QWEN3_30B_A3B) -> nn.Module:
     """The Qwen3-MoE skeleton (bf16, meta) with the setup's targets replaced by shape-only modules."""
     import transformers
 
-    from sorsa_kernels.adapters.surgery import _set_submodule
+    from sorsa_kernels.adapters.plan import set_submodule
 
     with torch.device("meta"):
         model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**model_cfg)).to(torch.bfloat16)
@@ -112,7 +112,7 @@ def build(setup: dict, model_cfg: dict = QWEN3_30B_A3B) -> nn.Module:
                 new = QSORSALinear(n, m, r, bias=False, residual_dtype=torch.bfloat16, device="meta")
             else:
                 new = QLoRAShape(n, m, r, torch.float32)
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
         elif name.endswith("mlp.experts"):
             for attr in ("gate_up_proj", "down_proj"):
                 E, m, n = getattr(mod, attr).shape

@@ -59,9 +59,6 @@ def replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module,
     return names
 
 
-_set_submodule = set_submodule  # the name the benchmarks import
-
-
 def sorsa_layers(model: nn.Module) -> dict[str, SORSALinear]:
     """Every SORSA layer of ``model`` by module name (quantized ones included)."""
     return {n: m for n, m in model.named_modules() if is_adapter_layer(m)}  # any registered kind (nn/kinds.py)
