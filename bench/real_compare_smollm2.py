@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--targets", default="", help="--target-modules (default: the model's default targets)")
+    parser.add_argument("--record-every", type=int, default=0,
+                        help="steps between evaluations (default: a third of --steps)")
     parser.add_argument("--svd", default="randomized", choices=("full", "randomized"))
     parser.add_argument("--result", default=str(RESULT), help="markdown file to write")
     parser.add_argument("--reuse", action="store_true", help="rewrite the markdown from a finished run in --work")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     train, held = write_data(work, args.held_out)
     targets = ["--target-modules", *args.targets.split()] if args.targets.strip() else []
-    record_every = max(1, args.steps // 4)
+    record_every = args.record_every or max(1, args.steps // 3)
     command = ["sorsa-kernels", "compare", "--model", str(gguf), "--data", str(train), "--eval-data", str(held),
                "--methods", "sorsa", "pissa", "lora", "--rank", str(args.rank), *targets,
                "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum", "1",
