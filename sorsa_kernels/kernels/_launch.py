@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "device_guard", "INTERPRET", "m_bucket", "num_sms", "input_precision", "acc_per_thread",
     "SMEM_PER_BLOCK", "Target", "device_target", "compile_target", "pipelined_smem", "wgmma_rows", "fit_smem",
+    "config_table",
 ]
 
 #: Triton reads TRITON_INTERPRET when a kernel is defined; the kernel files read it too, to
@@ -92,6 +93,22 @@ def device_target(device: torch.device) -> Optional[Target]:
     if device.type != "cuda":
         return None
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def config_table(interpret: bool, names: tuple[str, ...], rows: list[tuple[int, ...]]) -> list:
+    """Autotune configs from rows ``(*tile sizes in the order of names, num_warps, num_stages)``.
+
+    Under the interpreter one config with every named tile 16 wide (correctness only: the
+    interpreter is no speed measure, and small tiles keep it quick).
+
+    Example::
+
+        >>> [c.kwargs for c in config_table(False, ("BLOCK_K",), [(128, 4, 3)])]
+        [{'BLOCK_K': 128}]
+    """
+    if interpret:
+        return [triton.Config({name: 16 for name in names})]
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
 def m_bucket(M: int) -> int:

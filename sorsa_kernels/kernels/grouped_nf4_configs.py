@@ -8,9 +8,8 @@ The row tile is the tile table's :data:`~.grouped_sorsa_configs.ROW_BLOCK`.
 """
 from __future__ import annotations
 
-import triton
 
-from ._launch import INTERPRET, device_target, fit_smem
+from ._launch import INTERPRET, config_table, device_target, fit_smem
 from .grouped_sorsa_configs import ROW_BLOCK
 
 __all__ = ["gemm_configs", "prune_configs"]
@@ -22,14 +21,8 @@ _DEQUANT_TILE_BYTES = 14
 
 def gemm_configs(interpret: bool = INTERPRET) -> list:
     """N tile × K step of the grouped NF4 GEMM (rows: ROW_BLOCK)."""
-    if interpret:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),  # small-footprint fallback (≈34 KB)
-    ]
+    # (BLOCK_N, BLOCK_K, warps, stages); the last is a small-footprint fallback (≈34 KB).
+    return config_table(interpret, ("BLOCK_N", "BLOCK_K"), [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)])
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:

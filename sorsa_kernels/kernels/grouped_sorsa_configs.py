@@ -9,9 +9,8 @@ tools/compile_facts.py (the ``experts`` launch classes of docs/compile-facts-sm*
 """
 from __future__ import annotations
 
-import triton
 
-from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, wgmma_rows
+from ._launch import INTERPRET, acc_per_thread, config_table, device_target, fit_smem, wgmma_rows
 
 __all__ = ["ROW_BLOCK", "MAX_BLOCK_R", "gemm_configs", "prune_gemm_configs", "weight_grad_configs",
            "prune_weight_grad_configs"]
@@ -30,30 +29,16 @@ MAX_BLOCK_R = 32 if INTERPRET else 128
 
 def gemm_configs(interpret: bool = INTERPRET) -> list:
     """N tile × K step of the grouped GEMM (rows: :data:`ROW_BLOCK`)."""
-    if interpret:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16})]
-    cfg = triton.Config
-    return [  # untuned starting points (see the module docstring)
-        cfg({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        # Small-footprint fallback (24 KB even with fp32 operands) so some config always fits.
-        cfg({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    ]
+    # (BLOCK_N, BLOCK_K, warps, stages): untuned starting points (see the module docstring); the
+    # last is a small-footprint fallback (24 KB even with fp32 operands) so some config always fits.
+    return config_table(interpret, ("BLOCK_N", "BLOCK_K"), [
+        (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)])
 
 
 def weight_grad_configs(interpret: bool = INTERPRET) -> list:
     """Output rows (of dU / dV, over K), warps and stages; the step over rows is :data:`ROW_BLOCK`."""
-    if interpret:
-        return [triton.Config({"BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r ≥ 128 fallback
-    ]
+    # (BLOCK_K, warps, stages); BLOCK_K 32 is the fp32 / r ≥ 128 fallback.
+    return config_table(interpret, ("BLOCK_K",), [(128, 4, 3), (64, 4, 4), (256, 8, 3), (32, 4, 2)])
 
 
 def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:

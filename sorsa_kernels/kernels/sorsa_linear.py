@@ -320,15 +320,8 @@ def _launch_weight_grad(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out.to(dtype)
 
 
-def fused_forward(
-    x2d: Tensor,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor],
-    scale: float,
-) -> tuple[Tensor, Tensor]:
+def fused_forward(x2d: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+                  bias: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     """Fused SORSA forward on 2-D ``x`` (M×n): returns ``(y, u)`` with ``u = x·V`` (M×r).
 
     Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_forward`:
@@ -399,17 +392,8 @@ def fused_forward(
     return y, u
 
 
-def fused_backward(
-    dy2d: Tensor,
-    x2d: Tensor,
-    u: Tensor,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    scale: float,
-    needs_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+def fused_backward(dy2d: Tensor, x2d: Tensor, u: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor,
+                   V: Tensor, scale: float, needs_dx: bool = True) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """Fused SORSA backward: returns ``(dx, dU, dS, dV)`` (``dx`` None unless ``needs_dx``).
 
     Same signature and semantics as :func:`sorsa_kernels.ops.reference.linear_backward`

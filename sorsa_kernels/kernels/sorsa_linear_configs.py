@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._launch import INTERPRET, acc_per_thread, device_target, fit_smem, num_sms, wgmma_rows
+from ._launch import INTERPRET, acc_per_thread, config_table, device_target, fit_smem, num_sms, wgmma_rows
 
 __all__ = [
     "MAX_BLOCK_R", "UP_BLOCK_M", "WG_STEP_M", "SPLIT_ALIGN", "K_SPLIT_ALIGN", "K_SPLIT_MIN",
@@ -98,19 +98,10 @@ def skinny_configs(interpret: bool = INTERPRET) -> list:
     it).  A 256-row tile (BLOCK_K 32, 8 warps) spilled 272 B at r = 128 on sm_90 (compile
     facts, tools/compile_facts.py) and was dropped.
     """
-    if interpret:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-        # Fallback that fits A100 shared memory in fp32 with a 128-wide rank tile.
-        cfg({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    ]
+    # (BLOCK_M, BLOCK_K, warps, stages); the last fits A100 shared memory in fp32 with a 128-wide rank tile.
+    return config_table(interpret, ("BLOCK_M", "BLOCK_K"), [
+        (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4), (16, 256, 4, 3),
+        (32, 32, 4, 2)])
 
 
 def prune_up_grad_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -140,29 +131,15 @@ def prune_weight_grad_configs(configs: list, named_args: dict, **kwargs) -> list
 def up_grad_configs(interpret: bool = INTERPRET) -> list:
     """K step only: the row tile is fixed at UP_BLOCK_M (see there); 8 warps for its
     128 × r fp32 tile (BLOCK_K 128 needs 192 KB at r = 128: Hopper only, A100 keeps the others)."""
-    if interpret:
-        return [triton.Config({"BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_K": 64}, num_warps=8, num_stages=4),
-        # (BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128: dropped.)
-        cfg({"BLOCK_K": 32}, num_warps=8, num_stages=2),  # fp32 / r=128 fallback (see above)
-    ]
+    # (BLOCK_K, warps, stages); BLOCK_K 256 at 3 stages needed 288 KB of shared memory at r = 128:
+    # dropped.  BLOCK_K 32 is the fp32 / r = 128 fallback (see above).
+    return config_table(interpret, ("BLOCK_K",), [(128, 8, 3), (64, 8, 4), (32, 8, 2)])
 
 
 def weight_grad_configs(interpret: bool = INTERPRET) -> list:
     """Output rows (of dU / dV), warps and stages; the step over M is fixed (WG_STEP_M)."""
-    if interpret:
-        return [triton.Config({"BLOCK_K": 16})]
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_K": 128}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_K": 128}, num_warps=8, num_stages=4),
-        cfg({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_K": 256}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # fp32 / r=128 fallback
-    ]
+    # (BLOCK_K, warps, stages); BLOCK_K 32 is the fp32 / r = 128 fallback.
+    return config_table(interpret, ("BLOCK_K",), [(128, 4, 3), (128, 8, 4), (64, 4, 4), (256, 8, 3), (32, 4, 2)])
 
 
 def rank_tile(r: int) -> int:

@@ -138,20 +138,9 @@ BACKWARD = KernelOp(
 
 
 @torch.library.custom_op("sorsa_kernels::qlinear_fwd", mutates_args=())
-def qlinear_fwd(
-    x: Tensor,
-    x_lowrank: Optional[Tensor],
-    nf4: list[Tensor],
-    out_features: int,
-    blocksize: int,
-    nested_blocksize: int,
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor],
-    scale: float,
-    kernel: Optional[bool] = None,
-) -> tuple[Tensor, Tensor]:
+def qlinear_fwd(x: Tensor, x_lowrank: Optional[Tensor], nf4: list[Tensor], out_features: int, blocksize: int,
+                nested_blocksize: int, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], scale: float,
+                kernel: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u = x_lowrank·V`` 2-D (M×r).
 
     ``nf4`` is the residual's storage, :meth:`NF4Weight.tensors`.  ``kernel``: the caller's dispatch decision (``FORWARD.decide``), made here when None."""
@@ -169,22 +158,9 @@ def _(x, x_lowrank, nf4, out_features, blocksize, nested_blocksize, U, S, V, bia
 
 
 @torch.library.custom_op("sorsa_kernels::qlinear_bwd", mutates_args=())
-def qlinear_bwd(
-    dy: Tensor,
-    x_lowrank: Tensor,
-    u: Tensor,
-    nf4: list[Tensor],
-    blocksize: int,
-    nested_blocksize: int,
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    scale: float,
-    needs_dx: bool,
-    split_dx: bool,
-    needs_dx_lowrank: bool,
-    kernel: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def qlinear_bwd(dy: Tensor, x_lowrank: Tensor, u: Tensor, nf4: list[Tensor], blocksize: int,
+                nested_blocksize: int, U: Tensor, S: Tensor, V: Tensor, scale: float, needs_dx: bool,
+                split_dx: bool, needs_dx_lowrank: bool, kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dx_lowrank, dU, dS, dV)``.
 
     ``x_lowrank`` is what the low-rank branch read (``x`` itself without dropout).
@@ -238,17 +214,8 @@ def _backward(ctx, dy, _du):
 qlinear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def qsorsa_linear(
-    x: Tensor,
-    q: NF4Weight,
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor] = None,
-    scale: float = 1.0,
-    dropout_p: float = 0.0,
-    training: bool = False,
-) -> Tensor:
+def qsorsa_linear(x: Tensor, q: NF4Weight, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor] = None,
+                  scale: float = 1.0, dropout_p: float = 0.0, training: bool = False) -> Tensor:
     """``y = x·deq(Q)ᵀ + scale·((drop(x)·V)·S)·Uᵀ + b`` for ``x`` of any leading shape.
 
     ``q`` is the NF4 residual (``x.shape[-1]`` must equal ``q.shape[1]``); the product

@@ -109,15 +109,8 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def linear_forward(
-    x: Tensor,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor],
-    scale: float,
-) -> tuple[Tensor, Tensor]:
+def linear_forward(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+                   bias: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     """Forward on 2-D ``x`` (M×n).  Returns ``(y, u)`` with ``u = x·V`` (M×r), saved for backward.
 
     Computation runs in ``x.dtype``; adapters and residual are cast to it.  ``residual=None``
@@ -175,17 +168,8 @@ def lowrank_backward(
     return ss, _as(dU, U.dtype), _as(dS, S.dtype), _as(dV, V.dtype)
 
 
-def linear_backward(
-    dy: Tensor,
-    x: Tensor,
-    u: Tensor,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    scale: float,
-    needs_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+def linear_backward(dy: Tensor, x: Tensor, u: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor,
+                    V: Tensor, scale: float, needs_dx: bool = True) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """Gradients of :func:`linear_forward` (Wr and bias are frozen): ``(dx, dU, dS, dV)``.
 
     The adapters' by :func:`lowrank_backward`; ``dx = dy·Wr + ss·Vᵀ`` (None unless

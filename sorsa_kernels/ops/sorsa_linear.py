@@ -99,16 +99,8 @@ def _backward_impl(dy: Tensor, x: Tensor, u: Tensor, residual: Optional[Tensor],
 
 
 @torch.library.custom_op("sorsa_kernels::linear_fwd", mutates_args=())
-def linear_fwd(
-    x: Tensor,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor],
-    scale: float,
-    kernel: Optional[bool] = None,
-) -> tuple[Tensor, Tensor]:
+def linear_fwd(x: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor],
+               scale: float, kernel: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """Forward on any leading shape of ``x``; returns ``(y, u)`` with ``u`` 2-D (M×r).
 
     ``kernel``: the caller's dispatch decision (:func:`~.dispatch.kernel_path`), made here
@@ -126,18 +118,8 @@ def _(x, residual, U, S, V, bias, scale, kernel=None):
 
 
 @torch.library.custom_op("sorsa_kernels::linear_bwd", mutates_args=())
-def linear_bwd(
-    dy: Tensor,
-    x: Tensor,
-    u: Tensor,
-    residual: Optional[Tensor],
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    scale: float,
-    needs_dx: bool,
-    kernel: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def linear_bwd(dy: Tensor, x: Tensor, u: Tensor, residual: Optional[Tensor], U: Tensor, S: Tensor, V: Tensor,
+               scale: float, needs_dx: bool, kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dU, dS, dV)``; ``dx`` is an empty tensor when ``needs_dx`` is False."""
     dx, dU, dS, dV = _backward_impl(dy, x, u, residual, U, S, V, scale, needs_dx, kernel)
     return (dx if needs_dx else x.new_empty(0)), dU, dS, dV
@@ -241,17 +223,8 @@ def _residual_as(residual: Tensor, dtype: torch.dtype) -> Tensor:
     return cast
 
 
-def sorsa_linear(
-    x: Tensor,
-    residual: Tensor,
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    bias: Optional[Tensor] = None,
-    scale: float = 1.0,
-    dropout_p: float = 0.0,
-    training: bool = False,
-) -> Tensor:
+def sorsa_linear(x: Tensor, residual: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor] = None,
+                 scale: float = 1.0, dropout_p: float = 0.0, training: bool = False) -> Tensor:
     """``y = x·Wrᵀ + scale·((drop(x)·V)·S)·Uᵀ + b`` for ``x`` of any leading shape.
 
     With ``dropout_p == 0`` (the paper's setting) this is one fused op.  With dropout
