@@ -19,7 +19,8 @@ class SORSACallback(TrainerCallback):
     and before ``optimizer.step()``, so the regularizer's gradient is never clipped.  Under
     gradient release (:func:`~sorsa_kernels.training.gradient_release.enable_gradient_release`)
     each parameter's backward hook adds it, in the same order, and this callback only logs the
-    value the hooks summed.  The
+    value the hooks summed, and the global gradient norm they saw as ``grad_norm`` (the
+    Trainer cannot take it: no gradient is left when it clips).  The
     value of ``L_reg`` is logged as ``orthonormality`` (averaged over the logging window).
     ``lr_max`` defaults to the Trainer's peak learning rate (``args.learning_rate``).
 
@@ -38,11 +39,13 @@ class SORSACallback(TrainerCallback):
         self.lr_max = lr_max
         self._sum = None
         self._count = 0
+        self._grad_norm = None  # under gradient release: the last step's global gradient norm
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         released = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
         if isinstance(released, ReleasedOptimizer):  # the backward hooks added the gradient already
             value = released.pop_regularizer_value()
+            self._grad_norm = released.pop_grad_norm()
             if value is None:
                 return control
         else:
@@ -52,6 +55,10 @@ class SORSACallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._grad_norm is not None and "loss" in logs:
+            logs["grad_norm"] = float(self._grad_norm)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["grad_norm"] = logs["grad_norm"]
         if logs is not None and self._count:
             value = float(self._sum) / self._count  # one host sync per logging step
             logs["orthonormality"] = value

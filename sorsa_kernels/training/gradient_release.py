@@ -57,6 +57,7 @@ class ReleasedOptimizer(torch.optim.Optimizer):
         self.per_param = per_param
         self.handles: list = []
         self._value: Optional[Tensor] = None  # regularizer value summed over this step's hooks
+        self._grad_sq: Optional[Tensor] = None  # squared gradient norms (before clipping) summed likewise
 
     @torch.no_grad()
     def step(self, closure=None):  # the hooks stepped each parameter during backward
@@ -66,6 +67,12 @@ class ReleasedOptimizer(torch.optim.Optimizer):
         """``L_reg`` accumulated by the hooks since the last call (None if no hook added it)."""
         value, self._value = self._value, None
         return value
+
+    def pop_grad_norm(self) -> Optional[Tensor]:
+        """The global norm of the gradients the hooks saw since the last call, before clipping and
+        without the regularizer's part (what a Trainer logs as ``grad_norm``), or None."""
+        sq, self._grad_sq = self._grad_sq, None
+        return None if sq is None else sq.sqrt()
 
     def state_dict(self) -> dict:
         return {"per_param": [opt.state_dict() for opt in self.per_param.values()],
@@ -128,7 +135,11 @@ def enable_gradient_release(model: nn.Module, optimizer_factory: OptimizerFactor
 
     def hook(p: Tensor) -> None:
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p], max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_([p], max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(p.grad)
+        sq = norm.detach().float().square()
+        released._grad_sq = sq if released._grad_sq is None else released._grad_sq + sq
         if id(p) in matrices:
             from ..ops.regularizer import ortho_value_and_grad_
 

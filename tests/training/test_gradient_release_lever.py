@@ -96,3 +96,19 @@ def test_gradient_release_value_is_the_models_regularizer():
 def test_gradient_release_without_trainable_parameters_is_refused():
     with pytest.raises(ValueError, match="no trainable parameters; call sorsa_kernels.apply_sorsa first"):
         enable_gradient_release(nn.Linear(3, 3).requires_grad_(False), lambda ps: torch.optim.SGD(ps, lr=1.0))
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_gradient_release_reports_the_global_gradient_norm_before_clipping(clip):
+    """The Trainer cannot take the norm (no gradient is left when it clips): the hooks sum it, and
+    it is the ordinary loop's global norm, not 0."""
+    ref = _model()
+    x = _batches(1)[0]
+    ref(x).pow(2).mean().backward()
+    expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in _trainable(ref)])))
+    model = _model()
+    released = enable_gradient_release(model, lambda ps: torch.optim.SGD(ps, lr=LR), gamma=GAMMA, lr_max=LR,
+                                       max_grad_norm=clip)
+    model(x).pow(2).mean().backward()
+    assert float(released.pop_grad_norm()) == pytest.approx(expected, rel=1e-5)
+    assert released.pop_grad_norm() is None  # one value per step
