@@ -113,11 +113,29 @@ def optimizer_spec(cfg: FinetuneConfig, args) -> Optional[tuple]:
 
 def make_trainer(cfg: FinetuneConfig, model, args, **kwargs):
     """The ``Trainer`` of a finetune (or compare) run: the chunked loss when ``loss_chunk_size`` is set,
-    the levers' optimizer (:func:`optimizer_spec`); ``kwargs`` as ``Trainer``'s."""
-    from ...training.loss import ChunkedLossTrainer
+    the levers' optimizer (:func:`optimizer_spec`); ``kwargs`` as ``Trainer``'s.
 
-    return ChunkedLossTrainer(model=model, args=args, loss_chunk_size=cfg.loss_chunk_size,
-                              optimizer_cls_and_kwargs=optimizer_spec(cfg, args), **kwargs)
+    Its ``evaluate`` (what ``--eval-steps`` calls) logs the job's one held-out loss,
+    :func:`~.evaluation.heldout_loss` (the mean over every response token), not the Trainer's
+    mean of per-batch means, so a mid-training ``eval_loss`` and the summary's held-out loss
+    are the same quantity."""
+    from ...training.loss import ChunkedLossTrainer
+    from .evaluation import heldout_loss
+
+    class FinetuneTrainer(ChunkedLossTrainer):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            pad = getattr(self.data_collator, "pad_token_id", None)
+            if dataset is None or pad is None:  # not a finetune set-up: the Trainer's own evaluation
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics = {f"{metric_key_prefix}_loss": heldout_loss(self.model, dataset, pad,
+                                                                 self.args.per_device_eval_batch_size)}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return FinetuneTrainer(model=model, args=args, loss_chunk_size=cfg.loss_chunk_size,
+                           optimizer_cls_and_kwargs=optimizer_spec(cfg, args), **kwargs)
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
