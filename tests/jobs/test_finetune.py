@@ -163,6 +163,13 @@ def test_embedded_build_is_bit_reproducible():
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("steps", [1, 2, 10])  # 10: OneCycleLR's 10 % warm-up was one step long, 0/0
+def test_embedded_pretraining_runs_for_any_step_count(steps):
+    tok = E.build_tokenizer()
+    trained = E.pretrain(E.build_model(tok), tok, steps=steps, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in trained.parameters())
+
+
 def test_embedded_pretraining_changes_the_weights():
     tok = E.build_tokenizer()
     untrained = E.build_model(tok)

@@ -23,7 +23,7 @@ from .config import (
     DTYPES, EMBEDDED_EXAMPLES, EMBEDDED_HELD_OUT, FSDP_CPU_MESSAGE, FinetuneConfig, distributed, is_main_process,
 )
 from .encoding import ListDataset, ResponseOnlyCollator, encode_all
-from .evaluation import default_max_new_tokens, evaluate, metrics_line
+from .evaluation import evaluate, generation_budget, metrics_line
 from .model import apply_config_sorsa, load_base, load_sharded_quantized
 from .outputs import FinetuneResult, save_outputs, write_metrics
 from .rundir import (
@@ -246,6 +246,7 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
     data_counts: dict[str, dict] = {"training": {}, "held-out": {}}  # what --max-length dropped / cut
     train_ex = encode_all(tokenizer, train_rows, cfg, use_chat, "training", data_counts["training"])
     eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out", data_counts["held-out"]) if held_rows else None
+    max_new = _generation_budget(cfg, tokenizer, held_rows, use_chat)  # a prompt that cannot fit: refused here
     if not sharded_qsorsa:
         apply_config_sorsa(model, cfg)
     print_adaptation_summary(model, cfg)
@@ -260,7 +261,7 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
         lock = claim_run_folder(out)
     try:
         result = _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows,
-                                 use_chat, fingerprint, t_start, data_counts)
+                                 use_chat, fingerprint, t_start, data_counts, max_new)
     except BaseException:
         if own_default:
             cleanup_failed_run(out, True, existing)
@@ -269,6 +270,21 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
     if own_default:
         lock.release(finished=True)
     return result
+
+
+def _generation_budget(cfg: FinetuneConfig, tokenizer, held_rows, use_chat: bool) -> int:
+    """Exact match's ``max_new_tokens``, fitted beside the longest held-out prompt within
+    ``--max-length`` (:func:`~.evaluation.generation_budget`, as ``compare`` does): a prompt is
+    never cut; one that leaves no room is a one-line error before the surgery."""
+    em_rows = held_rows[: cfg.eval_samples] if held_rows and cfg.evaluate else []
+    if not em_rows:
+        return cfg.max_new_tokens or 1
+    budget = generation_budget(tokenizer, em_rows, cfg.prompt_template, use_chat, cfg.max_length, cfg.max_new_tokens)
+    if budget.answers_cut and is_main_process():
+        print(f"exact match: {budget.answers_cut} of {len(em_rows)} reference answers are longer than max_new_tokens "
+              f"{budget.max_new_tokens} (what --max-length {cfg.max_length} leaves beside the longest prompt, "
+              f"{budget.longest_prompt} tokens): they cannot match whole", flush=True)
+    return budget.max_new_tokens
 
 
 def print_adaptation_summary(model, cfg: FinetuneConfig) -> None:
@@ -307,7 +323,7 @@ def _check_finite(model, losses, step: int) -> None:
 
 
 def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows, use_chat,
-                    fingerprint, t_start, data_counts) -> FinetuneResult:
+                    fingerprint, t_start, data_counts, max_new: int) -> FinetuneResult:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ...training.callbacks import SORSACallback
@@ -333,7 +349,6 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
     trainer.add_callback(LogLines(bars=cfg.progress))
 
     em_rows = held_rows[: cfg.eval_samples] if held_rows else []
-    max_new = cfg.max_new_tokens or default_max_new_tokens(tokenizer, em_rows)
     fsdp_pre_eval = cfg.fsdp and distributed()
     bars = cfg.progress or not trainer.is_world_process_zero()  # phase lines: the main process, without bars
     if eval_ds is not None and cfg.evaluate and not fsdp_pre_eval:

@@ -155,7 +155,10 @@ def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS, seed: int = 0, progr
         return model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=_PRETRAIN_LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_PRETRAIN_LR, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by each phase's length: at least 2 warm-up steps and one to anneal
+    # (10 % warm-up from 20 steps on; fewer than 3 steps train at a constant rate).
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_PRETRAIN_LR, total_steps=steps,
+                                                pct_start=max(0.1, 2 / steps)) if steps >= 3 else None
     bar = tqdm(total=steps, desc="pretraining embedded model", unit="step", disable=not progress)
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -164,7 +167,8 @@ def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS, seed: int = 0, progr
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             opt.zero_grad(set_to_none=True)
             bar.update(1)  # no loss shown: reading it back every step costs a sync and says little
     bar.close()
@@ -183,7 +187,8 @@ def cache_folder(pretrain_steps: int, seed: int) -> Path:
     from .gguf import cache_root
 
     recipe = dict(version=__version__, torch=torch.__version__.split("+")[0], seed=seed, steps=pretrain_steps,
-                  model=_MODEL, batch=_PRETRAIN_BATCH, seq=_PRETRAIN_SEQ, lr=_PRETRAIN_LR, chars="".join(_CHARS))
+                  model=_MODEL, batch=_PRETRAIN_BATCH, seq=_PRETRAIN_SEQ, lr=_PRETRAIN_LR, chars="".join(_CHARS),
+                  schedule="one-cycle, warm-up max(10 %, 2 steps)")
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / f"embedded-{key}"
 
