@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import grouped_nf4_configs as configs
 from ._launch import input_precision
-from .grouped_sorsa import RowMap, grouped_lowrank_segment, grouped_store_rows, grouped_tile
+from .grouped_sorsa import RowMap, epilogue, grouped_lowrank_segment, grouped_store_rows, grouped_tile
 from .grouped_sorsa_configs import ROW_BLOCK
 from .nf4_gemm import nf4_dequant_tile
 
@@ -138,26 +138,15 @@ def launch_grouped_nf4_gemm(tiles: Tensor, a1: Tensor, nf4: NF4Experts, trans_w:
     else:
         K2 = a2.shape[1]
     b2, s2e, s2k, s2n = b2_ekn
-    sc = scale if scale is not None else out
-    bi = bias if bias is not None else out
-    a_idx, row_w, c_idx = rows
-
-    def grid(meta):
-        return (tiles.shape[0], triton.cdiv(N, meta["BLOCK_N"]))
-
-    _grouped_nf4_lowrank_gemm_kernel[grid](
+    ep = epilogue(tiles, scale, bias, out, rows)
+    _grouped_nf4_lowrank_gemm_kernel[ep.grid](
         tiles, a1, packed, absmax, nested_absmax, nested_code, offset, code,
-        a2, b2, sc, bi, out,
-        a_idx if a_idx is not None else tiles, row_w if row_w is not None else out,
-        c_idx if c_idx is not None else tiles,
+        a2, b2, *ep.pointers,
         N, K1, K2, n,
         a1.stride(0), a1.stride(1), packed.stride(0), absmax.stride(0), nested_absmax.stride(0),
         a2.stride(0), a2.stride(1), s2e, s2k, s2n,
-        sc.stride(0) if scale is not None else 0, sc.stride(1) if scale is not None else 0,
-        bi.stride(0) if bias is not None else 0, bi.stride(1) if bias is not None else 0,
-        out.stride(0), out.stride(1),
-        TRANS_W=trans_w, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        HAS_A_IDX=a_idx is not None, HAS_ROW_W=row_w is not None, HAS_C_IDX=c_idx is not None,
+        *ep.strides,
+        TRANS_W=trans_w, **ep.flags,
         QBLOCK=nf4.blocksize, NESTED_QBLOCK=nf4.nested_blocksize,
         INPUT_PRECISION=input_precision(a1.dtype), BLOCK_M=ROW_BLOCK,
     )

@@ -47,7 +47,7 @@ from . import grouped_sorsa_configs as configs
 from ._launch import device_guard, input_precision
 from .grouped_sorsa_configs import MAX_BLOCK_R, ROW_BLOCK
 
-__all__ = ["grouped_forward", "grouped_backward", "tile_table", "expert_ranges", "RowMap",
+__all__ = ["grouped_forward", "grouped_backward", "tile_table", "expert_ranges", "RowMap", "Epilogue", "epilogue",
            "launch_grouped_gemm", "launch_weight_grad", "launch_rowdot", "block_r",
            "grouped_tile", "grouped_lowrank_segment", "grouped_store_rows"]
 
@@ -265,6 +265,35 @@ class RowMap(NamedTuple):
     c_idx: Optional[Tensor] = None
 
 
+class Epilogue(NamedTuple):
+    """What every grouped GEMM launch passes after its operands: the pointers of the scale, bias,
+    output and row map (an absent one replaced by a placeholder its constexpr flag never reads),
+    their strides, the flags, and the launch grid (one program per row tile × N tile)."""
+
+    pointers: tuple
+    strides: tuple
+    flags: dict
+    grid: object
+
+
+def epilogue(tiles: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], out: Tensor, rows: RowMap,
+             gather: bool = True) -> Epilogue:
+    """The :class:`Epilogue` of a grouped launch (``gather`` False: ``rows.a_idx`` is not read)."""
+    a_idx, row_w, c_idx = rows
+    sc = scale if scale is not None else out
+    bi = bias if bias is not None else out
+    N = out.shape[1]
+    return Epilogue(
+        (sc, bi, out, a_idx if a_idx is not None else tiles, row_w if row_w is not None else out,
+         c_idx if c_idx is not None else tiles),
+        (sc.stride(0) if scale is not None else 0, sc.stride(1) if scale is not None else 0,
+         bi.stride(0) if bias is not None else 0, bi.stride(1) if bias is not None else 0,
+         out.stride(0), out.stride(1)),
+        dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_A_IDX=gather and a_idx is not None,
+             HAS_ROW_W=row_w is not None, HAS_C_IDX=c_idx is not None),
+        lambda meta: (tiles.shape[0], triton.cdiv(N, meta["BLOCK_N"])))
+
+
 def block_r(r: int) -> int:
     """The r tile of the weight-gradient kernel: ``next_pow2(r)`` capped at :data:`MAX_BLOCK_R`."""
     return min(max(16, triton.next_power_of_2(r)), MAX_BLOCK_R)
@@ -313,25 +342,14 @@ def launch_grouped_gemm(tiles: Tensor, a1, b1_ekn, a2, b2_ekn, scale, bias, out:
         K1 = a1.shape[1]
     else:  # placeholders, never read (HAS_RESIDUAL is a constexpr)
         a1, b1, s1e, s1k, s1n, K1 = a2, b2, 0, 0, 0, 0
-    sc = scale if scale is not None else out
-    bi = bias if bias is not None else out
-    a_idx, row_w, c_idx = rows
-
-    def grid(meta):
-        return (tiles.shape[0], triton.cdiv(N, meta["BLOCK_N"]))
-
-    _grouped_residual_lowrank_gemm_kernel[grid](
-        tiles, a1, b1, a2, b2, sc, bi, out,
-        a_idx if a_idx is not None else tiles, row_w if row_w is not None else out,
-        c_idx if c_idx is not None else tiles,
+    ep = epilogue(tiles, scale, bias, out, rows, gather=has_res)
+    _grouped_residual_lowrank_gemm_kernel[ep.grid](
+        tiles, a1, b1, a2, b2, *ep.pointers,
         N, K1, K2,
         a1.stride(0), a1.stride(1), s1e, s1k, s1n,
         a2.stride(0), a2.stride(1), s2e, s2k, s2n,
-        sc.stride(0) if scale is not None else 0, sc.stride(1) if scale is not None else 0,
-        bi.stride(0) if bias is not None else 0, bi.stride(1) if bias is not None else 0,
-        out.stride(0), out.stride(1),
-        HAS_RESIDUAL=has_res, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        HAS_A_IDX=has_res and a_idx is not None, HAS_ROW_W=row_w is not None, HAS_C_IDX=c_idx is not None,
+        *ep.strides,
+        HAS_RESIDUAL=has_res, **ep.flags,
         INPUT_PRECISION=input_precision(a2.dtype), BLOCK_M=ROW_BLOCK,
     )
 
