@@ -174,8 +174,10 @@ class FinetuneConfig:
                                              rule=COUNT)
     eval_fraction: float = option(0.05, "held-out fraction of {data:flag}", group=_LOGGING, rule=FRACTION)
     eval_samples: int = option(200, "held-out examples for exact match", group=_LOGGING, rule=NON_NEGATIVE_COUNT)
-    max_new_tokens: Optional[int] = option(None, "generation length for exact match", group=_LOGGING,
-                                           shown="from responses", rule=COUNT)
+    max_new_tokens: Optional[int] = option(None, "generation length for exact match; must fit beside the longest "
+                                           "held-out prompt within {max_length:flag} (prompts are never cut)",
+                                           group=_LOGGING, shown="longest response + 4, within what fits",
+                                           rule=COUNT)
     answer_pattern: Optional[str] = option(
         None, "exact match compares the answer this regular expression extracts (its group, e.g. '#### (\\S+)'), "
         "or 'last-number', from completion and response: for chain-of-thought data", group=_LOGGING,
