@@ -222,25 +222,64 @@ def _check_expert_ranks(projections: dict, r: int) -> None:
 def peft_moe_renamed_targets(model: nn.Module, names) -> list[str]:
     """Which of the linear-layer ``names`` PEFT would not load as written.
 
-    PEFT ≥ 0.18 on ``transformers`` ≥ 5 rewrites, on load, every ``target_modules`` entry of an MoE
-    model family it converts from v4 (Mixtral, and the Qwen2-MoE pattern: Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
-    GLM-4-MoE, …) whose last component was a v4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``,
-    ``w1``…``w3``, ``gate``) into the fused experts' ``target_parameters``, doubling its rank — also when the
-    module is a dense MLP or a shared expert.  Empty when PEFT's conversion is absent or does not apply.
+    PEFT ≥ 0.18 on ``transformers`` ≥ 5 converts, on load, the ``target_modules`` of an MoE model
+    family whose layout changed from v4 (Mixtral, and the Qwen2-MoE pattern: Qwen3-MoE, OLMoE,
+    DeepSeek-V2/V3, GLM-4-MoE, …): an entry ending in a v4 expert projection (``gate_proj``,
+    ``up_proj``, ``down_proj``, ``w1``…``w3``, ``gate``) becomes a fused experts' target parameter.
+    PEFT 0.18–0.21 did so also for a dense MLP or a shared expert (and dropped it); 0.22 keeps a
+    target that names ``nn.Linear`` layers.  The answer is PEFT's own: its conversion runs on a
+    view of the base model this LoRA loads on (each SORSA layer shown as the ``nn.Linear`` it
+    replaced), and every name missing from the converted ``target_modules`` is returned.  A
+    target set PEFT refuses to convert (one of two fused projections alone) returns every name
+    it would convert.  Empty when PEFT's conversion is absent or does not apply.
     """
     try:
+        from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import (
             _MODEL_TO_CONVERSION_PATTERN,
             _MOE_TARGET_MODULE_MAPPING,
+            _convert_peft_config_moe,
         )
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # a PEFT or transformers without the v4 → v5 conversion
         return []
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None or get_checkpoint_conversion_mapping(model_type) is None:
+    names = sorted(names)
+    config = getattr(model, "config", None)
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(getattr(config, "model_type", None)))
+    if not names or not mapping:
         return []
-    renamed = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {})
-    return sorted(n for n in names if n.rsplit(".", 1)[-1] in renamed)
+    lora = LoraConfig(r=1, target_modules=set(names))
+    try:
+        _convert_peft_config_moe(lora, _BaseView(model, names))
+    except ValueError:  # PEFT refuses these targets as written
+        return [n for n in names if n.rsplit(".", 1)[-1] in mapping]
+    kept = set(lora.target_modules or ())
+    return [n for n in names if n not in kept]
+
+
+class _BaseView:
+    """What PEFT's load-time conversion reads of a model (its config, module names and types, and
+    parameters), showing each SORSA layer as the ``nn.Linear`` it replaced (a meta stand-in)."""
+
+    def __init__(self, model: nn.Module, linear_names) -> None:
+        self.config = model.config
+        self._model = model
+        self._linear = set(linear_names)
+
+    def named_modules(self, *args, **kwargs):
+        stand_in = nn.Linear(1, 1, bias=False, device="meta")
+        inside = None
+        for name, module in self._model.named_modules():
+            if inside is not None and name.startswith(inside):
+                continue  # a SORSA layer's own submodules: the base layer had none
+            inside = None
+            if name in self._linear:
+                inside = f"{name}."
+                yield name, stand_in
+            else:
+                yield name, module
+
+    def named_parameters(self, *args, **kwargs):
+        return self._model.named_parameters(*args, **kwargs)
 
 
 def _check_peft_moe_renames(model: nn.Module, layers: dict) -> None:
