@@ -147,6 +147,8 @@ def main(argv=None) -> int:
         shutil.copy(png, figures / png.name)
     shutil.copy(out / "compare.json", figures / "compare.json")
     report = (out / "compare.md").read_text()
+    for folder in (gguf.parent, work):  # this machine's paths: the report names the files
+        report = report.replace(f"{folder}/", "")
     shown = command[:]
     for flag in ("--data", "--eval-data", "--output-dir"):
         shown[shown.index(flag) + 1] = Path(shown[shown.index(flag) + 1]).name
