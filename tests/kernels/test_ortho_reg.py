@@ -242,8 +242,10 @@ def test_grads_recreated_by_set_to_none_reuse_the_plan_and_get_the_update():
 
 def test_plan_cache_is_capped():
     ortho_reg.clear_cache()
+    alive = []  # every set kept alive: a freed set's addresses could be reused and hit its plan
     for seed in range(ortho_reg._MAX_PLANS + 3):
         mats, flags = _matrices(SMALL[:2], torch.float32, seed=40 + seed)
+        alive.append(mats)
         ortho_reg.grouped_ortho_value_and_grad_(mats, 1.0, flags)
     assert len(ortho_reg._PLANS) == ortho_reg._MAX_PLANS
 
