@@ -246,7 +246,8 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
     data_counts: dict[str, dict] = {"training": {}, "held-out": {}}  # what --max-length dropped / cut
     train_ex = encode_all(tokenizer, train_rows, cfg, use_chat, "training", data_counts["training"])
     eval_ex = encode_all(tokenizer, held_rows, cfg, use_chat, "held-out", data_counts["held-out"]) if held_rows else None
-    max_new = _generation_budget(cfg, tokenizer, held_rows, use_chat)  # a prompt that cannot fit: refused here
+    em_rows = held_rows[: cfg.eval_samples] if held_rows and cfg.evaluate else []  # exact match's problems
+    max_new = _generation_budget(cfg, tokenizer, em_rows, use_chat)  # a prompt that cannot fit: refused here
     if not sharded_qsorsa:
         apply_config_sorsa(model, cfg)
     print_adaptation_summary(model, cfg)
@@ -260,7 +261,7 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
         cfg.output_dir = str(out)
         lock = claim_run_folder(out)
     try:
-        result = _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows,
+        result = _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, em_rows,
                                  use_chat, fingerprint, t_start, data_counts, max_new)
     except BaseException:
         if own_default:
@@ -272,11 +273,10 @@ def _load_train_and_save(cfg: FinetuneConfig, out, ckpt, t_start: float, existin
     return result
 
 
-def _generation_budget(cfg: FinetuneConfig, tokenizer, held_rows, use_chat: bool) -> int:
+def _generation_budget(cfg: FinetuneConfig, tokenizer, em_rows: list[dict], use_chat: bool) -> int:
     """Exact match's ``max_new_tokens``, fitted beside the longest held-out prompt within
     ``--max-length`` (:func:`~.evaluation.generation_budget`, as ``compare`` does): a prompt is
     never cut; one that leaves no room is a one-line error before the surgery."""
-    em_rows = held_rows[: cfg.eval_samples] if held_rows and cfg.evaluate else []
     if not em_rows:
         return cfg.max_new_tokens or 1
     budget = generation_budget(tokenizer, em_rows, cfg.prompt_template, use_chat, cfg.max_length, cfg.max_new_tokens)
@@ -322,7 +322,7 @@ def _check_finite(model, losses, step: int) -> None:
                          "(lower --lr, raise --warmup-ratio, or check --alpha/--gamma)")
 
 
-def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, held_rows, use_chat,
+def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_ex, em_rows, use_chat,
                     fingerprint, t_start, data_counts, max_new: int) -> FinetuneResult:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -348,7 +348,6 @@ def _train_and_save(cfg, out, ckpt, model, tokenizer, base_copy, train_ex, eval_
         trainer.remove_callback(printer)
     trainer.add_callback(LogLines(bars=cfg.progress))
 
-    em_rows = held_rows[: cfg.eval_samples] if held_rows else []
     fsdp_pre_eval = cfg.fsdp and distributed()
     bars = cfg.progress or not trainer.is_world_process_zero()  # phase lines: the main process, without bars
     if eval_ds is not None and cfg.evaluate and not fsdp_pre_eval:
